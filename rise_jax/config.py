@@ -1,0 +1,278 @@
+"""The config tree every rise_jax command reads (contracts.md §1).
+
+`base_config()` returns the full tree with the reference recipe's defaults; experiment files under `configs/`
+start from it and override fields. `validate(config)` checks enums and ranges and is called by every command
+before any work starts, so a bad field fails in a second, not after an hour of sampling.
+
+Configs are locked: assigning a field that does not exist (a typo in `--config.trian.lr=...`) is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+MODEL_SOURCES = ("preset", "hf")
+DTYPES = ("float32", "bfloat16")
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+GRADERS = ("paper", "robust")
+IMPROVEMENTS = ("self", "teacher")
+TEACHER_KINDS = ("model", "openai")
+CRITERIA = ("all", "better", "best", "success")
+WEIGHTINGS = ("exp", "uniform")
+ESTIMATORS = ("sample_mean", "token_mean", "self_normalised")
+TIE_BREAKS = ("earliest", "latest", "random")
+INIT_FROM = ("base", "previous")
+RISE_DATA = ("current", "accumulated")
+ON_OVERFLOW = ("raise", "report")
+ON_INDIVISIBLE = ("replicate", "raise")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The whole tree with defaults; unlocked so experiment files can edit it, then locked by `finalize`."""
+  c = ml_collections.ConfigDict()
+  c.name = "rise"
+  c.output_dir = "runs/rise"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.source = "preset"              # preset | hf
+  c.model.preset = "tiny-llama"          # a name in rise_jax.models.configs.PRESETS
+  c.model.hf_path = placeholder(str)     # local directory or hub id (source == "hf")
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"              # compute dtype; norms, softmax and logits stay float32
+  c.model.scan_layers = False
+  c.model.remat = "none"
+  c.model.attention = "xla"              # xla | cudnn | splash
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = placeholder(str)    # defaults to model.hf_path when None
+  c.tokenizer.chat_template = placeholder(str)  # llama2 | mistral | llama3 | toy; None = the preset's
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.train = (1, -1, 1)              # (data, fsdp, tensor); -1 = all remaining devices
+  c.mesh.sample = (-1, 1, 1)
+  c.mesh.on_indivisible = "replicate"    # a dimension the mesh axis does not divide: replicate + warn, or raise
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False       # call jax.distributed.initialize() (multi-host)
+  c.distributed.coordinator_address = placeholder(str)
+  c.distributed.num_processes = placeholder(int)
+  c.distributed.process_id = placeholder(int)
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "toy"                    # gsm8k | math | toy
+  c.task.train_source = placeholder(str)  # hub name or local jsonl; None = the task's default
+  c.task.test_source = placeholder(str)
+  c.task.train_size = placeholder(int)   # cap on training problems used for collection (None = all)
+  c.task.test_size = placeholder(int)    # cap on test problems used for evaluation (None = all)
+  c.task.dev_size = 200                  # carved from train with a fixed seed, for tuning
+  c.task.prompt_set = "paper"
+  c.task.grader = "paper"                # paper | robust
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.temperature = 1.0
+  c.sampling.top_p = 1.0
+  c.sampling.top_k = 0                   # 0 = no top-k filter
+  c.sampling.max_new_tokens = 1000
+  c.sampling.max_cache_length = 4096
+  c.sampling.batch_size = 32             # prompts per sampler call (None-free: plan() may lower it)
+  c.sampling.on_overflow = "raise"
+
+  c.collect = ml_collections.ConfigDict()
+  c.collect.turns = 2                    # K: the last turn is the improvement turn
+  c.collect.samples_per_turn = 1         # N_t for turns 1..K-1
+  c.collect.improvement = "self"         # self (best-of-N from the learner) | teacher
+  c.collect.improvement_samples = 16     # N at the improvement turn (self-distillation best-of-N)
+  c.collect.teacher = ml_collections.ConfigDict()
+  c.collect.teacher.kind = "model"       # model (through the sampler) | openai (chat-completions endpoint)
+  c.collect.teacher.path = placeholder(str)
+  c.collect.teacher.base_url = placeholder(str)
+  c.collect.teacher.model = placeholder(str)
+  c.collect.teacher.max_tokens = 1000
+  c.collect.teacher.temperature = 1.0
+  c.collect.criteria = "all"
+  c.collect.weighting = "exp"            # exp: w = exp(r / tau); uniform: w = 1 (plain SFT)
+  c.collect.tau = 0.4
+  c.collect.only_success = False
+  c.collect.dedupe = True
+  c.collect.single_turn = False          # strip history: the paper's single-turn SFT control
+  c.collect.max_resample_rounds = 3
+
+  c.train = ml_collections.ConfigDict()
+  c.train.data_path = placeholder(str)   # rise_jax.sft/1 records (standalone `rise_jax.train`)
+  c.train.estimator = "sample_mean"
+  c.train.lr = 1e-5
+  c.train.warmup_ratio = 0.04
+  c.train.weight_decay = 0.0
+  c.train.max_grad_norm = placeholder(float)  # None: the reference's DeepSpeed run did not clip (uncertain)
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  c.train.global_batch = 64
+  c.train.micro_batch = 8
+  c.train.epochs = placeholder(int)      # required: validate() refuses None when training runs
+  c.train.max_length = 2048
+  c.train.packing = False
+  c.train.on_truncation = "report"       # report (count and skip) | raise
+  c.train.allow_bf16_params = False
+  c.train.ckpt_every = 500
+  c.train.keep = 2
+  c.train.log_every = 10
+  c.train.profile_steps = placeholder(tuple)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.turns = 5
+  c.eval.parallel_k = 5
+  c.eval.oracle = False                  # p1@tk is read from the no-oracle log anyway
+  c.eval.window = placeholder(int)       # None = full history; W >= 2
+  c.eval.tie_break = "earliest"
+  c.eval.draws = 1
+  c.eval.self_refine = False             # also run the Self-Refine prompting baseline
+
+  c.rise = ml_collections.ConfigDict()
+  c.rise.iterations = 1
+  c.rise.boost = False
+  c.rise.boost_data = placeholder(str)   # SFT records for the boost stage; None = correct samples
+  c.rise.init_from = "base"              # base | previous
+  c.rise.data = "current"                # current | accumulated
+  c.rise.single_turn_control = False     # also train the history-stripped control on the same data
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.stop_after = placeholder(str)  # "<stage>:<n>": stop the run there (resume tests)
+  return c
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Lock the tree (typos in overrides become errors) and return it."""
+  config.lock()
+  return config
+
+
+def _check(cond: bool, field: str, msg: str):
+  if not cond:
+    raise ValueError(f"config field {field}: {msg}")
+
+
+def _one_of(config, field: str, choices):
+  value = _get(config, field)
+  _check(value in choices, field, f"{value!r} is not one of {list(choices)}")
+
+
+def _get(config, field: str):
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict, *, require_training: bool = False) -> ml_collections.ConfigDict:
+  """Check every enum and range; raise ValueError naming the field. Returns the config for chaining."""
+  _one_of(config, "model.source", MODEL_SOURCES)
+  if config.model.source == "hf":
+    _check(config.model.hf_path is not None, "model.hf_path", "required when model.source == 'hf'")
+  else:
+    _check(bool(config.model.preset), "model.preset", "required when model.source == 'preset'")
+  _one_of(config, "model.param_dtype", DTYPES)
+  _one_of(config, "model.dtype", DTYPES)
+  _one_of(config, "model.attention", ATTENTION_BACKENDS)
+  _one_of(config, "model.remat", REMAT_POLICIES)
+  for name in ("train", "sample"):
+    shape = tuple(config.mesh[name])
+    _check(len(shape) == 3, f"mesh.{name}", f"{shape} must be (data, fsdp, tensor)")
+    _check(all(isinstance(d, int) and (d >= 1 or d == -1) for d in shape), f"mesh.{name}",
+           f"{shape}: each axis is a positive int or -1")
+    _check(sum(d == -1 for d in shape) <= 1, f"mesh.{name}", f"{shape}: at most one -1 wildcard")
+  _one_of(config, "mesh.on_indivisible", ON_INDIVISIBLE)
+  _check(config.task.dev_size >= 0, "task.dev_size", "must be >= 0")
+  _one_of(config, "task.grader", GRADERS)
+  s = config.sampling
+  _check(s.temperature >= 0, "sampling.temperature", "must be >= 0")
+  _check(0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+  _check(s.top_k >= 0, "sampling.top_k", "must be >= 0 (0 disables)")
+  _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
+  _check(s.max_cache_length > s.max_new_tokens, "sampling.max_cache_length", "must exceed max_new_tokens")
+  _check(s.batch_size >= 1, "sampling.batch_size", "must be >= 1")
+  _one_of(config, "sampling.on_overflow", ON_OVERFLOW)
+  co = config.collect
+  _check(co.turns >= 1, "collect.turns", "must be >= 1")
+  _check(co.samples_per_turn >= 1, "collect.samples_per_turn", "must be >= 1")
+  _check(co.improvement_samples >= 1, "collect.improvement_samples", "must be >= 1")
+  _one_of(config, "collect.improvement", IMPROVEMENTS)
+  _one_of(config, "collect.teacher.kind", TEACHER_KINDS)
+  if co.improvement == "teacher":
+    if co.teacher.kind == "model":
+      _check(co.teacher.path is not None, "collect.teacher.path", "required for a model teacher")
+    else:
+      _check(co.teacher.base_url is not None, "collect.teacher.base_url", "required for an openai teacher")
+      _check(co.teacher.model is not None, "collect.teacher.model", "required for an openai teacher")
+  _one_of(config, "collect.criteria", CRITERIA)
+  _one_of(config, "collect.weighting", WEIGHTINGS)
+  _check(co.tau > 0, "collect.tau", "must be > 0 (use collect.only_success for filtering)")
+  _check(co.max_resample_rounds >= 0, "collect.max_resample_rounds", "must be >= 0")
+  t = config.train
+  _one_of(config, "train.estimator", ESTIMATORS)
+  _check(t.lr > 0, "train.lr", "must be > 0")
+  _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+  _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+  _check(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "must be None or > 0")
+  _check(t.global_batch >= 1 and t.micro_batch >= 1, "train.global_batch", "batches must be >= 1")
+  _check(t.global_batch % t.micro_batch == 0, "train.micro_batch",
+         f"must divide train.global_batch ({t.micro_batch} vs {t.global_batch})")
+  _check(t.max_length >= 8, "train.max_length", "must be >= 8")
+  _check(t.keep >= 2, "train.keep", "keep at least 2 checkpoints (a torn latest one falls back)")
+  _check(t.ckpt_every >= 1 and t.log_every >= 1, "train.ckpt_every", "intervals must be >= 1")
+  _one_of(config, "train.on_truncation", ("report", "raise"))
+  if require_training:
+    _check(t.epochs is not None and t.epochs >= 1, "train.epochs", "is required (>= 1)")
+    if config.model.param_dtype == "bfloat16":
+      _check(t.allow_bf16_params, "model.param_dtype",
+             "bfloat16 parameters lose most updates at lr 1e-5; set train.allow_bf16_params=True to insist")
+  if t.profile_steps is not None:
+    _check(len(t.profile_steps) == 2 and t.profile_steps[0] < t.profile_steps[1], "train.profile_steps",
+           "must be (start, stop) with start < stop")
+  e = config.eval
+  _check(e.turns >= 1 and e.parallel_k >= 1, "eval.turns", "turns and parallel_k must be >= 1")
+  _check(e.window is None or e.window >= 2, "eval.window",
+         "must be None (full history) or >= 2 (W = 1 would drop every attempt)")
+  _one_of(config, "eval.tie_break", TIE_BREAKS)
+  _check(e.draws >= 1, "eval.draws", "must be >= 1")
+  r = config.rise
+  _check(r.iterations >= 0, "rise.iterations", "must be >= 0")
+  _one_of(config, "rise.init_from", INIT_FROM)
+  _one_of(config, "rise.data", RISE_DATA)
+  return config
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Plain JSON-able dict (tuples become lists)."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_hash(config: ml_collections.ConfigDict, exclude: tuple[str, ...] = ("debug",)) -> str:
+  """Stable hash of the fields that change results (debug hooks excluded)."""
+  d = to_dict(config)
+  for key in exclude:
+    d.pop(key, None)
+  return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the fields that differ between two config dicts (for refusing a resume)."""
+  out = []
+  for key in sorted(set(a) | set(b)):
+    name = f"{prefix}{key}"
+    va, vb = a.get(key, math.nan), b.get(key, math.nan)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out.extend(diff_fields(va, vb, name + "."))
+    elif va != vb:
+      out.append(name)
+  return out

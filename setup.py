@@ -1,0 +1,38 @@
+"""rise_jax: RISE (Recursive Introspection) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="rise_jax",
+    version="0.1.0",
+    description="RISE: Recursive Introspection for LLM self-improvement, in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["rise_jax", "rise_jax.*"]),
+    package_data={"rise_jax": ["chat_templates/*.jinja", "rise/prompts/*.json"]},
+    install_requires=[
+        # Ranges are the versions this project is tested with (see README "Tested versions").
+        "jax>=0.10,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "transformers>=5.20,<6",
+        "datasets>=5,<6",
+        "ml_collections>=1.0,<2",
+        "safetensors>=0.6,<1",
+        "sentencepiece>=0.2,<0.3",
+        "numpy>=2.0,<3",
+        "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",
+        "math-verify[antlr4_13_2]>=0.8,<1",
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch>=2.5", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6", "hypothesis>=6"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+    },
+    entry_points={"console_scripts": []},
+)
