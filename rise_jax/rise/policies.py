@@ -1,0 +1,126 @@
+"""Policies: whatever answers a turn of a RISE episode, behind one small protocol.
+
+The episode runner (`rise_jax.rise.rollout`) asks a policy for `n` responses to each of a batch of
+conversations (`Request`s) and gets `Completion`s back. Three kinds implement it:
+- `SamplerPolicy`: the learner (or a teacher checkpoint) through `rise_jax.sampling.Sampler`, batched, keeping each
+  conversation's KV cache across turns;
+- `rise_jax.rise.teacher.OpenAIChatPolicy`: a chat-completions endpoint (GPT-3.5 in the paper);
+- `ScriptedPolicy`: a function from request to text, for tests and for replaying known answers.
+
+Randomness: a request's key (the problem id), turn and resample round name its random stream (`sample_uid`), so a
+sample never depends on which other problems share its batch, and a resumed run redraws exactly what an
+uninterrupted one drew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnSampling:
+  """Sampling parameters of one turn, as logged in `turns[t].sampling` (contracts §3)."""
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  max_new_tokens: int = 1000
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """`n` responses wanted for one conversation at one turn.
+
+  key: stable id of the conversation (the problem id); with `turn` and `round` it names the random stream.
+  messages: the history the policy sees (already windowed), ending with a user message.
+  round: 0 for the first draw; r >= 1 for the r-th resampling of degenerate samples.
+  """
+  key: str
+  messages: tuple[dict[str, str], ...]
+  n: int
+  turn: int
+  round: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  text: str
+  finish_reason: str                      # stop | length | cache_full
+  token_ids: tuple[int, ...] | None = None  # None for an HTTP teacher
+  logprob_sum: float | None = None
+  num_tokens: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """A policy's answer to one `Request`.
+
+  history_tokens: length of the rendered prompt (None when the policy cannot know it, e.g. an HTTP teacher that
+  reports no usage); prefill_tokens: how many of those were actually run through the model this time (less than
+  history_tokens when a cached conversation was continued).
+  """
+  samples: tuple[Sample, ...]
+  history_tokens: int | None = None
+  prefill_tokens: int | None = None
+
+
+@runtime_checkable
+class Policy(Protocol):
+  name: str   # logged as turns[t].policy, e.g. "learner@iter_1", "teacher:gpt-3.5-turbo"
+
+  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+    """One `Completion` per request, in order, each with exactly `request.n` samples."""
+
+  def release(self, keys: Sequence[str]) -> None:
+    """The conversations `keys` are over: drop any state (KV caches) held for them."""
+
+
+def sample_uid(key: str, turn: int, round_: int = 0) -> int:
+  """A stable 31-bit id for (conversation, turn, resample round): the sampler's per-prompt random stream."""
+  digest = hashlib.blake2b(f"{key}\x1f{turn}\x1f{round_}".encode(), digest_size=8).digest()
+  return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class ScriptedPolicy:
+  """Answers from a function `respond(request, sample_index) -> text`; records every request it saw.
+
+  With a tokenizer (`rise_jax.chat.ChatTokenizer`), the prompt is rendered through the chat template and the
+  response tokenised, so logged token counts and `rendered` ids are real; without one, counts are None.
+  """
+
+  def __init__(self, respond: Callable[[Request, int], str], name: str = "scripted", tokenizer=None,
+               finish_reason: str = "stop"):
+    self.name = name
+    self._respond = respond
+    self._tokenizer = tokenizer
+    self._finish_reason = finish_reason
+    self.requests: list[Request] = []
+    self.rendered: list[list[int]] = []
+    self.released: list[str] = []
+
+  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+    del sampling, seed  # a script is deterministic by construction
+    out = []
+    for request in requests:
+      self.requests.append(request)
+      history_tokens = None
+      if self._tokenizer is not None:
+        from rise_jax import chat  # local: keeps this module importable without the chat layer
+        ids = chat.render(self._tokenizer, list(request.messages), add_generation_prompt=True).ids
+        self.rendered.append(list(ids))
+        history_tokens = len(ids)
+      samples = []
+      for j in range(request.n):
+        text = self._respond(request, j)
+        token_ids = tuple(self._tokenizer.encode(text)) if self._tokenizer is not None else None
+        samples.append(Sample(text=text, finish_reason=self._finish_reason, token_ids=token_ids,
+                              num_tokens=None if token_ids is None else len(token_ids)))
+      out.append(Completion(samples=tuple(samples), history_tokens=history_tokens, prefill_tokens=history_tokens))
+    return out
+
+  def release(self, keys: Sequence[str]) -> None:
+    self.released.extend(keys)

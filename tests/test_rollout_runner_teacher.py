@@ -1,0 +1,136 @@
+"""The HTTP teacher: a real OpenAI-compatible server on 127.0.0.1 (started here, bounded, stops by itself).
+
+It checks the wire format (what a chat-completions server receives), retries on a 500, a 4xx failing at once,
+the on-disk cache avoiding repeat calls, and the teacher serving the last turn of a runner episode.
+"""
+
+import http.server
+import json
+import threading
+
+import pytest
+
+from rise_jax.rise.teacher import ChatCompletionsClient, OpenAIChatPolicy, TeacherError
+from rise_jax.rise.policies import Request, TurnSampling
+
+
+class _Server:
+  """Chat-completions server: answers `f(last user message, choice index)`; fails the first `fail_first` calls.
+
+  Serves at most `max_requests` requests and shuts down after `lifetime_s` whatever happens, so a failing test
+  never leaves it running.
+  """
+
+  def __init__(self, answer, fail_first=0, status=500, max_requests=64, lifetime_s=60.0):
+    self.received = []
+    self._answer = answer
+    self._fail_left = fail_first
+    self._status = status
+    self._max = max_requests
+    server = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with server._lock:
+          server.received.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+          fail = server._fail_left > 0
+          server._fail_left -= fail
+          if len(server.received) >= server._max:
+            threading.Thread(target=server.httpd.shutdown, daemon=True).start()
+        if fail:
+          self._send(server._status, {"error": {"message": "try later"}})
+          return
+        question = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+        choices = [{"index": i, "message": {"role": "assistant", "content": server._answer(question, i)},
+                    "finish_reason": "stop"} for i in range(body.get("n", 1))]
+        self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": choices,
+                         "usage": {"prompt_tokens": 11, "completion_tokens": 5 * len(choices)}})
+
+      def _send(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+      def log_message(self, *args):
+        pass
+
+    self._lock = threading.Lock()
+    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+    self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    self._timer = threading.Timer(lifetime_s, self.httpd.shutdown)
+    self._timer.daemon = True
+
+  def __enter__(self):
+    self._thread.start()
+    self._timer.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._timer.cancel()
+    self.httpd.shutdown()
+    self.httpd.server_close()
+    self._thread.join(timeout=5)
+
+
+def _client(url, tmp_path, **kw):
+  return ChatCompletionsClient(url, "teacher-7b", api_key="sk-test", cache_dir=tmp_path / "cache",
+                               backoff_s=0.01, sleep=lambda s: None, timeout_s=10, **kw)
+
+
+MESSAGES = [{"role": "user", "content": "instr"}, {"role": "assistant", "content": "ex"},
+            {"role": "user", "content": "What is 2+3?"}]
+
+
+@pytest.mark.timeout(60)
+def test_retries_500_then_caches(tmp_path):
+  with _Server(lambda q, i: f"answer {i} to {q}", fail_first=2) as server:
+    client = _client(server.url, tmp_path)
+    reply = client.complete(MESSAGES, n=2, temperature=0.7, top_p=0.9, max_tokens=64)
+    assert reply.texts == ("answer 0 to What is 2+3?", "answer 1 to What is 2+3?")
+    assert len(server.received) == 3  # two 500s, then success
+    sent = server.received[-1]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["auth"] == "Bearer sk-test"
+    assert sent["body"] == {"model": "teacher-7b", "messages": MESSAGES, "n": 2, "temperature": 0.7,
+                            "top_p": 0.9, "max_tokens": 64}
+    # Same prompt, model and params: served from disk, even by a fresh client (a resumed run).
+    again = _client(server.url, tmp_path).complete(MESSAGES, n=2, temperature=0.7, top_p=0.9, max_tokens=64)
+    assert again.texts == reply.texts and again.cached
+    assert len(server.received) == 3
+    # Any change of the key (params, draw) is a new request.
+    client.complete(MESSAGES, n=2, temperature=1.0, top_p=0.9, max_tokens=64)
+    client.complete(MESSAGES, n=2, temperature=0.7, top_p=0.9, max_tokens=64, draw="1")
+    assert len(server.received) == 5
+
+
+@pytest.mark.timeout(60)
+def test_client_error_is_not_retried_and_retries_are_bounded(tmp_path):
+  with _Server(lambda q, i: "x", fail_first=100, status=400) as server:
+    with pytest.raises(TeacherError, match="HTTP 400"):
+      _client(server.url, tmp_path).complete(MESSAGES)
+    assert len(server.received) == 1
+  with _Server(lambda q, i: "x", fail_first=100, status=503) as server:
+    with pytest.raises(TeacherError, match="after 3 attempts"):
+      _client(server.url, tmp_path, max_retries=2).complete(MESSAGES)
+    assert len(server.received) == 3
+
+
+@pytest.mark.timeout(60)
+def test_policy_batches_requests_and_logs_usage(tmp_path):
+  with _Server(lambda q, i: f"{q[::-1]}#{i}") as server:
+    policy = OpenAIChatPolicy(_client(server.url, tmp_path), max_concurrency=4)
+    requests = [Request(key=f"p{i}", messages=tuple(MESSAGES[:2] + [{"role": "user", "content": f"q{i}"}]),
+                        n=1 + i % 2, turn=2) for i in range(5)]
+    out = policy.sample(requests, TurnSampling(temperature=0.5, max_new_tokens=32), seed=0)
+    assert [[s.text for s in c.samples] for c in out] == [
+        [f"{i}q#{j}" for j in range(1 + i % 2)] for i in range(5)]
+    assert all(s.token_ids is None for c in out for s in c.samples)
+    assert out[0].samples[0].num_tokens == 5 and out[1].samples[0].num_tokens is None  # n > 1: unknown per choice
+    assert out[0].history_tokens == 11
+    assert policy.name == "teacher:teacher-7b"
+    assert len(server.received) == 5
