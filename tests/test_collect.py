@@ -5,6 +5,7 @@ Every expected dataset below was written out by hand from the definitions in ris
 together with the feedback after it, only_success, w = exp(r / tau)).
 """
 
+import json
 import math
 
 import pytest
@@ -171,3 +172,27 @@ def test_duplicate_problem_in_one_log_fails():
 def test_reward_range():
   assert collect.reward_range("gsm8k", "paper") == (-1.0, 0.0, 1.0)
   assert collect.reward_range("gsm8k", "robust") == (0.0, 1.0)
+
+
+def test_write_dataset_round_trip_and_summary(tmp_path):
+  from rise_jax.rise import dataset
+  options = ConversionOptions(criteria="better")
+  conv = convert_rollouts(ALL, _init, options)
+  summary = dataset.write_dataset(conv, tmp_path, options=options, reward_values=(-1.0, 0.0, 1.0))
+  assert dataset.read_records(tmp_path / "data" / "sft.jsonl") == conv.records
+  manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+  assert manifest["schema"] == "rise_jax.sft/1" and manifest["num_records"] == 7 == summary["num_records"]
+  assert summary["weight_table"] == pytest.approx({"-1.0": WM1, "0.0": 1.0, "1.0": W1})
+  assert summary["sum_weights"] == pytest.approx(3 * W1 + WM1 + 3 * 1.0)
+  md = (tmp_path / "summary.md").read_text()
+  assert "| better (used) | 7 |" in md and "| -1.0 | 0.08208 | 1 |" in md
+  assert (tmp_path / "weights_hist.png").stat().st_size > 1000
+  assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_read_records_names_file_and_line(tmp_path):
+  from rise_jax.rise import dataset
+  path = tmp_path / "sft.jsonl"
+  path.write_text('{"id": "a", "weight": 1.0, "messages": []}\n{"id": "b", "messages": []}\n')
+  with pytest.raises(ValueError, match=r"sft.jsonl:2: missing field 'weight'"):
+    dataset.read_records(path)
