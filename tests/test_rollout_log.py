@@ -172,8 +172,26 @@ def test_writer_refuses_a_bad_record_before_writing(tmp_path):
 def test_optional_fields_are_checked_when_present():
   r = rb.sequential("p", [("1", 0.0)])
   r["turns"][0]["prefill_tokens"] = 12
-  r["turns"][0]["candidates"][0]["flagged_degenerate"] = True
+  r["turns"][0]["decode_tokens"] = None  # unknown (a teacher)
   validate_record(r, "x")
   r["turns"][0]["decode_tokens"] = -1
   with pytest.raises(RolloutLogError, match=r"turns\[0\].decode_tokens"):
     validate_record(r, "x")
+
+
+def test_teacher_candidate_may_lack_token_ids_and_count():
+  r = rb.sequential("p", [("1", 0.0)])
+  r["turns"][0]["candidates"][0].update(token_ids=None, num_tokens=None, logprob_sum=None)
+  validate_record(r, "x")
+  r["turns"][0]["candidates"][0]["token_ids"] = [1]
+  with pytest.raises(RolloutLogError, match=r"num_tokens.*null while token_ids"):
+    validate_record(r, "x")
+
+
+def test_writer_completes_a_partial_header_and_requires_hash(tmp_path):
+  with RolloutWriter(tmp_path / "a.jsonl", {"config_hash": "h", "model": "m"}, fsync=False):
+    pass
+  header = read_rollouts(tmp_path / "a.jsonl")[0]
+  assert header["schema"] == rollout_log.SCHEMA and header["config_hash"] == "h" and header["created"]
+  with pytest.raises(RolloutLogError, match=r"field 'config_hash': missing"):
+    RolloutWriter(tmp_path / "b.jsonl", {"model": "m"})

@@ -6,9 +6,11 @@ not valid JSON); readers ignore it and count it, and a writer reopening the file
 Everything the metrics need is in the records, so metrics can be recomputed offline from the log alone.
 
 Optional fields beyond contracts §3 (docs/contract_changes.md, "§3 Rollout log"):
-  turn.prefill_tokens / turn.decode_tokens  tokens actually prefilled / decoded for that turn (compute accounting;
-                                             readers fall back to history_tokens / the sum of num_tokens);
-  candidate.flagged_degenerate              the candidate failed the degenerate-text filter and was kept anyway.
+  turn.prefill_tokens / turn.decode_tokens  tokens actually prefilled / decoded for that turn, or null when unknown
+                                             (compute accounting; readers fall back to history_tokens / the sum
+                                             of num_tokens).
+  candidate.num_tokens may be null for a teacher candidate (no token ids, no usage count).
+Unknown extra fields (the runner's `question`, `protocol.turns`, `candidate.degenerate`, ...) are kept as they are.
 """
 
 from __future__ import annotations
@@ -98,15 +100,15 @@ def _validate_candidate(c: Any, where: str, prefix: str):
                        _is_opt(lambda t: isinstance(t, list) and all(_is_nonneg_int(i) for i in t)),
                        "a list of token ids or null (teacher)")
   _require(c, "logprob_sum", where, prefix, _is_opt(lambda x: _is_number(x) and x <= 1e-6), "a number <= 0 or null")
-  num_tokens = _require(c, "num_tokens", where, prefix, _is_nonneg_int, "an int >= 0")
+  num_tokens = _require(c, "num_tokens", where, prefix, _is_opt(_is_nonneg_int), "an int >= 0 (or null for a teacher)")
+  if num_tokens is None and token_ids is not None:
+    _fail(where, f"{prefix}num_tokens", "null while token_ids is given")
   if token_ids is not None and len(token_ids) != num_tokens:
     _fail(where, f"{prefix}num_tokens", f"{num_tokens} but token_ids has {len(token_ids)} ids")
   _require(c, "finish_reason", where, prefix, _one_of(FINISH_REASONS), f"one of {list(FINISH_REASONS)}")
   _require(c, "answer", where, prefix, _is_opt(_is_str), "a string or null (unparsable)")
   _require(c, "reward", where, prefix, _is_number, "a finite number")
   _require(c, "resamples", where, prefix, _is_nonneg_int, "an int >= 0")
-  if "flagged_degenerate" in c:
-    _require(c, "flagged_degenerate", where, prefix, lambda x: isinstance(x, bool), "a bool")
 
 
 def _validate_turn(turn: Any, index: int, where: str):
@@ -129,7 +131,7 @@ def _validate_turn(turn: Any, index: int, where: str):
   _require(turn, "feedback", where, prefix, _is_opt(_is_str), "a string or null")
   for key in ("prefill_tokens", "decode_tokens"):
     if key in turn:
-      _require(turn, key, where, prefix, _is_nonneg_int, "an int >= 0")
+      _require(turn, key, where, prefix, _is_opt(_is_nonneg_int), "an int >= 0 or null (unknown)")
 
 
 def validate_record(record: Any, where: str) -> dict:
@@ -262,7 +264,8 @@ def make_header(config_hash: str, model: Any, *, versions: dict | None = None,
 class RolloutWriter:
   """Appends episode records to a rollout log, one flushed (and fsynced) line per episode.
 
-  A new (or empty) file gets `header` as its first line. An existing file is opened for resume: its header
+  A new (or empty) file gets `header` as its first line (`config_hash` and `model` are required; the other
+  header fields default to `make_header`'s). An existing file is opened for resume: its header
   must carry the same schema and `config_hash` (else RolloutLogError naming both hashes), every record in it is
   validated, and a torn last line is truncated away (counted in `num_torn_lines`). `existing_ids()` tells the
   runner which problems are already done.
@@ -270,7 +273,14 @@ class RolloutWriter:
 
   def __init__(self, path: str | os.PathLike, header: Mapping[str, Any], *, fsync: bool = True):
     self.path = pathlib.Path(path)
-    self.header = validate_header(dict(header), f"{self.path} (header to write)")
+    header = dict(header)
+    for key in ("config_hash", "model"):
+      if key not in header:
+        raise RolloutLogError(f"{self.path} (header to write): field {key!r}: missing")
+    # schema, versions, git_commit and created are filled in from the environment when not given.
+    header = make_header(header["config_hash"], header["model"], versions=header.get("versions"),
+                         git_commit=header.get("git_commit")) | header
+    self.header = validate_header(header, f"{self.path} (header to write)")
     self._fsync = fsync
     self._counts: collections.Counter[str] = collections.Counter()
     self.num_torn_lines = 0
