@@ -1,0 +1,98 @@
+"""Reading sft/1 records (errors name file, line and field) and the batch plan."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rise_jax.train import data as D
+from rise_jax.train import loss as L
+
+GOOD = {"id": "a", "weight": 1.5, "messages": [{"role": "user", "content": "q"},
+                                                {"role": "assistant", "content": "x", "train": True}]}
+
+
+def _write(tmp_path, lines):
+  path = tmp_path / "sft.jsonl"
+  path.write_text("".join(l + "\n" for l in lines))
+  return path
+
+
+@pytest.mark.parametrize("bad, where, field", [
+    ("{not json", 2, "bad JSON"),
+    (json.dumps({**GOOD, "messages": [{"content": "q"}, GOOD["messages"][1]]}), 2, "'messages[0].role'"),
+    (json.dumps({**GOOD, "weight": -1.0}), 2, "'weight'"),
+    ('{"id": "b", "weight": NaN, "messages": []}', 2, "'weight'"),
+    ('{"id": "b", "weight": Infinity, "messages": []}', 2, "'weight'"),
+    (json.dumps({**GOOD, "weight": "1"}), 2, "'weight'"),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "id"}), 2, "'id'"),
+    (json.dumps({**GOOD, "messages": [{"role": "user", "content": "q", "train": True}]}), 2, "'messages[0].train'"),
+])
+def test_malformed_record_names_file_line_field(tmp_path, bad, where, field):
+  path = _write(tmp_path, [json.dumps(GOOD), bad, json.dumps(GOOD)])
+  with pytest.raises(D.RecordError) as e:
+    D.read_records(path)
+  assert f"{path}:{where}:" in str(e.value) and field in str(e.value)
+
+
+def test_reads_good_records_and_in_memory_dicts(tmp_path):
+  path = _write(tmp_path, [json.dumps(GOOD), "", json.dumps({**GOOD, "id": "b", "weight": 0})])
+  records = D.read_records(path)
+  assert [r.id for r in records] == ["a", "b"] and records[1].where == f"{path}:3"
+  assert D.as_records([GOOD])[0].weight == 1.5
+  with pytest.raises(D.RecordError, match=r"records\[0\]: field 'weight'"):
+    D.as_records([{**GOOD, "weight": float("nan")}])
+
+
+def _examples(lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i, n in enumerate(lengths):
+    mask = np.zeros(n, np.float32)
+    mask[rng.integers(0, n):] = 1
+    out.append(D.Example(f"e{i}", float(rng.uniform(0.1, 3)), rng.integers(3, 50, n).astype(np.int32),
+                         rng.integers(3, 50, n).astype(np.int32), mask))
+  return out
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_plan_covers_every_example_once_per_epoch(packing):
+  lengths = list(np.random.default_rng(1).integers(3, 60, 37))
+  kw = dict(seed=3, global_batch=8, micro_batch=2, row_multiple=4, max_length=64, packing=packing)
+  steps = D.plan(lengths, epochs=2, **kw)
+  assert steps == D.plan(lengths, epochs=2, **kw)                         # same on every host
+  assert steps != D.plan(lengths, epochs=2, **{**kw, "seed": 4})
+  for epoch in range(2):
+    ids = [i for s in steps if s.epoch == epoch for i in s.example_ids]
+    assert sorted(ids) == list(range(37))
+  for s in steps:
+    num_micro, rows, length = s.shape
+    assert num_micro == 4 and rows % 4 == 0 and length <= 64
+    assert all(sum(lengths[i] for i in row) <= length for micro in s.rows for row in micro)
+    assert len(s.example_ids) <= 8
+
+
+def test_packed_batch_weights_equal_unpacked_estimator():
+  """Materialised packed rows give the same loss weights per example as one example per row."""
+  examples = _examples([5, 9, 4, 7, 3, 6])
+  lengths = [e.length for e in examples]
+  kw = dict(seed=0, global_batch=6, micro_batch=3, row_multiple=1, max_length=16)
+  for estimator in L.ESTIMATORS:
+    sums = {}
+    for packing in (False, True):
+      (step,) = D.plan(lengths, epochs=1, packing=packing, **kw)
+      b = D.materialize(step, examples, estimator, slice(None))
+      per_example = {}
+      for m, micro in enumerate(step.rows):
+        for r, row in enumerate(micro):
+          for s, e in enumerate(row, 1):
+            sel = b["segment_ids"][m, r] == s
+            np.testing.assert_array_equal(b["input_ids"][m, r][sel], examples[e].input_ids)
+            np.testing.assert_array_equal(b["positions"][m, r][sel], np.arange(examples[e].length))
+            per_example[e] = b["weights"][m, r][sel]
+      sums[packing] = per_example
+    for e in range(6):
+      np.testing.assert_allclose(sums[True][e], sums[False][e], rtol=1e-6)
+    stats = D.step_stats(step, examples, estimator)
+    assert stats.examples == 6 and stats.normalizer == pytest.approx(L.normalizer(
+        estimator, [x.weight for x in examples], [x.loss_mask.sum() for x in examples]), rel=1e-12)
