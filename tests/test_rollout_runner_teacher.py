@@ -121,16 +121,18 @@ def test_client_error_is_not_retried_and_retries_are_bounded(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_policy_batches_requests_and_logs_usage(tmp_path):
-  with _Server(lambda q, i: f"{q[::-1]}#{i}") as server:
+def test_policy_sends_one_request_per_sample_and_logs_usage(tmp_path):
+  with _Server(lambda q, i: f"{q[::-1]}") as server:
     policy = OpenAIChatPolicy(_client(server.url, tmp_path), max_concurrency=4)
     requests = [Request(key=f"p{i}", messages=tuple(MESSAGES[:2] + [{"role": "user", "content": f"q{i}"}]),
                         n=1 + i % 2, turn=2) for i in range(5)]
     out = policy.sample(requests, TurnSampling(temperature=0.5, max_new_tokens=32), seed=0)
-    assert [[s.text for s in c.samples] for c in out] == [
-        [f"{i}q#{j}" for j in range(1 + i % 2)] for i in range(5)]
-    assert all(s.token_ids is None for c in out for s in c.samples)
-    assert out[0].samples[0].num_tokens == 5 and out[1].samples[0].num_tokens is None  # n > 1: unknown per choice
-    assert out[0].history_tokens == 11
+    assert [[s.text for s in c.samples] for c in out] == [[f"{i}q"] * (1 + i % 2) for i in range(5)]
+    assert all(s.token_ids is None and s.num_tokens == 5 for c in out for s in c.samples)
+    assert [c.history_tokens for c in out] == [11] * 5
     assert policy.name == "teacher:teacher-7b"
-    assert len(server.received) == 5
+    assert len(server.received) == 7 and all(r["body"]["n"] == 1 for r in server.received)
+    assert {r["body"]["temperature"] for r in server.received} == {0.5}
+    # A second pass (a resumed run) is served from the cache entirely.
+    policy.sample(requests, TurnSampling(temperature=0.5, max_new_tokens=32), seed=0)
+    assert len(server.received) == 7 and policy.client.num_cache_hits == 7

@@ -18,6 +18,8 @@ import dataclasses
 import hashlib
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+from rise_jax import chat
+
 
 @dataclasses.dataclass(frozen=True)
 class TurnSampling:
@@ -50,21 +52,20 @@ class Request:
 class Sample:
   text: str
   finish_reason: str                      # stop | length | cache_full
+  num_tokens: int
   token_ids: tuple[int, ...] | None = None  # None for an HTTP teacher
   logprob_sum: float | None = None
-  num_tokens: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
   """A policy's answer to one `Request`.
 
-  history_tokens: length of the rendered prompt (None when the policy cannot know it, e.g. an HTTP teacher that
-  reports no usage); prefill_tokens: how many of those were actually run through the model this time (less than
-  history_tokens when a cached conversation was continued).
+  history_tokens: length of the rendered prompt; prefill_tokens: how many of those were actually run through the
+  model this time (fewer when a cached conversation was continued; None when unknown, e.g. an HTTP teacher).
   """
   samples: tuple[Sample, ...]
-  history_tokens: int | None = None
+  history_tokens: int
   prefill_tokens: int | None = None
 
 
@@ -89,7 +90,8 @@ class ScriptedPolicy:
   """Answers from a function `respond(request, sample_index) -> text`; records every request it saw.
 
   With a tokenizer (`rise_jax.chat.ChatTokenizer`), the prompt is rendered through the chat template and the
-  response tokenised, so logged token counts and `rendered` ids are real; without one, counts are None.
+  response tokenised, so logged token counts and `rendered` ids are real; without one, "tokens" are
+  whitespace-separated words and `token_ids` is None.
   """
 
   def __init__(self, respond: Callable[[Request, int], str], name: str = "scripted", tokenizer=None,
@@ -107,20 +109,62 @@ class ScriptedPolicy:
     out = []
     for request in requests:
       self.requests.append(request)
-      history_tokens = None
       if self._tokenizer is not None:
-        from rise_jax import chat  # local: keeps this module importable without the chat layer
         ids = chat.render(self._tokenizer, list(request.messages), add_generation_prompt=True).ids
         self.rendered.append(list(ids))
         history_tokens = len(ids)
+      else:
+        history_tokens = sum(len(m["content"].split()) for m in request.messages)
       samples = []
       for j in range(request.n):
         text = self._respond(request, j)
         token_ids = tuple(self._tokenizer.encode(text)) if self._tokenizer is not None else None
         samples.append(Sample(text=text, finish_reason=self._finish_reason, token_ids=token_ids,
-                              num_tokens=None if token_ids is None else len(token_ids)))
+                              num_tokens=len(token_ids) if token_ids is not None else len(text.split())))
       out.append(Completion(samples=tuple(samples), history_tokens=history_tokens, prefill_tokens=history_tokens))
     return out
 
   def release(self, keys: Sequence[str]) -> None:
     self.released.extend(keys)
+
+
+class SamplerPolicy:
+  """The learner (or a teacher checkpoint) through `rise_jax.sampling.Sampler`.
+
+  Conversations are rendered here through the chat template (`rise_jax.chat.render`), so the ids the model sees
+  are exactly the template's, and handed to the sampler as token ids with per-request random streams
+  (`sample_uid`). Requests wanting different numbers of samples go in separate sampler calls.
+  """
+
+  def __init__(self, sampler, tokenizer, *, name: str = "learner", stop_token_ids=None):
+    self.sampler = sampler
+    self.tokenizer = tokenizer
+    self.name = name
+    self.stop_token_ids = stop_token_ids
+
+  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+    from rise_jax.sampling import SamplingParams  # local: the runner and teacher work without JAX loaded
+
+    prompts = [list(chat.render(self.tokenizer, list(r.messages), add_generation_prompt=True).ids)
+               for r in requests]
+    out: list[Completion | None] = [None] * len(requests)
+    for n in sorted({r.n for r in requests}):
+      rows = [i for i, r in enumerate(requests) if r.n == n]
+      params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                              top_p=sampling.top_p, top_k=sampling.top_k, n=n, stop_token_ids=self.stop_token_ids)
+      uids = [sample_uid(requests[i].key, requests[i].turn, requests[i].round) for i in rows]
+      results = self.sampler.generate([prompts[i] for i in rows], params, seed=seed, prompt_ids=uids)
+      for i, samples in zip(rows, results):
+        out[i] = Completion(samples=tuple(_from_sampler(s) for s in samples), history_tokens=len(prompts[i]),
+                            prefill_tokens=len(prompts[i]))
+    return out
+
+  def release(self, keys: Sequence[str]) -> None:
+    del keys
+
+
+def _from_sampler(s) -> Sample:
+  token_ids = tuple(int(t) for t in s.token_ids)
+  logprob_sum = float(sum(s.logprobs)) if s.logprobs is not None else None
+  return Sample(text=s.text, finish_reason=s.finish_reason, num_tokens=len(token_ids), token_ids=token_ids,
+                logprob_sum=logprob_sum)

@@ -155,7 +155,13 @@ class ChatCompletionsClient:
 
 
 class OpenAIChatPolicy:
-  """The runner's `Policy` over a `ChatCompletionsClient`; requests of a batch go out concurrently."""
+  """The runner's `Policy` over a `ChatCompletionsClient`.
+
+  Each sample is its own `n=1` request (sent concurrently): the endpoint's `usage` then gives every sample's exact
+  token count, which the rollout log requires, and servers without `n` support work too. Sample j of a request's
+  resample round r is cached under draw "r<r>s<j>". A response without `usage` is an error (the log needs the
+  history and response lengths for compute accounting).
+  """
 
   def __init__(self, client: ChatCompletionsClient, *, name: str | None = None, max_concurrency: int = 8):
     self.client = client
@@ -164,21 +170,32 @@ class OpenAIChatPolicy:
 
   def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
     del seed  # endpoints do not promise seeded sampling; the cache makes reruns reproducible instead
+    jobs = [(i, j) for i, request in enumerate(requests) for j in range(request.n)]
 
-    def one(request: Request) -> Completion:
-      reply = self.client.complete(list(request.messages), n=request.n, temperature=sampling.temperature,
+    def one(job: tuple[int, int]) -> ChatResponse:
+      request = requests[job[0]]
+      reply = self.client.complete(list(request.messages), n=1, temperature=sampling.temperature,
                                    top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, top_k=sampling.top_k,
-                                   draw=str(request.round))
-      # Per-choice token counts are only known when there is one choice.
-      num_tokens = reply.completion_tokens if request.n == 1 else None
-      samples = tuple(Sample(text=text, finish_reason=reason, token_ids=None, num_tokens=num_tokens)
-                      for text, reason in zip(reply.texts, reply.finish_reasons))
-      return Completion(samples=samples, history_tokens=reply.prompt_tokens, prefill_tokens=None)
+                                   draw=f"r{request.round}s{job[1]}")
+      if reply.prompt_tokens is None or reply.completion_tokens is None:
+        raise TeacherError(f"{self.client.base_url}: response without usage.prompt_tokens/completion_tokens "
+                           f"(problem {request.key!r}, turn {request.turn})")
+      return reply
 
-    if len(requests) <= 1 or self.max_concurrency <= 1:
-      return [one(r) for r in requests]
-    with concurrent.futures.ThreadPoolExecutor(min(self.max_concurrency, len(requests))) as pool:
-      return list(pool.map(one, requests))
+    if len(jobs) <= 1 or self.max_concurrency <= 1:
+      replies = [one(job) for job in jobs]
+    else:
+      with concurrent.futures.ThreadPoolExecutor(min(self.max_concurrency, len(jobs))) as pool:
+        replies = list(pool.map(one, jobs))
+    samples: list[list[Sample]] = [[] for _ in requests]
+    history = [0] * len(requests)
+    for (i, _), reply in zip(jobs, replies):
+      # The log knows stop | length; anything else an endpoint reports (content_filter, ...) ended the text early.
+      reason = "length" if reply.finish_reasons[0] == "length" else "stop"
+      samples[i].append(Sample(text=reply.texts[0], finish_reason=reason, token_ids=None,
+                               num_tokens=reply.completion_tokens))
+      history[i] = reply.prompt_tokens
+    return [Completion(samples=tuple(s), history_tokens=h, prefill_tokens=None) for s, h in zip(samples, history)]
 
   def release(self, keys: Sequence[str]) -> None:
     del keys  # stateless

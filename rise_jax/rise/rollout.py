@@ -1,0 +1,301 @@
+"""The one multi-turn episode runner: RISE's data collection (Algorithm 1) and its evaluation (Algorithm 2).
+
+Both algorithms are the same loop with different settings (`Protocol`): how many turns, how many samples per turn,
+which candidate continues (`best_reward`, first on ties, for collection; `first` for evaluation), whether an oracle
+stops a row at its first correct answer, the history window, and per-turn sampling parameters. A parallel
+baseline (k first-turn samples) is the same loop with one turn and k samples.
+
+Problems run in chunks of `batch_size` rows, one policy call per turn for the whole chunk; a row that stops (oracle
+success) leaves the batch and its record is appended to the rollout log (contracts §3) and flushed at once. A
+policy that keeps state (the sampler's KV caches) continues the remaining rows' conversations. On restart the
+runner skips problems already in the log; since every random stream is named by (seed, problem id, turn, resample
+round, sample, step), a resumed log holds exactly the records an uninterrupted run would have written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Iterator, Sequence
+
+from rise_jax import chat
+from rise_jax.rise import rollout_log
+from rise_jax.rise.degenerate import degenerate_reason
+from rise_jax.rise.policies import Completion, Policy, Request, Sample, TurnSampling
+
+KINDS = ("sequential", "parallel")
+SELECTIONS = ("first", "best_reward")
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """What an episode is. Sequences (`samples_per_turn`, `sampling`) have one entry per turn."""
+  kind: str
+  turns: int
+  samples_per_turn: tuple[int, ...]
+  select: str
+  oracle: bool
+  window: int | None
+  sampling: tuple[TurnSampling, ...]
+  grader: str = "paper"
+  prompt_set: str = "paper"
+  seed: int = 0
+  max_resample_rounds: int = 3
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"Protocol.kind {self.kind!r} is not one of {KINDS}")
+    if self.select not in SELECTIONS:
+      raise ValueError(f"Protocol.select {self.select!r} is not one of {SELECTIONS}")
+    if self.turns < 1:
+      raise ValueError(f"Protocol.turns must be >= 1, got {self.turns}")
+    if len(self.samples_per_turn) != self.turns or len(self.sampling) != self.turns:
+      raise ValueError(f"Protocol: samples_per_turn ({len(self.samples_per_turn)}) and sampling "
+                       f"({len(self.sampling)}) need one entry per turn ({self.turns})")
+    if any(n < 1 for n in self.samples_per_turn):
+      raise ValueError(f"Protocol.samples_per_turn must be >= 1, got {self.samples_per_turn}")
+    if self.window is not None and self.window < 2:
+      raise ValueError(f"Protocol.window must be None or >= 2, got {self.window}")
+    if self.kind == "parallel" and self.turns != 1:
+      raise ValueError("a parallel protocol has exactly one turn (k samples of it)")
+    if self.max_resample_rounds < 0:
+      raise ValueError(f"Protocol.max_resample_rounds must be >= 0, got {self.max_resample_rounds}")
+
+  @classmethod
+  def sequential(cls, turns: int, *, samples: int | Sequence[int] = 1, select: str = "first",
+                 oracle: bool = False, window: int | None = None,
+                 sampling: TurnSampling | Sequence[TurnSampling] = TurnSampling(), **kwargs) -> Protocol:
+    return cls(kind="sequential", turns=turns, samples_per_turn=_per_turn(samples, turns, "samples"),
+               select=select, oracle=oracle, window=window, sampling=_per_turn(sampling, turns, "sampling"),
+               **kwargs)
+
+  @classmethod
+  def parallel(cls, k: int, *, sampling: TurnSampling = TurnSampling(), **kwargs) -> Protocol:
+    return cls(kind="parallel", turns=1, samples_per_turn=(k,), select="first", oracle=False, window=None,
+               sampling=(sampling,), **kwargs)
+
+  def log_dict(self) -> dict[str, Any]:
+    """`record["protocol"]` (contracts §3, plus turns / samples / resample rounds)."""
+    return {"kind": self.kind, "oracle": self.oracle, "window": self.window, "grader": self.grader,
+            "prompt_set": self.prompt_set, "select": self.select, "seed": self.seed, "turns": self.turns,
+            "samples_per_turn": list(self.samples_per_turn), "max_resample_rounds": self.max_resample_rounds}
+
+
+def _per_turn(value, turns: int, what: str) -> tuple:
+  if isinstance(value, (list, tuple)):
+    if len(value) != turns:
+      raise ValueError(f"{what}: {len(value)} entries for {turns} turns")
+    return tuple(value)
+  return (value,) * turns
+
+
+@dataclasses.dataclass
+class RunSummary:
+  """What a `run_episodes` call did (this call only; problems found in the log are `skipped`)."""
+  episodes: int = 0
+  skipped: int = 0
+  decode_tokens: int = 0
+  prefill_tokens: int = 0
+  resamples: int = 0
+  degenerate_kept: int = 0
+  seconds: float = 0.0
+
+  @property
+  def problems_per_s(self) -> float:
+    return self.episodes / self.seconds if self.seconds > 0 else 0.0
+
+  @property
+  def tokens_per_s(self) -> float:
+    return self.decode_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclasses.dataclass
+class _Episode:
+  problem: Any
+  messages: list[dict[str, str]]
+  turns: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  stop: str | None = None
+
+
+def run_episodes(problems: Sequence[Any], policies: Policy | Sequence[Policy], protocol: Protocol,
+                 log_path, *, task, prompts, header: dict[str, Any], batch_size: int = 32,
+                 progress: bool = True, desc: str | None = None) -> RunSummary:
+  """Run `protocol` on every problem not yet in the log at `log_path`, appending one record per episode.
+
+  policies: one policy for all turns, or `policies[t]` for turn t+1 (e.g. the teacher at the last turn).
+  task: grades and extracts answers (`task.grade(text, reference, mode)`, `task.extract_answer(text, mode)`).
+  prompts: the prompt set (`initial_messages(question)`, `feedback(question)`).
+  header: the log's header line (`rollout_log.make_header(config_hash, model)`); a log written under another
+    config hash is refused rather than resumed.
+  """
+  if not isinstance(policies, (list, tuple)):
+    policies = [policies] * protocol.turns
+  if len(policies) != protocol.turns:
+    raise ValueError(f"{len(policies)} policies for {protocol.turns} turns")
+  ids = [p.id for p in problems]
+  if len(set(ids)) != len(ids):
+    dup = next(i for i in ids if ids.count(i) > 1)
+    raise ValueError(f"problem id {dup!r} appears more than once: the log is keyed by problem id")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+  writer = rollout_log.RolloutWriter(log_path, header)
+  summary = RunSummary()
+  try:
+    done = set(writer.existing_ids())
+    todo = [p for p in problems if p.id not in done]
+    summary.skipped = len(problems) - len(todo)
+    start = time.perf_counter()
+    bar = _progress_bar(len(problems), summary.skipped, desc or f"{protocol.kind} x{protocol.turns}", progress)
+    try:
+      for lo in range(0, len(todo), batch_size):
+        for record in _run_chunk(todo[lo:lo + batch_size], policies, protocol, task, prompts, summary):
+          writer.write(record)
+          summary.episodes += 1
+          summary.seconds = time.perf_counter() - start
+          if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{summary.tokens_per_s:.1f} tok/s", refresh=False)
+    finally:
+      if bar is not None:
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+  finally:
+    writer.close()
+  return summary
+
+
+def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, desc=desc, unit="problem", dynamic_ncols=True)
+
+
+def _run_chunk(problems, policies, protocol: Protocol, task, prompts, summary: RunSummary) -> Iterator[dict]:
+  """Run a chunk of episodes turn by turn; yield each record as soon as its episode stops."""
+  active = [_Episode(problem=p, messages=list(prompts.initial_messages(p.question))) for p in problems]
+  distinct_policies = list({id(q): q for q in policies}.values())
+  try:
+    for t in range(1, protocol.turns + 1):
+      policy = policies[t - 1]
+      views = [chat.window(e.messages, protocol.window) if protocol.window else list(e.messages) for e in active]
+      completions = _sample_turn(policy, active, views, t, protocol, summary)
+      still_active = []
+      for episode, view, (completion, candidates, tokens) in zip(active, views, completions):
+        turn = _score_turn(episode, view, completion, candidates, tokens, t, policy, protocol, task, prompts)
+        episode.turns.append(turn)
+        if episode.stop is None:
+          episode.messages += [{"role": "assistant", "content": turn["candidates"][turn["chosen"]]["text"]},
+                               {"role": "user", "content": turn["feedback"]}]
+          still_active.append(episode)
+        else:
+          yield _record(episode, task, protocol)
+      finished = [e.problem.id for e in active if e.stop is not None]
+      if finished:
+        for holder in distinct_policies:
+          holder.release(finished)
+      active = still_active
+  finally:
+    if active:  # an exception (or a closed generator) leaves rows behind: free their state
+      for holder in distinct_policies:
+        holder.release([e.problem.id for e in active])
+
+
+def _sample_turn(policy: Policy, episodes, views, t: int, protocol: Protocol, summary: RunSummary):
+  """Sample turn t for every row; resample degenerate samples up to `max_resample_rounds` times.
+
+  Returns, per row, (first-round Completion, candidates, tokens): candidates are [Sample, resample round, degenerate
+  reason or None]; tokens are (prefill, decode) counts of the row's turn, resampling included.
+  """
+  n = protocol.samples_per_turn[t - 1]
+  sampling = protocol.sampling[t - 1]
+  requests = [Request(key=e.problem.id, messages=tuple(v), n=n, turn=t) for e, v in zip(episodes, views)]
+  completions = _checked_sample(policy, requests, sampling, protocol.seed)
+  tokens = [_tokens(c) for c in completions]
+  rows = [[[s, 0, degenerate_reason(s.text)] for s in c.samples] for c in completions]
+  for round_ in range(1, protocol.max_resample_rounds + 1):
+    redo = [(i, [j for j, cand in enumerate(row) if cand[2] is not None]) for i, row in enumerate(rows)]
+    redo = [(i, js) for i, js in redo if js]
+    if not redo:
+      break
+    # The r-th resampling of a row draws len(js) fresh samples from its own random stream (key, turn, r).
+    again = [dataclasses.replace(requests[i], n=len(js), round=round_) for i, js in redo]
+    fresh = _checked_sample(policy, again, sampling, protocol.seed)
+    for (i, js), completion in zip(redo, fresh):
+      tokens[i] = tuple(a + b for a, b in zip(tokens[i], _tokens(completion)))
+      for j, sample in zip(js, completion.samples):
+        rows[i][j] = [sample, round_, degenerate_reason(sample.text)]
+      summary.resamples += len(js)
+  summary.degenerate_kept += sum(cand[2] is not None for row in rows for cand in row)
+  summary.prefill_tokens += sum(p for p, _ in tokens)
+  summary.decode_tokens += sum(d for _, d in tokens)
+  return list(zip(completions, rows, tokens))
+
+
+def _checked_sample(policy: Policy, requests: list[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+  completions = policy.sample(requests, sampling, seed)
+  if len(completions) != len(requests):
+    raise RuntimeError(f"policy {policy.name!r} answered {len(completions)} of {len(requests)} requests")
+  for request, completion in zip(requests, completions):
+    if len(completion.samples) != request.n:
+      raise RuntimeError(f"policy {policy.name!r} gave {len(completion.samples)} samples for {request.key!r} "
+                         f"turn {request.turn}, {request.n} requested")
+  return completions
+
+
+def _tokens(c: Completion) -> tuple[int, int]:
+  """(prefill, decode) tokens of one completion; a policy that cannot tell what it prefilled re-prefilled all."""
+  prefill = c.history_tokens if c.prefill_tokens is None else c.prefill_tokens
+  return prefill, sum(s.num_tokens for s in c.samples)
+
+
+def _score_turn(episode: _Episode, view, completion: Completion, candidates, tokens: tuple[int, int], t: int,
+                policy: Policy, protocol: Protocol, task, prompts) -> dict[str, Any]:
+  """Grade every candidate, pick the continuing one, decide whether the episode stops; the turn's log entry."""
+  problem = episode.problem
+  logged = []
+  for sample, resamples, reason in candidates:
+    logged.append(_candidate(sample, resamples, reason, task, problem.reference, protocol.grader))
+  rewards = [c["reward"] for c in logged]
+  chosen = rewards.index(max(rewards)) if protocol.select == "best_reward" else 0
+  if protocol.oracle and rewards[chosen] == 1.0:
+    episode.stop = "oracle_success"
+  elif t == protocol.turns:
+    episode.stop = "max_turns"
+  return {
+      "t": t,
+      "policy": policy.name,
+      "history_tokens": completion.history_tokens,
+      "prefill_tokens": tokens[0],
+      "decode_tokens": tokens[1],
+      "window_applied": len(view) != len(episode.messages),
+      "sampling": protocol.sampling[t - 1].to_dict(),
+      "candidates": logged,
+      "chosen": chosen,
+      # Without an oracle the failure message follows every turn, whatever the true reward.
+      "feedback": None if episode.stop is not None else prompts.feedback(problem.question),
+  }
+
+
+def _candidate(sample: Sample, resamples: int, reason: str | None, task, reference: str, grader: str) -> dict:
+  out = {
+      "text": sample.text,
+      "token_ids": None if sample.token_ids is None else [int(i) for i in sample.token_ids],
+      "logprob_sum": None if sample.logprob_sum is None else float(sample.logprob_sum),
+      "num_tokens": sample.num_tokens,
+      "finish_reason": sample.finish_reason,
+      "answer": task.extract_answer(sample.text, grader),
+      "reward": float(task.grade(sample.text, reference, grader)),
+      "resamples": resamples,
+  }
+  if reason is not None:  # still degenerate after the last resampling round: kept, flagged
+    out["flagged_degenerate"] = True
+    out["degenerate_reason"] = reason
+  return out
+
+
+def _record(episode: _Episode, task, protocol: Protocol) -> dict[str, Any]:
+  p = episode.problem
+  return {"problem_id": p.id, "task": task.name, "reference": p.reference, "question": p.question,
+          "protocol": protocol.log_dict(), "turns": episode.turns, "stop": episode.stop}

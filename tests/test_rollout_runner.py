@@ -1,0 +1,233 @@
+"""The episode runner against scripted policies whose outputs are known: every record is checked against a
+hand-built expected log (selection, oracle stops, feedback, degenerate resampling, windows, resume).
+
+The prompt set and problems here are written inside the test, so expected messages are spelled out by hand; the
+rewards are the toy grader's paper mode (unparsable -1, wrong 0, right 1), worked out by hand below.
+"""
+
+import json
+
+import pytest
+
+from rise_jax.rise import graders, rollout_log
+from rise_jax.rise.degenerate import degenerate_reason, is_degenerate
+from rise_jax.rise.policies import ScriptedPolicy, TurnSampling
+from rise_jax.rise.rollout import Protocol, run_episodes
+from rise_jax.rise.tasks.base import Problem
+
+INSTR, EXAMPLE = "Solve. Example: 1+1", "1+1=2"
+
+
+class _Prompts:
+  def initial_messages(self, question):
+    return [{"role": "user", "content": INSTR}, {"role": "assistant", "content": EXAMPLE},
+            {"role": "user", "content": f"Next: {question}"}]
+
+  def feedback(self, question):
+    return f"Wrong. Again: {question}"
+
+
+class _ToyTask:
+  name = "toy"
+
+  def grade(self, response, reference, mode):
+    return graders.grade("toy", response, reference, mode)
+
+  def extract_answer(self, response, mode):
+    return graders.get_grader("toy").extract_answer(response, mode)
+
+
+A = Problem(id="toy/test/0", question="3+4", reference="3+4=7")
+B = Problem(id="toy/test/1", question="2+3", reference="2+3=5")
+LOOP = "ha " * 151          # one word 151 times: degenerate
+LONG = "x" * 301            # one 301-character token: degenerate
+SAMPLING = TurnSampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=50)
+
+
+def _table_policy(table, name="learner"):
+  """Scripted policy: table[(problem id, turn, round)] lists the texts of that request's samples."""
+  return ScriptedPolicy(lambda request, j: table[(request.key, request.turn, request.round)][j], name=name)
+
+
+def _run(tmp_path, problems, policy, protocol, name="log.jsonl", batch_size=8):
+  path = tmp_path / name
+  header = rollout_log.make_header("cfg", "scripted", versions={}, git_commit="abc")
+  summary = run_episodes(problems, policy, protocol, path, task=_ToyTask(), prompts=_Prompts(), header=header,
+                         batch_size=batch_size, progress=False)
+  _, records, torn = rollout_log.read_rollouts(path)
+  assert torn == 0
+  return summary, records
+
+
+def _cand(text, answer, reward, resamples=0, flagged=None):
+  c = {"text": text, "token_ids": None, "logprob_sum": None, "num_tokens": len(text.split()),
+       "finish_reason": "stop", "answer": answer, "reward": reward, "resamples": resamples}
+  if flagged:
+    c.update(flagged_degenerate=True, degenerate_reason=flagged)
+  return c
+
+
+def _turn(t, candidates, chosen, feedback, history, decode, prefill=None, window_applied=False, policy="learner"):
+  prefill = history if prefill is None else prefill
+  return {"t": t, "policy": policy, "history_tokens": history, "prefill_tokens": prefill, "decode_tokens": decode,
+          "window_applied": window_applied, "sampling": SAMPLING.to_dict(), "candidates": candidates,
+          "chosen": chosen, "feedback": feedback}
+
+
+def test_degenerate_rule_matches_reference_thresholds():
+  assert not is_degenerate("ha " * 150) and is_degenerate("ha " * 151)
+  assert is_degenerate("Ha " * 100 + "HA " * 51)  # case-insensitive, as the reference lowercases
+  assert not is_degenerate("x" * 300) and degenerate_reason("a " + "x" * 301) == "long_token"
+  assert degenerate_reason(LOOP) == "repeat:ha"
+  assert not is_degenerate("")
+
+
+def test_best_reward_selection_oracle_and_resampling_equal_hand_built_log(tmp_path):
+  table = {
+      # A, turn 1: unparsable (-1), wrong (0), wrong (0) -> best is the FIRST of the tied zeros, index 1.
+      (A.id, 1, 0): ["oops", "=8", "=9"],
+      # A, turn 2: right, wrong, right -> first best is index 0; the oracle stops the episode.
+      (A.id, 2, 0): ["=7", "=8", "=7"],
+      # B, turn 1: sample 2 loops; round 1 redraws it (one sample) and gets a normal answer.
+      (B.id, 1, 0): ["=1", "=2", LOOP],
+      (B.id, 1, 1): ["=4"],
+      # B, turn 2: sample 1 stays degenerate through both resampling rounds: kept and flagged.
+      (B.id, 2, 0): ["=6", LONG, "=5"],
+      (B.id, 2, 1): [LONG],
+      (B.id, 2, 2): [LONG + "!"],
+      # B, turn 3 (the last): nothing right.
+      (B.id, 3, 0): ["=3", "=3", "nope"],
+  }
+  policy = _table_policy(table)
+  protocol = Protocol.sequential(3, samples=3, select="best_reward", oracle=True, sampling=SAMPLING,
+                                 grader="paper", prompt_set="handmade", seed=7, max_resample_rounds=2)
+  summary, records = _run(tmp_path, [A, B], policy, protocol)
+
+  proto = {"kind": "sequential", "oracle": True, "window": None, "grader": "paper", "prompt_set": "handmade",
+           "select": "best_reward", "seed": 7, "turns": 3, "samples_per_turn": [3, 3, 3], "max_resample_rounds": 2}
+  # "Tokens" of a scripted policy without tokenizer are words: history = 3 + 1 + 2 words, +1 answer +3 feedback.
+  base_words, turn2_words = 6, 6 + 1 + 3
+  fb_a, fb_b = "Wrong. Again: 3+4", "Wrong. Again: 2+3"
+  expected_a = {
+      "problem_id": A.id, "task": "toy", "reference": "3+4=7", "question": "3+4", "protocol": proto,
+      "turns": [
+          _turn(1, [_cand("oops", None, -1.0), _cand("=8", "8", 0.0), _cand("=9", "9", 0.0)], 1, fb_a,
+                base_words, 3),
+          _turn(2, [_cand("=7", "7", 1.0), _cand("=8", "8", 0.0), _cand("=7", "7", 1.0)], 0, None,
+                turn2_words, 3),
+      ],
+      "stop": "oracle_success"}
+  expected_b = {
+      "problem_id": B.id, "task": "toy", "reference": "2+3=5", "question": "2+3", "protocol": proto,
+      "turns": [
+          # The resampled draw is logged in place of the loop; prefill and decode count every round (the
+          # scripted policy re-reads the whole history each time), the discarded 151 words included.
+          _turn(1, [_cand("=1", "1", 0.0), _cand("=2", "2", 0.0), _cand("=4", "4", 0.0, resamples=1)], 0, fb_b,
+                base_words, 1 + 1 + 151 + 1, prefill=2 * base_words),
+          _turn(2, [_cand("=6", "6", 0.0), _cand(LONG + "!", None, -1.0, resamples=2, flagged="long_token"),
+                    _cand("=5", "5", 1.0)], 2, None, turn2_words, 3 + 1 + 1, prefill=3 * turn2_words),
+      ],
+      "stop": "oracle_success"}
+  # B's turn 2 found the right answer at index 2: best_reward picks it and the oracle stops B as well.
+  assert records == [expected_a, expected_b]
+  assert summary.resamples == 3 and summary.degenerate_kept == 1 and summary.episodes == 2
+
+  # What the policy saw: turn 2 continues from the chosen candidate and the feedback; resampling rounds ask
+  # only for the degenerate samples, with the same history.
+  seen = [(r.key, r.turn, r.round, r.n, r.messages[3:]) for r in policy.requests]
+  assert seen == [
+      (A.id, 1, 0, 3, ()), (B.id, 1, 0, 3, ()),
+      (B.id, 1, 1, 1, ()),
+      (A.id, 2, 0, 3, ({"role": "assistant", "content": "=8"}, {"role": "user", "content": fb_a})),
+      (B.id, 2, 0, 3, ({"role": "assistant", "content": "=1"}, {"role": "user", "content": fb_b})),
+      (B.id, 2, 1, 1, ({"role": "assistant", "content": "=1"}, {"role": "user", "content": fb_b})),
+      (B.id, 2, 2, 1, ({"role": "assistant", "content": "=1"}, {"role": "user", "content": fb_b})),
+  ]
+  assert policy.released == [A.id, B.id]
+
+
+def test_without_oracle_every_turn_gets_failure_feedback_and_true_reward(tmp_path):
+  answers = {1: "=7", 2: "=8", 3: "=7"}  # right, wrong, right
+  policy = ScriptedPolicy(lambda request, j: answers[request.turn])
+  summary, records = _run(tmp_path, [A], policy, Protocol.sequential(3, sampling=SAMPLING, grader="robust"))
+  (record,) = records
+  assert record["stop"] == "max_turns"
+  assert [t["candidates"][t["chosen"]]["reward"] for t in record["turns"]] == [1.0, 0.0, 1.0]
+  assert [t["feedback"] for t in record["turns"]] == ["Wrong. Again: 3+4", "Wrong. Again: 3+4", None]
+  # The failure message follows the correct first turn as well.
+  assert policy.requests[1].messages[-2:] == ({"role": "assistant", "content": "=7"},
+                                              {"role": "user", "content": "Wrong. Again: 3+4"})
+
+  # With the oracle, the same script stops at turn 1.
+  oracle_policy = ScriptedPolicy(lambda request, j: answers[request.turn])
+  _, records = _run(tmp_path, [A], oracle_policy, Protocol.sequential(3, oracle=True, sampling=SAMPLING,
+                                                                      grader="robust"), name="oracle.jsonl")
+  assert [len(r["turns"]) for r in records] == [1] and records[0]["stop"] == "oracle_success"
+  assert len(oracle_policy.requests) == 1
+
+
+def test_parallel_protocol_is_one_turn_with_k_samples(tmp_path):
+  policy = ScriptedPolicy(lambda request, j: f"={j + 5}")
+  _, records = _run(tmp_path, [A, B], policy, Protocol.parallel(4, sampling=SAMPLING, grader="robust"))
+  assert [[c["answer"] for c in r["turns"][0]["candidates"]] for r in records] == [["5", "6", "7", "8"]] * 2
+  assert [[c["reward"] for c in r["turns"][0]["candidates"]] for r in records] == [[0, 0, 1, 0], [1, 0, 0, 0]]
+  assert all(r["protocol"]["kind"] == "parallel" and r["turns"][0]["chosen"] == 0 for r in records)
+  assert all(r["turns"][0]["feedback"] is None and r["stop"] == "max_turns" for r in records)
+
+
+def test_rows_leave_the_batch_and_per_turn_policies_and_sampling(tmp_path):
+  # A is right at turn 1 (leaves), B never: turn 2 is asked of the second policy, for B only.
+  first = ScriptedPolicy(lambda request, j: "=7", name="learner@iter_1")
+  last = ScriptedPolicy(lambda request, j: "=5", name="teacher:x")
+  hot = TurnSampling(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=20)
+  protocol = Protocol.sequential(2, samples=(1, 2), select="best_reward", oracle=True, sampling=(SAMPLING, hot),
+                                 grader="robust")
+  _, records = _run(tmp_path, [A, B], [first, last], protocol)
+  assert [r["problem_id"] for r in records] == [A.id, B.id]  # A's record is flushed as soon as it stops
+  assert [(r.key, r.turn, r.n) for r in first.requests] == [(A.id, 1, 1), (B.id, 1, 1)]
+  assert [(r.key, r.turn, r.n) for r in last.requests] == [(B.id, 2, 2)]
+  turn2 = records[1]["turns"][1]
+  assert turn2["policy"] == "teacher:x" and turn2["sampling"] == hot.to_dict()
+  assert records[1]["stop"] == "oracle_success"
+
+
+def test_window_keeps_instruction_question_and_last_pairs(tmp_path):
+  policy = ScriptedPolicy(lambda request, j: f"={request.turn}")
+  _run(tmp_path, [A], policy, Protocol.sequential(4, window=2, sampling=SAMPLING, grader="robust"))
+  fb = {"role": "user", "content": "Wrong. Again: 3+4"}
+  head = [{"role": "user", "content": INSTR}, {"role": "assistant", "content": EXAMPLE},
+          {"role": "user", "content": "Next: 3+4"}]
+  expected = [head, head + [{"role": "assistant", "content": "=1"}, fb],
+              head + [{"role": "assistant", "content": "=2"}, fb],
+              head + [{"role": "assistant", "content": "=3"}, fb]]
+  assert [list(r.messages) for r in policy.requests] == expected
+
+
+def test_resume_skips_logged_problems_and_equals_uninterrupted(tmp_path):
+  problems = [Problem(id=f"toy/test/{i}", question=f"{i}+1", reference=f"{i}+1={i + 1}") for i in range(5)]
+  answer = lambda request, j: f"={(len(request.key) * 7 + request.turn + j) % 4}"  # noqa: E731
+  protocol = Protocol.sequential(2, samples=2, select="best_reward", oracle=True, sampling=SAMPLING)
+  _, full = _run(tmp_path, problems, ScriptedPolicy(answer), protocol, name="full.jsonl", batch_size=2)
+  # "Interrupted" run: only the first two problems made it into the log.
+  _run(tmp_path, problems[:2], ScriptedPolicy(answer), protocol, name="resumed.jsonl", batch_size=2)
+  again = ScriptedPolicy(answer)
+  summary, resumed = _run(tmp_path, problems, again, protocol, name="resumed.jsonl", batch_size=3)
+  assert summary.skipped == 2 and summary.episodes == 3
+  assert {r.key for r in again.requests} == {p.id for p in problems[2:]}
+  key = lambda r: r["problem_id"]  # noqa: E731
+  assert sorted(resumed, key=key) == sorted(full, key=key)
+
+
+def test_bad_inputs_fail_loudly(tmp_path):
+  with pytest.raises(ValueError, match="appears more than once"):
+    _run(tmp_path, [A, A], ScriptedPolicy(lambda r, j: "=1"), Protocol.sequential(1))
+  short = ScriptedPolicy(lambda r, j: "=1")
+  short.sample = lambda requests, sampling, seed: []
+  with pytest.raises(RuntimeError, match="answered 0 of 1"):
+    _run(tmp_path, [A], short, Protocol.sequential(1), name="short.jsonl")
+  with pytest.raises(ValueError, match="window"):
+    Protocol.sequential(3, window=1)
+  with pytest.raises(ValueError, match="one turn"):
+    Protocol(kind="parallel", turns=2, samples_per_turn=(1, 1), select="first", oracle=False, window=None,
+             sampling=(SAMPLING, SAMPLING))
+  json.dumps(Protocol.sequential(2).log_dict())  # the protocol entry is plain JSON
