@@ -1,0 +1,135 @@
+"""Causal grouped-query attention with three interchangeable backends: `xla`, `cudnn`, `splash`.
+
+Masks are computed from per-token positions (and optional segment ids), one query block at a time, so no
+`length x length` mask is ever materialised beyond a block. A key is visible to a query when
+
+    0 <= key_pos <= query_pos,  query_pos - key_pos < window  (W keys including itself),  same segment.
+
+Position -1 marks a padding or empty cache slot: never attended. A query with no visible key (a pad token)
+returns zeros. `xla` is the reference and handles every case (cache, left padding, packing). `cudnn` and
+`splash` are fast paths for full-sequence calls (no cache); they rely on index order equalling position order
+inside a row, which holds for the default positions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+QUERY_BLOCK = 512  # queries per block in the xla reference: bounds the score tensor at [block, keys]
+BACKENDS = ("xla", "cudnn", "splash")
+
+
+def _visible(q_pos, k_pos, q_seg, k_seg, window):
+  """[b, lq, lk] boolean visibility from positions [b, lq] / [b, lk] (and segments)."""
+  qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+  ok = (kp >= 0) & (kp <= qp)
+  if window is not None:
+    ok &= qp - kp < window
+  if q_seg is not None:
+    ok &= q_seg[:, :, None] == k_seg[:, None, :]
+  return ok
+
+
+def _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, window):
+  """q [b, l, kv, g, d], k/v [b, t, kv, d] -> [b, l, kv, g, d]; softmax in float32."""
+  scores = jnp.einsum("blkgd,btkd->bkglt", q, k, preferred_element_type=jnp.float32)
+  scores *= q.shape[-1] ** -0.5
+  ok = _visible(q_pos, k_pos, q_seg, k_seg, window)[:, None, None]  # [b, 1, 1, l, t]
+  scores = jnp.where(ok, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(ok.any(-1, keepdims=True), probs, 0.0)  # pad queries: zeros, not a uniform average
+  return jnp.einsum("bkglt,btkd->blkgd", probs.astype(v.dtype), v)
+
+
+def xla_attention(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, window=None, block=QUERY_BLOCK):
+  """Reference attention. q [b, l, heads, d]; k, v [b, t, kv_heads, d] -> [b, l, heads, d].
+
+  Grouped-query attention reshapes the heads into (kv_heads, groups) — head h uses kv head h // groups, the
+  order of transformers' `repeat_kv` — so K/V are never repeated.
+  """
+  b, l, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, l, kv, h // kv, d)
+  if l <= block:
+    out = _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, window)
+    return out.reshape(b, l, h, d)
+  # Long inputs: one query block at a time (sequentially), so scores are [block, t], never [l, t].
+  n = -(-l // block)
+  pad = n * block - l
+  qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+  qpb = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, block, *x.shape[2:]), 1, 0)
+  if q_seg is None:
+    out = lax.map(lambda a: _xla_block(a[0], k, v, a[1], k_pos, None, None, window), (split(qb), split(qpb)))
+  else:
+    qsb = jnp.pad(q_seg, ((0, 0), (0, pad)), constant_values=-1)
+    out = lax.map(lambda a: _xla_block(a[0], k, v, a[1], k_pos, a[2], k_seg, window),
+                  (split(qb), split(qpb), split(qsb)))
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)
+  return out[:, :l]
+
+
+def cudnn_attention(q, k, v, q_pos, k_pos, mask, window=None):
+  """cuDNN flash attention through `jax.nn.dot_product_attention` (GPU), full-sequence calls only.
+
+  cuDNN masks by index (causal + per-row valid length), which equals the position rule exactly when each row
+  is right-padded. Rows that are not (left padding) take the xla reference path via `lax.cond`, so the result
+  is always exact. `local_window_size=(W - 1, 0)`: W - 1 keys to the left plus the query itself (an int W would
+  be symmetric, and wrong).
+  """
+  lengths = mask.sum(-1).astype(jnp.int32)
+  right_padded = jnp.all(mask == (jnp.arange(mask.shape[1])[None] < lengths[:, None]))
+
+  def fast(q, k, v):
+    out = jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+    return jnp.where(mask[:, :, None, None], out, 0).astype(q.dtype)  # pad queries: zeros, as in xla
+
+  def exact(q, k, v):
+    return xla_attention(q, k, v, q_pos, k_pos, window=window).astype(q.dtype)
+
+  return lax.cond(right_padded, fast, exact, q, k, v)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(length: int, groups: int, window: int | None, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  shape = (length, length)
+  one = sm.CausalMask(shape) if window is None else sm.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+  return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * groups), interpret=interpret)
+
+
+def splash_attention(q, k, v, mask, segment_ids=None, window=None, interpret=False):
+  """TPU Pallas splash attention, full-sequence calls only. q [b, l, heads, d]; k, v [b, l, kv_heads, d].
+
+  Each kv head runs the MQA kernel over its query group. Padding and packing become segment ids (pad tokens
+  form segment 0, which only other pad tokens see); the lazy causal / local mask is by index, which equals the
+  position rule for default positions. The length is padded to the kernel's 128 block.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  b, l, h, d = q.shape
+  kv = k.shape[2]
+  seg = jnp.where(mask, 1 if segment_ids is None else segment_ids + 1, 0).astype(jnp.int32)
+  length = -(-l // 128) * 128
+  pad = length - l
+  pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
+  q = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), pad4)  # the kernel does not scale
+  k, v = jnp.pad(k, pad4), jnp.pad(v, pad4)
+  seg = jnp.pad(seg, ((0, 0), (0, pad)))
+  kernel = _splash_kernel(length, h // kv, window, interpret)
+  q = q.reshape(b, length, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, l, d]
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)            # [b, kv, l, d]
+
+  def one_row(q, k, v, seg):
+    ids = sk.SegmentIds(q=seg, kv=seg)
+    return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
+
+  out = jax.vmap(one_row)(q, k, v, seg)                               # [b, kv, g, l, d]
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, d)[:, :l]
+  return jnp.where(mask[:, :, None, None], out, 0).astype(q.dtype)

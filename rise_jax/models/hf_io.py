@@ -1,0 +1,300 @@
+"""Hugging Face safetensors checkpoints <-> rise_jax Transformers, both ways, one tensor at a time.
+
+Loading reads `config.json` (through transformers' config class), then every tensor of a single
+`model.safetensors` or a sharded `model.safetensors.index.json`, converts it to the head-explicit stacked layout
+and places it straight into its target sharding. Saving writes a directory that transformers and vLLM load as is.
+Any disagreement (missing or extra tensor, wrong shape) is an error naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from rise_jax import sharding as sharding_lib
+from rise_jax.models.build import abstract_model
+from rise_jax.models.configs import ModelConfig
+from rise_jax.models.transformer import Transformer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 1024**3
+# Buffers some older checkpoints carry that are recomputed from the config, never weights.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+# -- the layout map: rise_jax leaf <-> HF tensor(s) ---------------------------------------------------------
+
+def _layer_map(c: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
+  """Per-layer leaf -> (HF name suffix, hf->ours, ours->hf). HF Linear weights are [out, in]."""
+  D, H, KV, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+  ident = lambda w: w
+  return {
+      "attn_norm": ("input_layernorm.weight", ident, ident),
+      "q_proj": ("self_attn.q_proj.weight", lambda w: w.T.reshape(D, H, hd), lambda w: w.reshape(D, H * hd).T),
+      "k_proj": ("self_attn.k_proj.weight", lambda w: w.T.reshape(D, KV, hd), lambda w: w.reshape(D, KV * hd).T),
+      "v_proj": ("self_attn.v_proj.weight", lambda w: w.T.reshape(D, KV, hd), lambda w: w.reshape(D, KV * hd).T),
+      "o_proj": ("self_attn.o_proj.weight", lambda w: w.T.reshape(H, hd, D), lambda w: w.reshape(H * hd, D).T),
+      "mlp_norm": ("post_attention_layernorm.weight", ident, ident),
+      "gate_proj": ("mlp.gate_proj.weight", lambda w: w.T, lambda w: w.T),
+      "up_proj": ("mlp.up_proj.weight", lambda w: w.T, lambda w: w.T),
+      "down_proj": ("mlp.down_proj.weight", lambda w: w.T, lambda w: w.T),
+  }
+
+
+def hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Every HF tensor name this config implies, with its shape (what a checkpoint must hold, exactly)."""
+  D, F = c.hidden_size, c.intermediate_size
+  qo, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  per_layer = {"input_layernorm.weight": (D,), "self_attn.q_proj.weight": (qo, D),
+               "self_attn.k_proj.weight": (kv, D), "self_attn.v_proj.weight": (kv, D),
+               "self_attn.o_proj.weight": (D, qo), "post_attention_layernorm.weight": (D,),
+               "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D), "mlp.down_proj.weight": (D, F)}
+  out = {"model.embed_tokens.weight": (c.vocab_size, D)}
+  for i in range(c.num_layers):
+    out.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+  out["model.norm.weight"] = (D,)
+  if not c.tie_word_embeddings:
+    out["lm_head.weight"] = (c.vocab_size, D)
+  return out
+
+
+# -- reading ------------------------------------------------------------------------------------------------
+
+class _TensorReader:
+  """Lazy access to the tensors of a single-file or index-sharded safetensors checkpoint."""
+
+  def __init__(self, path: str):
+    from safetensors import safe_open
+    self._open = safe_open
+    index = os.path.join(path, INDEX_FILE)
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(index):
+      with open(index) as f:
+        weight_map = json.load(f).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no 'weight_map' object")
+      self.file_of = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+      for fname in sorted(set(self.file_of.values())):
+        if not os.path.isfile(fname):
+          raise FileNotFoundError(f"{index} names {os.path.basename(fname)}, which is missing from {path}")
+    elif os.path.isfile(single):
+      with safe_open(single, "numpy") as f:
+        self.file_of = {name: single for name in f.keys()}
+    else:
+      raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE}")
+    self._handles: dict[str, Any] = {}
+
+  def names(self) -> set[str]:
+    return set(self.file_of)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handle(name).get_slice(name).get_shape())
+
+  def get(self, name: str) -> np.ndarray:
+    return self._handle(name).get_tensor(name)
+
+  def _handle(self, name: str):
+    fname = self.file_of[name]
+    if fname not in self._handles:
+      self._handles[fname] = self._open(fname, "numpy")
+    return self._handles[fname]
+
+
+def _check_tensors(reader: _TensorReader, c: ModelConfig, path: str) -> None:
+  want = hf_shapes(c)
+  have = {n for n in reader.names() if not n.endswith(IGNORED_SUFFIXES)}
+  if c.tie_word_embeddings:
+    have.discard("lm_head.weight")  # a tied checkpoint may still store the head; it is checked equal below
+  missing = sorted(set(want) - have)
+  extra = sorted(have - set(want))
+  if missing:
+    raise ValueError(f"{path}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                     f"({len(missing)} in all) for the architecture in config.json")
+  if extra:
+    raise ValueError(f"{path}: unexpected tensor(s) {extra[:8]}{' ...' if len(extra) > 8 else ''} "
+                     f"({len(extra)} in all) that config.json does not account for")
+  for name, shape in want.items():
+    got = reader.shape(name)
+    if got != shape:
+      raise ValueError(f"{path}: tensor {name} has shape {got}, but config.json implies {shape}")
+
+
+def _leaf_arrays(reader: _TensorReader, c: ModelConfig, np_dtype) -> Iterator[tuple[tuple[str, ...], Callable]]:
+  """(leaf path, loader) per rise_jax leaf; each loader reads and converts only its own tensors."""
+  cast = lambda w: np.asarray(w).astype(np_dtype)
+  yield ("embedder",), lambda: cast(reader.get("model.embed_tokens.weight"))
+  for leaf, (suffix, to_ours, _) in _layer_map(c).items():
+    yield ("layers", leaf), (lambda suffix=suffix, to_ours=to_ours: np.stack(
+        [cast(to_ours(reader.get(f"model.layers.{i}.{suffix}"))) for i in range(c.num_layers)]))
+  yield ("final_norm",), lambda: cast(reader.get("model.norm.weight"))
+  if not c.tie_word_embeddings:
+    yield ("lm_head",), lambda: cast(reader.get("lm_head.weight").T)
+
+
+def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32", mesh: Mesh | None = None, *,
+                       compute_dtype: Any = None, attention: str = "xla", scan_layers: bool = False,
+                       remat: str = "none", rules=sharding_lib.TRAIN_RULES,
+                       on_indivisible: str = "replicate") -> Transformer:
+  """Load a Llama / Mistral safetensors checkpoint directory into a (sharded) Transformer.
+
+  `dtype` is the parameter dtype; `compute_dtype` defaults to it. Each tensor is read, converted and placed into
+  its shard of `mesh` (a 1-device mesh when None) before the next is read.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: not a checkpoint directory")
+  config = ModelConfig.from_hf(path)
+  reader = _TensorReader(path)
+  _check_tensors(reader, config, path)
+  if config.tie_word_embeddings and "lm_head.weight" in reader.names():
+    if not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+      raise ValueError(f"{path}: tie_word_embeddings is true but tensor lm_head.weight differs from "
+                       "model.embed_tokens.weight")
+  mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
+  options = dict(param_dtype=dtype, dtype=dtype if compute_dtype is None else compute_dtype, attention=attention,
+                 scan_layers=scan_layers, remat=remat)
+  graphdef, state, shardings = abstract_model(config, mesh, rules, on_indivisible, **options)
+  np_dtype = _NP_DTYPES[str(jax.numpy.dtype(dtype))]
+  flat_sh = dict(nnx.to_flat_state(shardings))
+  flat = dict(nnx.to_flat_state(state))
+  for leaf, load in _leaf_arrays(reader, config, np_dtype):
+    value = load()
+    expected = flat[leaf].get_value().shape
+    if value.shape != expected:  # unreachable after _check_tensors; guards the layout map itself
+      raise ValueError(f"{path}: leaf {'/'.join(leaf)} converted to {value.shape}, expected {expected}")
+    flat[leaf].set_value(jax.make_array_from_callback(value.shape, flat_sh[leaf].get_value(), lambda idx: value[idx]))
+    del value
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# -- writing ------------------------------------------------------------------------------------------------
+
+def _host(x: jax.Array) -> np.ndarray:
+  """A full copy of a (possibly multi-host sharded) array on this host."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _hf_tensors(model: Transformer) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+  """(HF name, producer) in checkpoint order; each stacked leaf is gathered once, then sliced per layer."""
+  c = model.config
+  yield "model.embed_tokens.weight", lambda: _host(model.embedder[...])
+  cache: dict[str, np.ndarray] = {}
+
+  def layer_tensor(leaf, i, to_hf):
+    if leaf not in cache:
+      cache.clear()  # only one stacked leaf lives on the host at a time
+      cache[leaf] = _host(model.layers[leaf][...])
+    return np.ascontiguousarray(to_hf(cache[leaf][i]))
+
+  for leaf, (suffix, _, to_hf) in _layer_map(c).items():
+    for i in range(c.num_layers):
+      yield f"model.layers.{i}.{suffix}", (lambda leaf=leaf, i=i, to_hf=to_hf: layer_tensor(leaf, i, to_hf))
+  yield "model.norm.weight", lambda: _host(model.final_norm[...])
+  if model.lm_head is not None:
+    yield "lm_head.weight", lambda: np.ascontiguousarray(_host(model.lm_head[...]).T)
+
+
+def _write_order(c: ModelConfig) -> list[str]:
+  """HF names in the order `_hf_tensors` produces them (leaf-major), so shards fill one after another."""
+  names = ["model.embed_tokens.weight"]
+  for suffix, _, _ in _layer_map(c).values():
+    names += [f"model.layers.{i}.{suffix}" for i in range(c.num_layers)]
+  names.append("model.norm.weight")
+  if not c.tie_word_embeddings:
+    names.append("lm_head.weight")
+  return names
+
+
+def _plan_shards(c: ModelConfig, itemsize: int, max_shard_bytes: int) -> list[list[str]]:
+  shapes = hf_shapes(c)
+  shards, current, size = [], [], 0
+  for name in _write_order(c):
+    shape = shapes[name]
+    nbytes = int(np.prod(shape)) * itemsize
+    if current and size + nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = [], 0
+    current.append(name)
+    size += nbytes
+  shards.append(current)
+  return shards
+
+
+def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: Any = None,
+                       chat_template: str | None = None, *, max_shard_bytes: int = MAX_SHARD_BYTES,
+                       overwrite: bool = False) -> str:
+  """Write `model` as an HF checkpoint directory (config.json, generation_config.json, safetensors, tokenizer).
+
+  Tensors are gathered leaf by leaf; process 0 writes. The directory appears atomically (built beside `path`,
+  then renamed). `tokenizer` is an HF tokenizer or anything with an `.hf` attribute holding one (rise_jax's
+  ChatTokenizer); `chat_template` (jinja text) is stored with it. Returns the path.
+  """
+  from safetensors.numpy import save_file
+  import transformers
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and os.listdir(path) and not overwrite:
+    raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
+  c = model.config
+  param_dtype = str(model.param_dtype)
+  writer = jax.process_index() == 0
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path), dir=os.path.dirname(path)) if writer else None
+  try:
+    if writer:
+      hf_config = c.to_hf()
+      hf_config.dtype = param_dtype
+      hf_config.save_pretrained(tmp)
+      eos = list(c.eos_token_id)
+      transformers.GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else eos,
+                                    pad_token_id=c.pad_token_id).save_pretrained(tmp)
+    shards = _plan_shards(c, np.dtype(_NP_DTYPES[param_dtype]).itemsize, max_shard_bytes)
+    files = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    shard_of = {name: k for k, names in enumerate(shards) for name in names}
+    pending: dict[str, np.ndarray] = {}
+    total = 0
+    for name, produce in _hf_tensors(model):
+      array = produce()  # every process joins the gather; only process 0 keeps the result
+      if not writer:
+        continue
+      pending[name] = array
+      total += array.nbytes
+      k = shard_of[name]
+      if len(pending) == len(shards[k]):
+        save_file(pending, os.path.join(tmp, files[k]), metadata={"format": "pt"})
+        pending = {}
+    if writer:
+      if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: files[shard_of[name]] for name in hf_shapes(c)}}
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+          json.dump(index, f, indent=2)
+      if tokenizer is not None:
+        hf_tok = getattr(tokenizer, "hf", tokenizer)
+        if chat_template is not None:
+          hf_tok.chat_template = chat_template
+        hf_tok.save_pretrained(tmp)
+      elif chat_template is not None:
+        raise ValueError("save_hf_checkpoint: chat_template given without a tokenizer to store it with")
+      if os.path.exists(path):
+        shutil.rmtree(path)
+      os.replace(tmp, path)
+      tmp = None
+  finally:
+    if tmp is not None and os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return path

@@ -1,0 +1,242 @@
+"""The Llama 2 / Llama 3 / Mistral decoder in Flax NNX, with an explicit KV cache (contracts.md §5).
+
+Layout choices: head-explicit einsum weights (`q: [embed, heads, head_dim]`, `o: [heads, head_dim, embed]`),
+every per-layer weight stacked over a leading `layers` axis (so `scan_layers` only changes how the forward
+iterates), rotary embeddings in the HF "rotate half" layout, grouped-query attention without repeating K/V.
+RMSNorm, softmax and logits are float32 whatever the compute dtype. Each Param carries `logical_axes` metadata;
+`rise_jax.sharding` maps those names onto the mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from rise_jax.models import attention as attention_lib
+from rise_jax.models.configs import ModelConfig
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Stacked per-layer weights: name -> logical axes after the leading 'layers' axis.
+LAYER_AXES = {
+    "attn_norm": ("embed",),
+    "q_proj": ("embed", "heads", "head_dim"),
+    "k_proj": ("embed", "kv_heads", "head_dim"),
+    "v_proj": ("embed", "kv_heads", "head_dim"),
+    "o_proj": ("heads", "head_dim", "embed"),
+    "mlp_norm": ("embed",),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+}
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Explicit decode cache (a pytree; a call returns a new one, nothing is mutated in place).
+
+  k, v: [layers, batch, cache_len, kv_heads, head_dim]; positions: [batch, cache_len] int32, -1 for an empty or
+  padding slot (never attended); end_index: [batch] int32, the next slot each row writes.
+  """
+  k: jax.Array
+  v: jax.Array
+  positions: jax.Array
+  end_index: jax.Array
+
+
+def init_cache(config: ModelConfig, batch: int, cache_len: int, dtype: Any = jnp.float32) -> KVCache:
+  """An empty cache: zeros, every position -1, every row writing at slot 0."""
+  shape = (config.num_layers, batch, cache_len, config.num_kv_heads, config.head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 positions=jnp.full((batch, cache_len), -1, jnp.int32), end_index=jnp.zeros((batch,), jnp.int32))
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Inverse rotary frequencies [head_dim // 2] (float32, computed as transformers does, llama3 scaling too)."""
+  d = config.head_dim
+  inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
+  inv = inv.astype(np.float32)
+  s = config.rope_scaling
+  if s is None:
+    return inv
+  # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * np.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotate-half rotary embedding. x [b, l, heads, d]; positions [b, l]."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, l, d/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
+  x = x.astype(jnp.float32)
+  x = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return (x * weight.astype(jnp.float32)).astype(dtype)
+
+
+def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+  """Write new [b, l, ...] into cache [b, t, ...] at per-row slot start[b]."""
+  return jax.vmap(lambda c, n, i: lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(cache, new, start)
+
+
+def _param(init, key, shape, dtype, axes):
+  return nnx.Param(init(key, shape, dtype), logical_axes=axes)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer: `model(ids, ...)` -> float32 logits [b, l, vocab] (and a new cache if given)."""
+
+  def __init__(self, config: ModelConfig, *, param_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+               attention: str = "xla", scan_layers: bool = False, remat: str = "none", rngs: nnx.Rngs,
+               initializer_range: float = 0.02):
+    if attention not in attention_lib.BACKENDS:
+      raise ValueError(f"model.attention: {attention!r} is not one of {attention_lib.BACKENDS}")
+    if remat != "none" and remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat: {remat!r} is not one of {['none', *REMAT_POLICIES]}")
+    self.config = config
+    self.param_dtype = jnp.dtype(param_dtype)
+    self.dtype = jnp.dtype(dtype)
+    self.attention = attention
+    self.scan_layers = scan_layers
+    self.remat = remat
+    c, pd = config, self.param_dtype
+    normal = jax.nn.initializers.normal(initializer_range)
+    ones = jax.nn.initializers.ones
+    L, D, F = c.num_layers, c.hidden_size, c.intermediate_size
+    shapes = {
+        "attn_norm": (D,), "q_proj": (D, c.num_heads, c.head_dim), "k_proj": (D, c.num_kv_heads, c.head_dim),
+        "v_proj": (D, c.num_kv_heads, c.head_dim), "o_proj": (c.num_heads, c.head_dim, D), "mlp_norm": (D,),
+        "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D),
+    }
+    self.embedder = _param(normal, rngs.params(), (c.vocab_size, D), pd, ("vocab", "embed"))
+    self.layers = nnx.Dict({
+        name: _param(ones if name.endswith("norm") else normal, rngs.params(), (L, *shape), pd,
+                     ("layers", *LAYER_AXES[name]))
+        for name, shape in shapes.items()})
+    self.final_norm = _param(ones, rngs.params(), (D,), pd, ("embed",))
+    self.lm_head = None if c.tie_word_embeddings else _param(normal, rngs.params(), (D, c.vocab_size), pd,
+                                                            ("embed", "vocab"))
+
+  # -- forward ---------------------------------------------------------------------------------------------
+
+  def __call__(self, ids, positions=None, attention_mask=None, cache: KVCache | None = None, segment_ids=None):
+    out = self.hidden(ids, positions, attention_mask, cache, segment_ids)
+    if cache is None:
+      return self.unembed(out)
+    h, cache = out
+    return self.unembed(h), cache
+
+  def unembed(self, h: jax.Array) -> jax.Array:
+    """Final hidden states [..., d] -> float32 logits [..., vocab] (callers may chunk h to bound memory)."""
+    h = h.astype(self.dtype)
+    if self.lm_head is None:
+      return jnp.einsum("...d,vd->...v", h, self.embedder[...].astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+
+  def hidden(self, ids, positions=None, attention_mask=None, cache: KVCache | None = None, segment_ids=None):
+    """Final RMS-normed hidden states [b, l, d] (float32), plus the new cache when one is passed."""
+    c = self.config
+    b, l = ids.shape
+    mask = jnp.ones((b, l), bool) if attention_mask is None else attention_mask.astype(bool)
+    if positions is None:
+      start = 0 if cache is None else cache.positions.max(axis=1, keepdims=True) + 1
+      positions = start + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
+    positions = jnp.where(mask, positions, -1).astype(jnp.int32)
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids (packing) is for full-sequence calls; it cannot be combined with a cache")
+
+    x = jnp.take(self.embedder[...], ids, axis=0).astype(self.dtype)
+    inv_freq = rope_inv_freq(c)
+    if cache is not None:
+      k_pos = _write_rows(cache.positions, positions, cache.end_index)
+    else:
+      k_pos = positions
+
+    def attend(q, k, v):
+      if cache is None and segment_ids is None and self.attention == "cudnn":
+        return attention_lib.cudnn_attention(q, k, v, positions, k_pos, mask, c.sliding_window)
+      if cache is None and self.attention == "splash":
+        return attention_lib.splash_attention(q, k, v, mask, segment_ids, c.sliding_window)
+      return attention_lib.xla_attention(q, k, v, positions, k_pos, segment_ids, segment_ids, c.sliding_window)
+
+    def layer(x, w, kv):
+      h = rms_norm(x, w["attn_norm"], c.rms_norm_eps, self.dtype)
+      q = jnp.einsum("bld,dhk->blhk", h, w["q_proj"].astype(self.dtype))
+      k = jnp.einsum("bld,dhk->blhk", h, w["k_proj"].astype(self.dtype))
+      v = jnp.einsum("bld,dhk->blhk", h, w["v_proj"].astype(self.dtype))
+      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+      if kv is not None:
+        k = _write_rows(kv[0], k.astype(kv[0].dtype), cache.end_index)
+        v = _write_rows(kv[1], v.astype(kv[1].dtype), cache.end_index)
+        kv = (k, v)
+        k, v = k.astype(self.dtype), v.astype(self.dtype)
+      out = attend(q, k, v)
+      x = x + jnp.einsum("blhk,hkd->bld", out, w["o_proj"].astype(self.dtype))
+      h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps, self.dtype)
+      gate = jnp.einsum("bld,df->blf", h, w["gate_proj"].astype(self.dtype))
+      up = jnp.einsum("bld,df->blf", h, w["up_proj"].astype(self.dtype))
+      x = x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, w["down_proj"].astype(self.dtype))
+      return x, kv
+
+    if self.remat != "none":
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+    weights = {name: p[...] for name, p in self.layers.items()}
+    kv_all = None if cache is None else (cache.k, cache.v)
+    if self.scan_layers:
+      x, kv_all = lax.scan(lambda x, xs: layer(x, *xs), x, (weights, kv_all))
+    else:
+      for i in range(c.num_layers):
+        x, kv = layer(x, {n: w[i] for n, w in weights.items()}, None if kv_all is None else
+                      (kv_all[0][i], kv_all[1][i]))
+        if kv is not None:
+          kv_all = (kv_all[0].at[i].set(kv[0]), kv_all[1].at[i].set(kv[1]))
+    h = rms_norm(x, self.final_norm[...], c.rms_norm_eps, jnp.float32)
+    if cache is None:
+      return h
+    new_cache = KVCache(k=kv_all[0], v=kv_all[1], positions=k_pos, end_index=cache.end_index + l)
+    return h, new_cache
+
+
+def runtime_options(model: Transformer) -> dict[str, Any]:
+  """The non-architecture constructor arguments of a built model (to rebuild it identically)."""
+  return dict(param_dtype=model.param_dtype, dtype=model.dtype, attention=model.attention,
+              scan_layers=model.scan_layers, remat=model.remat)
+
+
+def param_logical_axes(model: Transformer) -> dict[str, tuple[str, ...]]:
+  """'path/to/param' -> its logical axis names (for docs and tests)."""
+  out = {}
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param):
+      out["/".join(map(str, path))] = var.get_metadata()["logical_axes"]
+  return out
+
+
+__all__ = ["KVCache", "Transformer", "init_cache", "rope_inv_freq", "apply_rope", "rms_norm",
+           "runtime_options", "param_logical_axes"]

@@ -1,0 +1,52 @@
+"""Tiny random Hugging Face (PyTorch) checkpoints for tests, saved with `save_pretrained`.
+
+Importable builders (other test files reuse them): each returns the checkpoint directory. Weights are drawn with
+`initializer_range` 0.1 so logits are far from uniform and a wrong port cannot hide in tiny values.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
+                  initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+TINY_MISTRAL = dict(TINY_LLAMA, num_key_value_heads=2, sliding_window=16,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+
+
+def _save(model_cls, config_cls, path: str | os.PathLike, seed: int, fields: dict) -> pathlib.Path:
+  import torch
+  torch.manual_seed(seed)
+  config = config_cls(**fields)
+  model = model_cls(config).eval()
+  path = pathlib.Path(path)
+  model.save_pretrained(path)
+  return path
+
+
+def save_tiny_llama(path: str | os.PathLike, seed: int = 0, **overrides) -> pathlib.Path:
+  """A random LlamaForCausalLM saved to `path` (config fields overridable, e.g. num_key_value_heads=2)."""
+  import transformers
+  return _save(transformers.LlamaForCausalLM, transformers.LlamaConfig, path, seed, {**TINY_LLAMA, **overrides})
+
+
+def save_tiny_mistral(path: str | os.PathLike, seed: int = 0, **overrides) -> pathlib.Path:
+  """A random MistralForCausalLM (sliding window 16 unless overridden) saved to `path`."""
+  import transformers
+  return _save(transformers.MistralForCausalLM, transformers.MistralConfig, path, seed,
+               {**TINY_MISTRAL, **overrides})
+
+
+def torch_logits(path: str | os.PathLike, ids, attention_mask=None):
+  """float32 logits of the saved checkpoint through transformers (the independent reference)."""
+  import numpy as np
+  import torch
+  import transformers
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  with torch.no_grad():
+    mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
+    out = model(torch.as_tensor(np.asarray(ids)), attention_mask=mask)
+  return out.logits.float().numpy()
