@@ -1,0 +1,218 @@
+"""Tasks, prompt sets and the toy tokenizer: loading, errors, splits, and the reference's exact prompt strings."""
+
+import json
+import random
+
+import pytest
+
+from rise_jax.rise import get_prompt_set, get_task, grade
+from rise_jax.rise.prompts import load_prompt_set
+from rise_jax.rise.tasks import base, toy
+
+# The RISE reference's strings (cmu-mind/RISE utils/template.py and environments/*.py), typed out from the source.
+PAPER_INSTRUCTION = (
+    "\nYou are an AI language model designed to assist with math problem-solving. In this task, I will provide you "
+    "with math problems. Your goal is to solve the problem step-by-step, showing your reasoning at each step. After "
+    "you have finished solving the problem, present your final answer as \\boxed{Your Answer}.\n\nHere is the math "
+    "word problem for you to solve:\n\nOf the 60 students in the drama club, 36 take mathematics, 27 take physics "
+    "and 20 students take both mathematics and physics. How many drama club students take neither mathematics nor "
+    "physics?\n")
+PAPER_EXAMPLE_ANSWER = (
+    "Step 1: To find the number of drama club students who take neither mathematics nor physics, we first need to "
+    "determine the number of students taking only math, only physics, and both math and physics. Step 2: Out of the "
+    "60 students in the drama club, 36 take mathematics and 27 take physics, and 20 students take both mathematics "
+    "and physics. Step 3: To calculate the number of students taking only math, we subtract the number of students "
+    "taking both from the total taking math: $36 - 20 = 16$. Step 4: Similarly, to calculate the number of students "
+    "taking only physics, we subtract the number of students taking both from the total taking physics: "
+    "$27 - 20 = 7$. Step 5: Now, to find the number of students taking neither math nor physics, we subtract the "
+    "total number of students taking only math, only physics, and both from the total number of students in the "
+    "drama club. This gives us $60 - 16 - 7 - 20 = \\boxed{17}$ students taking neither. Answer: \\boxed{17}")
+
+
+# ------------------------------------------------------------------------------------------------ prompt sets
+def test_paper_prompt_set_is_the_reference_verbatim():
+  ps = get_prompt_set("paper")
+  q = "Natalia sold clips to 48 of her friends in April. {x}"
+  assert ps.initial_messages(q) == [
+      {"role": "user", "content": PAPER_INSTRUCTION},
+      {"role": "assistant", "content": PAPER_EXAMPLE_ANSWER},
+      {"role": "user", "content": "Great job! You've successfully answered the question. Now, let's move on to "
+                                  "the next one.\n" + q}]
+  assert ps.feedback(q) == "The answer is incorrect. Please try again. Here's the question: " + q
+  # The example answer is right under both of the reference's graders.
+  assert grade("gsm8k", ps.example_answer, "#### 17", mode="paper") == 1.0
+  assert grade("math", ps.example_answer, "\\boxed{17}", mode="paper") == 1.0
+
+
+def test_shipped_prompt_sets_restate_the_question_and_never_leak_an_answer():
+  q = "25+3*4"
+  for name in ("paper", "self_refine", "toy"):
+    ps = get_prompt_set(name)
+    assert ps.name == name and ps.source
+    assert ps.initial_messages(q)[2]["content"].endswith(q) and q in ps.feedback(q)
+    assert "37" not in ps.feedback(q) + ps.initial_messages(q)[2]["content"]
+  self_refine = get_prompt_set("self_refine")
+  assert "Self-Refine" in self_refine.source and "error" in self_refine.feedback(q)
+  assert self_refine.initial_messages(q) == get_prompt_set("paper").initial_messages(q)
+  assert get_prompt_set("toy").feedback(q) == "incorrect, try again: 25+3*4"
+
+
+def test_toy_prompt_example_is_outside_the_toy_problem_space():
+  ps = get_prompt_set("toy")
+  task = get_task("toy")
+  questions = {p.question for s in ("train", "dev", "test") for p in task.load(s)}
+  assert "12+10*3" in ps.instruction and "12+10*3" not in questions
+  assert grade("toy", ps.example_answer, "42", mode="paper") == 1.0
+
+
+def test_a_prompt_set_is_data(tmp_path):
+  spec = {"name": "terse", "description": "d", "source": "s", "instruction": "i", "example_answer": "e",
+          "problem": "Q: {question}", "feedback": "No. Q: {question}"}
+  path = tmp_path / "terse.json"
+  path.write_text(json.dumps(spec))
+  ps = get_prompt_set(str(path))
+  assert ps.initial_messages("2+2")[2]["content"] == "Q: 2+2" and ps.feedback("2+2") == "No. Q: 2+2"
+  bad = dict(spec, feedback="try again")
+  path.write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match=r"terse\.json: field 'feedback' must contain \{question\}"):
+    load_prompt_set(str(path))
+  del bad["source"]
+  path.write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match=r"field 'source' is missing"):
+    load_prompt_set(str(path))
+  with pytest.raises(ValueError, match="unknown prompt set 'nope'"):
+    get_prompt_set("nope")
+
+
+# ----------------------------------------------------------------------------------------------- jsonl loading
+def test_jsonl_errors_name_file_line_and_field(tmp_path):
+  path = tmp_path / "gsm.jsonl"
+  path.write_text('{"question": "q0", "answer": "#### 1"}\n\n{"question": "q1"}\n')
+  with pytest.raises(ValueError, match=r"gsm\.jsonl:3: missing field 'answer'"):
+    get_task("gsm8k", train_source=str(path), test_source=str(path), dev_size=0).load("test")
+  path.write_text('{"question": "q0", "answer": "#### 1"}\n{"question": "q1", "answer": "#### 2"\n')
+  with pytest.raises(ValueError, match=r"gsm\.jsonl:2: not valid JSON"):
+    base.read_jsonl(str(path), ("question", "answer"))
+  path.write_text('{"problem": "p", "solution": 3}\n')
+  with pytest.raises(ValueError, match=r"gsm\.jsonl:1: field 'solution' must be a string"):
+    base.read_jsonl(str(path), ("problem", "solution"))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    get_task("math", test_source=str(tmp_path / "absent.jsonl")).load("test")
+
+
+def test_dev_split_is_fixed_disjoint_and_keeps_train_ids(tmp_path):
+  path = tmp_path / "train.jsonl"
+  path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(50)))
+  task = get_task("gsm8k", train_source=str(path), test_source=str(path), dev_size=10)
+  train, dev = task.load("train"), task.load("dev")
+  assert len(train) == 40 and len(dev) == 10
+  assert {p.id for p in train} | {p.id for p in dev} == {f"gsm8k/train/{i}" for i in range(50)}
+  assert all(p.question == f"q{p.id.rsplit('/', 1)[1]}" for p in train + dev)
+  again = get_task("gsm8k", train_source=str(path), test_source=str(path), dev_size=10)
+  assert [p.id for p in again.load("dev")] == [p.id for p in dev]
+  expected_dev = sorted(random.Random(base.DEV_SEED).sample(range(50), 10))
+  assert [int(p.id.rsplit("/", 1)[1]) for p in dev] == expected_dev
+  capped = get_task("gsm8k", train_source=str(path), test_source=str(path), dev_size=10, train_size=5)
+  assert [p.id for p in capped.load("train")] == [p.id for p in train[:5]]
+  assert [p.id for p in task.load("test")] == [f"gsm8k/test/{i}" for i in range(50)]
+  with pytest.raises(ValueError, match="dev_size 60 exceeds"):
+    get_task("gsm8k", train_source=str(path), dev_size=60).load("dev")
+
+
+def test_hub_sources_go_through_datasets(monkeypatch):
+  import datasets
+
+  calls = []
+
+  def fake_load_dataset(name, config, split):
+    calls.append((name, config, split))
+    return [{"problem": f"{config}-{i}", "solution": "\\boxed{1}", "level": "Level 1", "type": config}
+            for i in range(2)]
+
+  monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+  problems = get_task("math", dev_size=0).load("train")
+  assert [c[1] for c in calls] == ["algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                                   "number_theory", "prealgebra", "precalculus"]
+  assert {c[0] for c in calls} == {"EleutherAI/hendrycks_math"} and {c[2] for c in calls} == {"train"}
+  assert len(problems) == 14 and problems[3].id == "math/train/3" and problems[3].meta["type"] == "counting_and_probability"
+  calls.clear()
+  monkeypatch.setattr(datasets, "load_dataset",
+                      lambda name, config, split: calls.append((name, config, split)) or [{"question": "q"}])
+  with pytest.raises(ValueError, match=r"openai/gsm8k:main \(config main, split test\) row 0: missing field 'answer'"):
+    get_task("gsm8k").load("test")
+
+
+def test_real_local_sources(shared_dir):
+  data = shared_dir / "data"
+  gsm = get_task("gsm8k", train_source=str(data / "gsm8k/train.jsonl"), test_source=str(data / "gsm8k/test.jsonl"),
+                 dev_size=200)
+  assert (len(gsm.load("train")), len(gsm.load("dev")), len(gsm.load("test"))) == (7273, 200, 1319)
+  first = json.loads((data / "gsm8k/test.jsonl").read_text().splitlines()[17])
+  p = gsm.load("test")[17]
+  assert p.id == "gsm8k/test/17" and (p.question, p.reference) == (first["question"], first["answer"])
+  math = get_task("math", test_source=str(data / "math/test.jsonl"))
+  problems = math.load("test")
+  assert len(problems) == 1000 and problems[0].id == "math/test/0" and set(problems[0].meta) == {"level", "type"}
+
+
+# ----------------------------------------------------------------------------------------------------- toy
+def test_toy_splits_are_disjoint_deterministic_and_sized():
+  task = get_task("toy", seed=3, test_size=500, dev_size=100)
+  splits = {s: task.load(s) for s in ("train", "dev", "test")}
+  assert [len(splits[s]) for s in ("train", "dev", "test")] == [8100 - 600, 100, 500]
+  questions = {s: [p.question for p in ps] for s, ps in splits.items()}
+  assert sum(len(set(q)) for q in questions.values()) == 8100  # no duplicate anywhere, all of the space used
+  again = get_task("toy", seed=3, test_size=500, dev_size=100)
+  assert [p.question for p in again.load("test")] == questions["test"]
+  assert [p.question for p in get_task("toy", seed=4, test_size=500).load("test")] != questions["test"]
+  with pytest.raises(ValueError, match="exceed the 8100 distinct problems"):
+    get_task("toy", test_size=8000, dev_size=200)
+
+
+def test_toy_problems_answers_and_answer_space():
+  task = get_task("toy", test_size=2000)
+  for p in task.load("test")[:200]:
+    a, b, c = (int(x) for x in p.question.replace("*", "+").split("+"))
+    assert p.reference == f"{b}*{c}={b * c},{a}+{b * c}={a + b * c}"
+    assert task.reference_answer(p.reference) == str(a + b * c)
+    assert task.grade(p.reference, p.reference, "paper") == 1.0
+    assert len(p.question) <= 6 and len(p.reference) <= 16
+  # Answer space by brute force: a + b*c over the documented ranges.
+  answers = {a + b * c for a in range(100) for b in range(1, 10) for c in range(1, 10)}
+  assert task.answer_space_size() == len(answers) == 180
+  assert get_task("toy", max_addend=9, max_factor=3, test_size=20, dev_size=5).answer_space_size() == len(
+      {a + b * c for a in range(10) for b in range(1, 4) for c in range(1, 4)})
+
+
+def test_toy_tokenizer_ids_roundtrip_and_chat_template(tmp_path):
+  import transformers
+
+  path = toy.build_toy_tokenizer(tmp_path / "tok")
+  assert toy.build_toy_tokenizer(tmp_path / "tok") == path  # idempotent on resume
+  hf = transformers.AutoTokenizer.from_pretrained(path)
+  specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+  assert hf.convert_tokens_to_ids(specials) == list(range(7))
+  assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (0, 1, 2, 3)
+  printable = [chr(c) for c in range(32, 127)] + ["\n"]
+  assert hf.convert_tokens_to_ids(printable) == list(range(7, 103)) and len(hf) == 103 <= 128
+  text = "next: 25+3*4\n  3*4=12,25+12=37 ~{}"
+  ids = hf.encode(text, add_special_tokens=False)
+  assert ids == [7 + printable.index(ch) for ch in text]
+  assert hf.decode(ids) == text
+  assert hf.encode("é", add_special_tokens=False) == [3]
+  messages = get_prompt_set("toy").initial_messages("25+3*4") + [{"role": "assistant", "content": "3*4=12,25+12=37"}]
+  rendered = hf.apply_chat_template(messages, tokenize=False)
+  by_hand = ("<s>" + "".join(f"<|user|>{m['content']}<|end|>" if m["role"] == "user"
+                             else f"<|assistant|>{m['content']}</s>" for m in messages))
+  assert rendered == by_hand
+  assert hf.encode(rendered, add_special_tokens=False)[:2] == [1, 4]
+
+
+def test_toy_tokenizer_loads_through_rise_jax_chat(tmp_path):
+  chat = pytest.importorskip("rise_jax.chat")
+  if not hasattr(chat, "load_tokenizer"):
+    pytest.skip("rise_jax.chat.load_tokenizer has not landed")
+  tok = chat.load_tokenizer(toy.build_toy_tokenizer(tmp_path / "tok"), chat_template="toy")
+  assert (tok.bos_token_id, tok.pad_token_id, tok.vocab_size) == (1, 0, 103)
+  assert 2 in tok.eos_token_ids
+  assert tok.decode(tok.encode("7+8*9")) == "7+8*9"
