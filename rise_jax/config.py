@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.data_path = placeholder(str)   # rise_jax.sft/1 records (standalone `rise_jax.train`)
+  c.train.demo_data = False              # write a small weighted toy dataset (+ toy tokenizer) there when absent
   c.train.estimator = "sample_mean"
   c.train.lr = 1e-5
   c.train.warmup_ratio = 0.04
