@@ -231,3 +231,77 @@ def test_bad_inputs_fail_loudly(tmp_path):
     Protocol(kind="parallel", turns=2, samples_per_turn=(1, 1), select="first", oracle=False, window=None,
              sampling=(SAMPLING, SAMPLING))
   json.dumps(Protocol.sequential(2).log_dict())  # the protocol entry is plain JSON
+
+
+# ------------------------------------------------------------------------ the learner policy's rendered ids
+
+TOY_SPECIALS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<|user|>": 4, "<|assistant|>": 5, "<|end|>": 6}
+
+
+def _toy_ids(*parts):
+  """Ids of the char-level toy tokenizer written out by hand: specials by table, a character c is 7 + ord(c) - 32."""
+  ids = []
+  for part in parts:
+    ids.extend([TOY_SPECIALS[part]] if part in TOY_SPECIALS else [7 + ord(c) - 32 for c in part])
+  return ids
+
+
+class _FakeSamplerOutput:
+  def __init__(self, tokenizer, text):
+    self.token_ids = tokenizer.encode(text) + [TOY_SPECIALS["</s>"]]
+    self.text = text
+    self.logprobs = [-0.5] * len(self.token_ids)
+    self.finish_reason = "stop"
+
+
+class _SpySampler:
+  """Records the prompt ids and uids the policy hands the sampler; answers "=<turn-call index>"."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self.calls = []
+
+  def generate(self, prompts, params, seed=0, prompt_ids=None):
+    self.calls.append((prompts, params, seed, prompt_ids))
+    return [[_FakeSamplerOutput(self.tokenizer, f"={len(self.calls)}{j}") for j in range(params.n)]
+            for _ in prompts]
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer(tmp_path_factory):
+  from rise_jax import chat
+  from rise_jax.rise.tasks import build_toy_tokenizer
+  return chat.load_tokenizer(build_toy_tokenizer(tmp_path_factory.mktemp("tok") / "toy"), chat_template="toy")
+
+
+def test_window_seen_by_the_sampler_on_rendered_ids(tmp_path, toy_tokenizer):
+  from rise_jax.rise import get_prompt_set
+  from rise_jax.rise.policies import SamplerPolicy, sample_uid
+
+  spy = _SpySampler(toy_tokenizer)
+  policy = SamplerPolicy(spy, toy_tokenizer)
+  prompts = get_prompt_set("toy")
+  header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")
+  protocol = Protocol.sequential(4, window=3, sampling=SAMPLING, grader="robust", seed=3)
+  run_episodes([A], policy, protocol, tmp_path / "w.jsonl", task=_ToyTask(), prompts=prompts, header=header,
+               progress=False)
+  head = ("<s>", "<|user|>", prompts.instruction, "<|end|>", "<|assistant|>", prompts.example_answer, "</s>",
+          "<|user|>", prompts.problem("3+4"), "<|end|>")
+  fb = prompts.feedback("3+4")
+
+  def pair(answer):
+    return ("<|assistant|>", answer, "</s>", "<|user|>", fb, "<|end|>")
+
+  # W = 3: the head, then at most the last 2 (attempt, feedback) pairs; turn 4 drops the first attempt.
+  expected = [_toy_ids(*head, "<|assistant|>"),
+              _toy_ids(*head, *pair("=10"), "<|assistant|>"),
+              _toy_ids(*head, *pair("=10"), *pair("=20"), "<|assistant|>"),
+              _toy_ids(*head, *pair("=20"), *pair("=30"), "<|assistant|>")]
+  assert [call[0] for call in spy.calls] == [[ids] for ids in expected]
+  assert [call[3] for call in spy.calls] == [[sample_uid(A.id, t)] for t in range(1, 5)]
+  assert all(call[2] == 3 for call in spy.calls)
+  _, (record,), _ = rollout_log.read_rollouts(tmp_path / "w.jsonl")
+  assert [t["window_applied"] for t in record["turns"]] == [False, False, False, True]
+  assert [t["history_tokens"] for t in record["turns"]] == [len(ids) for ids in expected]
+  cand = record["turns"][0]["candidates"][0]
+  assert cand["token_ids"] == _toy_ids("=10", "</s>") and cand["num_tokens"] == 4 and cand["logprob_sum"] == -2.0

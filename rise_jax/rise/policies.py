@@ -143,7 +143,7 @@ class SamplerPolicy:
     self.stop_token_ids = stop_token_ids
 
   def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
-    from rise_jax.sampling import SamplingParams  # local: the runner and teacher work without JAX loaded
+    from rise_jax.sampling.params import SamplingParams  # local: the runner and teacher work without JAX
 
     prompts = [list(chat.render(self.tokenizer, list(r.messages), add_generation_prompt=True).ids)
                for r in requests]
