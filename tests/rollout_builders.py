@@ -49,12 +49,12 @@ def parallel(problem_id: str, answers: Sequence[tuple[str | None, float]], *, se
                 stop="max_turns", seed=seed, task=task)
 
 
-def record(problem_id: str, turns: list[dict], *, kind: str, oracle: bool, stop: str, seed: int = 0,
+def record(problem_id: str, episode_turns: list[dict], *, kind: str, oracle: bool, stop: str, seed: int = 0,
            task: str = "toy", **protocol) -> dict:
   p = {"kind": kind, "oracle": oracle, "window": None, "grader": "robust", "prompt_set": "paper",
        "select": "first", "seed": seed}
   p.update(protocol)
-  return {"problem_id": problem_id, "task": task, "reference": "#### 0", "protocol": p, "turns": turns,
+  return {"problem_id": problem_id, "task": task, "reference": "#### 0", "protocol": p, "turns": episode_turns,
           "stop": stop}
 
 
