@@ -174,11 +174,13 @@ def encode_records(records: Sequence[Record], tokenizer, max_length: int,
   for record in records:
     try:
       input_ids, targets, loss_mask = chat.train_arrays(tokenizer, list(record.messages), max_length=max_length)
-    except chat.TruncationError as e:
+    except chat.TrainSpanTruncatedError as e:
       if on_truncation == "raise":
         raise RecordError(f"{record.where}: record {record.id!r}: {e}") from None
       report.skip("truncated", record)
       continue
+    except chat.ChatTemplateError as e:
+      raise RecordError(f"{record.where}: record {record.id!r}: field 'messages': {e}") from None
     if not np.any(loss_mask):
       if on_truncation == "raise":
         raise RecordError(f"{record.where}: record {record.id!r}: empty loss mask")

@@ -1,0 +1,98 @@
+"""orbax checkpoints of the training state: async saves every N steps, keep K, strict sharded restore.
+
+A checkpoint holds two items: `state` (a pytree of global jax arrays: params, optimiser state, step, rng) and
+`meta` (JSON: the data position and the fingerprints that must match on resume). Restores go straight into an
+abstract target that carries the *current* shardings, so a checkpoint written on one mesh restores onto
+another. A checkpoint whose leaves differ from the target (missing or extra) is an error — never a silent
+partial restore; one that fails to read (a torn or corrupted latest step) is skipped with a warning in favour of
+the previous one, which is why `keep >= 2`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import warnings
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint's tree does not match what the run expects (missing or extra leaves)."""
+
+
+def _paths(tree) -> set[str]:
+  return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs with the shardings of `tree`'s arrays: the restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpointer:
+  """One run's `ckpt/` directory."""
+
+  def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True):
+    if keep < 2:
+      raise ValueError(f"keep={keep}: keep at least 2 checkpoints so a torn latest one can fall back")
+    self.directory = pathlib.Path(directory).absolute()
+    self.every = every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+  def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
+    """Start an (async) save when `step` is due, or always with `force`; returns whether one started."""
+    saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=force)
+    if saved:
+      log.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def wait(self):
+    """Block until every started save is committed."""
+    self.manager.wait_until_finished()
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def _check_tree(self, step: int, target: Any):
+    saved = self.manager.item_metadata(step)["state"]
+    if saved is None:
+      raise OSError(f"checkpoint step {step} has no readable state metadata")
+    have, want = _paths(saved), _paths(target)
+    if have != want:
+      missing, extra = sorted(want - have), sorted(have - want)
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} does not match the training state: missing leaves {missing[:5]}"
+          f"{' ...' if len(missing) > 5 else ''}, extra leaves {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+
+  def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, meta) from the newest readable checkpoint, restored into `target` (abstract, sharded).
+
+    None when there is none. Raises `CheckpointMismatchError` for a tree mismatch; falls back, with a warning,
+    past checkpoints that fail to read.
+    """
+    self.manager.reload()
+    for step in reversed(self.steps()):
+      try:
+        self._check_tree(step, target)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable; try the previous
+        warnings.warn(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: {e}); "
+                      "falling back to the previous one", RuntimeWarning, stacklevel=2)
+        continue
+      return step, restored["state"], restored["meta"]
+    return None
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,363 @@
+"""The training state, the jitted sharded step, and the loop behind `train(...)` (the RISE loop's library call).
+
+State (params, AdamW state, step, rng) is created directly in its training sharding: `jax.eval_shape` gives the
+abstract state, the parameters' logical axes give their NamedShardings (the optimiser moments follow their
+parameter), and a jitted init writes every leaf into its shard. The step is `jax.jit` with explicit in/out
+shardings and the state donated; gradient accumulation is a `lax.scan` over the micro-batches inside the step,
+with the loss normaliser of the whole global batch passed in (see `loss.py`), so micro-batching and sharding
+cannot change the estimator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any, Iterable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rise_jax import config as config_lib
+from rise_jax import sharding as sharding_lib
+from rise_jax.train import checkpoint as checkpoint_lib
+from rise_jax.train import data as data_lib
+from rise_jax.train import loss as loss_lib
+from rise_jax.train import optim
+
+log = logging.getLogger(__name__)
+
+VOCAB_CHUNK = 8192
+BATCH_SPEC = P(None, ("data", "fsdp"), None)        # [micro, rows, length]: rows over data x fsdp
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss went NaN/inf; the run stopped and its last good checkpoint remains."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 scalar: optimiser updates applied
+  params: Any              # pure dict of float32 arrays (nnx.to_pure_dict of the model's Params)
+  opt_state: Any
+  rng: jax.Array           # uint32 key data, advanced every step (for stochastic layers; saved for exact resume)
+
+
+def unembedding(model) -> jax.Array:
+  """The [embed, vocab] output matrix of a rise_jax Transformer (the transposed embedder when tied)."""
+  if model.lm_head is None:
+    return model.embedder[...].T
+  return model.lm_head[...]
+
+
+class Trainer:
+  """Compiled init and step for one model, mesh and optimiser."""
+
+  def __init__(self, model, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
+               lr_schedule: optax.Schedule, *, packing: bool = False, vocab_chunk: int = VOCAB_CHUNK,
+               on_indivisible: str = "replicate"):
+    self.mesh, self.tx, self.lr_schedule = mesh, tx, lr_schedule
+    self.packing, self.vocab_chunk = packing, vocab_chunk
+    self.graphdef, params_state, self.rest = nnx.split(model, nnx.Param, ...)
+    self.param_shardings = nnx.to_pure_dict(sharding_lib.state_shardings(
+        params_state, mesh, sharding_lib.TRAIN_RULES, on_indivisible))
+    self.replicated = NamedSharding(mesh, P())
+    self.batch_sharding = NamedSharding(mesh, BATCH_SPEC)
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   nnx.to_pure_dict(params_state))
+    abstract = jax.eval_shape(self._init, abstract_params, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract.opt_state, self.param_shardings,
+        transform_non_params=lambda _: self.replicated)
+    self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
+                                      opt_state=opt_shardings, rng=self.replicated)
+    self.init = jax.jit(self._init, in_shardings=(self.param_shardings, self.replicated),
+                        out_shardings=self.state_shardings)
+    self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
+                        out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+
+  def _init(self, params, rng) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), rng=rng)
+
+  def initial_state(self, model, seed: int) -> TrainState:
+    """The state for `model`'s parameters (resharded to training shardings if they live elsewhere)."""
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), self.param_shardings)
+    with jax.set_mesh(self.mesh):
+      return self.init(params, jax.random.key_data(jax.random.key(seed)))
+
+  def model(self, state: TrainState):
+    """An nnx model view of the state's parameters."""
+    return nnx.merge(self.graphdef, state.params, self.rest)
+
+  def _loss(self, params, micro, normalizer):
+    model = nnx.merge(self.graphdef, params, self.rest)
+    hidden = model.hidden(micro["input_ids"], positions=micro["positions"],
+                          segment_ids=micro["segment_ids"] if self.packing else None)
+    return loss_lib.chunked_weighted_nll(hidden.astype(model.dtype), unembedding(model), micro["targets"],
+                                         micro["weights"], normalizer, vocab_chunk=self.vocab_chunk)
+
+  def _step(self, state: TrainState, batch: dict[str, jax.Array], normalizer: jax.Array):
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+
+    def accumulate(carry, micro):
+      grads, loss, sums = carry
+      (micro_loss, micro_sums), micro_grads = grad_fn(state.params, micro, normalizer)
+      grads = jax.tree.map(jnp.add, grads, micro_grads)
+      return (grads, loss + micro_loss, jax.tree.map(jnp.add, sums, micro_sums)), None
+
+    zeros = jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(jnp.zeros(p.shape, jnp.float32), s),
+                         state.params, self.param_shardings)
+    init = (zeros, jnp.zeros((), jnp.float32), {"correct_weight": jnp.zeros(()), "token_weight": jnp.zeros(())})
+    (grads, loss, sums), _ = jax.lax.scan(accumulate, init, batch)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    metrics = {"loss": loss, "accuracy": sums["correct_weight"] / jnp.maximum(sums["token_weight"], 1e-30),
+               "grad_norm": optax.global_norm(grads), "lr": self.lr_schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainResult:
+  out_dir: pathlib.Path
+  model: Any                       # the trained nnx model (training shardings)
+  steps: int
+  resumed_from: int | None
+  metrics: list[dict[str, Any]]    # one record per step run by this call
+  encode_report: data_lib.EncodeReport
+  hf_dir: pathlib.Path | None
+
+
+def initialize_distributed(cfg) -> None:
+  """`jax.distributed.initialize` once, when the config asks for it (multi-host)."""
+  d = cfg.distributed
+  if not d.initialize or jax.distributed.is_initialized():
+    return
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    # CPU processes exchange collectives over gloo (tests run two hosts on 127.0.0.1 this way).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                             process_id=d.process_id, initialization_timeout=120)
+
+
+class _MetricsSink:
+  """metrics.jsonl (append, truncated to the resumed step), TensorBoard when installed, on process 0 only."""
+
+  def __init__(self, path: pathlib.Path, resume_step: int):
+    self.path = path
+    self.active = jax.process_index() == 0
+    self.tb = None
+    if not self.active:
+      return
+    if path.exists():  # drop lines a killed run wrote past its last checkpoint: they will be rerun
+      kept = [l for l in path.read_text().splitlines(keepends=True)
+              if l.strip() and json.loads(l)["step"] <= resume_step]
+      tmp = path.with_suffix(".tmp")
+      tmp.write_text("".join(kept))
+      os.replace(tmp, path)
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(path.parent / "tb"))
+    except ImportError:
+      log.info("tensorboardX not installed: metrics go to %s only", path)
+
+  def write(self, records: list[dict[str, Any]]):
+    if not self.active:
+      return
+    with open(self.path, "a", encoding="utf-8") as f:
+      for r in records:
+        f.write(json.dumps(r, sort_keys=True) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    if self.tb is not None:
+      for r in records:
+        for k, v in r.items():
+          if isinstance(v, (int, float)) and k != "step":
+            self.tb.add_scalar(f"train/{k}", v, r["step"])
+      self.tb.flush()
+
+
+def _fingerprint(examples, cfg) -> str:
+  """What fixes the batch plan: a resumed run must see the same data in the same order."""
+  t = cfg.train
+  h = hashlib.sha256()
+  h.update(json.dumps([cfg.seed, t.global_batch, t.micro_batch, t.epochs, t.max_length, t.packing,
+                       t.estimator]).encode())
+  for ex in examples:
+    h.update(ex.id.encode())
+    h.update(ex.input_ids.tobytes())
+    h.update(np.float64(ex.weight).tobytes())
+  return h.hexdigest()[:16]
+
+
+def _stop_after_step(cfg) -> int | None:
+  spec = cfg.debug.stop_after
+  if spec and spec.startswith("train:"):
+    return int(spec.split(":", 1)[1])
+  return None
+
+
+def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str | os.PathLike, model=None,
+          tokenizer=None) -> TrainResult:
+  """Train `model` (or the config's model) on sft/1 records; write ckpt/, metrics.jsonl and hf/ under out_dir.
+
+  Resumes from out_dir/ckpt when it holds a checkpoint (params, optimiser, step, rng, data position). Raises
+  `NonFiniteLossError` when the loss goes non-finite (checked every `log_every` steps and before each save).
+  `cfg.debug.stop_after = "train:N"` SIGKILLs the process right after step N's checkpoint commits (a preemption
+  at the worst moment, for resume tests).
+  """
+  config_lib.validate(cfg, require_training=True)
+  initialize_distributed(cfg)
+  t = cfg.train
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if tokenizer is None:
+    from rise_jax import chat
+    tok_path = cfg.tokenizer.path or cfg.model.hf_path
+    if tok_path is None:
+      raise ValueError("config field tokenizer.path: required to render the training conversations")
+    tokenizer = chat.load_tokenizer(tok_path, cfg.tokenizer.chat_template)
+
+  records = data_lib.as_records(os.fspath(records_or_path) if isinstance(records_or_path, os.PathLike)
+                                else records_or_path)
+  examples, report = data_lib.encode_records(records, tokenizer, t.max_length, t.on_truncation)
+  log.info("training data: %s", report.summary())
+  if jax.process_index() == 0:
+    _atomic_json(out_dir / "data_report.json", {"total": report.total, "kept": report.kept,
+                                                 "skipped": report.skipped})
+  if not examples:
+    raise ValueError(f"no trainable examples: {report.summary()}")
+
+  mesh = sharding_lib.make_mesh(cfg.mesh.train)
+  row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+  steps = data_lib.plan([e.length for e in examples], epochs=t.epochs, seed=cfg.seed,
+                        global_batch=t.global_batch, micro_batch=t.micro_batch, row_multiple=row_multiple,
+                        max_length=t.max_length, packing=t.packing)
+  total = len(steps)
+  if model is None:
+    from rise_jax.models import load_model
+    model = load_model(cfg.model, mesh=mesh, on_indivisible=cfg.mesh.on_indivisible, seed=cfg.seed)
+  optim.check_param_dtypes(nnx.state(model, nnx.Param), t.allow_bf16_params)
+  tx, lr = optim.optimizer(t, total)
+  trainer = Trainer(model, mesh, tx, lr, packing=t.packing, on_indivisible=cfg.mesh.on_indivisible)
+  state = trainer.initial_state(model, cfg.seed)
+  del model  # the state owns the parameters from here (the step donates them)
+
+  fingerprint = _fingerprint(examples, cfg)
+  ckpt = checkpoint_lib.Checkpointer(out_dir / "ckpt", every=t.ckpt_every, keep=t.keep)
+  restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state))
+  start, resumed_from = 0, None
+  if restored is not None:
+    start, state, meta = restored
+    if meta["fingerprint"] != fingerprint:
+      raise ValueError(f"{ckpt.directory}/{start} was written for different data or batch settings "
+                       f"(fingerprint {meta['fingerprint']} != {fingerprint}); use a fresh out_dir")
+    resumed_from = start
+    log.info("resumed from step %d of %d", start, total)
+
+  sink = _MetricsSink(out_dir / "metrics.jsonl", start)
+  flops_per_token = {}
+  peak = optim.device_peak_flops()
+  model_config = trainer.model(state).config
+  stop_after = _stop_after_step(cfg)
+  profile = tuple(t.profile_steps) if t.profile_steps is not None else None
+  pending: list[tuple[int, dict, data_lib.StepStats, int]] = []
+  history: list[dict[str, Any]] = []
+  last_time = time.perf_counter()
+  progress = _progress(total, start)
+
+  def flush():
+    nonlocal last_time
+    fetched = jax.device_get([m for _, m, _, _ in pending])
+    now = time.perf_counter()
+    elapsed = now - last_time
+    last_time = now
+    tokens = sum(s.tokens for _, _, s, _ in pending)
+    flops = sum(s.tokens * flops_per_token.setdefault(
+        length, optim.train_flops_per_token(model_config, length)) for _, _, s, length in pending)
+    records = []
+    for (step, _, stats, _), m in zip(pending, fetched):
+      r = {"step": step, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+           "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]), "sum_weights": stats.sum_weights,
+           "examples": stats.examples, "trained_tokens": stats.trained_tokens, "tokens": stats.tokens}
+      if not math.isfinite(r["loss"]):
+        ckpt.wait()
+        good = ckpt.steps()
+        raise NonFiniteLossError(f"loss is {r['loss']} at step {step}; stopping. The last good checkpoint is "
+                                 f"{ckpt.directory}/{good[-1] if good else '(none)'}")
+      records.append(r)
+    throughput = {"tokens_per_s": tokens / elapsed, "tflops_per_s": flops / elapsed / 1e12}
+    if peak is not None:
+      throughput["mfu"] = flops / elapsed / (peak * jax.device_count())
+    records[-1].update(throughput)
+    sink.write(records)
+    history.extend(records)
+    progress.update(len(records))
+    progress.set_postfix(loss=f"{records[-1]['loss']:.4f}", tok_s=f"{throughput['tokens_per_s']:.0f}")
+    pending.clear()
+
+  try:
+    for i in range(start, total):
+      if profile is not None and i == profile[0]:
+        jax.profiler.start_trace(str(out_dir / "profile"))
+      plan_step = steps[i]
+      shape = plan_step.shape
+      local = data_lib.materialize(plan_step, examples, t.estimator,
+                                   data_lib.host_rows(trainer.batch_sharding, shape), pad_id=0)
+      batch = data_lib.global_batch(local, trainer.batch_sharding, shape)
+      stats = data_lib.step_stats(plan_step, examples, t.estimator)
+      with jax.set_mesh(mesh):
+        state, metrics = trainer.step(state, batch, jnp.float32(stats.normalizer))
+      done = i + 1
+      pending.append((done, metrics, stats, plan_step.length))
+      if profile is not None and done == profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+      save_due = done % t.ckpt_every == 0 or done == total
+      if done % t.log_every == 0 or save_due:
+        flush()  # also the non-finite check: a bad state is never saved
+      if save_due:
+        ckpt.save(done, state, {"step": done, "fingerprint": fingerprint, "total_steps": total}, force=True)
+      if stop_after is not None and done == stop_after:
+        ckpt.wait()
+        print(f"debug.stop_after: step {done} checkpoint committed; SIGKILL", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if pending:
+      flush()
+  finally:
+    progress.close()
+    ckpt.close()
+
+  trained = trainer.model(state)
+  hf_dir = out_dir / "hf"
+  from rise_jax.models.hf_io import save_hf_checkpoint
+  save_hf_checkpoint(trained, hf_dir, tokenizer=tokenizer, overwrite=True)  # ChatTokenizer.hf carries the template
+  return TrainResult(out_dir, trained, total, resumed_from, history, report, hf_dir)
+
+
+def _progress(total: int, start: int):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
+              dynamic_ncols=True)
+
+
+def _atomic_json(path: pathlib.Path, obj) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+  os.replace(tmp, path)
