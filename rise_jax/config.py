@@ -146,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rise.init_from = "base"              # base | previous
   c.rise.data = "current"                # current | accumulated
   c.rise.single_turn_control = False     # also train the history-stripped control on the same data
+  c.rise.boost_lr = placeholder(float)   # boost stage learning rate; None = train.lr (RISE loop)
+  c.rise.boost_epochs = placeholder(int)  # boost stage epochs; None = train.epochs (RISE loop)
+  c.rise.fresh_problems = False          # iteration T collects on its own slice of task.train_size problems (RISE loop)
 
   c.debug = ml_collections.ConfigDict()
   c.debug.stop_after = placeholder(str)  # "<stage>:<n>": stop the run there (resume tests)
@@ -250,6 +253,10 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(r.iterations >= 0, "rise.iterations", "must be >= 0")
   _one_of(config, "rise.init_from", INIT_FROM)
   _one_of(config, "rise.data", RISE_DATA)
+  _check(r.boost_lr is None or r.boost_lr > 0, "rise.boost_lr", "must be None or > 0")
+  _check(r.boost_epochs is None or r.boost_epochs >= 1, "rise.boost_epochs", "must be None or >= 1")
+  _check(not r.fresh_problems or config.task.train_size is not None, "rise.fresh_problems",
+         "needs task.train_size (the number of fresh problems per iteration)")
   return config
 
 
