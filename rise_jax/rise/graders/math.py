@@ -39,16 +39,22 @@ def paper_grade(response: str, reference: str) -> float:
 
 
 @functools.lru_cache(maxsize=65536)
-def _verify_in_this_thread(gold: str, pred: str, timeout_s: int) -> bool | None:
-  """math-verify's verdict on two answer strings; None when either side does not parse."""
+def _parse(answer: str, timeout_s: int) -> tuple:
+  """math-verify's parse of one answer string (cached: a gold is compared with many samples)."""
   import math_verify  # Imported late: sympy and the antlr parser cost seconds.
 
-  config = [math_verify.LatexExtractionConfig()]
-  gold_parsed = math_verify.parse(f"${gold}$", extraction_config=config, parsing_timeout=timeout_s)
-  pred_parsed = math_verify.parse(f"${pred}$", extraction_config=config, parsing_timeout=timeout_s)
+  return tuple(math_verify.parse(f"${answer}$", extraction_config=[math_verify.LatexExtractionConfig()],
+                                 parsing_timeout=timeout_s))
+
+
+def _verify_in_this_thread(gold: str, pred: str, timeout_s: int) -> bool | None:
+  """math-verify's verdict on two answer strings; None when either side does not parse."""
+  import math_verify
+
+  gold_parsed, pred_parsed = _parse(gold, timeout_s), _parse(pred, timeout_s)
   if not gold_parsed or not pred_parsed:
     return None
-  return bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))
+  return bool(math_verify.verify(list(gold_parsed), list(pred_parsed), timeout_seconds=timeout_s))
 
 
 def _spawn_pool() -> concurrent.futures.ProcessPoolExecutor:
