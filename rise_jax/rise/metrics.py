@@ -402,7 +402,7 @@ def _sequential_table(groups, grading: _Grading, turns: int, tie_break: str, see
 
 
 def _parallel_table(groups, grading: _Grading, tie_break: str, seed: int, tally: _Tally,
-                    tally_single: bool) -> tuple[Table, dict]:
+                    standalone: bool) -> tuple[Table, dict]:
   table = Table(list(groups))
   samples = {}
   for pid, records in groups.items():
@@ -423,7 +423,7 @@ def _parallel_table(groups, grading: _Grading, tie_break: str, seed: int, tally:
         if k == n:
           inconsistent += _inconsistent_clusters(labels, correct[part])
         vote = majority_vote(labels, correct[part], tie_break, _rng(seed, "par", pid, j, k))
-        if k > 1 or tally_single:  # with a sequential run, "m1@t1" is the sequential one's
+        if k > 1 or standalone:  # beside a sequential run, "m1@t1" is the sequential one
           tally.add(f"m{k}@t1", vote)
         votes += vote.correct
         anys += any(correct[part])
@@ -431,7 +431,9 @@ def _parallel_table(groups, grading: _Grading, tie_break: str, seed: int, tally:
       cols[f"m{k}@t1"][p] = votes / chunks
       cols[f"p{k}@t1"][p] = pass_at_k(n, c, k)
     cols["solved_by_pass@B"][p] = float(c > 0)
-  for k in range(1, max_k + 1):
+  # With a sequential run, m1@t1 / p1@t1 are its own: the parallel single-sample accuracy gets its own name.
+  table.add("fresh_first_turn_accuracy", cols["p1@t1"])
+  for k in range(1 if standalone else 2, max_k + 1):
     table.add(f"m{k}@t1", cols[f"m{k}@t1"])
     table.add(f"p{k}@t1", cols[f"p{k}@t1"])
   table.add("pass@B", cols["solved_by_pass@B"])
@@ -505,7 +507,7 @@ def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = Non
 
   par_extra = None
   if par:
-    par_table, par_extra = _parallel_table(_group(par), grading, tie_break, seed, tally, tally_single=not seq)
+    par_table, par_extra = _parallel_table(_group(par), grading, tie_break, seed, tally, standalone=not seq)
     tables["parallel"] = par_table
   if seq:
     if turns is None:
@@ -538,9 +540,7 @@ def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = Non
     for k in range(first, par_extra["max_k"] + 1):
       put(f"m{k}@t1", "parallel")
       put(f"p{k}@t1", "parallel")
-    out["fresh_first_turn_accuracy"] = tables["parallel"].value("p1@t1")
-    ci["fresh_first_turn_accuracy"] = cis["parallel"]["p1@t1"]
-    src["fresh_first_turn_accuracy"] = sources["parallel"]
+    put("fresh_first_turn_accuracy", "parallel")
     if par_extra["sizes"] and len(par_extra["sizes"]) > 1:
       notes.append(f"parallel problems have different sample counts {par_extra['sizes']}: k runs up to the "
                    f"smallest ({par_extra['max_k']})")

@@ -1,0 +1,389 @@
+"""Render metrics (rise_jax.rise.metrics) as files: metrics.json, report.md in the paper's Table 1 layout, and plots.
+
+`write_report(metrics, out_dir)` writes one evaluation's `metrics.json`, `report.md` and PNGs;
+`write_summary(per_iteration_metrics, out_dir)` writes the cross-iteration `summary.md`, `summary.json` and
+`accuracy_vs_turn.png` of a RISE run (contracts §6). Every file is written atomically (tmp + rename). Plots use
+matplotlib's object API on an Agg canvas, so importing this module never changes the process's pyplot backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Mapping, Sequence
+
+from rise_jax.rise import metrics as metrics_lib
+
+_PLOT_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+
+
+def _atomic_write_bytes(path: pathlib.Path, data: bytes):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_json(path: str | os.PathLike, obj: Any):
+  """Atomically write `obj` as indented JSON (NaN refused: metrics use null for "no data")."""
+  _atomic_write_bytes(pathlib.Path(path), (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+
+
+def _save_figure(fig, path: pathlib.Path):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  import io
+
+  FigureCanvasAgg(fig)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+  _atomic_write_bytes(path, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------------------------- formatting
+
+
+def _pct(x: float | None) -> str:
+  return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _with_ci(m: Mapping[str, Any], name: str) -> str:
+  value = m.get(name)
+  if value is None:
+    return "–"
+  ci = m.get("ci95", {}).get(name)
+  return f"{_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else _pct(value)
+
+
+def _delta(m: Mapping[str, Any], name: str, base: str) -> str:
+  if m.get(name) is None or m.get(base) is None:
+    return ""
+  return f" ({100 * (m[name] - m[base]):+.1f})"
+
+
+def _budget(m: Mapping[str, Any]) -> int | None:
+  """The sample budget k of the Table 1 columns: the largest k run both sequentially and in parallel."""
+  turns, k = m.get("turns"), m.get("parallel_k")
+  if turns and k:
+    return min(turns, k)
+  return turns or k
+
+
+def table1_cells(m: Mapping[str, Any]) -> dict[str, str]:
+  """The paper's Table 1 row for one model: m1@t1, mk@t1, m1@tk (w/o oracle), p1@tk, pk@t1 (w/ oracle)."""
+  k = _budget(m)
+  if k is None:
+    return {}
+  return {
+      "m1@t1": _with_ci(m, "m1@t1"),
+      f"m{k}@t1": _with_ci(m, f"m{k}@t1") + _delta(m, f"m{k}@t1", "m1@t1"),
+      f"m1@t{k}": _with_ci(m, f"m1@t{k}") + _delta(m, f"m1@t{k}", "m1@t1"),
+      f"p1@t{k}": _with_ci(m, f"p1@t{k}"),
+      f"p{k}@t1": _with_ci(m, f"p{k}@t1"),
+  }
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return lines
+
+
+def _table1(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """Table 1 with one row per model / iteration (all rows must share the budget k)."""
+  budgets = {_budget(m) for m in rows.values()}
+  if len(budgets) != 1 or None in budgets:
+    return [f"(no common sample budget across rows: {sorted(map(str, budgets))})"]
+  k = budgets.pop()
+  columns = ["m1@t1", f"m{k}@t1", f"m1@t{k}", f"p1@t{k}", f"p{k}@t1"]
+  header = ["model", "w/o oracle: m1@t1", f"m{k}@t1 (parallel)", f"m1@t{k} (sequential)",
+            f"w/ oracle: p1@t{k}", f"p{k}@t1"]
+  return _table(header, [[name] + [table1_cells(m)[c] for c in columns] for name, m in rows.items()])
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def _report_md(m: Mapping[str, Any], title: str, plots: Sequence[str]) -> str:
+  lines = [f"# {title}", ""]
+  by_source = ", ".join(f"{n} {c}" for n, c in m.get("num_problems_by_source", {}).items())
+  lines += [f"{m['num_problems']} problems ({by_source}); grader `{m.get('grader')}`"
+            f"{' (re-graded)' if m.get('regraded') else ''}; majority-vote tie break `{m['tie_break']}`; "
+            f"95% bootstrap intervals over problems ({m.get('bootstrap', {}).get('num_resamples')} resamples). "
+            "Values in %.", ""]
+  lines += ["## Table 1 (the paper's layout)", ""]
+  lines += _table1({m.get("model", "this model"): m})
+  lines += ["", "Deltas in parentheses are against m1@t1. mk@t1 is sample-matched with m1@tk, not compute-matched "
+            "(see Compute).", ""]
+
+  if m.get("paired"):
+    lines += ["## Sequential vs parallel at the same sample budget (paired bootstrap)", ""]
+    rows = []
+    for name, d in m["paired"].items():
+      ci = d["ci95"]
+      rows.append([name, _pct(d["diff"]), f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "–",
+                   f"{d['p_value']:.3f}" if d["p_value"] is not None else "–", d["num_problems"]])
+    lines += _table(["difference", "Δ", "95% CI", "p", "problems"], rows) + [""]
+
+  if m.get("per_turn_accuracy") is not None:
+    lines += ["## Turns (sequential run)", ""]
+    turns = len(m["per_turn_accuracy"])
+    ci = m["ci95"]["per_turn_accuracy"]
+    rows = []
+    for t in range(turns):
+      row = [t + 1, f"{_pct(m['per_turn_accuracy'][t])} " + (f"[{_pct(ci[t][0])}, {_pct(ci[t][1])}]" if ci[t] else ""),
+             m["per_turn_count"][t], _pct(m["per_turn_unparsable_rate"][t]),
+             _with_ci(m, f"m1@t{t + 1}"), _with_ci(m, f"p1@t{t + 1}")]
+      rows.append(row)
+    lines += _table(["turn t", "accuracy at t", "episodes", "unparsable", "m1@t (vote over 1..t)",
+                     "p1@t (any of 1..t)"], rows) + [""]
+    if m.get("transitions"):
+      rows = []
+      for t, tr in enumerate(m["transitions"]):
+        def at(key, i=t):
+          vals, cis = m.get(key), m["ci95"].get(key)
+          if vals is None or vals[i] is None:
+            return "–"
+          return _pct(vals[i]) + (f" [{_pct(cis[i][0])}, {_pct(cis[i][1])}]" if cis and cis[i] else "")
+        rows.append([f"{t + 1}->{t + 2}", tr["c->c"], tr["c->i"], tr["i->c"], tr["i->i"], at("acc_given_wrong"),
+                     at("fresh_acc_given_wrong"), at("acc_given_right"), at("repeat_rate")])
+      lines += _table(["turns", "c->c", "c->i", "i->c", "i->i", "acc t+1 given t wrong",
+                       "fresh sample, same problems", "acc t+1 given t right", "answer repeats"], rows)
+      lines += ["", "A retry beats a fresh first-turn sample on the problems it failed when `acc t+1 given t wrong` "
+                "> `fresh sample`: the condition for sequential turns to beat parallel sampling. "
+                "`acc t+1 given t right` is how often a right answer survives the failure message.", ""]
+
+  unsolved = m.get("unsolved_by_pass@B")
+  if unsolved:
+    lines += [f"## Problems unsolved by pass@{unsolved['B']} at turn 1 (paper Fig. 5)", "",
+              f"{unsolved['num_unsolved']} problems have no correct answer among {unsolved['B']} parallel "
+              "first-turn samples. Fraction of them solved within k sequential turns:", ""]
+    rows = [[k + 1, _pct(v) + (f" [{_pct(c[0])}, {_pct(c[1])}]" if c else "")]
+            for k, (v, c) in enumerate(zip(unsolved["solved_by_turn"], unsolved["ci95"]))]
+    lines += _table(["k", "solved"], rows) + [""]
+
+  if m.get("compute"):
+    lines += ["## Compute", ""]
+    rows = [[name, c["episodes"], c["samples"], c["prefill_tokens"], c["decode_tokens"],
+             f"{c['prefill_tokens_per_problem']:.0f}" if c["prefill_tokens_per_problem"] is not None else "–",
+             f"{c['decode_tokens_per_problem']:.0f}" if c["decode_tokens_per_problem"] is not None else "–",
+             c["candidates_with_unknown_tokens"]] for name, c in m["compute"].items()]
+    lines += _table(["protocol", "episodes", "samples", "prefill tokens", "decode tokens", "prefill / problem",
+                     "decode / problem", "samples w/o token count"], rows) + [""]
+
+  if m.get("tie_fraction"):
+    lines += ["## Majority votes", ""]
+    rows = [[name, _pct(frac), _pct(m["all_unparsable_fraction"].get(name))]
+            for name, frac in m["tie_fraction"].items()]
+    lines += _table(["vote", "tied", "no parsable answer (counted wrong)"], rows)
+    lines += ["", f"Clusters whose members were graded differently: {m.get('vote_inconsistent_clusters', 0)}.", ""]
+
+  lines += ["## Sources", ""]
+  sources = sorted(set(m.get("sources", {}).values()))
+  lines += [f"- `{s}`: " + ", ".join(n for n, v in m["sources"].items() if v == s) for s in sources]
+  if m.get("num_torn_lines"):
+    lines += [f"- torn last lines ignored: {m['num_torn_lines']}"]
+  for note in m.get("notes", []):
+    lines += [f"- note: {note}"]
+  if plots:
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+  return "\n".join(lines) + "\n"
+
+
+def _new_figure(ncols: int = 1):
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(5.2 * ncols, 3.8))
+  axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+  return fig, axes
+
+
+def _band(ax, xs, values, cis, label, color, style="-"):
+  points = [(x, v, c) for x, v, c in zip(xs, values, cis or [None] * len(xs)) if v is not None]
+  if not points:
+    return
+  ax.plot([p[0] for p in points], [100 * p[1] for p in points], style, marker="o", color=color, label=label)
+  banded = [p for p in points if p[2]]
+  if banded:
+    ax.fill_between([p[0] for p in banded], [100 * p[2][0] for p in banded], [100 * p[2][1] for p in banded],
+                    color=color, alpha=0.15, linewidth=0)
+
+
+def _series(m: Mapping[str, Any], pattern: str, ks: Sequence[int]):
+  names = [pattern.format(k=k) for k in ks]
+  return [m.get(n) for n in names], [m.get("ci95", {}).get(n) for n in names]
+
+
+def _plot_turns(m: Mapping[str, Any], path: pathlib.Path):
+  turns = len(m["per_turn_accuracy"])
+  ks = list(range(1, turns + 1))
+  fig, (ax,) = _new_figure()
+  _band(ax, ks, m["per_turn_accuracy"], m["ci95"]["per_turn_accuracy"], "accuracy at turn t", _PLOT_COLORS[0])
+  _band(ax, ks, *_series(m, "m1@t{k}", ks), "m1@tk (vote, no oracle)", _PLOT_COLORS[1])
+  _band(ax, ks, *_series(m, "p1@t{k}", ks), "p1@tk (oracle)", _PLOT_COLORS[2], "--")
+  ax.set(xlabel="turn", ylabel="accuracy (%)", title="Accuracy over turns (95% CI bands)", xticks=ks)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  _save_figure(fig, path)
+
+
+def _plot_seq_vs_parallel(m: Mapping[str, Any], path: pathlib.Path):
+  ks = list(range(1, _budget(m) + 1))
+  fig, (ax,) = _new_figure()
+  first = [m.get("m1@t1")] + [None] * (len(ks) - 1)
+  mk, mk_ci = _series(m, "m{k}@t1", ks[1:])
+  pk, pk_ci = _series(m, "p{k}@t1", ks[1:])
+  base_ci = [m["ci95"].get("m1@t1")]
+  _band(ax, ks, *_series(m, "m1@t{k}", ks), "m1@tk: k sequential turns, vote", _PLOT_COLORS[1])
+  _band(ax, ks, [first[0]] + mk, base_ci + mk_ci, "mk@t1: k parallel samples, vote", _PLOT_COLORS[0])
+  _band(ax, ks, *_series(m, "p1@t{k}", ks), "p1@tk: k turns, oracle", _PLOT_COLORS[1], "--")
+  _band(ax, ks, [first[0]] + pk, base_ci + pk_ci, "pk@t1: k samples, any correct", _PLOT_COLORS[0], "--")
+  ax.set(xlabel="samples k", ylabel="accuracy (%)", title="Sequential vs parallel at equal samples", xticks=ks)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  _save_figure(fig, path)
+
+
+def _plot_transitions(m: Mapping[str, Any], path: pathlib.Path):
+  pairs = m["transitions"]
+  labels = [f"{t + 1}->{t + 2}" for t in range(len(pairs))]
+  fig, (ax,) = _new_figure()
+  bottom = [0.0] * len(pairs)
+  colors = {"c->c": "#2ca02c", "i->c": "#98df8a", "c->i": "#ff9896", "i->i": "#d62728"}
+  for key in ("c->c", "i->c", "c->i", "i->i"):
+    totals = [sum(p.values()) or 1 for p in pairs]
+    heights = [100 * p[key] / n for p, n in zip(pairs, totals)]
+    ax.bar(labels, heights, bottom=bottom, color=colors[key], label=key)
+    bottom = [b + h for b, h in zip(bottom, heights)]
+  ax.set(xlabel="turn pair", ylabel="episodes (%)", title="Transitions between consecutive turns")
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+  _save_figure(fig, path)
+
+
+def write_report(m: Mapping[str, Any], out_dir: str | os.PathLike, *, title: str = "RISE evaluation",
+                 plots: bool = True) -> dict[str, pathlib.Path]:
+  """Write metrics.json, report.md and (when the data exist) accuracy_vs_turn.png, seq_vs_parallel.png,
+  transitions.png into out_dir; returns name -> path of what was written."""
+  out = pathlib.Path(out_dir)
+  written = {"metrics.json": out / "metrics.json"}
+  write_json(written["metrics.json"], m)
+  figures = []
+  if plots:
+    if m.get("per_turn_accuracy"):
+      figures.append(("accuracy_vs_turn.png", _plot_turns))
+    if m.get("turns") and m.get("parallel_k") and _budget(m) >= 2:
+      figures.append(("seq_vs_parallel.png", _plot_seq_vs_parallel))
+    if m.get("transitions"):
+      figures.append(("transitions.png", _plot_transitions))
+  for name, plot in figures:
+    plot(m, out / name)
+    written[name] = out / name
+  _atomic_write_bytes(out / "report.md", _report_md(m, title, [n for n, _ in figures]).encode())
+  written["report.md"] = out / "report.md"
+  return written
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def _iteration_differences(per_iteration: Mapping[str, Mapping[str, Any]], num_bootstrap: int,
+                           seed: int) -> dict[str, dict[str, Any]]:
+  """Paired bootstrap differences between consecutive iterations on the Table 1 metrics they share."""
+  names = list(per_iteration)
+  out = {}
+  for before, after in zip(names, names[1:]):
+    a, b = per_iteration[after], per_iteration[before]
+    if "per_problem" not in a or "per_problem" not in b:
+      continue
+    k = _budget(a) if _budget(a) == _budget(b) else None
+    candidates = ["m1@t1"] + ([f"m1@t{k}", f"p1@t{k}", f"m{k}@t1", f"p{k}@t1"] if k else [])
+    for metric in dict.fromkeys(candidates):
+      try:
+        va, vb = metrics_lib.per_problem_values(a, metric), metrics_lib.per_problem_values(b, metric)
+      except KeyError:
+        continue
+      out[f"{after} - {before}: {metric}"] = metrics_lib.paired_difference(va, vb, num_bootstrap=num_bootstrap,
+                                                                           seed=seed)
+  return out
+
+
+def _plot_iterations(per_iteration: Mapping[str, Mapping[str, Any]], path: pathlib.Path):
+  fig, (left, right) = _new_figure(2)
+  for i, (name, m) in enumerate(per_iteration.items()):
+    color = _PLOT_COLORS[i % len(_PLOT_COLORS)]
+    if m.get("per_turn_accuracy"):
+      ks = list(range(1, len(m["per_turn_accuracy"]) + 1))
+      _band(left, ks, m["per_turn_accuracy"], m["ci95"]["per_turn_accuracy"], name, color)
+      _band(right, ks, *_series(m, "m1@t{k}", ks), f"{name} m1@tk", color)
+    if m.get("parallel_k"):
+      ks = list(range(2, m["parallel_k"] + 1))
+      _band(right, ks, *_series(m, "m{k}@t1", ks), f"{name} mk@t1", color, ":")
+  left.set(xlabel="turn", ylabel="accuracy (%)", title="Accuracy at each turn")
+  right.set(xlabel="samples k", ylabel="accuracy (%)", title="m1@tk (solid) vs mk@t1 (dotted)")
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  _save_figure(fig, path)
+
+
+def write_summary(per_iteration_metrics: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike, *,
+                  title: str = "RISE iterations", num_bootstrap: int = metrics_lib.DEFAULT_NUM_BOOTSTRAP,
+                  seed: int = 0) -> dict[str, pathlib.Path]:
+  """Cross-iteration summary of a RISE run: summary.md (Table 1, one row per iteration, and paired differences
+  between consecutive iterations), summary.json and accuracy_vs_turn.png.
+
+  per_iteration_metrics: iteration name (e.g. "iter_0 (base)", "iter_1") -> that iteration's metrics dict, in
+  order. Differences need each dict's `per_problem` tables (present in every metrics.json compute_metrics wrote).
+  """
+  out = pathlib.Path(out_dir)
+  rows = dict(per_iteration_metrics)
+  differences = _iteration_differences(rows, num_bootstrap, seed)
+  keys = ("m1@t1", "per_turn_accuracy", "num_problems", "grader", "tie_break", "turns", "parallel_k")
+  summary = {
+      "iterations": list(rows),
+      "metrics": {name: {**{k: m.get(k) for k in keys},
+                         **{k: v for k, v in m.items() if _is_headline(k)},
+                         "ci95": {k: v for k, v in m.get("ci95", {}).items() if _is_headline(k)}}
+                  for name, m in rows.items()},
+      "differences": differences,
+  }
+  written = {"summary.json": out / "summary.json", "summary.md": out / "summary.md"}
+  write_json(written["summary.json"], summary)
+  lines = [f"# {title}", "", "Values in %, 95% bootstrap intervals over problems.", "", "## Table 1", ""]
+  lines += _table1(rows)
+  if any(m.get("per_turn_accuracy") for m in rows.values()):
+    turns = max(len(m.get("per_turn_accuracy") or []) for m in rows.values())
+    lines += ["", "## Accuracy at each turn", ""]
+    lines += _table(["iteration"] + [f"t{t}" for t in range(1, turns + 1)],
+                    [[name] + [_pct(v) for v in (m.get("per_turn_accuracy") or [])] + ["–"] * (
+                        turns - len(m.get("per_turn_accuracy") or [])) for name, m in rows.items()])
+  if differences:
+    lines += ["", "## Consecutive iterations (paired bootstrap over shared problems)", ""]
+    lines += _table(["difference", "Δ", "95% CI", "p", "problems"],
+                    [[name, _pct(d["diff"]), f"[{_pct(d['ci95'][0])}, {_pct(d['ci95'][1])}]" if d["ci95"] else "–",
+                      f"{d['p_value']:.3f}" if d["p_value"] is not None else "–", d["num_problems"]]
+                     for name, d in differences.items()])
+  if any(m.get("per_turn_accuracy") or m.get("parallel_k") for m in rows.values()):
+    _plot_iterations(rows, out / "accuracy_vs_turn.png")
+    written["accuracy_vs_turn.png"] = out / "accuracy_vs_turn.png"
+    lines += ["", "![accuracy_vs_turn.png](accuracy_vs_turn.png)"]
+  _atomic_write_bytes(written["summary.md"], ("\n".join(lines) + "\n").encode())
+  return written
+
+
+def _is_headline(key: str) -> bool:
+  """m{k}@t{j} / p{k}@t{j} metric names."""
+  head, sep, tail = key.partition("@t")
+  return bool(sep) and head[:1] in "mp" and head[1:].isdigit() and tail.isdigit()

@@ -1,0 +1,95 @@
+"""Report files: metrics.json round trip, report.md in the Table 1 layout, plots, and the cross-iteration summary."""
+
+import json
+import random
+
+import pytest
+
+from rise_jax.rise import metrics, report
+
+import rollout_builders as rb
+
+pytestmark = pytest.mark.timeout(120)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _logs(p_right: float, seed: int, n: int = 30, turns: int = 3, k: int = 3):
+  rng = random.Random(seed)
+  seq, par = [], []
+  for i in range(n):
+    answers = ["1" if rng.random() < p_right else rng.choice("23") for _ in range(turns)]
+    seq.append(rb.sequential(f"toy/test/{i}", [(a, float(a == "1")) for a in answers]))
+    samples = ["1" if rng.random() < p_right else rng.choice("23") for _ in range(k)]
+    par.append(rb.parallel(f"toy/test/{i}", [(a, float(a == "1")) for a in samples]))
+  return seq, par
+
+
+@pytest.fixture(scope="module")
+def two_iterations():
+  return {"iter_0 (base)": metrics.compute_metrics(*_logs(0.3, 0), num_bootstrap=300),
+          "iter_1": metrics.compute_metrics(*_logs(0.6, 1), num_bootstrap=300)}
+
+
+def test_write_report_files(tmp_path, two_iterations):
+  m = two_iterations["iter_1"]
+  written = report.write_report(m, tmp_path, title="toy eval")
+  assert set(written) == {"metrics.json", "report.md", "accuracy_vs_turn.png", "seq_vs_parallel.png",
+                          "transitions.png"}
+  assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(m))
+  for name in ("accuracy_vs_turn.png", "seq_vs_parallel.png", "transitions.png"):
+    assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)  # no temporary files left behind
+
+
+def test_report_md_has_table1_with_intervals(tmp_path, two_iterations):
+  m = two_iterations["iter_1"]
+  report.write_report(m, tmp_path, plots=False)
+  md = (tmp_path / "report.md").read_text()
+  row = next(line for line in md.splitlines() if line.startswith("| this model |"))
+  cells = [c.strip() for c in row.strip("|").split("|")][1:]
+  assert len(cells) == 5  # m1@t1, m3@t1, m1@t3 (w/o oracle), p1@t3, p3@t1 (w/ oracle)
+  for cell, name in zip(cells, ["m1@t1", "m3@t1", "m1@t3", "p1@t3", "p3@t1"]):
+    low, high = m["ci95"][name]
+    assert cell.startswith(f"{100 * m[name]:.1f} [{100 * low:.1f}, {100 * high:.1f}]"), (name, cell)
+  assert cells[2].endswith(f"({100 * (m['m1@t3'] - m['m1@t1']):+.1f})")
+  for header in ("## Sequential vs parallel", "## Turns", "paper Fig. 5", "## Compute", "## Majority votes"):
+    assert header in md
+  transitions = m["transitions"][0]
+  assert f"| 1->2 | {transitions['c->c']} | {transitions['c->i']} | {transitions['i->c']} | {transitions['i->i']} |" \
+      in md
+
+
+def test_report_for_one_run_only(tmp_path):
+  seq, par = _logs(0.5, 2)
+  only_seq = report.write_report(metrics.compute_metrics(seq, num_bootstrap=100), tmp_path / "s")
+  assert "seq_vs_parallel.png" not in only_seq and "accuracy_vs_turn.png" in only_seq
+  only_par = report.write_report(metrics.compute_metrics(parallel_records=par, num_bootstrap=100), tmp_path / "p")
+  assert set(only_par) == {"metrics.json", "report.md"}
+  assert "| this model |" in (tmp_path / "p" / "report.md").read_text()
+
+
+def test_write_summary(tmp_path, two_iterations):
+  written = report.write_summary(two_iterations, tmp_path, num_bootstrap=300)
+  assert set(written) == {"summary.json", "summary.md", "accuracy_vs_turn.png"}
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["iterations"] == ["iter_0 (base)", "iter_1"]
+  before, after = two_iterations["iter_0 (base)"], two_iterations["iter_1"]
+  assert summary["metrics"]["iter_1"]["m1@t3"] == after["m1@t3"]
+  diff = summary["differences"]["iter_1 - iter_0 (base): m1@t1"]
+  assert diff["diff"] == pytest.approx(after["m1@t1"] - before["m1@t1"])  # same 30 problems in both
+  assert diff["ci95"][0] <= diff["diff"] <= diff["ci95"][1] and diff["num_problems"] == 30
+  assert "iter_1 - iter_0 (base): p1@t3" in summary["differences"]
+  md = (tmp_path / "summary.md").read_text()
+  assert sum(line.startswith(("| iter_0 (base) |", "| iter_1 |")) for line in md.splitlines()) == 4  # 2 tables
+  assert (tmp_path / "accuracy_vs_turn.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_summary_from_metrics_json_files(tmp_path, two_iterations):
+  # The RISE loop reads each iteration's metrics.json back: differences work from the files alone.
+  loaded = {}
+  for name, m in two_iterations.items():
+    report.write_report(m, tmp_path / name, plots=False)
+    loaded[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+  a = report.write_summary(two_iterations, tmp_path / "a", num_bootstrap=200)
+  b = report.write_summary(loaded, tmp_path / "b", num_bootstrap=200)
+  assert json.loads(a["summary.json"].read_text()) == json.loads(b["summary.json"].read_text())
