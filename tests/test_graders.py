@@ -207,6 +207,10 @@ def test_toy_grader(response, paper, robust):
   assert grade("toy", response, "3*4=12,25+12=37", mode="robust") == robust
 
 
+def test_grade_takes_a_task_or_its_name():
+  assert grade(get_task("toy"), "1*2=2,3+2=5", "5") == grade("toy", "1*2=2,3+2=5", "5") == 1.0
+
+
 def test_unknown_mode_or_task():
   with pytest.raises(ValueError, match="grading mode 'strict'"):
     grade("gsm8k", "\\boxed{1}", "#### 1", mode="strict")

@@ -28,6 +28,10 @@ def check_mode(mode: str) -> str:
   return mode
 
 
-def grade(task: str, response: str, reference: str, mode: str = "robust") -> float:
-  """Reward of `response` against the dataset's own answer field `reference` (GSM8K answer, MATH solution)."""
-  return get_grader(task).grade(response, reference, check_mode(mode))
+def grade(task, response: str, reference: str, mode: str = "robust") -> float:
+  """Reward of `response` against the dataset's own answer field `reference` (GSM8K answer, MATH solution).
+
+  `task` is a task name ("gsm8k", "math", "toy") or a Task.
+  """
+  name = task if isinstance(task, str) else task.name
+  return get_grader(name).grade(response, reference, check_mode(mode))
