@@ -5,15 +5,15 @@ drift. Public API: load_tokenizer, ChatTokenizer, check_vocab, render, RenderedC
 truncate_history, window, continuation_ids, register_template, get_template.
 """
 
-from rise_jax.chat.rendering import (RenderedChat, SpanAlignmentError, TrainSpanTruncatedError, continuation_ids,
-                                  render, train_arrays, trained_message_indices, truncate_history, window)
+from rise_jax.chat.rendering import (RenderedChat, SpanAlignmentError, TruncationError, continuation_ids, render,
+                                     train_arrays, trained_message_indices, truncate_history, window)
 from rise_jax.chat.templates import (ChatTemplateError, TemplateSpec, get_template, register_template,
                                      shipped_templates)
 from rise_jax.chat.tokenizer import ChatTokenizer, TokenizerLoadError, check_vocab, load_tokenizer
 
 __all__ = [
     "ChatTemplateError", "ChatTokenizer", "RenderedChat", "SpanAlignmentError", "TemplateSpec",
-    "TokenizerLoadError", "TrainSpanTruncatedError", "check_vocab", "continuation_ids", "get_template",
+    "TokenizerLoadError", "TruncationError", "check_vocab", "continuation_ids", "get_template",
     "load_tokenizer", "register_template", "render", "shipped_templates", "train_arrays",
     "trained_message_indices", "truncate_history", "window",
 ]

@@ -21,7 +21,7 @@ class SpanAlignmentError(templates_lib.ChatTemplateError):
   """An assistant span boundary falls inside a token."""
 
 
-class TrainSpanTruncatedError(ValueError):
+class TruncationError(ValueError):
   """max_length cuts into a trained assistant message even after dropping all droppable history."""
 
   def __init__(self, message: str, *, length: int, max_length: int):
@@ -92,7 +92,7 @@ def train_arrays(tokenizer, messages: Sequence[Message], max_length: int | None 
   Returns (input_ids, targets, loss_mask), int32 [n]: position t reads input_ids[t] and is scored on targets[t]
   (= ids[t + 1]); loss_mask[t] = 1 iff targets[t] is a token of a trained assistant message (its content and
   end-of-turn token). n = len(ids) - 1 <= max_length: over-long history is first shortened by
-  `truncate_history`; if the trained message still does not fit, TrainSpanTruncatedError.
+  `truncate_history`; if the trained message still does not fit, TruncationError.
   """
   if max_length is not None:
     messages = truncate_history(messages, tokenizer, max_length)
@@ -104,7 +104,7 @@ def train_arrays(tokenizer, messages: Sequence[Message], max_length: int | None 
     if index in trained:
       mask[start:end] = 1
   if max_length is not None and len(ids) - 1 > max_length:
-    raise TrainSpanTruncatedError(
+    raise TruncationError(
         f"conversation is {len(ids) - 1} training positions after dropping all droppable history; max_length "
         f"{max_length} would cut a trained assistant message", length=len(ids) - 1, max_length=max_length)
   return ids[:-1], ids[1:], mask[1:]

@@ -88,7 +88,10 @@ class _SentencePieceEngine:
     # selects Metaspace prepend_scheme "always" (every segment) vs "first" (text start), matching our rule.
     with tempfile.TemporaryDirectory() as tmp:
       shutil.copyfile(self.model_path, pathlib.Path(tmp) / "tokenizer.model")
-      return LlamaTokenizer.from_pretrained(tmp, legacy=self.prefix_rule == "every_segment")
+      tok = LlamaTokenizer.from_pretrained(tmp, legacy=self.prefix_rule == "every_segment")
+    # transformers 5 rebuilds the Metaspace pre-tokenizer from `legacy` on load, ignoring tokenizer.json: save it.
+    tok.init_kwargs["legacy"] = self.prefix_rule == "every_segment"
+    return tok
 
 
 class _TokenizersEngine:
@@ -223,9 +226,16 @@ def _infer_template(engine, config: dict[str, Any], source: pathlib.Path) -> str
   if engine.token_to_id("<|assistant|>") is not None and engine.token_to_id("<|user|>") is not None:
     return "toy"
   stored = config.get("chat_template") or ""
-  if isinstance(stored, str) and "<<SYS>>" in stored:
+  if not stored and (source / "chat_template.jinja").is_file():  # transformers 5 saves the template beside
+    stored = (source / "chat_template.jinja").read_text(encoding="utf-8")
+  if not isinstance(stored, str):
+    stored = ""
+  for name in templates_lib.shipped_templates():
+    if stored.strip() == templates_lib.get_template(name).source.strip():
+      return name
+  if "<<SYS>>" in stored:
     return "llama2"
-  if isinstance(stored, str) and "[INST]" in stored:
+  if "[INST]" in stored:
     return "mistral"
   raise TokenizerLoadError(f"{source}: cannot tell which chat template this tokenizer uses; pass "
                            f"chat_template= one of {templates_lib.shipped_templates()}")
