@@ -436,5 +436,34 @@ def test_metrics_from_logs_counts_torn_lines(tmp_path):
   with open(tmp_path / "seq.jsonl", "a") as f:
     f.write('{"problem_id": "d", "tu')
   m = metrics.metrics_from_logs(tmp_path / "seq.jsonl", tmp_path / "par.jsonl", num_bootstrap=B)
-  assert m["num_torn_lines"] == {"sequential": 1, "parallel": 0}
+  assert m["num_torn_lines"] == {str(tmp_path / "seq.jsonl"): 1, str(tmp_path / "par.jsonl"): 0}
   assert m["m1@t3"] == pytest.approx(2 / 3) and m["sources"]["m1@t3"].endswith("seq.jsonl")
+
+
+def test_metrics_from_logs_with_one_file_per_draw(tmp_path):
+  rb.write_log(tmp_path / "d0.jsonl", [rb.sequential("a", [("1", 1)], seed=0), rb.sequential("b", [("1", 0)])])
+  rb.write_log(tmp_path / "d1.jsonl", [rb.sequential("a", [("1", 0)], seed=1), rb.sequential("b", [("1", 0)],
+                                                                                               seed=1)])
+  m = metrics.metrics_from_logs([tmp_path / "d0.jsonl", tmp_path / "d1.jsonl"], None, num_bootstrap=B)
+  assert m["m1@t1"] == 0.25 and m["m1@t1_per_draw"] == {"0": 0.5, "1": 0.0}
+  assert m["sources"]["m1@t1"] == f"{tmp_path / 'd0.jsonl'} + {tmp_path / 'd1.jsonl'}"
+
+
+def test_per_problem_tables_keep_the_sequential_m1_at_t1():
+  seq, par = _hand_logs()
+  m = compute_metrics(seq, par, num_bootstrap=B)
+  assert metrics.per_problem_values(m, "m1@t1") == {"a": (0.0, 1.0), "b": (0.0, 1.0), "c": (0.0, 1.0)}
+  fresh = metrics.per_problem_values(m, "fresh_first_turn_accuracy")
+  assert fresh["c"] == (pytest.approx(2 / 3), 1.0)
+
+
+def test_with_the_real_math_task_clusters_equivalent_latex():
+  from rise_jax.rise import get_task
+  math_task = get_task("math")
+  # \frac{1}{2}, 0.5 and \dfrac12 are one answer under robust grading (math-verify), three under paper's
+  # string equality; 3 (twice) wins only when they are split.
+  answers = [("3", 0), ("\\frac{1}{2}", 1), ("3", 0), ("0.5", 1), ("\\dfrac{1}{2}", 1)]
+  seq = [rb.sequential("math/test/0", answers, task="math")]
+  assert compute_metrics(seq, task=math_task, num_bootstrap=B)["m1@t5"] == 1.0
+  seq[0]["protocol"]["grader"] = "paper"
+  assert compute_metrics(seq, task=math_task, num_bootstrap=B)["m1@t5"] == 0.0

@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 import random
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -245,9 +246,10 @@ class _Episode:
 
 
 class _Grading:
-  """Answers and correctness of candidates: as logged, or re-graded under another mode (needs the task)."""
+  """Answers and correctness of candidates under `mode`: as logged when the records were graded under it, else
+  re-graded (needs the task). Vote clustering always uses `mode`'s equivalence."""
 
-  def __init__(self, task, mode: str | None):
+  def __init__(self, task, mode: str):
     self.task, self.mode = task, mode
     self.clusters = AnswerClusters(self._equivalent)
 
@@ -257,7 +259,7 @@ class _Grading:
     return self.task.answers_equivalent(a, b, self.mode)
 
   def regrades(self, record: Mapping[str, Any]) -> bool:
-    return self.mode is not None and self.mode != record["protocol"]["grader"]
+    return self.mode != record["protocol"]["grader"]
 
   def candidate(self, record: Mapping[str, Any], c: Mapping[str, Any]) -> tuple[str | None, bool]:
     if not self.regrades(record):
@@ -497,7 +499,8 @@ def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = Non
     raise ValueError(f"the sequential run was graded {seq[0]['protocol']['grader']!r} and the parallel run "
                      f"{par[0]['protocol']['grader']!r}: pass grader= to re-grade both under one mode")
   sources = {"sequential": "<records>", "parallel": "<records>", **(sources or {})}
-  grading = _Grading(task, grader)
+  logged_grader = (seq or par)[0]["protocol"]["grader"]
+  grading = _Grading(task, grader or logged_grader)
   tally = _Tally()
   out: dict[str, Any] = {}
   ci: dict[str, Any] = {}
@@ -588,7 +591,6 @@ def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = Non
   out["all_unparsable_fraction"] = tally.fractions(tally.unparsable)
   out["vote_inconsistent_clusters"] = ((seq_extra["vote_inconsistent_clusters"] if seq else 0)
                                        + (par_extra["vote_inconsistent_clusters"] if par else 0))
-  logged_grader = (seq or par)[0]["protocol"]["grader"]
   out["grader"] = grader or logged_grader
   out["regraded"] = grader is not None and grader != logged_grader
   out["turns"] = turns if seq else None
@@ -617,17 +619,23 @@ def _paired(tables: Mapping[str, Table], turns: int, max_k: int, num_bootstrap: 
   return out
 
 
-def metrics_from_logs(sequential_path=None, parallel_path=None, task=None, grader: str | None = None,
+def metrics_from_logs(sequential_paths=None, parallel_path=None, task=None, grader: str | None = None,
                       tie_break: str = "earliest", **kwargs) -> dict[str, Any]:
-  """compute_metrics over rollout log files; torn last lines are counted in `num_torn_lines`."""
+  """compute_metrics over rollout log files: one sequential log or a list of them (one per independent draw),
+  and a parallel log. Torn last lines are ignored and counted per file in `num_torn_lines`."""
   from rise_jax.rise import rollout_log  # local: metrics over in-memory records need no file layer
 
-  records, sources, torn = {}, {}, {}
-  for name, path in (("sequential", sequential_path), ("parallel", parallel_path)):
-    if path is not None:
-      _, records[name], torn[name] = rollout_log.read_rollouts(path)
-      sources[name] = str(path)
-  out = compute_metrics(records.get("sequential"), records.get("parallel"), task, grader, tie_break,
-                        sources=sources, **kwargs)
+  if sequential_paths is not None and isinstance(sequential_paths, (str, os.PathLike)):
+    sequential_paths = [sequential_paths]
+  sequential, parallel, torn, sources = [], None, {}, {}
+  for path in sequential_paths or []:
+    _, records, torn[str(path)] = rollout_log.read_rollouts(path)
+    sequential.extend(records)
+  if sequential_paths:
+    sources["sequential"] = " + ".join(str(p) for p in sequential_paths)
+  if parallel_path is not None:
+    _, parallel, torn[str(parallel_path)] = rollout_log.read_rollouts(parallel_path)
+    sources["parallel"] = str(parallel_path)
+  out = compute_metrics(sequential, parallel, task, grader, tie_break, sources=sources, **kwargs)
   out["num_torn_lines"] = torn
   return out
