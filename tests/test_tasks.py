@@ -100,6 +100,16 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
     get_task("math", test_source=str(tmp_path / "absent.jsonl")).load("test")
 
 
+def test_problems_without_a_gradable_reference_are_counted_and_excluded(tmp_path, caplog):
+  path = tmp_path / "math.jsonl"
+  rows = [{"problem": "p0", "solution": "\\boxed{1}"}, {"problem": "p1", "solution": "no box"},
+          {"problem": "p2", "solution": "\\fbox{2}"}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  task = get_task("math", test_source=str(path))
+  assert [p.id for p in task.load("test")] == ["math/test/0", "math/test/2"]
+  assert task.excluded["test"] == ["math/test/1"] and "excluded 1 test problem(s)" in caplog.text
+
+
 def test_dev_split_is_fixed_disjoint_and_keeps_train_ids(tmp_path):
   path = tmp_path / "train.jsonl"
   path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(50)))

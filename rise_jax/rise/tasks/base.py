@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 from typing import Any, Iterable, Sequence
@@ -97,6 +98,7 @@ class Task:
     self.train_size = train_size
     self.test_size = test_size
     self._cache: dict[str, list[Problem]] = {}
+    self.excluded: dict[str, list[str]] = {}  # source split -> ids dropped for an ungradable reference
 
   # -- problems ------------------------------------------------------------------------------------------
   def load(self, split: str) -> list[Problem]:
@@ -105,11 +107,27 @@ class Task:
       raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
     if split not in self._cache:
       if split == "test":
-        self._cache["test"] = self._cap(self._load_source_split("test"), self.test_size)
+        self._cache["test"] = self._cap(self._gradable("test"), self.test_size)
       else:
-        train, dev = split_dev(self._load_source_split("train"), self.dev_size, self.dev_seed)
+        train, dev = split_dev(self._gradable("train"), self.dev_size, self.dev_seed)
         self._cache["train"], self._cache["dev"] = self._cap(train, self.train_size), dev
     return self._cache[split]
+
+  def _gradable(self, split: str) -> list[Problem]:
+    """The source split minus problems whose reference has no answer to grade against, counted and logged
+    (hub data cannot be fixed by the user; a local file can, and the ids say which lines)."""
+    kept, excluded = [], []
+    for problem in self._load_source_split(split):
+      try:
+        self.reference_answer(problem.reference, "robust")
+        kept.append(problem)
+      except ValueError:
+        excluded.append(problem.id)
+    self.excluded[split] = excluded
+    if excluded:
+      logging.warning("%s: excluded %d %s problem(s) whose reference has no gradable answer: %s", self.name,
+                      len(excluded), split, ", ".join(excluded[:10]) + (" ..." if len(excluded) > 10 else ""))
+    return kept
 
   @staticmethod
   def _cap(problems: list[Problem], size: int | None) -> list[Problem]:
