@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -170,16 +171,20 @@ def _round_list(x: np.ndarray) -> list:
   return [int(v) if float(v).is_integer() else round(float(v), 6) for v in x]
 
 
-def bootstrap_counts(num_problems: int, num_bootstrap: int, seed: int | Sequence[int]) -> np.ndarray:
-  """(B, P) multiplicities of each problem in B resamples of P problems with replacement."""
+@functools.lru_cache(maxsize=8)
+def bootstrap_counts(num_problems: int, num_bootstrap: int, seed: int | tuple[int, ...]) -> np.ndarray:
+  """(B, P) multiplicities of each problem in B resamples of P problems with replacement (read-only, cached)."""
   rng = np.random.default_rng(seed)
-  if num_problems == 0:
-    return np.zeros((num_bootstrap, 0))
-  return rng.multinomial(num_problems, np.full(num_problems, 1.0 / num_problems), size=num_bootstrap).astype(
-      np.float64)
+  picks = rng.integers(0, num_problems, size=(num_bootstrap, num_problems)) if num_problems else np.zeros((0, 0))
+  rows = np.arange(num_bootstrap)[:, None] * num_problems
+  counts = np.bincount((picks + rows).ravel().astype(np.int64), minlength=num_bootstrap * num_problems)
+  counts = counts.reshape(num_bootstrap, num_problems).astype(np.float64)
+  counts.flags.writeable = False
+  return counts
 
 
 def _ratio_samples(weights: np.ndarray, num: np.ndarray, den: np.ndarray) -> np.ndarray:
+  """Bootstrap replicates of sum(num) / sum(den); num and den are [P] or [P, metrics] (one matrix product)."""
   with np.errstate(invalid="ignore", divide="ignore"):
     return (weights @ num) / (weights @ den)
 
@@ -194,7 +199,12 @@ def _interval(samples: np.ndarray) -> list[float] | None:
 
 def confidence_intervals(table: Table, weights: np.ndarray) -> dict[str, list[float] | None]:
   """95% percentile bootstrap interval of every metric in `table` under shared resampling weights."""
-  return {name: _interval(_ratio_samples(weights, table.num[name], table.den[name])) for name in table.num}
+  names = list(table.num)
+  if not names:
+    return {}
+  samples = _ratio_samples(weights, np.stack([table.num[n] for n in names], axis=1),
+                           np.stack([table.den[n] for n in names], axis=1))
+  return {name: _interval(samples[:, i]) for i, name in enumerate(names)}
 
 
 def paired_difference(a: Mapping[str, float | Sequence[float]], b: Mapping[str, float | Sequence[float]], *,
@@ -356,7 +366,8 @@ def _sequential_table(groups, grading: _Grading, turns: int, tie_break: str, see
     for d, e in enumerate(episodes):
       n = len(e.answers)
       for k in range(1, turns + 1):
-        vote = majority_vote(e.labels[:k], e.correct[:k], tie_break, _rng(seed, "seq", pid, d, k))
+        vote = majority_vote(e.labels[:k], e.correct[:k], tie_break,
+                             _rng(seed, "seq", pid, d, k) if tie_break == "random" else None)
         tally.add(f"m1@t{k}", vote)
         any_correct = any(e.correct[:k])
         _invariant(any_correct or not vote.correct, f"m1@t{k} correct with no correct turn", pid)
@@ -424,7 +435,8 @@ def _parallel_table(groups, grading: _Grading, tie_break: str, seed: int, tally:
         labels = grading.clusters.labels(answers[part])
         if k == n:
           inconsistent += _inconsistent_clusters(labels, correct[part])
-        vote = majority_vote(labels, correct[part], tie_break, _rng(seed, "par", pid, j, k))
+        vote = majority_vote(labels, correct[part], tie_break,
+                             _rng(seed, "par", pid, j, k) if tie_break == "random" else None)
         if k > 1 or standalone:  # beside a sequential run, "m1@t1" is the sequential one
           tally.add(f"m{k}@t1", vote)
         votes += vote.correct
@@ -524,7 +536,7 @@ def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = Non
       notes.append("the sequential log used an oracle: m1@tk votes over the turns each episode reached, and "
                    "per-turn accuracy / transitions are over the episodes that reached each turn")
 
-  weights = {name: bootstrap_counts(len(t.problem_ids), num_bootstrap, (seed, i))
+  weights = {name: bootstrap_counts(len(t.problem_ids), num_bootstrap, (seed, i + 1))
              for i, (name, t) in enumerate(sorted(tables.items()))}
   cis = {name: confidence_intervals(t, weights[name]) for name, t in tables.items()}
 
