@@ -19,6 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+# Session fixtures with tiny HF checkpoints (tiny_llama_mha_path, tiny_llama_gqa_path, tiny_mistral_path, ...).
+pytest_plugins = ["tests.fixtures_models"]
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 

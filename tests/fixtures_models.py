@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import pathlib
 
+import pytest
+
 TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
                   initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -40,13 +42,46 @@ def save_tiny_mistral(path: str | os.PathLike, seed: int = 0, **overrides) -> pa
                {**TINY_MISTRAL, **overrides})
 
 
-def torch_logits(path: str | os.PathLike, ids, attention_mask=None):
-  """float32 logits of the saved checkpoint through transformers (the independent reference)."""
-  import numpy as np
+def torch_model(path: str | os.PathLike):
+  """The saved checkpoint loaded by transformers in float32 (the independent reference)."""
   import torch
   import transformers
-  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def torch_logits(path_or_model, ids, attention_mask=None):
+  """float32 logits of a checkpoint directory (or an already loaded transformers model)."""
+  import numpy as np
+  import torch
+  model = torch_model(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
   with torch.no_grad():
     mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
     out = model(torch.as_tensor(np.asarray(ids)), attention_mask=mask)
   return out.logits.float().numpy()
+
+
+# -- session fixtures (registered in tests/conftest.py): each checkpoint is built once per test session --------
+
+@pytest.fixture(scope="session")
+def tiny_llama_mha_path(tmp_path_factory) -> pathlib.Path:
+  """Llama-2 style: multi-head attention, rope_theta 1e4, untied head."""
+  return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_mha"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gqa_path(tmp_path_factory) -> pathlib.Path:
+  """Grouped-query attention (4 query heads over 2 kv heads)."""
+  return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_gqa"), seed=1, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_path(tmp_path_factory) -> pathlib.Path:
+  """Mistral v0.1 style: sliding window 16, GQA."""
+  return save_tiny_mistral(tmp_path_factory.mktemp("tiny_mistral"), seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied_path(tmp_path_factory) -> pathlib.Path:
+  """Tied embeddings and an explicit head_dim (32) that is not hidden_size / heads (16)."""
+  return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_tied"), seed=3, tie_word_embeddings=True,
+                         head_dim=32, num_key_value_heads=2)

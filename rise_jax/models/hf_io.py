@@ -235,6 +235,28 @@ def _plan_shards(c: ModelConfig, itemsize: int, max_shard_bytes: int) -> list[li
   return shards
 
 
+def _template_source(chat_template: str) -> str:
+  """Jinja text as is; a name resolves through rise_jax.chat's template registry."""
+  if "{%" in chat_template or "{{" in chat_template:
+    return chat_template
+  from rise_jax.chat import templates
+  return templates.get_template(chat_template).source
+
+
+def _save_tokenizer(tokenizer: Any, chat_template: str | None, path: str) -> None:
+  if tokenizer is None:
+    if chat_template is not None:
+      raise ValueError("save_hf_checkpoint: chat_template given without a tokenizer to store it with")
+    return
+  if chat_template is None and hasattr(tokenizer, "hf") and hasattr(tokenizer, "save_pretrained"):
+    tokenizer.save_pretrained(path)  # a ChatTokenizer: HF files + its own template (+ tokenizer.model)
+    return
+  hf_tok = getattr(tokenizer, "hf", tokenizer)
+  if chat_template is not None:
+    hf_tok.chat_template = _template_source(chat_template)
+  hf_tok.save_pretrained(path)
+
+
 def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: Any = None,
                        chat_template: str | None = None, *, max_shard_bytes: int = MAX_SHARD_BYTES,
                        overwrite: bool = False) -> str:
@@ -242,7 +264,8 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: A
 
   Tensors are gathered leaf by leaf; process 0 writes. The directory appears atomically (built beside `path`,
   then renamed). `tokenizer` is an HF tokenizer or anything with an `.hf` attribute holding one (rise_jax's
-  ChatTokenizer); `chat_template` (jinja text) is stored with it. Returns the path.
+  ChatTokenizer, saved with its own template); `chat_template` (jinja text or a rise_jax template name) overrides
+  the template stored with it. Returns the path.
   """
   from safetensors.numpy import save_file
   import transformers
@@ -283,13 +306,7 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: A
                  "weight_map": {name: files[shard_of[name]] for name in hf_shapes(c)}}
         with open(os.path.join(tmp, INDEX_FILE), "w") as f:
           json.dump(index, f, indent=2)
-      if tokenizer is not None:
-        hf_tok = getattr(tokenizer, "hf", tokenizer)
-        if chat_template is not None:
-          hf_tok.chat_template = chat_template
-        hf_tok.save_pretrained(tmp)
-      elif chat_template is not None:
-        raise ValueError("save_hf_checkpoint: chat_template given without a tokenizer to store it with")
+      _save_tokenizer(tokenizer, chat_template, tmp)
       if os.path.exists(path):
         shutil.rmtree(path)
       os.replace(tmp, path)
