@@ -252,7 +252,6 @@ class _Episode:
   answers: list[str | None]
   correct: list[bool]
   labels: list[int | None]
-  oracle: bool
 
 
 class _Grading:
@@ -359,7 +358,7 @@ def _sequential_table(groups, grading: _Grading, turns: int, tie_break: str, see
         raise ValueError(f"sequential record {pid} has {len(answers)} turns, more than {turns}")
       labels = grading.clusters.labels(answers)
       extra["vote_inconsistent_clusters"] += _inconsistent_clusters(labels, correct)
-      episodes.append(_Episode(answers, correct, labels, r["protocol"]["oracle"]))
+      episodes.append(_Episode(answers, correct, labels))
       extra["per_draw"][r["protocol"]["seed"]].append((pid, correct[0]))
     draws = len(episodes)
     extra["draws"][draws] += 1

@@ -126,7 +126,11 @@ def _report_md(m: Mapping[str, Any], title: str, plots: Sequence[str]) -> str:
   lines += ["## Table 1 (the paper's layout)", ""]
   lines += _table1({m.get("model", "this model"): m})
   lines += ["", "Deltas in parentheses are against m1@t1. mk@t1 is sample-matched with m1@tk, not compute-matched "
-            "(see Compute).", ""]
+            "(see Compute)."]
+  if m.get("m1@t1_per_draw"):
+    draws = ", ".join(f"seed {s}: {_pct(v)}" for s, v in m["m1@t1_per_draw"].items())
+    lines += [f"m1@t1 is the mean over {len(m['m1@t1_per_draw'])} independent draws ({draws})."]
+  lines += [""]
 
   if m.get("paired"):
     lines += ["## Sequential vs parallel at the same sample budget (paired bootstrap)", ""]
@@ -340,7 +344,7 @@ def _plot_iterations(per_iteration: Mapping[str, Mapping[str, Any]], path: pathl
 
 def write_summary(per_iteration_metrics: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike, *,
                   title: str = "RISE iterations", num_bootstrap: int = metrics_lib.DEFAULT_NUM_BOOTSTRAP,
-                  seed: int = 0) -> dict[str, pathlib.Path]:
+                  seed: int = 0, plots: bool = True) -> dict[str, pathlib.Path]:
   """Cross-iteration summary of a RISE run: summary.md (Table 1, one row per iteration, and paired differences
   between consecutive iterations), summary.json and accuracy_vs_turn.png.
 
@@ -375,7 +379,7 @@ def write_summary(per_iteration_metrics: Mapping[str, Mapping[str, Any]], out_di
                     [[name, _pct(d["diff"]), f"[{_pct(d['ci95'][0])}, {_pct(d['ci95'][1])}]" if d["ci95"] else "–",
                       f"{d['p_value']:.3f}" if d["p_value"] is not None else "–", d["num_problems"]]
                      for name, d in differences.items()])
-  if any(m.get("per_turn_accuracy") or m.get("parallel_k") for m in rows.values()):
+  if plots and any(m.get("per_turn_accuracy") or m.get("parallel_k") for m in rows.values()):
     _plot_iterations(rows, out / "accuracy_vs_turn.png")
     written["accuracy_vs_turn.png"] = out / "accuracy_vs_turn.png"
     lines += ["", "![accuracy_vs_turn.png](accuracy_vs_turn.png)"]
