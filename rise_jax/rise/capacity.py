@@ -1,0 +1,172 @@
+"""Static checks that a config fits the hardware it documents, without a single real array.
+
+`check(config, hardware)`:
+  * builds the model abstractly (`nnx.eval_shape`) and the sampler's KV cache (`jax.eval_shape`), maps every
+    array's logical axes onto a `jax.sharding.AbstractMesh` of the documented shape with the training and sampling
+    rules, and raises if any dimension does not divide its mesh axes (`on_indivisible="raise"`);
+  * estimates per-device memory analytically for the training phase (parameters, gradients, Adam moments,
+    activations under the configured remat policy, logits) and the sampling phase (parameters in compute dtype
+    plus the KV cache), and raises when the larger exceeds the chip's HBM less a headroom for XLA temporaries.
+The estimate is a model, not a measurement: it is meant to catch a config that is off by a factor, not to promise
+that one at 95% fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+GiB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  """What a config was sized for: a TPU slice or a GPU node (documented in the config file as `HARDWARE`)."""
+  name: str            # e.g. "TPU v4-32 (16 chips)"
+  num_devices: int
+  hbm_gib: float       # per device
+  headroom: float = 0.85  # fraction of HBM the estimate may use; the rest is XLA scratch and fragmentation
+
+
+TPU_V4_32 = Hardware("TPU v4-32 (16 chips, 32 GiB HBM each)", 16, 32.0)
+TPU_V5P_16 = Hardware("TPU v5p-16 (8 chips, 95 GiB HBM each)", 8, 95.0)
+GPU_8XA100_80 = Hardware("8x NVIDIA A100 80GB (one node)", 8, 80.0)
+CPU_2_CORES = Hardware("CPU, 2 cores (no accelerator)", 1, 8.0)
+
+
+@dataclasses.dataclass
+class Estimate:
+  """Per-device bytes of each component, and the mesh shapes they were computed for."""
+  train_mesh: tuple[int, int, int]
+  sample_mesh: tuple[int, int, int]
+  params: float = 0.0
+  grads: float = 0.0
+  optimizer: float = 0.0
+  activations: float = 0.0
+  logits: float = 0.0
+  sample_params: float = 0.0
+  kv_cache: float = 0.0
+  num_params: int = 0
+
+  @property
+  def train_total(self) -> float:
+    return self.params + self.grads + self.optimizer + self.activations + self.logits
+
+  @property
+  def sample_total(self) -> float:
+    return self.sample_params + self.kv_cache
+
+  @property
+  def peak(self) -> float:
+    return max(self.train_total, self.sample_total)
+
+  def table(self) -> str:
+    rows = [("params", self.params), ("grads", self.grads), ("Adam moments", self.optimizer),
+            ("activations", self.activations), ("logits", self.logits), ("train total", self.train_total),
+            ("sampling params", self.sample_params), ("KV cache", self.kv_cache),
+            ("sampling total", self.sample_total)]
+    return "\n".join(f"{name:>16}: {value / GiB:8.2f} GiB" for name, value in rows)
+
+
+def abstract_mesh(shape) -> jax.sharding.AbstractMesh:
+  from rise_jax import sharding
+  return jax.sharding.AbstractMesh(tuple(shape), sharding.MESH_AXES,
+                                   axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _model_config(config):
+  from rise_jax.models import configs as model_configs
+  if config.model.source == "preset":
+    return model_configs.get_preset(config.model.preset).config
+  for preset in model_configs.PRESETS.values():
+    if preset.hf_repo == config.model.hf_path:
+      return preset.config
+  return model_configs.ModelConfig.from_hf(config.model.hf_path)
+
+
+def _sharded_bytes(shape, spec, mesh, itemsize: int) -> float:
+  """Bytes one device holds of an array of `shape` sharded by `spec` on `mesh`."""
+  n = math.prod(shape) * itemsize
+  for axes in spec:
+    if axes is not None:
+      n /= math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return n
+
+
+def _abstract_params(mc, param_dtype: str):
+  """(name, shape, logical axes) of every parameter, from the real module built abstractly."""
+  from flax import nnx
+  from rise_jax.models.transformer import Transformer
+  model = nnx.eval_shape(lambda: Transformer(mc, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  out = []
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name = "/".join(map(str, path))
+    out.append((name, tuple(var.value.shape), tuple(var.get_metadata()["logical_axes"])))
+  return out
+
+
+def check(config, hardware: Hardware) -> Estimate:
+  """Raise ValueError naming the array (divisibility) or the budget (memory); return the estimate."""
+  from rise_jax import sharding
+  from rise_jax.models.transformer import CACHE_AXES, init_cache
+  mc = _model_config(config)
+  train_shape = sharding.resolve_mesh_shape(config.mesh.train, hardware.num_devices)
+  sample_shape = sharding.resolve_mesh_shape(config.mesh.sample, hardware.num_devices)
+  train_mesh, sample_mesh = abstract_mesh(train_shape), abstract_mesh(sample_shape)
+  est = Estimate(train_mesh=train_shape, sample_mesh=sample_shape)
+  p_bytes = DTYPE_BYTES[config.model.param_dtype]
+  c_bytes = DTYPE_BYTES[config.model.dtype]
+
+  for name, shape, axes in _abstract_params(mc, config.model.param_dtype):
+    est.num_params += math.prod(shape)
+    spec = sharding.logical_to_spec(axes, shape, train_mesh, sharding.TRAIN_RULES, "raise", f"train {name}")
+    one = _sharded_bytes(shape, spec, train_mesh, p_bytes)
+    est.params += one
+    est.grads += one
+    est.optimizer += 2 * _sharded_bytes(shape, spec, train_mesh, 4)  # Adam mu, nu in float32
+    spec = sharding.logical_to_spec(axes, shape, sample_mesh, sharding.SAMPLE_RULES, "raise", f"sample {name}")
+    est.sample_params += _sharded_bytes(shape, spec, sample_mesh, c_bytes)
+
+  # Training activations for one micro-batch (gradient accumulation keeps only one alive).
+  batch_ways = train_shape[0] * train_shape[1]
+  t = config.train
+  if t.micro_batch % batch_ways:
+    raise ValueError(f"train.micro_batch {t.micro_batch} is not divisible by the data x fsdp mesh axes "
+                     f"({batch_ways}) of mesh.train {train_shape}")
+  rows, length, tensor = t.micro_batch // batch_ways, t.max_length, train_shape[2]
+  d, f = mc.hidden_size, mc.intermediate_size
+  heads = max(1, mc.num_heads // tensor)
+  scores = rows * heads * length * length * 4 if config.model.attention == "xla" else 0
+  # One layer's live set while its backward runs: q/k/v/o projections, attention scores, the MLP's three tensors.
+  layer_working = rows * length * (4 * d + 3 * f / tensor) * c_bytes + 2 * scores
+  if config.model.remat == "none":
+    est.activations = mc.num_layers * layer_working
+  elif config.model.remat == "full":
+    est.activations = mc.num_layers * rows * length * d * c_bytes + layer_working
+  else:  # dots policies save the matmul outputs, not the attention probabilities
+    est.activations = mc.num_layers * rows * length * (4 * d + 3 * f / tensor) * c_bytes + layer_working
+  est.logits = 2 * rows * length * mc.vocab_size / tensor * 4  # float32 logits and their gradient
+
+  # Sampling: the whole batch of rows (prompts x samples) holds a KV cache of max_cache_length slots.
+  co = config.collect
+  samples = max(co.samples_per_turn, co.improvement_samples if co.improvement == "self" else 1,
+                config.eval.parallel_k)
+  cache_rows = config.sampling.batch_size * samples
+  cache = jax.eval_shape(lambda: init_cache(mc, cache_rows, config.sampling.max_cache_length,
+                                            np.dtype("float32") if c_bytes == 4 else "bfloat16"))
+  for name in ("k", "v"):
+    leaf = getattr(cache, name)
+    spec = sharding.logical_to_spec(CACHE_AXES, leaf.shape, sample_mesh, sharding.SAMPLE_RULES, "raise",
+                                    f"KV cache {name} ({cache_rows} rows = sampling.batch_size x {samples})")
+    est.kv_cache += _sharded_bytes(leaf.shape, spec, sample_mesh, leaf.dtype.itemsize)
+
+  budget = hardware.hbm_gib * GiB * hardware.headroom
+  if est.peak > budget:
+    raise ValueError(f"estimated peak {est.peak / GiB:.1f} GiB per device exceeds {hardware.headroom:.0%} of "
+                     f"{hardware.hbm_gib} GiB on {hardware.name}:\n{est.table()}")
+  return est

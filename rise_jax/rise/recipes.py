@@ -1,0 +1,229 @@
+"""Config builders shared by the files in `configs/`: the paper's real-scale recipe and the toy recipe.
+
+Config files are loaded by path (`--config=configs/x.py`) and cannot import each other, so the common parts live
+here and each file states only what makes its experiment different. Every builder returns an unlocked tree; the
+file calls `rise_jax.config.finalize` last.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from rise_jax.config import base_config
+from rise_jax.models.configs import get_preset
+
+
+def paper(*, name: str, preset: str, task: str, improvement: str, iterations: int = 1, boost: bool = False,
+          improvement_samples: int | None = None) -> ml_collections.ConfigDict:
+  """The reference's recipe (cmu-mind/RISE bash/*.sh and the paper's appendix) at 7B scale.
+
+  Collection: K = 2 turns, one learner sample at turn 1; the improvement turn is 5 GPT-3.5 samples
+  (distillation, `--num_of_samples 1 5` in bash/gen.sh) or best-of-16 from the learner (self-distillation).
+  Training: lr 1e-5, cosine, warmup 4%, no weight decay, effective batch 64, max length 2048, tau 0.4,
+  criteria all with duplicates removed. Evaluation: 5 turns, window 2 (bash/eval_sequential.sh), m5@t1 beside.
+  Parameters stay float32 (the reference's DeepSpeed run kept fp32 master weights); compute is bfloat16.
+  """
+  c = base_config()
+  c.name = name
+  c.output_dir = f"runs/{name}"
+  p = get_preset(preset)
+  c.model.source = "hf"
+  c.model.hf_path = p.hf_repo     # a hub id or a local directory holding the same checkpoint
+  c.model.param_dtype = "float32"
+  c.model.dtype = "bfloat16"
+  c.model.scan_layers = True
+  c.model.remat = "full"
+  c.model.attention = "splash"    # TPU; use "cudnn" on GPUs (see docs/configs.md)
+  c.tokenizer.chat_template = p.chat_template
+  c.task.name = task
+  c.task.prompt_set = "paper"
+  c.task.grader = "paper"
+  c.sampling.temperature = 1.0
+  c.sampling.top_p = 1.0
+  c.sampling.max_new_tokens = 1000
+  c.sampling.max_cache_length = 4096
+  c.collect.turns = 2
+  c.collect.samples_per_turn = 1
+  c.collect.improvement = improvement
+  if improvement == "teacher":
+    c.collect.teacher.kind = "openai"
+    c.collect.teacher.base_url = "https://api.openai.com/v1"
+    c.collect.teacher.model = "gpt-3.5-turbo"
+    c.collect.improvement_samples = improvement_samples or 5
+  else:
+    c.collect.improvement_samples = improvement_samples or 16
+  c.collect.criteria = "all"
+  c.collect.dedupe = True
+  c.collect.tau = 0.4
+  c.train.lr = 1e-5
+  c.train.warmup_ratio = 0.04
+  c.train.weight_decay = 0.0
+  c.train.global_batch = 64
+  c.train.max_length = 2048
+  c.train.epochs = 1
+  c.eval.turns = 5
+  c.eval.parallel_k = 5
+  c.eval.window = 2
+  c.rise.iterations = iterations
+  c.rise.boost = boost
+  c.rise.init_from = "previous"
+  c.rise.data = "current"
+  return c
+
+
+def tpu_v4_32(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """16 chips: FSDP over all of them for training (one 2048-token row per chip per micro-step); sampling splits
+  heads 4 ways and batches over 4 data replicas."""
+  c.mesh.train = (1, 16, 1)
+  c.mesh.sample = (4, 1, 4)
+  c.train.micro_batch = 16
+  c.sampling.batch_size = 32
+  return c
+
+
+def gpu_8x80(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """One 8-GPU node: FSDP over 8 for training, tensor 2 x data 4 for sampling."""
+  c.mesh.train = (1, 8, 1)
+  c.mesh.sample = (4, 1, 2)
+  c.model.attention = "cudnn"
+  c.train.micro_batch = 8
+  c.sampling.batch_size = 32
+  return c
+
+
+def toy() -> ml_collections.ConfigDict:
+  """The embedded default experiment (docs/toy.md): a char-level Llama trained from scratch on `a+b*c`.
+
+  Boost = SFT on the task's worked answers; then one RISE iteration with self-distillation (best-of-N at turn
+  2); the single-turn control trains on the same collected data with the history stripped. Evaluation on 2,000
+  test problems, 5 turns without oracle (p1@t5 read from the same log) and 5 parallel samples.
+  """
+  c = base_config()
+  c.name = "toy"
+  c.output_dir = "runs/toy"
+  c.model.source = "preset"
+  c.model.preset = "toy-llama"
+  c.tokenizer.chat_template = "toy"      # tokenizer.path None: the run builds the toy tokenizer in its directory
+  c.mesh.train = (1, -1, 1)
+  c.mesh.sample = (-1, 1, 1)
+  c.task.name = "toy"
+  c.task.prompt_set = "toy"
+  c.task.grader = "robust"
+  c.task.dev_size = 200
+  c.task.test_size = 2000
+  c.task.train_size = 2000               # problems each iteration collects on
+  c.sampling.temperature = 1.0
+  c.sampling.max_new_tokens = 24         # a worked answer is at most 17 characters + end of turn
+  c.sampling.max_cache_length = 384      # 5 turns of history fit (docs/toy.md, token budget)
+  c.sampling.batch_size = 512
+  c.collect.turns = 2
+  c.collect.samples_per_turn = 1
+  c.collect.improvement = "self"
+  c.collect.improvement_samples = 8
+  c.collect.criteria = "all"
+  c.collect.tau = 0.4
+  c.train.lr = 1e-3
+  c.train.warmup_ratio = 0.04
+  c.train.epochs = 2
+  c.train.global_batch = 64
+  c.train.micro_batch = 64
+  c.train.max_length = 384
+  c.train.ckpt_every = 10_000            # the toy stages take seconds; the final checkpoint is always written
+  c.train.log_every = 50
+  c.eval.turns = 5
+  c.eval.parallel_k = 5
+  c.eval.window = None
+  c.rise.iterations = 1
+  c.rise.boost = True
+  c.rise.boost_data = "reference"
+  c.rise.boost_lr = 3e-3
+  c.rise.boost_epochs = 6
+  c.rise.init_from = "previous"
+  c.rise.single_turn_control = True
+  return c
+
+
+def toy_smoke() -> ml_collections.ConfigDict:
+  """The toy experiment shrunk to run end to end in well under a minute (tests, CI)."""
+  c = toy()
+  c.name = "toy_smoke"
+  c.output_dir = "runs/toy_smoke"
+  c.task.dev_size = 8
+  c.task.test_size = 12
+  c.task.train_size = 16
+  c.sampling.batch_size = 16
+  c.sampling.max_new_tokens = 8
+  c.sampling.max_cache_length = 160
+  c.collect.improvement_samples = 2
+  c.train.global_batch = 8
+  c.train.micro_batch = 8
+  c.train.max_length = 160
+  c.train.epochs = 1
+  c.train.ckpt_every = 1
+  c.train.log_every = 1
+  c.eval.turns = 2
+  c.eval.parallel_k = 2
+  c.rise.boost_epochs = 1
+  return c
+
+
+def _set(**fields):
+  """A modifier setting dotted config fields: _set(**{"collect.criteria": "best"})."""
+  def apply(c):
+    for dotted, value in fields.items():
+      node = c
+      *parents, leaf = dotted.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  apply.fields = dict(fields)
+  return apply
+
+
+# Each paper ablation as named variants of the toy experiment (`--config=configs/ablation_<name>.py:<variant>`);
+# the same fields apply to a real-scale config from the command line (docs/configs.md).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "criteria": {k: _set(**{"collect.criteria": k}) for k in ("all", "better", "best", "success")},
+    "weighting": {
+        "exp_tau0.4": _set(),
+        "exp_tau0.1": _set(**{"collect.tau": 0.1}),
+        "exp_tau1.0": _set(**{"collect.tau": 1.0}),
+        "uniform": _set(**{"collect.weighting": "uniform"}),
+        # tau -> 0: only correct actions, equally weighted (filtering).
+        "filter": _set(**{"collect.criteria": "success", "collect.weighting": "uniform"}),
+        "self_normalised": _set(**{"train.estimator": "self_normalised"}),
+    },
+    "turns": {str(k): _set(**{"collect.turns": k}) for k in (2, 3, 4)},
+    "iterations": {str(k): _set(**{"rise.iterations": k}) for k in (1, 2, 3)},
+    # Paper Fig. 6c: two iterations on fresh halves vs one iteration on all of it (same number of episodes).
+    "oneshot": {
+        "iterative": _set(**{"rise.iterations": 2, "rise.fresh_problems": True, "task.train_size": 1000}),
+        "oneshot": _set(**{"rise.iterations": 1, "task.train_size": 2000}),
+    },
+    "window": {"full": _set(), "2": _set(**{"eval.window": 2}), "3": _set(**{"eval.window": 3})},
+    "single_turn": {"multi": _set(), "single": _set(**{"collect.single_turn": True})},
+    "distill": {
+        "self": _set(),
+        # The teacher: a stronger toy checkpoint (experiments/ablations.py trains one: a longer boost).
+        "teacher": _set(**{"collect.improvement": "teacher", "collect.teacher.kind": "model",
+                           "collect.teacher.path": "runs/toy_teacher/iter_0/train/hf"}),
+    },
+    "grader": {k: _set(**{"task.grader": k}) for k in ("paper", "robust")},
+    "clip": {"off": _set(), "on": _set(**{"train.max_grad_norm": 1.0})},
+}
+
+
+def toy_ablation(ablation: str, variant: str) -> ml_collections.ConfigDict:
+  """The toy experiment with one ablation variant applied; named and placed by (ablation, variant)."""
+  if ablation not in ABLATIONS:
+    raise ValueError(f"unknown ablation {ablation!r}; known: {sorted(ABLATIONS)}")
+  variants = ABLATIONS[ablation]
+  if variant not in variants:
+    raise ValueError(f"ablation {ablation}: unknown variant {variant!r}; known: {list(variants)}")
+  c = toy()
+  variants[variant](c)
+  c.name = f"toy_{ablation}_{variant}"
+  c.output_dir = f"runs/{c.name}"
+  return c
