@@ -144,7 +144,8 @@ def test_hub_sources_go_through_datasets(monkeypatch):
   assert [c[1] for c in calls] == ["algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                                    "number_theory", "prealgebra", "precalculus"]
   assert {c[0] for c in calls} == {"EleutherAI/hendrycks_math"} and {c[2] for c in calls} == {"train"}
-  assert len(problems) == 14 and problems[3].id == "math/train/3" and problems[3].meta["type"] == "counting_and_probability"
+  assert len(problems) == 14 and problems[3].id == "math/train/3"
+  assert problems[3].meta == {"level": "Level 1", "type": "counting_and_probability"}
   calls.clear()
   monkeypatch.setattr(datasets, "load_dataset",
                       lambda name, config, split: calls.append((name, config, split)) or [{"question": "q"}])
