@@ -274,63 +274,68 @@ def ref_vote(answers, rewards, tie_break):
   return float(rewards[answers.index(winner)] == 1)
 
 
-def ref_metrics(seq_episodes, par_samples, turns, k_max, tie_break):
-  """The paper's definitions, problem by problem (one draw per problem; n == k_max samples)."""
+def ref_metrics(seq_draws, par_samples, turns, n, tie_break):
+  """The paper's definitions, problem by problem. seq_draws[p]: the problem's episodes (independent draws, each a
+  list of (answer, reward) turns); par_samples[p]: its n first-turn samples. A problem's value is the mean over
+  its draws; per-turn, transition and conditional rates pool every episode."""
   out = {}
-  problems = sorted(seq_episodes)
+  problems = sorted(seq_draws)
+  mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+  right = lambda r: r == 1  # noqa: E731
   for k in range(1, turns + 1):
-    out[f"m1@t{k}"] = np.mean([ref_vote([a for a, _ in seq_episodes[p][:k]], [r for _, r in seq_episodes[p][:k]],
-                                        tie_break) for p in problems])
-    out[f"p1@t{k}"] = np.mean([any(r == 1 for _, r in seq_episodes[p][:k]) for p in problems])
-  for k in range(2, k_max + 1):
+    out[f"m1@t{k}"] = mean([mean([ref_vote([a for a, _ in e[:k]], [r for _, r in e[:k]], tie_break)
+                                  for e in seq_draws[p]]) for p in problems])
+    out[f"p1@t{k}"] = mean([mean([any(right(r) for _, r in e[:k]) for e in seq_draws[p]]) for p in problems])
+  for k in range(2, n + 1):
     # pk@t1 by brute force over all k-subsets; mk@t1 over disjoint chunks, as the estimator is defined.
-    out[f"p{k}@t1"] = np.mean([np.mean([any(r == 1 for _, r in sub) for sub in
-                                        itertools.combinations(par_samples[p], k)]) for p in problems])
-    out[f"m{k}@t1"] = np.mean([np.mean([ref_vote([a for a, _ in chunk], [r for _, r in chunk], tie_break)
-                                        for chunk in (par_samples[p][j:j + k] for j in
-                                                      range(0, k_max - k + 1, k))]) for p in problems])
+    out[f"p{k}@t1"] = mean([mean([any(right(r) for _, r in sub) for sub in itertools.combinations(par_samples[p], k)])
+                            for p in problems])
+    out[f"m{k}@t1"] = mean([mean([ref_vote([a for a, _ in par_samples[p][j:j + k]],
+                                           [r for _, r in par_samples[p][j:j + k]], tie_break)
+                                  for j in range(0, n - k + 1, k)]) for p in problems])
+  episodes = [(p, e) for p in problems for e in seq_draws[p]]
   for t in range(turns):
-    reached = [seq_episodes[p][t] for p in problems if len(seq_episodes[p]) > t]
-    out[f"acc{t + 1}"] = np.mean([r == 1 for _, r in reached])
+    out[f"acc{t + 1}"] = mean([right(e[t][1]) for _, e in episodes if len(e) > t])
   trans, cond_w, cond_r, fresh, rep = [], [], [], [], []
   for t in range(turns - 1):
-    pairs = [(seq_episodes[p][t], seq_episodes[p][t + 1], p) for p in problems if len(seq_episodes[p]) > t + 1]
+    pairs = [(e[t], e[t + 1], p) for p, e in episodes if len(e) > t + 1]
     c = {"c->c": 0, "c->i": 0, "i->c": 0, "i->i": 0}
     for (_, r0), (_, r1), _ in pairs:
-      c[("c" if r0 == 1 else "i") + "->" + ("c" if r1 == 1 else "i")] += 1
+      c[("c" if right(r0) else "i") + "->" + ("c" if right(r1) else "i")] += 1
     trans.append(c)
-    wrong = [(x, y, p) for x, y, p in pairs if x[1] != 1]
-    right = [(x, y, p) for x, y, p in pairs if x[1] == 1]
-    cond_w.append(np.mean([y[1] == 1 for _, y, _ in wrong]) if wrong else None)
-    cond_r.append(np.mean([y[1] == 1 for _, y, _ in right]) if right else None)
-    fresh.append(np.mean([np.mean([r == 1 for _, r in par_samples[p]]) for _, _, p in wrong]) if wrong else None)
-    parsable = [(x, y) for x, y, _ in pairs if x[0] is not None]
-    rep.append(np.mean([x[0] == y[0] for x, y in parsable]) if parsable else None)
+    wrong = [(x, y, p) for x, y, p in pairs if not right(x[1])]
+    cond_w.append(mean([right(y[1]) for _, y, _ in wrong]))
+    cond_r.append(mean([right(y[1]) for x, y, _ in pairs if right(x[1])]))
+    fresh.append(mean([mean([right(r) for _, r in par_samples[p]]) for _, _, p in wrong]))
+    rep.append(mean([x[0] == y[0] for x, y, _ in pairs if x[0] is not None]))
   out.update(transitions=trans, acc_given_wrong=cond_w, acc_given_right=cond_r, fresh=fresh, repeat=rep)
-  unsolved = [p for p in problems if not any(r == 1 for _, r in par_samples[p])]
-  out["unsolved"] = [np.mean([any(r == 1 for _, r in seq_episodes[p][:k]) for p in unsolved]) if unsolved
-                     else None for k in range(1, turns + 1)]
+  unsolved = [p for p in problems if not any(right(r) for _, r in par_samples[p])]
+  out["unsolved"] = [mean([mean([any(right(r) for _, r in e[:k]) for e in seq_draws[p]]) for p in unsolved])
+                     for k in range(1, turns + 1)]
   return out
 
 
-def _random_logs(rng: random.Random, num_problems: int, turns: int, k: int, oracle: bool):
-  seq_episodes, par_samples, seq, par = {}, {}, [], []
+def _random_logs(rng: random.Random, num_problems: int, turns: int, n: int, oracle: bool, draws: int = 1):
+  seq_draws, par_samples, seq, par = {}, {}, [], []
   for i in range(num_problems):
     pid = f"toy/test/{i}"
     gold = rng.choice("123")
     draw = lambda: rng.choice(["1", "2", "3", "4", None])  # noqa: E731
-    answers = []
-    for _ in range(turns):
-      a = draw()
-      answers.append((a, 1.0 if a == gold else (-1.0 if a is None else 0.0)))
-      if oracle and a == gold:
-        break
-    seq_episodes[pid] = answers
-    seq.append(rb.sequential(pid, answers, oracle=oracle, turns=turns))
-    samples = [draw() for _ in range(k)]
-    par_samples[pid] = [(a, 1.0 if a == gold else 0.0) for a in samples]
-    par.append(rb.parallel(pid, par_samples[pid]))
-  return seq_episodes, par_samples, seq, par
+    seq_draws[pid] = []
+    for d in range(draws):
+      answers = []
+      for _ in range(turns):
+        a = draw()
+        answers.append((a, 1.0 if a == gold else (-1.0 if a is None else 0.0)))
+        if oracle and a == gold:
+          break
+      seq_draws[pid].append(answers)
+      seq.append(rb.sequential(pid, answers, oracle=oracle, turns=turns, seed=d))
+    par_samples[pid] = [(a, 1.0 if a == gold else 0.0) for a in (draw() for _ in range(n))]
+    # The parallel samples arrive as records of up to 3 candidates (several parallel draws of one problem).
+    for j in range(0, n, 3):
+      par.append(rb.parallel(pid, par_samples[pid][j:j + 3], seed=j))
+  return seq_draws, par_samples, seq, par
 
 
 def _close(a, b):
@@ -339,15 +344,16 @@ def _close(a, b):
   return math.isclose(a, b, abs_tol=1e-9)
 
 
-@pytest.mark.parametrize("seed, oracle, tie_break", [(0, False, "earliest"), (1, False, "latest"),
-                                                     (2, True, "earliest"), (3, True, "latest")])
-def test_against_reference_implementation(seed, oracle, tie_break):
-  turns, k = 4, 5
-  seq_episodes, par_samples, seq, par = _random_logs(random.Random(seed), 60, turns, k, oracle)
-  ref = ref_metrics(seq_episodes, par_samples, turns, k, tie_break)
+@pytest.mark.parametrize("seed, oracle, tie_break, draws, n", [
+    (0, False, "earliest", 1, 5), (1, False, "latest", 1, 5), (2, True, "earliest", 1, 5), (3, True, "latest", 1, 5),
+    (4, False, "earliest", 3, 7), (5, True, "latest", 2, 7)])
+def test_against_reference_implementation(seed, oracle, tie_break, draws, n):
+  turns = 4
+  seq_draws, par_samples, seq, par = _random_logs(random.Random(seed), 50, turns, n, oracle, draws)
+  ref = ref_metrics(seq_draws, par_samples, turns, n, tie_break)
   m = compute_metrics(seq, par, tie_break=tie_break, num_bootstrap=B)
   for name in [f"m1@t{i}" for i in range(1, turns + 1)] + [f"p1@t{i}" for i in range(1, turns + 1)] + \
-              [f"m{i}@t1" for i in range(2, k + 1)] + [f"p{i}@t1" for i in range(2, k + 1)]:
+              [f"m{i}@t1" for i in range(2, n + 1)] + [f"p{i}@t1" for i in range(2, n + 1)]:
     assert _close(m[name], ref[name]), (name, m[name], ref[name])
   assert all(_close(m["per_turn_accuracy"][t], ref[f"acc{t + 1}"]) for t in range(turns))
   assert m["transitions"] == ref["transitions"]
