@@ -4,6 +4,7 @@ spells it. Real Llama 2 vocabulary from ../shared (skipped when absent); llama3-
 here with `tokenizers`.
 """
 
+import functools
 import pathlib
 import random
 import string
@@ -72,6 +73,7 @@ def sp_reference(llama2_tokenizer_model):
 @pytest.fixture(scope="module")
 def tokenizers_by_template(request):
   """Template name -> ChatTokenizer; llama2 and mistral on the real Llama 2 SentencePiece vocabulary."""
+  @functools.cache
   def get(name):
     if name == "toy":
       return chat.load_tokenizer(request.getfixturevalue("toy_dir"))
@@ -172,7 +174,7 @@ def _conversation(draw, content=_CONTENT, system=True, end="any"):
   return messages
 
 
-_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+_SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
 @_SETTINGS
@@ -226,14 +228,19 @@ OFFICIAL = {
 SPECIALS = {"llama2": ("<s>", "</s>"), "mistral": ("<s>", "</s>"), "llama3": ("<|begin_of_text|>", "<|eot_id|>")}
 
 
-def _official_text(name, messages, add_generation_prompt):
+@functools.cache
+def _official_template(name):
   def fail(msg):
     raise ValueError(msg)
   env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
   env.globals["raise_exception"] = fail
+  return env.from_string(OFFICIAL[name])
+
+
+def _official_text(name, messages, add_generation_prompt):
   bos, eos = SPECIALS[name]
-  return env.from_string(OFFICIAL[name]).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=bos, eos_token=eos)
+  return _official_template(name).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=bos, eos_token=eos)
 
 
 def _toy_reference_text(messages, add_generation_prompt):
@@ -278,6 +285,25 @@ def test_toy_vocabulary_and_ids(toy_dir):
   assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_ids) == (0, 1, (2,))
   ids = chat.render(tok, [{"role": "user", "content": "2+2"}], add_generation_prompt=True).ids
   assert ids == [1, 4] + [7 + TOY_CHARS.index(c) for c in "2+2"] + [6, 5]
+
+
+def test_tasks_toy_tokenizer_renders_the_toy_format(tmp_path):
+  """The toy tokenizer the tasks part ships (built separately) against the brief's ids and format."""
+  from rise_jax.rise.tasks import toy
+  tok = chat.load_tokenizer(toy.build_toy_tokenizer(tmp_path / "toy"))
+  assert (tok.chat_template_name, tok.vocab_size, tok.pad_token_id, tok.bos_token_id, tok.eos_token_ids) == (
+      "toy", 103, 0, 1, (2,))
+  dialog = [{"role": "user", "content": "7*8=?"}, {"role": "assistant", "content": "7*8=56"},
+            {"role": "user", "content": "Wrong.\nAgain"}]
+  text = _toy_reference_text(dialog, True)
+  specials = {t: i for i, t in enumerate(TOY_SPECIALS)}
+  expected, pos = [], 0
+  while pos < len(text):
+    special = next((t for t in TOY_SPECIALS if text.startswith(t, pos)), None)
+    expected.append(specials[special] if special else 7 + TOY_CHARS.index(text[pos]))
+    pos += len(special) if special else 1
+  assert chat.render(tok, dialog, add_generation_prompt=True).ids == expected
+  assert tok.decode(expected) == text
 
 
 # ---------------------------------------------------------------------------------------------------------------

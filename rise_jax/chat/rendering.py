@@ -142,8 +142,8 @@ def window(messages: Sequence[Message], W: int | None) -> list[Message]:
   attempts with their feedback; a trailing assistant message (the reply to that state, when present) is kept
   and not counted. W=None keeps everything.
 
-  W = 1 (no attempt at all in context) is an error: the reference implementation's W=1 behaviour is a quirk of
-  its list slicing and is deliberately not reproduced.
+  W = 1 is an error. The reference (cmu-mind/RISE workflow_eval.py) keeps `history[-W + 1:]`, which for W = 1 is
+  `history[-0:]`, i.e. the whole history rather than none: that quirk is deliberately not reproduced.
   """
   if W is None:
     return list(messages)
