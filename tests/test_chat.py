@@ -402,6 +402,10 @@ def test_truncate_history_drops_oldest_pairs_then_reports_a_cut(tokenizers_by_te
   with pytest.raises(chat.TruncationError) as info:
     chat.train_arrays(tok, messages, max_length=len(chat.render(tok, head_and_final).ids) - 2)
   assert info.value.length == len(chat.render(tok, head_and_final).ids) - 1
+  # Plain SFT (no RISE head): nothing to drop, the cut is reported.
+  with pytest.raises(chat.TruncationError):
+    chat.train_arrays(tok, [{"role": "user", "content": "q" * 20}, {"role": "assistant", "content": "a"}],
+                      max_length=10)
   # A pair that holds a trained message is never dropped.
   flagged = [dict(m) for m in messages]
   flagged[3]["train"] = True

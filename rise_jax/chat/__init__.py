@@ -6,7 +6,8 @@ truncate_history, window, continuation_ids, register_template, get_template.
 """
 
 from rise_jax.chat.rendering import (RenderedChat, SpanAlignmentError, TruncationError, continuation_ids, render,
-                                     train_arrays, trained_message_indices, truncate_history, window)
+                                     rendered_length, train_arrays, trained_message_indices, truncate_history,
+                                     window)
 from rise_jax.chat.templates import (ChatTemplateError, TemplateSpec, get_template, register_template,
                                      shipped_templates)
 from rise_jax.chat.tokenizer import ChatTokenizer, TokenizerLoadError, check_vocab, load_tokenizer
@@ -14,6 +15,6 @@ from rise_jax.chat.tokenizer import ChatTokenizer, TokenizerLoadError, check_voc
 __all__ = [
     "ChatTemplateError", "ChatTokenizer", "RenderedChat", "SpanAlignmentError", "TemplateSpec",
     "TokenizerLoadError", "TruncationError", "check_vocab", "continuation_ids", "get_template",
-    "load_tokenizer", "register_template", "render", "shipped_templates", "train_arrays",
+    "load_tokenizer", "register_template", "render", "rendered_length", "shipped_templates", "train_arrays",
     "trained_message_indices", "truncate_history", "window",
 ]

@@ -48,12 +48,20 @@ def _token_boundary(tokenizer, text: str, ids: list[int], char_pos: int, message
   return len(prefix)
 
 
+def _render_text(tokenizer, messages: Sequence[Message], add_generation_prompt: bool):
+  _check_messages(messages)
+  return templates_lib.render_text(tokenizer.template, messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+
+
+def rendered_length(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False) -> int:
+  """len(render(...).ids) without computing spans."""
+  return len(tokenizer.encode_chat_text(_render_text(tokenizer, messages, add_generation_prompt)[0]))
+
+
 def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False) -> RenderedChat:
   """Renders messages through the tokenizer's chat template to ids and assistant token spans."""
-  _check_messages(messages)
-  text, char_spans = templates_lib.render_text(
-      tokenizer.template, messages, add_generation_prompt=add_generation_prompt,
-      bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+  text, char_spans = _render_text(tokenizer, messages, add_generation_prompt)
   ids = tokenizer.encode_chat_text(text)
   spans = []
   for index, start, end in char_spans:
@@ -94,10 +102,11 @@ def train_arrays(tokenizer, messages: Sequence[Message], max_length: int | None 
   end-of-turn token). n = len(ids) - 1 <= max_length: over-long history is first shortened by
   `truncate_history`; if the trained message still does not fit, TruncationError.
   """
-  if max_length is not None:
-    messages = truncate_history(messages, tokenizer, max_length)
-  trained = set(trained_message_indices(messages))
   rendered = render(tokenizer, messages)
+  if max_length is not None and len(rendered.ids) - 1 > max_length:
+    messages = truncate_history(messages, tokenizer, max_length)
+    rendered = render(tokenizer, messages)
+  trained = set(trained_message_indices(messages))
   ids = np.asarray(rendered.ids, np.int32)
   mask = np.zeros(len(ids), np.int32)
   for index, start, end in rendered.assistant_spans:
@@ -159,11 +168,15 @@ def truncate_history(messages: Sequence[Message], tokenizer, max_length: int) ->
 
   Keeps the head (instruction, example answer, question) and every pair that holds a trained message. Returns the
   messages unchanged when they fit, or the shortest droppable version otherwise (train_arrays then reports a cut).
+  A conversation without the RISE head (e.g. plain single-exchange SFT) has no droppable history.
   """
   messages = list(messages)
-  if len(render(tokenizer, messages).ids) - 1 <= max_length:
+  if rendered_length(tokenizer, messages) - 1 <= max_length:
     return messages
-  head, pairs, _ = _attempt_pairs(messages)
+  try:
+    head, pairs, _ = _attempt_pairs(messages)
+  except templates_lib.ChatTemplateError:
+    return messages
   trained = set(trained_message_indices(messages))
   # Keep the "train" flags attached: a dropped pair must hold no trained message.
   droppable = 0
@@ -171,7 +184,7 @@ def truncate_history(messages: Sequence[Message], tokenizer, max_length: int) ->
     droppable += 1
   for drop in range(1, droppable + 1):
     candidate = messages[:head] + messages[head + 2 * drop:]
-    if len(render(tokenizer, candidate).ids) - 1 <= max_length:
+    if rendered_length(tokenizer, candidate) - 1 <= max_length:
       return candidate
   return messages[:head] + messages[head + 2 * droppable:]
 
