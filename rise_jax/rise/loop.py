@@ -1,0 +1,200 @@
+"""The RISE loop as a list of resumable stages over a run directory (contracts.md §6).
+
+`plan(config)` lists the stages; `run(config)` runs each one without a `DONE` marker, in order, and writes the
+final summary. Stage bodies live in `rise_jax.rise.stages`; the command line is `rise_jax.run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+from rise_jax import config as config_lib
+
+RUN_SCHEMA = "rise_jax.run/1"
+
+
+class StopRequested(Exception):
+  """Raised by the `debug.stop_after` hook; the run exits with status 3 and resumes on the next invocation."""
+
+
+class ConfigMismatch(RuntimeError):
+  """The run directory was made by a different config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StopAfter:
+  stage: str
+  units: int | None  # None: right after the stage's DONE marker
+
+  @classmethod
+  def parse(cls, text: str | None) -> "StopAfter | None":
+    if not text:
+      return None
+    stage, sep, n = text.rpartition(":")
+    if not sep or not stage:
+      raise ValueError(f"config field debug.stop_after: {text!r} is not '<stage>:<n>' or '<stage>:done'")
+    if n == "done":
+      return cls(stage, None)
+    if not n.isdigit():
+      raise ValueError(f"config field debug.stop_after: {n!r} in {text!r} is not a count or 'done'")
+    return cls(stage, int(n))
+
+  def units_for(self, stage: str) -> int | None:
+    """How many units the named stage may do before stopping (None: no limit)."""
+    return self.units if self.stage == stage else None
+
+
+def atomic_write_json(path: pathlib.Path, obj: Any) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class RunDir:
+  """The run directory: config.json and run.json at the top, one directory per stage with its DONE marker."""
+
+  def __init__(self, root: str | os.PathLike, config):
+    self.root = pathlib.Path(root)
+    self.config = config
+    self.hash = config_lib.config_hash(config)
+
+  def open(self) -> None:
+    """Create the directory, or check that an existing one was made by the same config."""
+    path = self.root / "config.json"
+    current = config_lib.to_dict(self.config)
+    current.pop("debug", None)
+    if path.exists():
+      saved = json.loads(path.read_text())
+      saved_hash = json.loads((self.root / "run.json").read_text()).get("config_hash")
+      if saved_hash != self.hash:
+        fields = config_lib.diff_fields(saved, current)
+        raise ConfigMismatch(
+            f"{self.root} was made by a different config (hash {saved_hash} vs {self.hash}); differing fields: "
+            f"{', '.join(fields) or '(none in config.json: was it edited?)'}. Use another output_dir, or the "
+            "original config, to resume.")
+      return
+    self.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(self.root / "run.json", {
+        "schema": RUN_SCHEMA, "config_hash": self.hash, "versions": _versions(), "git_commit": _git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv})
+    atomic_write_json(path, current)  # written last: its presence means the directory is initialised
+
+  def stage_dir(self, stage: str) -> pathlib.Path:
+    return self.root / stage
+
+  def done(self, stage: str) -> bool:
+    return (self.stage_dir(stage) / "DONE").exists()
+
+  def mark_done(self, stage: str, info: dict[str, Any]) -> None:
+    atomic_write_json(self.stage_dir(stage) / "DONE", {"stage": stage, **info})
+
+  def info(self, stage: str) -> dict[str, Any]:
+    return json.loads((self.stage_dir(stage) / "DONE").read_text())
+
+
+def _versions() -> dict[str, str]:
+  from importlib import metadata
+  out = {}
+  for name in ("rise_jax", "jax", "flax", "optax", "orbax-checkpoint", "transformers"):
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def _git_commit() -> str | None:
+  import subprocess
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=pathlib.Path(__file__).parent, capture_output=True,
+                          text=True, timeout=10).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str                  # its directory, e.g. "iter_1/train"
+  kind: str                  # collect | boost_data | train | eval
+  iteration: int
+  control: bool = False      # the single-turn control chain
+
+
+def plan(config) -> list[Stage]:
+  """Every stage of the run, in order."""
+  r = config.rise
+  stages = []
+  if r.boost:
+    stages += [Stage("iter_0/collect", "boost_data", 0), Stage("iter_0/train", "train", 0)]
+  stages.append(Stage("iter_0/eval", "eval", 0))
+  for t in range(1, r.iterations + 1):
+    stages += [Stage(f"iter_{t}/collect", "collect", t), Stage(f"iter_{t}/train", "train", t),
+               Stage(f"iter_{t}/eval", "eval", t)]
+    if r.single_turn_control:
+      stages += [Stage(f"iter_{t}/control/train", "train", t, control=True),
+                 Stage(f"iter_{t}/control/eval", "eval", t, control=True)]
+  return stages
+
+
+def model_stage(config, iteration: int, control: bool = False) -> str | None:
+  """The train stage whose exported model is the model of `iteration` (None: the base model)."""
+  if iteration == 0:
+    return "iter_0/train" if config.rise.boost else None
+  return f"iter_{iteration}/control/train" if control else f"iter_{iteration}/train"
+
+
+def init_stage(config, iteration: int, control: bool = False) -> str | None:
+  """The train stage whose model iteration T starts from (rise.init_from)."""
+  if iteration == 0:
+    return None
+  if iteration == 1 or config.rise.init_from == "base":
+    return model_stage(config, 0)
+  return model_stage(config, iteration - 1, control)
+
+
+def data_stages(config, iteration: int) -> list[str]:
+  """The collect stages whose data trains iteration T (rise.data)."""
+  if iteration == 0:
+    return ["iter_0/collect"]
+  first = 1 if config.rise.data == "accumulated" else iteration
+  return [f"iter_{t}/collect" for t in range(first, iteration + 1)]
+
+
+def run(config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Run (or resume) every stage of `config`; returns the final summary."""
+  from rise_jax.rise import loop_report
+  from rise_jax.rise import stages as stages_lib
+
+  config_lib.validate(config, require_training=True)
+  stop = StopAfter.parse(config.debug.stop_after)
+  run_dir = RunDir(config.output_dir, config)
+  run_dir.open()
+  ctx = stages_lib.Context(config, run_dir.root)
+  start = time.perf_counter()
+  for stage in plan(config):
+    if run_dir.done(stage.name):
+      log(f"[rise_jax.run] {stage.name}: done (skipped)")
+      continue
+    log(f"[rise_jax.run] {stage.name}: running")
+    limit = stop.units_for(stage.name) if stop else None
+    t0 = time.perf_counter()
+    info = stages_lib.run_stage(ctx, stage, run_dir, limit=limit)
+    info["seconds"] = time.perf_counter() - t0
+    run_dir.mark_done(stage.name, info)
+    log(f"[rise_jax.run] {stage.name}: done in {info['seconds']:.1f} s")
+    if stop and stop.stage == stage.name and stop.units is None:
+      raise StopRequested(f"debug.stop_after={config.debug.stop_after}: stopped after {stage.name}")
+  summary = loop_report.write_summary(config, run_dir.root, plan(config))
+  summary["wall_s_this_invocation"] = time.perf_counter() - start
+  return summary

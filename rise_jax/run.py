@@ -1,0 +1,60 @@
+"""`python -m rise_jax.run --config=configs/<experiment>.py`: RISE end to end, resumably.
+
+The run is a fixed list of stages (`plan`), each writing into its own directory of the run directory
+(contracts.md §6) and finished by an atomic `DONE` marker written last:
+
+    iter_0/collect   boost data (only with rise.boost): given SFT records, the task's reference solutions, or
+                     correct samples of the improvement policy
+    iter_0/train     the boost SFT (only with rise.boost)
+    iter_0/eval      the starting model (base, or base + boost)
+    iter_T/collect   Algorithm 1 with the newest model -> rollouts.jsonl, data/ (D_T), control/data/
+    iter_T/train     reward-weighted training from the base or from iteration T-1, on D_T or D_1..D_T
+    iter_T/eval      sequential (5 turns) and parallel (k samples) evaluation
+    iter_T/control/train, iter_T/control/eval   (rise.single_turn_control) the same data, history stripped
+
+Re-running the same command skips every stage with a `DONE` marker and resumes the first one without it (the
+runner resumes from its rollout log, the trainer from its last checkpoint). A run directory made under a different
+config hash is refused, naming the differing fields. `--config.debug.stop_after=<stage>:<n>` stops the run after
+n units of a stage (episodes for collect/eval, optimiser steps for train) or, with `<stage>:done`, right after the
+stage's marker: the resume tests use it to interrupt a run at a known point.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+from absl import app
+from ml_collections import config_flags
+
+from rise_jax.rise.loop import ConfigMismatch, StopRequested, run
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py).",
+                                          lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config=configs/<experiment>.py is required")
+  start = time.perf_counter()
+  try:
+    summary = run(config)
+  except StopRequested as e:
+    print(f"[rise_jax.run] {e}; re-run the same command to resume", flush=True)
+    sys.exit(3)
+  except ConfigMismatch as e:
+    print(f"[rise_jax.run] {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  print(summary["table_md"])
+  for path in summary["plots"]:
+    print(f"plot: {path}")
+  print(f"summary: {pathlib.Path(config.output_dir) / 'summary.md'}")
+  print(f"wall time: {time.perf_counter() - start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
