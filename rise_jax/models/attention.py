@@ -21,6 +21,9 @@ from jax import lax
 
 QUERY_BLOCK = 512  # queries per block in the xla reference: bounds the score tensor at [block, keys]
 BACKENDS = ("xla", "cudnn", "splash")
+# The implementation `cudnn_attention` asks jax.nn.dot_product_attention for; tests on CPU switch it to "xla" to
+# check the argument mapping (causal + lengths + window) without a GPU.
+CUDNN_IMPLEMENTATION = "cudnn"
 
 
 def _visible(q_pos, k_pos, q_seg, k_seg, window):
@@ -87,7 +90,7 @@ def cudnn_attention(q, k, v, q_pos, k_pos, mask, window=None):
   def fast(q, k, v):
     out = jax.nn.dot_product_attention(
         q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+        local_window_size=None if window is None else (window - 1, 0), implementation=CUDNN_IMPLEMENTATION)
     return jnp.where(mask[:, :, None, None], out, 0).astype(q.dtype)  # pad queries: zeros, as in xla
 
   def exact(q, k, v):

@@ -62,6 +62,16 @@ def init_cache(config: ModelConfig, batch: int, cache_len: int, dtype: Any = jnp
                  positions=jnp.full((batch, cache_len), -1, jnp.int32), end_index=jnp.zeros((batch,), jnp.int32))
 
 
+def cache_shardings(cache: KVCache, mesh, rules, on_indivisible: str = "replicate") -> KVCache:
+  """NamedShardings for a cache on `mesh`: rows over the batch axes, kv heads over tensor (per `rules`)."""
+  from jax.sharding import NamedSharding
+  from rise_jax.sharding import logical_to_spec
+  spec = lambda x, axes, name: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules, on_indivisible, name))
+  return KVCache(k=spec(cache.k, CACHE_AXES, "cache.k"), v=spec(cache.v, CACHE_AXES, "cache.v"),
+                 positions=spec(cache.positions, ("batch", "cache_length"), "cache.positions"),
+                 end_index=spec(cache.end_index, ("batch",), "cache.end_index"))
+
+
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   """Inverse rotary frequencies [head_dim // 2] (float32, computed as transformers does, llama3 scaling too)."""
   d = config.head_dim
@@ -238,5 +248,5 @@ def param_logical_axes(model: Transformer) -> dict[str, tuple[str, ...]]:
   return out
 
 
-__all__ = ["KVCache", "Transformer", "init_cache", "rope_inv_freq", "apply_rope", "rms_norm",
+__all__ = ["KVCache", "Transformer", "init_cache", "cache_shardings", "rope_inv_freq", "apply_rope", "rms_norm",
            "runtime_options", "param_logical_axes"]

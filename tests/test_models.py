@@ -1,0 +1,356 @@
+"""rise_jax.models beyond parity: KV cache, scan vs loop, remat, dtypes, attention backends, configs, errors, export."""
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rise_jax.models import (PRESETS, ModelConfig, build_model, init_cache, load_hf_checkpoint, load_model,
+                             save_hf_checkpoint)
+from rise_jax.models import attention as attention_lib
+from rise_jax.models import convert, hf_io
+from tests.fixtures_models import save_tiny_llama, torch_logits, torch_model
+
+HIGHEST = jax.default_matmul_precision("highest")
+
+
+def rel_err(a, b, mask=None):
+  a, b = np.asarray(a), np.asarray(b)
+  if mask is not None:
+    a, b = a[np.asarray(mask, bool)], b[np.asarray(mask, bool)]
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@nnx.jit
+def _forward(model, ids, mask):
+  return model(ids, attention_mask=mask)
+
+
+@pytest.fixture(scope="module")
+def mistral(tiny_mistral_path):
+  return load_hf_checkpoint(tiny_mistral_path)
+
+
+# -- KV cache ------------------------------------------------------------------------------------------------
+
+@nnx.jit
+def _cached(model, ids, mask, cache):
+  return model(ids, attention_mask=mask, cache=cache)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_incremental_equals_full_forward(tiny_mistral_path, scan_layers):
+  """Prefill a left-padded ragged batch, then decode one token at a time (past the window): same logits."""
+  model = load_hf_checkpoint(tiny_mistral_path, scan_layers=scan_layers)
+  rng = np.random.RandomState(0)
+  b, prompt, total = 3, 12, 40  # window 16: decoding runs well past it
+  ids = jnp.asarray(rng.randint(3, 256, (b, total)))
+  mask = np.ones((b, total), np.int32)
+  mask[1, :5] = 0
+  mask[2, :11] = 0
+  mask = jnp.asarray(mask)
+  with HIGHEST:
+    full = _forward(model, ids, mask)
+    cache = init_cache(model.config, b, 48)
+    logits, cache = _cached(model, ids[:, :prompt], mask[:, :prompt], cache)
+    steps = [logits]
+    for t in range(prompt, total):
+      logits, cache = _cached(model, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+      steps.append(logits)
+  incremental = jnp.concatenate(steps, axis=1)
+  err = rel_err(incremental, full, mask)
+  assert err < 1e-5, err
+  np.testing.assert_array_equal(cache.end_index, [total] * b)
+  pos = np.asarray(cache.positions)
+  assert (pos[:, total:] == -1).all() and (pos[2, :11] == -1).all() and pos[2, total - 1] == total - 12
+  # Mutation: a decode step whose positions restart at 0 instead of continuing from the cache must disagree.
+  with HIGHEST:
+    cache = init_cache(model.config, b, 48)
+    _, cache = _cached(model, ids[:, :prompt], mask[:, :prompt], cache)
+    wrong, _ = nnx.jit(lambda m, i, c: m(i, positions=jnp.zeros_like(i), cache=c))(model, ids[:, prompt:prompt + 1],
+                                                                                    cache)
+  assert rel_err(wrong, full[:, prompt:prompt + 1]) > 1e-2
+
+
+# -- scan / remat / dtypes ---------------------------------------------------------------------------------
+
+def test_scan_layers_equals_loop_and_remat_policies(tiny_llama_gqa_path):
+  ids = jnp.asarray(np.random.RandomState(1).randint(0, 256, (2, 16)))
+  loop = load_hf_checkpoint(tiny_llama_gqa_path, scan_layers=False)
+  scan = load_hf_checkpoint(tiny_llama_gqa_path, scan_layers=True, remat="dots")
+  assert jax.tree.structure(nnx.state(loop)) == jax.tree.structure(nnx.state(scan))  # same checkpoint layout
+  with HIGHEST:
+    np.testing.assert_allclose(_forward(scan, ids, None), _forward(loop, ids, None), rtol=1e-5, atol=1e-5)
+
+  def loss(model):
+    return model(ids).std()
+
+  # The configured policy is the one in the program: a remat (checkpoint) op appears only when asked.
+  for remat, present in (("none", False), ("full", True), ("dots_with_no_batch_dims", True)):
+    model = load_hf_checkpoint(tiny_llama_gqa_path, remat=remat)
+    graphdef, state = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda s: loss(nnx.merge(graphdef, s))))(state))
+    assert ("checkpoint" in jaxpr or "remat" in jaxpr) == present, remat
+  with pytest.raises(ValueError, match="model.remat"):
+    build_model(PRESETS["toy-llama"].config, remat="everything")
+
+
+def test_param_and_compute_dtypes(tiny_llama_gqa_path):
+  ids = jnp.asarray(np.random.RandomState(2).randint(0, 256, (2, 16)))
+  f32 = load_hf_checkpoint(tiny_llama_gqa_path)
+  bf16 = load_hf_checkpoint(tiny_llama_gqa_path, dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16))} == {jnp.dtype("bfloat16")}
+  mixed = load_hf_checkpoint(tiny_llama_gqa_path, compute_dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(mixed))} == {jnp.dtype("float32")}
+  with HIGHEST:
+    ref = _forward(f32, ids, None)
+    for model in (bf16, mixed):
+      out = _forward(model, ids, None)
+      assert out.dtype == jnp.float32 and jax.eval_shape(model.hidden, ids).dtype == jnp.float32
+      assert 1e-5 < rel_err(out, ref) < 5e-2  # bfloat16 really ran, and is still the same model
+
+
+# -- attention backends ------------------------------------------------------------------------------------
+
+def _qkv(b=2, l=40, h=4, kv=2, d=16, seed=0):
+  rng = np.random.RandomState(seed)
+  q, k, v = (jnp.asarray(rng.randn(b, l, n, d), jnp.float32) for n in (h, kv, kv))
+  return q, k, v
+
+
+def _naive_attention(q, k, v, mask, window):
+  """Independent numpy reference: repeat K/V per head, index-causal over the non-pad tokens of each row."""
+  q, k, v, mask = map(np.asarray, (q, k, v, mask))
+  b, l, h, d = q.shape
+  g = h // k.shape[2]
+  k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  out = np.zeros_like(q)
+  for r in range(b):
+    idx = np.flatnonzero(mask[r])
+    for i, qi in enumerate(idx):
+      keys = idx[max(0, i - window + 1) if window else 0:i + 1]
+      s = np.einsum("hd,thd->ht", q[r, qi], k[r, keys]) / np.sqrt(d)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      out[r, qi] = np.einsum("ht,thd->hd", p, v[r, keys])
+  return out
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_xla_attention_blockwise_matches_naive_reference(window):
+  q, k, v = _qkv(l=45)
+  mask = jnp.asarray(np.arange(45)[None] >= np.array([[0], [9]]))
+  pos = jnp.where(mask, jnp.cumsum(mask, 1) - 1, -1)
+  ref = _naive_attention(q, k, v, mask, window)
+  attend = jax.jit(attention_lib.xla_attention, static_argnames=("window", "block"))
+  with HIGHEST:
+    one_block = attend(q, k, v, pos, pos, window=window)
+    blocks = attend(q, k, v, pos, pos, window=window, block=16)  # 3 query blocks
+  np.testing.assert_allclose(one_block, ref, atol=2e-5)
+  np.testing.assert_allclose(blocks, ref, atol=2e-5)
+  assert float(jnp.abs(one_block[1, :9]).max()) == 0.0  # pad queries give zeros
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_cudnn_argument_mapping_on_xla(monkeypatch, window):
+  """The cudnn path's call (is_causal, lengths, local_window_size=(W-1, 0)) run by jax's xla implementation.
+
+  On a GPU the same call runs cuDNN (test_cudnn_backend_equals_xla); here it checks the argument mapping and
+  the left-padding fallback against the naive reference.
+  """
+  monkeypatch.setattr(attention_lib, "CUDNN_IMPLEMENTATION", "xla")
+  q, k, v = _qkv(l=24)
+  for mask in (np.arange(24)[None] < np.array([[24], [15]]),     # right-padded: the fast path
+               np.arange(24)[None] >= np.array([[0], [9]])):     # left-padded: the exact fallback
+    mask = jnp.asarray(mask)
+    pos = jnp.where(mask, jnp.cumsum(mask, 1) - 1, -1)
+    with HIGHEST:
+      out = jax.jit(attention_lib.cudnn_attention, static_argnums=6)(q, k, v, pos, pos, mask, window)
+    np.testing.assert_allclose(out, _naive_attention(q, k, v, mask, window), atol=2e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_backend_equals_xla(tiny_mistral_path):
+  ids = jnp.asarray(np.random.RandomState(3).randint(0, 256, (2, 64)))
+  mask = jnp.asarray(np.arange(64)[None] < np.array([[64], [50]]))
+  ref = load_hf_checkpoint(tiny_mistral_path, dtype="bfloat16")(ids, attention_mask=mask)
+  out = load_hf_checkpoint(tiny_mistral_path, dtype="bfloat16", attention="cudnn")(ids, attention_mask=mask)
+  assert rel_err(out, ref, mask) < 2e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="splash attention needs a TPU")
+def test_splash_backend_equals_xla(tiny_mistral_path):
+  ids = jnp.asarray(np.random.RandomState(3).randint(0, 256, (2, 256)))
+  mask = jnp.asarray(np.arange(256)[None] >= np.array([[0], [40]]))
+  ref = load_hf_checkpoint(tiny_mistral_path)(ids, attention_mask=mask)
+  out = load_hf_checkpoint(tiny_mistral_path, attention="splash")(ids, attention_mask=mask)
+  assert rel_err(out, ref, mask) < 1e-3
+
+
+@pytest.mark.slow
+def test_splash_kernel_interpreted_on_cpu():
+  """The Pallas splash kernel in interpret mode (no TPU needed): GQA, left padding, sliding window."""
+  q, k, v = _qkv(l=40, d=128)
+  mask = jnp.asarray(np.arange(40)[None] >= np.array([[0], [7]]))
+  with HIGHEST:
+    out = attention_lib.splash_attention(q, k, v, mask, window=8, interpret=True)
+  np.testing.assert_allclose(out, _naive_attention(q, k, v, mask, 8), atol=2e-5)
+
+
+# -- configs -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_round_trips_through_hf_config(name):
+  config = PRESETS[name].config
+  assert ModelConfig.from_hf(config.to_hf()) == config
+  assert PRESETS[name].chat_template in ("llama2", "mistral", "llama3", "toy")
+
+
+def test_paper_presets_name_their_repositories():
+  assert PRESETS["llama-2-7b-chat"].hf_repo == "meta-llama/Llama-2-7b-chat-hf"
+  assert PRESETS["mistral-7b-instruct-v0.2"].hf_repo == "mistralai/Mistral-7B-Instruct-v0.2"
+  assert PRESETS["mistral-7b-instruct-v0.2"].config.sliding_window is None
+  assert PRESETS["llama-3-8b-instruct"].config.rope_theta == 500_000.0
+
+
+def test_load_model_from_config_sections(tiny_llama_gqa_path):
+  from rise_jax.config import base_config
+  cfg = base_config()
+  cfg.model.preset = "toy-llama"
+  model = load_model(cfg.model)
+  assert model.config == PRESETS["toy-llama"].config
+  cfg.model.source, cfg.model.hf_path, cfg.model.param_dtype = "hf", str(tiny_llama_gqa_path), "bfloat16"
+  model = load_model(cfg.model)
+  assert model.config.num_kv_heads == 2 and model.embedder[...].dtype == jnp.bfloat16
+
+
+# -- bad input -----------------------------------------------------------------------------------------------
+
+def _edit_config(path, **fields):
+  with open(path / "config.json") as f:
+    d = json.load(f)
+  d.update(fields)
+  with open(path / "config.json", "w") as f:
+    json.dump(d, f)
+
+
+def _copy(src, tmp_path, name):
+  dst = tmp_path / name
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_errors_name_the_tensor_or_field(tiny_llama_gqa_path, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(tiny_llama_gqa_path / "model.safetensors")
+
+  def with_tensors(name, edit):
+    d = _copy(tiny_llama_gqa_path, tmp_path, name)
+    t = dict(tensors)
+    edit(t)
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+  missing = with_tensors("missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+  with pytest.raises(ValueError, match=r"missing tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+    load_hf_checkpoint(missing)
+  extra = with_tensors("extra", lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros(3, np.float32)}))
+  with pytest.raises(ValueError, match=r"unexpected tensor.*model\.layers\.2\.mlp\.up_proj\.weight"):
+    load_hf_checkpoint(extra)
+  shape = with_tensors("shape", lambda t: t.update(
+      {"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}))
+  with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight has shape \(64, 64\).*\(32, 64\)"):
+    load_hf_checkpoint(shape)
+
+  rope = _copy(tiny_llama_gqa_path, tmp_path, "rope")
+  _edit_config(rope, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
+  with pytest.raises(ValueError, match="rope_type 'yarn'"):
+    load_hf_checkpoint(rope)
+  arch = _copy(tiny_llama_gqa_path, tmp_path, "arch")
+  _edit_config(arch, model_type="qwen2")
+  with pytest.raises(ValueError, match="model_type 'qwen2'"):
+    load_hf_checkpoint(arch)
+  bias = _copy(tiny_llama_gqa_path, tmp_path, "bias")
+  _edit_config(bias, attention_bias=True)
+  with pytest.raises(ValueError, match="attention_bias"):
+    load_hf_checkpoint(bias)
+  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    shutil.copy(tiny_llama_gqa_path / "config.json", empty / "config.json")
+    load_hf_checkpoint(empty)
+  sharded = _copy(tiny_llama_gqa_path, tmp_path, "sharded")
+  (sharded / "model.safetensors").rename(sharded / "part-1.safetensors")
+  (sharded / hf_io.INDEX_FILE).write_text(json.dumps(
+      {"weight_map": {**{k: "part-1.safetensors" for k in tensors}, "lm_head.weight": "part-2.safetensors"}}))
+  with pytest.raises(FileNotFoundError, match="part-2.safetensors"):
+    load_hf_checkpoint(sharded)
+
+
+# -- export --------------------------------------------------------------------------------------------------
+
+def test_export_round_trip_single_and_sharded(tiny_llama_gqa_path, tmp_path):
+  """rise_jax -> save_hf_checkpoint -> transformers gives the same logits; also through a sharded index."""
+  model = load_hf_checkpoint(tiny_llama_gqa_path)
+  # Perturb the weights so the export cannot pass by copying files: logits must follow *this* model.
+  state = nnx.state(model)
+  nnx.update(model, jax.tree.map(lambda x: x * 1.01, state))
+  ids = np.random.RandomState(5).randint(0, 256, (2, 20))
+  with HIGHEST:
+    ours = np.asarray(_forward(model, jnp.asarray(ids), None))
+  single = save_hf_checkpoint(model, tmp_path / "single")
+  sharded = save_hf_checkpoint(model, tmp_path / "sharded", max_shard_bytes=100_000)
+  files = sorted(os.listdir(sharded))
+  assert hf_io.INDEX_FILE in files and sum(f.endswith(".safetensors") for f in files) > 2
+  assert "generation_config.json" in files and "model.safetensors" in os.listdir(single)
+  for path in (single, sharded):
+    assert rel_err(torch_logits(path, ids), ours) < 1e-5
+    with HIGHEST:
+      again = np.asarray(_forward(load_hf_checkpoint(path), jnp.asarray(ids), None))
+    np.testing.assert_array_equal(again, ours)
+  original = torch_logits(tiny_llama_gqa_path, ids)
+  assert rel_err(original, ours) > 1e-3  # the mutation the round trip must see (the perturbation)
+  with pytest.raises(FileExistsError):
+    save_hf_checkpoint(model, single)
+
+
+def test_export_tied_with_tokenizer(tiny_llama_tied_path, tmp_path):
+  import transformers
+  model = load_hf_checkpoint(tiny_llama_tied_path)
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_char_tokenizer(), bos_token="<s>", eos_token="</s>")
+  out = save_hf_checkpoint(model, tmp_path / "tied", tokenizer=tok, chat_template="{{ messages[0]['content'] }}")
+  with open(os.path.join(out, "config.json")) as f:
+    config = json.load(f)
+  assert config["tie_word_embeddings"] is True and config["head_dim"] == 32
+  reloaded = transformers.AutoTokenizer.from_pretrained(out)
+  assert reloaded.chat_template == "{{ messages[0]['content'] }}"
+  ids = np.random.RandomState(6).randint(0, 256, (1, 12))
+  with HIGHEST:
+    assert rel_err(torch_logits(out, ids), _forward(model, jnp.asarray(ids), None)) < 1e-5
+
+
+def _char_tokenizer():
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abcdefghij ")}}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+  tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+  return tok
+
+
+def test_convert_cli_both_ways(tiny_llama_mha_path, tmp_path):
+  native = tmp_path / "native"
+  assert convert.main(["--to", "jax", "--src", str(tiny_llama_mha_path), "--dst", str(native)]) == 0
+  back = tmp_path / "hf"
+  assert convert.main(["--to", "hf", "--src", str(native), "--dst", str(back)]) == 0
+  from safetensors.numpy import load_file
+  a, b = load_file(tiny_llama_mha_path / "model.safetensors"), load_file(back / "model.safetensors")
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
