@@ -185,7 +185,8 @@ def test_more_samples_than_k_use_unbiased_estimators():
   assert m["m3@t1"] == 0.0  # chunks (1,2,2) -> 2 (wrong); (3,1,4) -> three-way tie, earliest 3 (wrong)
   assert m["tie_fraction"]["m3@t1"] == 0.5 and m["tie_fraction"]["m2@t1"] == 1.0  # every pair differs
   assert m["p6@t1"] == 1.0 and m["parallel_k"] == 6
-  assert m["m1@t1"] == pytest.approx(1 / 3) and m["p1@t1"] == pytest.approx(1 / 3)  # no sequential run: m1@t1 from the samples
+  # No sequential run: m1@t1 comes from the samples.
+  assert m["m1@t1"] == pytest.approx(1 / 3) and m["p1@t1"] == pytest.approx(1 / 3)
   assert m["sources"]["m1@t1"] == "<records>" and "per_turn_accuracy" not in m
 
 

@@ -8,6 +8,7 @@ matplotlib's object API on an Agg canvas, so importing this module never changes
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -43,8 +44,7 @@ def write_json(path: str | os.PathLike, obj: Any):
 
 
 def _save_figure(fig, path: pathlib.Path):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  import io
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # local: matplotlib only when plotting
 
   FigureCanvasAgg(fig)
   buffer = io.BytesIO()
