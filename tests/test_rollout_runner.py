@@ -261,7 +261,7 @@ class _SpySampler:
     self.tokenizer = tokenizer
     self.calls = []
 
-  def generate(self, prompts, params, seed=0, prompt_ids=None):
+  def generate(self, prompts, params, seed=0, prompt_ids=None, history=None):
     self.calls.append((prompts, params, seed, prompt_ids))
     return [[_FakeSamplerOutput(self.tokenizer, f"={len(self.calls)}{j}") for j in range(params.n)]
             for _ in prompts]
@@ -298,7 +298,7 @@ def test_window_seen_by_the_sampler_on_rendered_ids(tmp_path, toy_tokenizer):
               _toy_ids(*head, *pair("=10"), *pair("=20"), "<|assistant|>"),
               _toy_ids(*head, *pair("=20"), *pair("=30"), "<|assistant|>")]
   assert [call[0] for call in spy.calls] == [[ids] for ids in expected]
-  assert [call[3] for call in spy.calls] == [[sample_uid(A.id, t)] for t in range(1, 5)]
+  assert [call[3] for call in spy.calls] == [[sample_uid(A.id, t, 0, "sequential")] for t in range(1, 5)]
   assert all(call[2] == 3 for call in spy.calls)
   _, (record,), _ = rollout_log.read_rollouts(tmp_path / "w.jsonl")
   assert [t["window_applied"] for t in record["turns"]] == [False, False, False, True]

@@ -7,9 +7,9 @@ conversations (`Request`s) and gets `Completion`s back. Three kinds implement it
 - `rise_jax.rise.teacher.OpenAIChatPolicy`: a chat-completions endpoint (GPT-3.5 in the paper);
 - `ScriptedPolicy`: a function from request to text, for tests and for replaying known answers.
 
-Randomness: a request's key (the problem id), turn and resample round name its random stream (`sample_uid`), so a
-sample never depends on which other problems share its batch, and a resumed run redraws exactly what an
-uninterrupted one drew.
+Randomness: a request's stream (the protocol kind), key (the problem id), turn and resample round name its random
+stream (`sample_uid`), so a sample never depends on which other problems share its batch, a resumed run redraws
+exactly what an uninterrupted one drew, and a parallel run's samples are independent of a sequential run's.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
 
 from rise_jax import chat
 
@@ -40,12 +42,15 @@ class Request:
   key: stable id of the conversation (the problem id); with `turn` and `round` it names the random stream.
   messages: the history the policy sees (already windowed), ending with a user message.
   round: 0 for the first draw; r >= 1 for the r-th resampling of degenerate samples.
+  stream: names the protocol drawing (the runner passes its kind), so that a parallel run's first-turn samples
+    are independent of a sequential run's first turn on the same prompt and seed.
   """
   key: str
   messages: tuple[dict[str, str], ...]
   n: int
   turn: int
   round: int = 0
+  stream: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +85,9 @@ class Policy(Protocol):
     """The conversations `keys` are over: drop any state (KV caches) held for them."""
 
 
-def sample_uid(key: str, turn: int, round_: int = 0) -> int:
-  """A stable 31-bit id for (conversation, turn, resample round): the sampler's per-prompt random stream."""
-  digest = hashlib.blake2b(f"{key}\x1f{turn}\x1f{round_}".encode(), digest_size=8).digest()
+def sample_uid(key: str, turn: int, round_: int = 0, stream: str = "") -> int:
+  """A stable 31-bit id for (stream, conversation, turn, resample round): the sampler's per-prompt random stream."""
+  digest = hashlib.blake2b(f"{stream}\x1f{key}\x1f{turn}\x1f{round_}".encode(), digest_size=8).digest()
   return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
@@ -129,11 +134,15 @@ class ScriptedPolicy:
 
 
 class SamplerPolicy:
-  """The learner (or a teacher checkpoint) through `rise_jax.sampling.Sampler`.
+  """The learner (or a teacher checkpoint) through `rise_jax.sampling.Sampler`, continuing cached conversations.
 
   Conversations are rendered here through the chat template (`rise_jax.chat.render`), so the ids the model sees
   are exactly the template's, and handed to the sampler as token ids with per-request random streams
-  (`sample_uid`). Requests wanting different numbers of samples go in separate sampler calls.
+  (`sample_uid`). After each call the policy holds every sample's `Conversation` (its KV-cache row) per key; the
+  next request for that key continues the held conversation sharing the longest prefix with the new prompt —
+  the candidate the runner chose — so only the appended feedback turn is prefilled. A windowed history breaks the
+  prefix; the sampler then re-prefills from the first differing token. Requests wanting different numbers of
+  samples go in separate sampler calls.
   """
 
   def __init__(self, sampler, tokenizer, *, name: str = "learner", stop_token_ids=None):
@@ -141,30 +150,52 @@ class SamplerPolicy:
     self.tokenizer = tokenizer
     self.name = name
     self.stop_token_ids = stop_token_ids
+    self._held: dict[str, list[Any]] = {}
 
   def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
     from rise_jax.sampling.params import SamplingParams  # local: the runner and teacher work without JAX
 
     prompts = [list(chat.render(self.tokenizer, list(r.messages), add_generation_prompt=True).ids)
                for r in requests]
+    history = [self._best_held(r.key, ids) for r, ids in zip(requests, prompts)]
     out: list[Completion | None] = [None] * len(requests)
     for n in sorted({r.n for r in requests}):
       rows = [i for i, r in enumerate(requests) if r.n == n]
       params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                               top_p=sampling.top_p, top_k=sampling.top_k, n=n, stop_token_ids=self.stop_token_ids)
-      uids = [sample_uid(requests[i].key, requests[i].turn, requests[i].round) for i in rows]
-      results = self.sampler.generate([prompts[i] for i in rows], params, seed=seed, prompt_ids=uids)
+      uids = [sample_uid(requests[i].key, requests[i].turn, requests[i].round, requests[i].stream) for i in rows]
+      results = self.sampler.generate([prompts[i] for i in rows], params, seed=seed, prompt_ids=uids,
+                                      history=[history[i][0] for i in rows])
       for i, samples in zip(rows, results):
+        request = requests[i]
+        conversations = [s.conversation for s in samples if getattr(s, "conversation", None) is not None]
+        if request.round == 0:  # a new turn: the previous turn's conversations are no longer continued
+          self._held[request.key] = conversations
+        else:                   # resamples of this turn: any of its candidates may be chosen
+          self._held.setdefault(request.key, []).extend(conversations)
         out[i] = Completion(samples=tuple(_from_sampler(s) for s in samples), history_tokens=len(prompts[i]),
-                            prefill_tokens=len(prompts[i]))
+                            prefill_tokens=len(prompts[i]) - history[i][1])
     return out
 
+  def _best_held(self, key: str, ids: list[int]) -> tuple[Any, int]:
+    """(held conversation sharing the longest prefix with `ids`, or None; cached tokens it lets us skip)."""
+    best, best_reuse = None, 0
+    for conversation in self._held.get(key, ()):
+      held = conversation.token_ids
+      common = next((k for k, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+      # As the sampler: at most what is cached, and the last prompt token is always fed again for its logits.
+      reuse = min(common, conversation.cached, len(ids) - 1)
+      if reuse > best_reuse:
+        best, best_reuse = conversation, reuse
+    return best, best_reuse
+
   def release(self, keys: Sequence[str]) -> None:
-    del keys
+    for key in keys:
+      self._held.pop(key, None)
 
 
 def _from_sampler(s) -> Sample:
   token_ids = tuple(int(t) for t in s.token_ids)
-  logprob_sum = float(sum(s.logprobs)) if s.logprobs is not None else None
+  logprob_sum = float(np.sum(s.logprobs, dtype=np.float64)) if s.logprobs is not None else None
   return Sample(text=s.text, finish_reason=s.finish_reason, num_tokens=len(token_ids), token_ids=token_ids,
                 logprob_sum=logprob_sum)

@@ -210,7 +210,8 @@ def _sample_turn(policy: Policy, episodes, views, t: int, protocol: Protocol, su
   """
   n = protocol.samples_per_turn[t - 1]
   sampling = protocol.sampling[t - 1]
-  requests = [Request(key=e.problem.id, messages=tuple(v), n=n, turn=t) for e, v in zip(episodes, views)]
+  requests = [Request(key=e.problem.id, messages=tuple(v), n=n, turn=t, stream=protocol.kind)
+              for e, v in zip(episodes, views)]
   completions = _checked_sample(policy, requests, sampling, protocol.seed)
   tokens = [_tokens(c) for c in completions]
   rows = [[[s, 0, degenerate_reason(s.text)] for s in c.samples] for c in completions]

@@ -1,0 +1,33 @@
+"""Evaluate a local HF checkpoint on GSM8K test (the paper's 5-turn protocol, Table 1 metrics):
+
+    python -m rise_jax.evaluate --config=configs/eval_gsm8k.py \
+        --config.model.hf_path=/path/to/Llama-2-7b-chat-hf \
+        --config.task.test_source=../shared/data/gsm8k/test.jsonl
+
+`task.test_source` may be a local jsonl (`question`, `answer`) or the hub's "openai/gsm8k:main". The paper's
+sampling is temperature 1.0, top-p 1.0, up to 1000 new tokens; its graders are the `paper` mode.
+"""
+
+from rise_jax.config import base_config, finalize
+
+
+def get_config():
+  c = base_config()
+  c.name = "eval_gsm8k"
+  c.output_dir = "runs/eval_gsm8k"
+  c.model.source = "hf"
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "bfloat16"
+  c.tokenizer.chat_template = "llama2"
+  c.task.name = "gsm8k"
+  c.task.test_source = "openai/gsm8k:main"
+  c.task.prompt_set = "paper"
+  c.task.grader = "paper"
+  c.sampling.temperature = 1.0
+  c.sampling.top_p = 1.0
+  c.sampling.max_new_tokens = 1000
+  c.sampling.max_cache_length = 8192
+  c.eval.turns = 5
+  c.eval.parallel_k = 5
+  c.eval.self_refine = False
+  return finalize(c)
