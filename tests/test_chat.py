@@ -466,15 +466,24 @@ def test_load_errors(tmp_path, toy_dir):
     chat.load_tokenizer(toy_dir, "llama3")
 
 
-def test_save_pretrained_round_trip_and_transformers_agree(tokenizers_by_template, tmp_path):
-  """The exported directory reloads to the same ids, and transformers' apply_chat_template on it agrees."""
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_export_reloads_and_transformers_agree(tokenizers_by_template, name, tmp_path):
+  """save_pretrained reloads to the same ids; transformers' apply_chat_template on the exported directory gives the
+  same ids, and its assistant mask (from its own {% generation %} handling and char offsets) equals our spans."""
   from transformers import AutoTokenizer
-  tok = tokenizers_by_template("llama2")
+  tok = tokenizers_by_template(name)
   tok.save_pretrained(tmp_path)
-  again = chat.load_tokenizer(tmp_path)  # the template is inferred from the stored chat_template
-  dialog = RISE_RECORD[:5]
-  ours = chat.render(tok, dialog, add_generation_prompt=True).ids
-  assert again.chat_template_name == "llama2" and chat.render(again, dialog, add_generation_prompt=True).ids == ours
+  again = chat.load_tokenizer(tmp_path)  # the template is inferred from the saved chat_template.jinja
+  prompt, full = RISE_RECORD[:5], RISE_RECORD
+  ours = chat.render(tok, prompt, add_generation_prompt=True).ids
+  assert again.chat_template_name == name
+  assert chat.render(again, prompt, add_generation_prompt=True).ids == ours
   hf = AutoTokenizer.from_pretrained(str(tmp_path))
-  assert list(hf.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True,
+  assert list(hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                      return_dict=True)["input_ids"]) == ours
+  out = hf.apply_chat_template(full, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+  rendered = chat.render(tok, full)
+  mask = np.zeros(len(rendered.ids), np.int64)
+  for _, start, end in rendered.assistant_spans:
+    mask[start:end] = 1
+  assert list(out["input_ids"]) == rendered.ids and list(out["assistant_masks"]) == mask.tolist()
