@@ -442,6 +442,33 @@ def test_window_rejects_a_conversation_without_the_rise_head():
     chat.window([{"role": "user", "content": "q"}, {"role": "user", "content": "q"}], 2)
 
 
+def test_continuation_ids(tokenizers_by_template):
+  tok = tokenizers_by_template("toy")
+  before = _rise_conversation(2)
+  after = before + [{"role": "assistant", "content": "attempt 2"}, {"role": "user", "content": "feedback 2"}]
+  extra = chat.continuation_ids(tok, before, after)
+  assert tok.decode(extra) == "attempt 2</s><|user|>feedback 2<|end|><|assistant|>"
+  assert chat.render(tok, before, add_generation_prompt=True).ids + extra == chat.render(
+      tok, after, add_generation_prompt=True).ids
+  # A window that drops history breaks the prefix: the caller must re-prefill.
+  assert chat.continuation_ids(tok, before, chat.window(after, 2)) is None
+
+
+def test_render_errors(tokenizers_by_template):
+  toy = tokenizers_by_template("toy")
+  with pytest.raises(chat.ChatTemplateError, match="only user and assistant roles"):
+    chat.render(toy, [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}])
+  with pytest.raises(chat.ChatTemplateError, match="message 1: 'content' must be a string"):
+    chat.render(toy, [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}])
+  with pytest.raises(chat.ChatTemplateError, match="reserved character"):
+    chat.render(toy, [{"role": "user", "content": "q\ue000"}])
+  with pytest.raises(chat.ChatTemplateError, match="message 0: expected a dict with role"):
+    chat.render(toy, [{"role": "agent", "content": "q"}])
+  with pytest.raises(chat.ChatTemplateError, match="roles must alternate"):
+    chat.render(tokenizers_by_template("llama2"),
+                [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Vocabulary checks, loading errors, export.
 # ---------------------------------------------------------------------------------------------------------------
