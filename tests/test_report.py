@@ -94,3 +94,13 @@ def test_summary_from_metrics_json_files(tmp_path, two_iterations):
   b = report.write_summary(loaded, tmp_path / "b", num_bootstrap=200, plots=False)
   assert "accuracy_vs_turn.png" not in a
   assert json.loads(a["summary.json"].read_text()) == json.loads(b["summary.json"].read_text())
+
+
+def test_report_for_an_oracle_log_where_every_problem_stopped_at_turn_one(tmp_path):
+  seq = [rb.sequential(f"p{i}", [("1", 1)], oracle=True, turns=3) for i in range(4)]
+  par = [rb.parallel(f"p{i}", [("1", 1), ("2", 0)]) for i in range(4)]
+  m = metrics.compute_metrics(seq, par, num_bootstrap=100)
+  assert m["per_turn_accuracy"] == [1.0, None, None] and m["per_turn_count"] == [4, 0, 0]
+  written = report.write_report(m, tmp_path)
+  assert "transitions.png" in written
+  assert "| 2 | –  | 0 | – |" in (tmp_path / "report.md").read_text()
