@@ -65,6 +65,9 @@ def test_end_to_end_log_report_and_metrics(uninterrupted):
     assert r["stop"] == "max_turns" and len(r["turns"]) == TURNS
     assert [t["feedback"] is None for t in r["turns"]] == [False] * (TURNS - 1) + [True]
     assert all(len(t["candidates"]) == 1 and t["chosen"] == 0 for t in r["turns"])
+    # Later turns continue the KV cache: only part of the history is prefilled again.
+    assert r["turns"][0]["prefill_tokens"] == r["turns"][0]["history_tokens"]
+    assert all(t["prefill_tokens"] < t["history_tokens"] for t in r["turns"][1:])
   assert all(len(r["turns"]) == 1 and len(r["turns"][0]["candidates"]) == K for r in par)
   # The parallel run draws its own random numbers: its first sample is not the sequential run's first turn.
   first_turn = {r["problem_id"]: r["turns"][0]["candidates"][0]["token_ids"] for r in seq}

@@ -246,25 +246,35 @@ def _toy_ids(*parts):
   return ids
 
 
+class _FakeConversation:
+  def __init__(self, token_ids, cached):
+    self.token_ids, self.cached = tuple(token_ids), cached
+
+
 class _FakeSamplerOutput:
-  def __init__(self, tokenizer, text):
+  def __init__(self, tokenizer, prompt, text):
     self.token_ids = tokenizer.encode(text) + [TOY_SPECIALS["</s>"]]
     self.text = text
     self.logprobs = [-0.5] * len(self.token_ids)
     self.finish_reason = "stop"
+    # As the real sampler: the conversation holds prompt + reply, all but the last reply token cached.
+    self.conversation = _FakeConversation(list(prompt) + self.token_ids, len(prompt) + len(self.token_ids) - 1)
 
 
 class _SpySampler:
-  """Records the prompt ids and uids the policy hands the sampler; answers "=<turn-call index>"."""
+  """Records what the policy hands the sampler; sample j of call c answers `answer(c, j)`."""
 
-  def __init__(self, tokenizer):
+  def __init__(self, tokenizer, answer=lambda call, j: f"={call}{j}"):
     self.tokenizer = tokenizer
+    self.answer = answer
     self.calls = []
+    self.histories = []
 
   def generate(self, prompts, params, seed=0, prompt_ids=None, history=None):
     self.calls.append((prompts, params, seed, prompt_ids))
-    return [[_FakeSamplerOutput(self.tokenizer, f"={len(self.calls)}{j}") for j in range(params.n)]
-            for _ in prompts]
+    self.histories.append(history)
+    return [[_FakeSamplerOutput(self.tokenizer, p, self.answer(len(self.calls), j)) for j in range(params.n)]
+            for p in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -305,3 +315,29 @@ def test_window_seen_by_the_sampler_on_rendered_ids(tmp_path, toy_tokenizer):
   assert [t["history_tokens"] for t in record["turns"]] == [len(ids) for ids in expected]
   cand = record["turns"][0]["candidates"][0]
   assert cand["token_ids"] == _toy_ids("=10", "</s>") and cand["num_tokens"] == 4 and cand["logprob_sum"] == -2.0
+
+
+def test_sampler_policy_continues_the_chosen_candidates_cache(tmp_path, toy_tokenizer):
+  from rise_jax.rise import get_prompt_set
+  from rise_jax.rise.policies import SamplerPolicy
+
+  # Call 1 (turn 1): samples "=8", "=7" (right), "=7"; best_reward continues sample 1 into turn 2 (no oracle).
+  spy = _SpySampler(toy_tokenizer, answer=lambda call, j: ["=8", "=7", "=7"][j] if call == 1 else f"={j}")
+  policy = SamplerPolicy(spy, toy_tokenizer)
+  header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")
+  protocol = Protocol.sequential(2, samples=3, select="best_reward", sampling=SAMPLING, grader="robust")
+  run_episodes([A], policy, protocol, tmp_path / "c.jsonl", task=_ToyTask(), prompts=get_prompt_set("toy"),
+               header=header, progress=False)
+  assert spy.histories[0] == [None]
+  (turn1_prompt,), (turn2_prompt,) = spy.calls[0][0], spy.calls[1][0]
+  (held,) = spy.histories[1]
+  # The continued conversation is sample 1's (its reply is in the new prompt), and only the tokens after its
+  # cached part are prefilled.
+  assert held.token_ids == tuple(turn1_prompt + _toy_ids("=7", "</s>"))
+  assert turn2_prompt[:len(held.token_ids)] == list(held.token_ids)
+  _, (record,), _ = rollout_log.read_rollouts(tmp_path / "c.jsonl")
+  t1, t2 = record["turns"]
+  assert t1["chosen"] == 1 and t1["prefill_tokens"] == t1["history_tokens"] == len(turn1_prompt)
+  assert t2["history_tokens"] == len(turn2_prompt)
+  assert t2["prefill_tokens"] == len(turn2_prompt) - held.cached
+  assert policy._held == {}  # the finished row's caches were released
