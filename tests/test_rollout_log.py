@@ -195,3 +195,21 @@ def test_writer_completes_a_partial_header_and_requires_hash(tmp_path):
   assert header["schema"] == rollout_log.SCHEMA and header["config_hash"] == "h" and header["created"]
   with pytest.raises(RolloutLogError, match=r"field 'config_hash': missing"):
     RolloutWriter(tmp_path / "b.jsonl", {"model": "m"})
+
+
+def test_a_torn_header_starts_the_log_over(tmp_path):
+  path = tmp_path / "r.jsonl"
+  path.write_bytes(json.dumps(rb.header(), separators=(",", ":")).encode()[:45])
+  with RolloutWriter(path, rb.header(), fsync=False) as w:
+    assert w.num_torn_lines == 1 and len(w) == 0
+    w.write(_records()[0])
+  header, records, torn = read_rollouts(path)
+  assert torn == 0 and records == _records()[:1] and header["config_hash"] == rb.header()["config_hash"]
+
+
+def test_an_unrelated_file_is_never_overwritten(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("my notes, no newline")
+  with pytest.raises(RolloutLogError, match="notes.txt:1: no header"):
+    RolloutWriter(path, rb.header())
+  assert path.read_text() == "my notes, no newline"

@@ -284,12 +284,28 @@ class RolloutWriter:
     self._fsync = fsync
     self._counts: collections.Counter[str] = collections.Counter()
     self.num_torn_lines = 0
-    if self.path.exists() and self.path.stat().st_size > 0:
+    if self.path.exists() and self.path.stat().st_size > 0 and not self._only_a_torn_header():
       self._open_for_resume()
     else:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       self._file = open(self.path, "wb")
       self._write_line(self.header)
+
+  def _only_a_torn_header(self) -> bool:
+    """A crash while writing the header line itself: nothing was logged, so the file starts over.
+
+    Only a prefix of what this writer writes qualifies, so an unrelated file given by mistake is never replaced.
+    """
+    data = self.path.read_bytes()
+    start = json.dumps({"schema": SCHEMA}, separators=(",", ":"))[:-1].encode()  # b'{"schema":"rise_jax.rollout/1"'
+    if b"\n" in data or not (start.startswith(data) or data.startswith(start)):
+      return False
+    try:
+      json.loads(data)
+      return False
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      self.num_torn_lines = 1
+      return True
 
   def _open_for_resume(self):
     existing, records, self.num_torn_lines, intact = _read(self.path, validate=True)
