@@ -60,7 +60,11 @@ def rendered_length(tokenizer, messages: Sequence[Message], add_generation_promp
 
 
 def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False) -> RenderedChat:
-  """Renders messages through the tokenizer's chat template to ids and assistant token spans."""
+  """Renders messages through the tokenizer's chat template to ids and assistant token spans.
+
+  As in transformers' apply_chat_template and vLLM, a special-token string inside message content (e.g. a literal
+  "</s>") is encoded as that special token.
+  """
   text, char_spans = _render_text(tokenizer, messages, add_generation_prompt)
   ids = tokenizer.encode_chat_text(text)
   spans = []
