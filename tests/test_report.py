@@ -104,3 +104,16 @@ def test_report_for_an_oracle_log_where_every_problem_stopped_at_turn_one(tmp_pa
   written = report.write_report(m, tmp_path)
   assert "transitions.png" in written
   assert "| 2 | –  | 0 | – |" in (tmp_path / "report.md").read_text()
+
+
+def test_offline_cli_recomputes_from_logs(tmp_path):
+  seq, par = _logs(0.5, 3, n=10)
+  rb.write_log(tmp_path / "seq.jsonl", seq)
+  rb.write_log(tmp_path / "par.jsonl", par)
+  m = report.main(["--sequential", str(tmp_path / "seq.jsonl"), "--parallel", str(tmp_path / "par.jsonl"),
+                   "--out", str(tmp_path / "out"), "--num_bootstrap", "100"])
+  direct = metrics.compute_metrics(seq, par, num_bootstrap=100)
+  assert m["m1@t3"] == direct["m1@t3"] and m["p3@t1"] == direct["p3@t1"]
+  assert json.loads((tmp_path / "out" / "metrics.json").read_text())["sources"]["m3@t1"] == str(tmp_path / "par.jsonl")
+  with pytest.raises(SystemExit):
+    report.main(["--out", str(tmp_path / "x")])

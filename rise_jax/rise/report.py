@@ -2,7 +2,8 @@
 
 `write_report(metrics, out_dir)` writes one evaluation's `metrics.json`, `report.md` and PNGs;
 `write_summary(per_iteration_metrics, out_dir)` writes the cross-iteration `summary.md`, `summary.json` and
-`accuracy_vs_turn.png` of a RISE run (contracts §6). Every file is written atomically (tmp + rename). Plots use
+`accuracy_vs_turn.png` of a RISE run (contracts §6); `python -m rise_jax.rise.report --sequential ... --parallel ...
+--out DIR` recomputes metrics and report offline from rollout logs alone. Every file is written atomically. Plots use
 matplotlib's object API on an Agg canvas, so importing this module never changes the process's pyplot backend.
 """
 
@@ -391,3 +392,43 @@ def _is_headline(key: str) -> bool:
   """m{k}@t{j} / p{k}@t{j} metric names."""
   head, sep, tail = key.partition("@t")
   return bool(sep) and head[:1] in "mp" and head[1:].isdigit() and tail.isdigit()
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """Recompute metrics and the report offline from rollout logs alone:
+
+    python -m rise_jax.rise.report --sequential rollouts.jsonl --parallel rollouts_parallel.jsonl --out eval/
+  """
+  import argparse
+
+  parser = argparse.ArgumentParser(prog="python -m rise_jax.rise.report", description=main.__doc__.split("\n")[0])
+  parser.add_argument("--sequential", action="append", default=[],
+                      help="a sequential rollout log; repeat for independent draws")
+  parser.add_argument("--parallel", default=None, help="the parallel (k first-turn samples) rollout log")
+  parser.add_argument("--out", required=True, help="directory for metrics.json, report.md and the plots")
+  parser.add_argument("--grader", default=None, choices=("paper", "robust"),
+                      help="re-grade under this mode (default: as logged)")
+  parser.add_argument("--tie_break", default="earliest", choices=metrics_lib.TIE_BREAKS)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--num_bootstrap", type=int, default=metrics_lib.DEFAULT_NUM_BOOTSTRAP)
+  parser.add_argument("--title", default="RISE evaluation")
+  args = parser.parse_args(argv)
+  if not args.sequential and args.parallel is None:
+    parser.error("give --sequential and/or --parallel")
+  from rise_jax.rise import get_task, rollout_log
+
+  first = args.sequential[0] if args.sequential else args.parallel
+  _, records, _ = rollout_log.read_rollouts(first)
+  task = get_task(records[0]["task"]) if records else None  # answers_equivalent / re-grading need the task
+  m = metrics_lib.metrics_from_logs(args.sequential or None, args.parallel, task, args.grader, args.tie_break,
+                                    seed=args.seed, num_bootstrap=args.num_bootstrap)
+  for path in write_report(m, args.out, title=args.title).values():
+    print(path)
+  return m
+
+
+if __name__ == "__main__":
+  main()
