@@ -25,8 +25,16 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint's tree does not match what the run expects (missing or extra leaves)."""
 
 
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
 def _paths(tree) -> set[str]:
-  return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}
+  """Leaf paths as 'a/b/0/c', the same whether a node is a dataclass, a namedtuple or the dict/list orbax reads."""
+  return {"/".join(_key_name(k) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def abstract_like(tree):
@@ -44,7 +52,10 @@ class Checkpointer:
     self.every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+    # Handlers named up front, so a fresh process can read metadata before any save of its own.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
     """Start an (async) save when `step` is due, or always with `force`; returns whether one started."""

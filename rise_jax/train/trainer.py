@@ -86,6 +86,10 @@ class Trainer:
                         out_shardings=self.state_shardings)
     self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
                         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+    # The same gradients without the update (sharding checks, evaluation of a batch's loss).
+    self.loss_and_grads = jax.jit(self._grads, in_shardings=(self.param_shardings, self.batch_sharding,
+                                                             self.replicated),
+                                  out_shardings=(self.param_shardings, self.replicated, self.replicated))
 
   def _init(self, params, rng) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), rng=rng)
@@ -95,6 +99,14 @@ class Trainer:
     params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), self.param_shardings)
     with jax.set_mesh(self.mesh):
       return self.init(params, jax.random.key_data(jax.random.key(seed)))
+
+  def batch(self, plan_step: data_lib.StepPlan, examples, estimator: str, pad_id: int = 0):
+    """(global batch arrays, host stats) of one planned step; this process materialises only its own rows."""
+    shape = plan_step.shape
+    local = data_lib.materialize(plan_step, examples, estimator, data_lib.host_rows(self.batch_sharding, shape),
+                                 pad_id=pad_id)
+    return (data_lib.global_batch(local, self.batch_sharding, shape),
+            data_lib.step_stats(plan_step, examples, estimator))
 
   def model(self, state: TrainState):
     """An nnx model view of the state's parameters."""
@@ -107,19 +119,24 @@ class Trainer:
     return loss_lib.chunked_weighted_nll(hidden.astype(model.dtype), unembedding(model), micro["targets"],
                                          micro["weights"], normalizer, vocab_chunk=self.vocab_chunk)
 
-  def _step(self, state: TrainState, batch: dict[str, jax.Array], normalizer: jax.Array):
+  def _grads(self, params, batch: dict[str, jax.Array], normalizer: jax.Array):
+    """(grads, loss, sums) of the whole global batch: micro-batch gradients summed in a scan (float32)."""
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
 
     def accumulate(carry, micro):
       grads, loss, sums = carry
-      (micro_loss, micro_sums), micro_grads = grad_fn(state.params, micro, normalizer)
+      (micro_loss, micro_sums), micro_grads = grad_fn(params, micro, normalizer)
       grads = jax.tree.map(jnp.add, grads, micro_grads)
       return (grads, loss + micro_loss, jax.tree.map(jnp.add, sums, micro_sums)), None
 
     zeros = jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(jnp.zeros(p.shape, jnp.float32), s),
-                         state.params, self.param_shardings)
+                         params, self.param_shardings)
     init = (zeros, jnp.zeros((), jnp.float32), {"correct_weight": jnp.zeros(()), "token_weight": jnp.zeros(())})
     (grads, loss, sums), _ = jax.lax.scan(accumulate, init, batch)
+    return grads, loss, sums
+
+  def _step(self, state: TrainState, batch: dict[str, jax.Array], normalizer: jax.Array):
+    grads, loss, sums = self._grads(state.params, batch, normalizer)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -317,11 +334,7 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
       if profile is not None and i == profile[0]:
         jax.profiler.start_trace(str(out_dir / "profile"))
       plan_step = steps[i]
-      shape = plan_step.shape
-      local = data_lib.materialize(plan_step, examples, t.estimator,
-                                   data_lib.host_rows(trainer.batch_sharding, shape), pad_id=0)
-      batch = data_lib.global_batch(local, trainer.batch_sharding, shape)
-      stats = data_lib.step_stats(plan_step, examples, t.estimator)
+      batch, stats = trainer.batch(plan_step, examples, t.estimator)
       with jax.set_mesh(mesh):
         state, metrics = trainer.step(state, batch, jnp.float32(stats.normalizer))
       done = i + 1

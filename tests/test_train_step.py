@@ -1,0 +1,177 @@
+"""The sharded step, the loop, checkpoints and the HF export, in-process on 8 fake CPU devices."""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from rise_jax import chat
+from rise_jax import sharding as sharding_lib
+from rise_jax.models.build import build_model
+from rise_jax.train import checkpoint as ckpt_lib
+from rise_jax.train import data as data_lib
+from rise_jax.train import demo, optim, trainer as trainer_lib
+
+from train_helpers import TINY, optim_cfg, tiny_config
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer_dir(tmp_path_factory):
+  from rise_jax.rise.tasks.toy import build_toy_tokenizer
+  return pathlib.Path(build_toy_tokenizer(tmp_path_factory.mktemp("tok") / "toy"))
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer(toy_tokenizer_dir):
+  return chat.load_tokenizer(toy_tokenizer_dir, "toy")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+  """Built once (on one device); the trainer copies it into each test's sharding, leaving it intact."""
+  return build_model(TINY, seed=0)
+
+
+@pytest.fixture(scope="session")
+def examples(toy_tokenizer):
+  records = data_lib.as_records(demo.demo_records(48, seed=1))
+  out, report = data_lib.encode_records(records, toy_tokenizer, max_length=128)
+  assert report.kept == 48
+  return out
+
+
+def _run(mesh_shape, model, examples, num_steps=3):
+  """3 steps of 16 examples (4 micro-batches) on a mesh; returns losses, first-step grads, params, trainer, state."""
+  mesh = sharding_lib.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+  steps = data_lib.plan([e.length for e in examples], epochs=1, seed=0, global_batch=16, micro_batch=4,
+                        row_multiple=4, max_length=128, packing=False)
+  # Adam divides by sqrt(v) + eps: with the recipe's eps=1e-8, rounding-level gradient differences on a
+  # near-zero gradient can move a weight by ~lr; eps=1e-6 bounds that amplification for this comparison.
+  tx, lr = optim.optimizer(optim_cfg(eps=1e-6), 3)
+  trainer = trainer_lib.Trainer(model, mesh, tx, lr)
+  state = trainer.initial_state(model, seed=0)
+  losses = []
+  with jax.set_mesh(mesh):
+    batch, stats = trainer.batch(steps[0], examples, "sample_mean")
+    grads, _, _ = trainer.loss_and_grads(state.params, batch, jnp.float32(stats.normalizer))
+    grads = jax.device_get(grads)
+    for s in steps[:num_steps]:
+      batch, stats = trainer.batch(s, examples, "sample_mean")
+      state, metrics = trainer.step(state, batch, jnp.float32(stats.normalizer))
+      losses.append(float(metrics["loss"]))
+  return np.array(losses), grads, jax.device_get(state.params), trainer, state, (batch, stats)
+
+
+def test_sharded_equals_unsharded(tiny_model, examples):
+  ref_losses, ref_grads, ref_params, *_ = _run((1, 1, 1), tiny_model, examples)
+  for shape in [(1, 4, 2), (2, 2, 2)]:
+    losses, grads, params, trainer, state, (batch, stats) = _run(shape, tiny_model, examples)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, ref_grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * 1e-3), params, ref_params)
+    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+    print(f"mesh {shape}: max |loss diff| {np.max(np.abs(losses - ref_losses)):.2e}, max |param diff| {worst:.2e}")
+    # The sharding is real: parameter specs as the rules say, and the compiled step gathers/reduces over fsdp.
+    assert state.params["layers"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert state.params["embedder"].sharding.spec == P("tensor", "fsdp")
+    assert state.opt_state[0].mu["layers"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
+    hlo = trainer.step.lower(state, batch, jnp.float32(stats.normalizer)).compile().as_text()
+    assert "all-gather" in hlo and ("reduce-scatter" in hlo or "all-reduce" in hlo)
+
+
+def test_train_end_to_end_hf_export_and_resume(tmp_path, tiny_model, toy_tokenizer_dir, toy_tokenizer):
+  """train() writes ckpt/, metrics.jsonl, hf/; transformers loads hf/ to the same logits; a rerun resumes at the
+  end; malformed data on the same run directory fails before touching anything."""
+  torch = pytest.importorskip("torch")
+  import transformers
+  data = tmp_path / "sft.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in demo.demo_records(24, seed=2)))
+  cfg = tiny_config(toy_tokenizer_dir, tmp_path / "run")
+  result = trainer_lib.train(cfg, data, tmp_path / "run", model=tiny_model, tokenizer=toy_tokenizer)
+  assert result.steps == 3 and [m["step"] for m in result.metrics] == [1, 2, 3]
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [1, 2, 3] and all(np.isfinite(l["loss"]) for l in lines)
+  assert {"tokens_per_s", "tflops_per_s", "grad_norm", "lr", "sum_weights", "accuracy"} <= set(lines[-1])
+  assert sorted(int(p.name) for p in (tmp_path / "run" / "ckpt").iterdir() if p.name.isdigit()) == [2, 3]
+  ids = np.array([toy_tokenizer.encode("1+2*3=7, 4+5*6=34. Answer")], np.int32)
+  ours = np.asarray(result.model(jnp.asarray(ids)))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(result.hf_dir), dtype=torch.float32)
+  with torch.no_grad():
+    theirs = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+  again = trainer_lib.train(cfg, data, tmp_path / "run", model=tiny_model, tokenizer=toy_tokenizer)
+  assert again.resumed_from == 3 and again.metrics == []
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               jax.device_get(again.model.lm_head[...]), jax.device_get(result.model.lm_head[...]))
+
+  before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*"))
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(data.read_text().splitlines()[0] + "\n" + '{"id": "x", "weight": -2, "messages": []}\n')
+  with pytest.raises(data_lib.RecordError, match=f"{bad}:2: field 'weight'"):
+    trainer_lib.train(cfg, bad, tmp_path / "run", model=tiny_model, tokenizer=toy_tokenizer)
+  assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path, tiny_model, toy_tokenizer_dir, toy_tokenizer):
+  data = tmp_path / "sft.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in demo.demo_records(16, seed=3)))
+  model = nnx.clone(tiny_model)
+  model.final_norm[...] = model.final_norm[...].at[0].set(jnp.nan)
+  with pytest.raises(trainer_lib.NonFiniteLossError, match="at step 1"):
+    trainer_lib.train(tiny_config(toy_tokenizer_dir, tmp_path / "run"), data, tmp_path / "run", model=model,
+                      tokenizer=toy_tokenizer)
+  assert not any(p.name.isdigit() for p in (tmp_path / "run" / "ckpt").iterdir())
+
+
+def test_checkpoint_strict_tree_and_corrupt_latest_fallback(tmp_path):
+  mesh = sharding_lib.make_mesh((1, 8, 1))
+  sh = jax.sharding.NamedSharding(mesh, P("fsdp"))
+  state = {"params": {"w": jax.device_put(jnp.arange(16.0), sh)}, "step": jnp.int32(0)}
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt", every=1, keep=3)
+  for step in (1, 2):
+    ck.save(step, jax.tree.map(lambda x: x + step, state), {"step": step})
+  ck.close()
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt", every=1, keep=3)  # a fresh manager, as after a restart
+  step, restored, meta = ck.restore_latest(ckpt_lib.abstract_like(state))
+  assert step == 2 and meta == {"step": 2} and restored["params"]["w"].sharding == sh
+  np.testing.assert_array_equal(restored["params"]["w"], np.arange(16.0) + 2)
+  extra = {**state, "params": {**state["params"], "b": jnp.zeros(3)}}
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"missing leaves \['params/b'\]"):
+    ck.restore_latest(ckpt_lib.abstract_like(extra))
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="extra leaves"):
+    ck.restore_latest(ckpt_lib.abstract_like({"params": state["params"]}))
+  # Corrupt every data file of the latest step: the previous one is used, with a warning.
+  for f in (tmp_path / "ckpt" / "2" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(b"garbage")
+  with pytest.warns(RuntimeWarning, match="unreadable"):
+    step, restored, _ = ck.restore_latest(ckpt_lib.abstract_like(state))
+  assert step == 1
+  np.testing.assert_array_equal(restored["params"]["w"], np.arange(16.0) + 1)
+  ck.close()
+
+
+@pytest.mark.parametrize("which", ["toy", "llama2"])
+def test_loss_mask_decodes_to_trained_message(which, toy_tokenizer, request):
+  """targets[loss_mask == 1] is exactly the trained assistant message plus its end-of-turn token (Llama 2's
+  template closes a reply with " </s>": the space is the template's, before the end-of-turn token)."""
+  if which == "toy":
+    tok, end = toy_tokenizer, "</s>"
+  else:
+    tok, end = chat.load_tokenizer(request.getfixturevalue("llama2_tokenizer_model"), "llama2"), " </s>"
+  record = demo.demo_records(4, seed=0)[0]
+  assert len(record["messages"]) == 6  # two attempts: only the last one is trained
+  record["messages"][-1]["content"] = "2*3=6, then 1+6=7. Answer: 7"
+  (ex,), _ = data_lib.encode_records(data_lib.as_records([record]), tok, max_length=512)
+  trained = ex.targets[ex.loss_mask == 1]
+  assert tok.decode(trained.tolist()) == record["messages"][-1]["content"] + end
+  assert trained[-1] in tok.eos_token_ids
+  idx = np.nonzero(ex.loss_mask)[0]
+  assert np.all(np.diff(idx) == 1) and idx[-1] == len(ex.targets) - 1  # one contiguous span, the last message
