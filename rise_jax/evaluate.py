@@ -27,20 +27,17 @@ import sys
 from typing import Any, Sequence
 
 from rise_jax import config as config_lib
-from rise_jax.rise import rollout_log
 from rise_jax.rise.policies import Policy, SamplerPolicy, TurnSampling
 from rise_jax.rise.rollout import Protocol, RunSummary, run_episodes
 
 log = logging.getLogger(__name__)
 
 SELF_REFINE_PROMPT_SET = "self_refine"
+PARALLEL_LOG = "rollouts_parallel.jsonl"
 
 
 def sequential_log_name(draw: int) -> str:
   return "rollouts.jsonl" if draw == 0 else f"rollouts_draw{draw}.jsonl"
-
-
-PARALLEL_LOG = "rollouts_parallel.jsonl"
 
 
 def turn_sampling(cfg) -> TurnSampling:
@@ -82,9 +79,10 @@ def load_learner(cfg, out_dir: pathlib.Path, *, name: str = "learner") -> Policy
 
   tokenizer = chat.load_tokenizer(tokenizer_path(cfg, out_dir), chat_template=cfg.tokenizer.chat_template)
   mesh = sharding.make_mesh(tuple(cfg.mesh.sample))
-  model = models.load_model(cfg.model, mesh=mesh, seed=cfg.seed)
+  model = models.load_model(cfg.model, mesh=mesh, on_indivisible=cfg.mesh.on_indivisible, seed=cfg.seed)
   chat.check_vocab(tokenizer, model.config)
-  sampler = Sampler(model, tokenizer, max_cache_length=cfg.sampling.max_cache_length, mesh=mesh)
+  sampler = Sampler(model, tokenizer, max_cache_length=cfg.sampling.max_cache_length, mesh=mesh,
+                    on_overflow=cfg.sampling.on_overflow)
   return SamplerPolicy(sampler, tokenizer, name=name)
 
 

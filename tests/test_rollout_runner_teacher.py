@@ -136,3 +136,41 @@ def test_policy_sends_one_request_per_sample_and_logs_usage(tmp_path):
     # A second pass (a resumed run) is served from the cache entirely.
     policy.sample(requests, TurnSampling(temperature=0.5, max_new_tokens=32), seed=0)
     assert len(server.received) == 7 and policy.client.num_cache_hits == 7
+
+
+@pytest.mark.timeout(60)
+def test_teacher_serves_the_last_turn_of_an_episode(tmp_path):
+  from rise_jax.rise import get_prompt_set, get_task, rollout_log
+  from rise_jax.rise.policies import ScriptedPolicy
+  from rise_jax.rise.rollout import Protocol, run_episodes
+
+  task = get_task("toy", test_size=3, dev_size=0)
+  problems = task.load("test")
+  prompts = get_prompt_set("toy")
+  answers = {prompts.feedback(p.question): p.reference for p in problems}  # the teacher knows the scratchpads
+  learner = ScriptedPolicy(lambda request, j: "=0", name="learner@iter_0")
+  protocol = Protocol.sequential(2, samples=(1, 2), select="best_reward", oracle=True,
+                                 sampling=(TurnSampling(max_new_tokens=16), TurnSampling(temperature=0.3)),
+                                 grader="robust")
+  header = rollout_log.make_header("cfg", "learner", versions={}, git_commit="abc")
+  with _Server(lambda q, i: answers[q], fail_first=1) as server:
+    teacher = OpenAIChatPolicy(_client(server.url, tmp_path), max_concurrency=2)
+    run_episodes(problems, [learner, teacher], protocol, tmp_path / "a.jsonl", task=task, prompts=prompts,
+                 header=header, progress=False)
+    assert len(server.received) == 1 + 3 * 2  # one 500, then one request per sample
+    # The teacher sees the learner's failed attempt and the feedback, in the chat-completions message format.
+    sent = server.received[-1]["body"]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user", "assistant", "user"]
+    assert sent[3]["content"] == "=0"
+    # Collecting the same episodes again (a resumed or repeated run) is served from the cache.
+    run_episodes(problems, [learner, teacher], protocol, tmp_path / "b.jsonl", task=task, prompts=prompts,
+                 header=header, progress=False)
+    assert len(server.received) == 7
+  _, records, _ = rollout_log.read_rollouts(tmp_path / "a.jsonl")
+  _, again, _ = rollout_log.read_rollouts(tmp_path / "b.jsonl")
+  assert records == again
+  for r in records:
+    last = r["turns"][1]
+    assert last["policy"] == "teacher:teacher-7b" and last["sampling"]["temperature"] == 0.3
+    assert [(c["token_ids"], c["num_tokens"], c["reward"]) for c in last["candidates"]] == [(None, 5, 1.0)] * 2
+    assert last["history_tokens"] == 11 and r["stop"] == "oracle_success"
