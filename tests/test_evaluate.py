@@ -129,3 +129,53 @@ def test_resume_after_sigkill_equals_uninterrupted(uninterrupted, tmp_path, env)
   # The resumed process skipped what was already logged.
   throughput = json.loads((out / "throughput.json").read_text())
   assert throughput["sequential"]["skipped"] == len(before)
+
+
+def test_evaluate_protocols_draws_and_self_refine_with_a_scripted_learner(tmp_path):
+  """The whole evaluate flow in-process (no model): which protocols run, on which prompts, into which files, and
+  the metrics they give, with a learner whose answers are known."""
+  import importlib.util
+
+  from rise_jax import evaluate
+  from rise_jax.rise import get_prompt_set
+  from rise_jax.rise.policies import ScriptedPolicy
+
+  spec = importlib.util.spec_from_file_location("eval_toy", REPO / "configs" / "eval_toy.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.output_dir = str(tmp_path / "run")
+  cfg.task.test_size, cfg.eval.turns, cfg.eval.parallel_k, cfg.eval.draws = 4, 2, 3, 2
+  cfg.eval.self_refine = True
+  references = {}
+
+  def respond(request, j):
+    right = references[request.key].split("=")[-1]
+    if request.messages[0]["content"] == get_prompt_set("self_refine").instruction:
+      return f"={right}"                          # Self-Refine prompts: always right
+    if request.stream == "parallel":
+      return f"={right}" if j == 1 else "=0"      # one right sample of three; the vote picks "0"
+    return "=0" if request.turn == 1 else f"={right}"  # sequential: wrong, then right
+
+  from rise_jax.rise.tasks import task_from_config
+  references.update({p.id: p.reference for p in task_from_config(cfg.task).load("test")})
+  learner = ScriptedPolicy(respond, name="scripted")
+  metrics = evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)
+
+  out = tmp_path / "run"
+  seeds = {}
+  for name in ("rollouts.jsonl", "rollouts_draw1.jsonl", "rollouts_parallel.jsonl", "self_refine/rollouts.jsonl"):
+    _, records, _ = rollout_log.read_rollouts(out / name)
+    assert len(records) == 4, name
+    seeds[name] = {(r["protocol"]["kind"], r["protocol"]["prompt_set"], r["protocol"]["seed"]) for r in records}
+  assert seeds == {"rollouts.jsonl": {("sequential", "toy", 0)}, "rollouts_draw1.jsonl": {("sequential", "toy", 1)},
+                   "rollouts_parallel.jsonl": {("parallel", "toy", 0)},
+                   "self_refine/rollouts.jsonl": {("sequential", "self_refine", 0)}}
+  # Sequential: wrong then right, no oracle; majority over turns ties 1-1 and `earliest` picks the wrong one.
+  assert metrics["m1@t1"] == 0.0 and metrics["p1@t2"] == 1.0 and metrics["m1@t2"] == 0.0
+  assert metrics["per_turn_accuracy"] == [0.0, 1.0]
+  assert metrics["p3@t1"] == 1.0 and metrics["m3@t1"] == 0.0
+  refine = json.loads((out / "self_refine" / "metrics.json").read_text())
+  assert refine["m1@t1"] == 1.0 and refine["per_turn_accuracy"] == [1.0, 1.0]
+  assert (out / "report.md").is_file() and (out / "self_refine" / "report.md").is_file()
+  assert json.loads((out / "metrics.json").read_text())["throughput"]["parallel"]["episodes"] == 4
