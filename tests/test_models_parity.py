@@ -72,7 +72,7 @@ def test_llama2_mha(tiny_llama_mha_path):
 def test_llama3_gqa_rope_scaling_long(tmp_path):
   rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
-  path = save_tiny_llama(tmp_path, hidden_size=256, intermediate_size=256, num_attention_heads=4,
+  path = save_tiny_llama(tmp_path, hidden_size=128, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, rope_parameters=rope)
   model = load_hf_checkpoint(path)
   assert model.config.head_dim >= 64 and model.config.num_kv_heads < model.config.num_heads

@@ -136,3 +136,27 @@ def splash_attention(q, k, v, mask, segment_ids=None, window=None, interpret=Fal
   out = jax.vmap(one_row)(q, k, v, seg)                               # [b, kv, g, l, d]
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, d)[:, :l]
   return jnp.where(mask[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def sharded_splash_attention(q, k, v, mask, segment_ids=None, window=None, interpret=False):
+  """`splash_attention` under the current mesh: a Pallas kernel is not auto-partitioned, so it runs in
+  `shard_map` with rows split over the batch axes and kv heads over the tensor axis (each shard keeps whole
+  query groups, because head h belongs to kv head h // groups). Without a multi-device mesh it is a plain call.
+  """
+  from flax.core import spmd
+  from rise_jax import sharding as sharding_lib
+  mesh = jax.sharding.get_abstract_mesh()
+  call = functools.partial(splash_attention, window=window, interpret=interpret)
+  if mesh.empty or mesh.size == 1:
+    return call(q, k, v, mask, segment_ids)
+  rules = spmd.get_logical_axis_rules() or sharding_lib.TRAIN_RULES
+  spec = lambda x, axes: sharding_lib.logical_to_spec(axes, x.shape, mesh, rules, "replicate", "splash input")
+  kv_spec = spec(k, ("batch", "length", "kv_heads", "head_dim"))
+  q_spec = jax.sharding.PartitionSpec(*kv_spec)  # heads split exactly like kv heads (whole groups)
+  row_spec = jax.sharding.PartitionSpec(kv_spec[0], None)
+  if segment_ids is None:
+    body = lambda q, k, v, m: call(q, k, v, m)
+    return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, mask)
+  return jax.shard_map(call, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec), out_specs=q_spec,
+                       check_vma=False)(q, k, v, mask, segment_ids)

@@ -128,6 +128,8 @@ class Transformer(nnx.Module):
       raise ValueError(f"model.attention: {attention!r} is not one of {attention_lib.BACKENDS}")
     if remat != "none" and remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat: {remat!r} is not one of {['none', *REMAT_POLICIES]}")
+    if attention == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"model.attention: cudnn flash attention needs model.dtype bfloat16 (got {jnp.dtype(dtype)})")
     self.config = config
     self.param_dtype = jnp.dtype(param_dtype)
     self.dtype = jnp.dtype(dtype)
@@ -192,7 +194,7 @@ class Transformer(nnx.Module):
       if cache is None and segment_ids is None and self.attention == "cudnn":
         return attention_lib.cudnn_attention(q, k, v, positions, k_pos, mask, c.sliding_window)
       if cache is None and self.attention == "splash":
-        return attention_lib.splash_attention(q, k, v, mask, segment_ids, c.sliding_window)
+        return attention_lib.sharded_splash_attention(q, k, v, mask, segment_ids, c.sliding_window)
       return attention_lib.xla_attention(q, k, v, positions, k_pos, segment_ids, segment_ids, c.sliding_window)
 
     def layer(x, w, kv):
