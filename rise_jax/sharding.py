@@ -100,7 +100,7 @@ def _mesh_size(mesh: Mesh | jax.sharding.AbstractMesh, axes) -> int:
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules,
-                    on_indivisible: str = "replicate", name: str = "array") -> PartitionSpec:
+                    on_indivisible: str = "replicate", name: str = "array", warn: bool = True) -> PartitionSpec:
   """PartitionSpec for an array of `shape` whose axes are named `logical_axes`.
 
   A mesh axis is used at most once per array (a later dimension that maps to an already-used mesh axis stays
@@ -123,12 +123,27 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
              f"(size {size})")
       if on_indivisible == "raise":
         raise ValueError(msg + "; set mesh.on_indivisible='replicate' to replicate it instead")
-      log.warning("%s; replicating it", msg)
+      if warn:
+        log.warning("%s; replicating it", msg)
       mesh_axes = None
     if mesh_axes is not None:
       used.update((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes)
     spec.append(mesh_axes)
   return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Pin an activation's layout under the mesh and rules in scope (`use_mesh`); a no-op without a mesh.
+
+  Indivisible dimensions (a decode batch of 1) are replicated silently: activations change shape every call.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  from flax.core import spmd
+  rules = spmd.get_logical_axis_rules() or TRAIN_RULES
+  spec = logical_to_spec(logical_axes, x.shape, mesh, rules, "replicate", "activation", warn=False)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules = TRAIN_RULES,

@@ -79,7 +79,8 @@ def test_sharded_equals_unsharded(tiny_llama_gqa_path, shape):
   rows = NamedSharding(mesh, P(("data", "fsdp")))
   with jax.default_matmul_precision("highest"):
     want = _forward(reference, jnp.asarray(ids), jnp.asarray(mask))
-    got = _forward(model, jax.device_put(jnp.asarray(ids), rows), jax.device_put(jnp.asarray(mask), rows))
+    with sharding.use_mesh(mesh):  # activation constraints apply under the mesh in scope
+      got = _forward(model, jax.device_put(jnp.asarray(ids), rows), jax.device_put(jnp.asarray(mask), rows))
   assert len(got.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 

@@ -20,6 +20,7 @@ from jax import lax
 
 from rise_jax.models import attention as attention_lib
 from rise_jax.models.configs import ModelConfig
+from rise_jax.sharding import constrain
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -40,6 +41,7 @@ LAYER_AXES = {
     "down_proj": ("mlp", "embed"),
 }
 CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+ACTIVATION_AXES = ("batch", "length", None)  # the residual stream: rows split, embed whole on every device
 
 
 @flax.struct.dataclass
@@ -183,7 +185,7 @@ class Transformer(nnx.Module):
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids (packing) is for full-sequence calls; it cannot be combined with a cache")
 
-    x = jnp.take(self.embedder[...], ids, axis=0).astype(self.dtype)
+    x = constrain(jnp.take(self.embedder[...], ids, axis=0).astype(self.dtype), ACTIVATION_AXES)
     inv_freq = rope_inv_freq(c)
     if cache is not None:
       k_pos = _write_rows(cache.positions, positions, cache.end_index)
@@ -214,7 +216,7 @@ class Transformer(nnx.Module):
       gate = jnp.einsum("bld,df->blf", h, w["gate_proj"].astype(self.dtype))
       up = jnp.einsum("bld,df->blf", h, w["up_proj"].astype(self.dtype))
       x = x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, w["down_proj"].astype(self.dtype))
-      return x, kv
+      return constrain(x, ACTIVATION_AXES), kv
 
     if self.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
@@ -235,20 +237,4 @@ class Transformer(nnx.Module):
     return h, new_cache
 
 
-def runtime_options(model: Transformer) -> dict[str, Any]:
-  """The non-architecture constructor arguments of a built model (to rebuild it identically)."""
-  return dict(param_dtype=model.param_dtype, dtype=model.dtype, attention=model.attention,
-              scan_layers=model.scan_layers, remat=model.remat)
-
-
-def param_logical_axes(model: Transformer) -> dict[str, tuple[str, ...]]:
-  """'path/to/param' -> its logical axis names (for docs and tests)."""
-  out = {}
-  for path, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param):
-      out["/".join(map(str, path))] = var.get_metadata()["logical_axes"]
-  return out
-
-
-__all__ = ["KVCache", "Transformer", "init_cache", "cache_shardings", "rope_inv_freq", "apply_rope", "rms_norm",
-           "runtime_options", "param_logical_axes"]
+__all__ = ["KVCache", "Transformer", "init_cache", "cache_shardings", "rope_inv_freq", "apply_rope", "rms_norm"]
