@@ -351,6 +351,12 @@ def test_export_tied_with_chat_tokenizer(tiny_llama_tied_path, tmp_path):
   assert "[INST]" in transformers.AutoTokenizer.from_pretrained(other).chat_template
 
 
+def test_convert_cli_help_exits_zero(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    convert.parse_args(["--help"])
+  assert exit_info.value.code == 0 and "--to" in capsys.readouterr().out
+
+
 def test_convert_cli_both_ways(tiny_llama_mha_path, tmp_path):
   native = tmp_path / "native"
   assert convert.main(["--to", "jax", "--src", str(tiny_llama_mha_path), "--dst", str(native)]) == 0

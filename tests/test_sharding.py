@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rise_jax import sharding
-from rise_jax.models import init_cache, load_hf_checkpoint
+from rise_jax.models import init_cache, load_hf_checkpoint, save_hf_checkpoint
 from rise_jax.models.transformer import cache_shardings
 
 # The intended layout under TRAIN_RULES, written out independently of the rule table.
@@ -96,13 +96,20 @@ def test_indivisible_dimension_replicates_with_warning_or_raises(tiny_llama_gqa_
     load_hf_checkpoint(tiny_llama_gqa_path, mesh=mesh, on_indivisible="raise")
 
 
-def test_sample_rules_reshard_and_cache_shardings(tiny_llama_gqa_path):
+def test_sample_rules_reshard_export_and_cache_shardings(tiny_llama_gqa_path, tmp_path):
   mesh = sharding.make_mesh((4, 1, 2))
   model = load_hf_checkpoint(tiny_llama_gqa_path, mesh=sharding.make_mesh((1, 4, 2)))
   sharding.shard_model(model, mesh, sharding.SAMPLE_RULES)
   # Sampling layout: weights whole over data/fsdp, split over tensor only.
   assert _drop_trailing_none(model.layers["gate_proj"][...].sharding.spec) == (None, None, "tensor")
   assert _drop_trailing_none(model.embedder[...].sharding.spec) == ("tensor",)
+  # Exporting the resharded model gathers every tensor back bit-exactly.
+  from safetensors.numpy import load_file
+  out = save_hf_checkpoint(model, tmp_path / "export")
+  original, exported = load_file(tiny_llama_gqa_path / "model.safetensors"), load_file(f"{out}/model.safetensors")
+  assert original.keys() == exported.keys()
+  for name in original:
+    np.testing.assert_array_equal(original[name], exported[name], err_msg=name)
   cache = init_cache(model.config, 8, 32)
   specs = cache_shardings(cache, mesh, sharding.SAMPLE_RULES)
   assert _drop_trailing_none(specs.k.spec) == (None, "data", None, "tensor")

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-QUERY_BLOCK = 512  # queries per block in the xla reference: bounds the score tensor at [block, keys]
+QUERY_BLOCK = 512          # most queries per block in the xla reference: scores are [block, keys], not [l, keys]
+SCORE_BUDGET = 1 << 27     # most float32 scores alive per block (512 MiB); larger batches get smaller blocks
 BACKENDS = ("xla", "cudnn", "splash")
 # The implementation `cudnn_attention` asks jax.nn.dot_product_attention for; tests on CPU switch it to "xla" to
 # check the argument mapping (causal + lengths + window) without a GPU.
@@ -57,6 +58,7 @@ def xla_attention(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, window=None, bl
   b, l, h, d = q.shape
   kv = k.shape[2]
   q = q.reshape(b, l, kv, h // kv, d)
+  block = max(16, min(block, SCORE_BUDGET // (b * h * k.shape[1])))
   if l <= block:
     out = _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, window)
     return out.reshape(b, l, h, d)
