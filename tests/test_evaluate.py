@@ -179,3 +179,25 @@ def test_evaluate_protocols_draws_and_self_refine_with_a_scripted_learner(tmp_pa
   assert refine["m1@t1"] == 1.0 and refine["per_turn_accuracy"] == [1.0, 1.0]
   assert (out / "report.md").is_file() and (out / "self_refine" / "report.md").is_file()
   assert json.loads((out / "metrics.json").read_text())["throughput"]["parallel"]["episodes"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,source", [("gsm8k", "gsm8k/test.jsonl"), ("math", "math/test.jsonl")])
+def test_local_hf_checkpoint_on_local_data(tmp_path, shared_dir, llama2_tokenizer_model, task, source):
+  """A local HF checkpoint (tiny, random, Llama-2 vocabulary) on the local GSM8K / MATH files, from the CLI."""
+  from fixtures_models import save_tiny_llama
+
+  ckpt = save_tiny_llama(tmp_path / "ckpt", vocab_size=32000, max_position_embeddings=2048)
+  config = "configs/eval_gsm8k.py" if task == "gsm8k" else "configs/eval_math.py"
+  args = [sys.executable, "-m", "rise_jax.evaluate", f"--config={config}", f"--config.model.hf_path={ckpt}",
+          f"--config.tokenizer.path={llama2_tokenizer_model.parent}", "--config.tokenizer.chat_template=llama2",
+          f"--config.task.test_source={shared_dir / 'data' / source}", "--config.task.test_size=3",
+          "--config.model.dtype=float32", "--config.model.param_dtype=float32", "--config.eval.turns=2",
+          "--config.eval.parallel_k=2", "--config.sampling.max_new_tokens=8", "--config.sampling.max_cache_length=1024",
+          f"--config.output_dir={tmp_path / 'out'}", "--config.mesh.sample=(1,1,1)"]
+  env = dict(os.environ, XLA_FLAGS="")
+  proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  _, records, _ = rollout_log.read_rollouts(tmp_path / "out" / "rollouts.jsonl")
+  assert [r["problem_id"] for r in records] == [f"{task}/test/{i}" for i in range(3)]
+  assert json.loads((tmp_path / "out" / "metrics.json").read_text())["num_problems"] == 3

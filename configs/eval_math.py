@@ -1,0 +1,31 @@
+"""Evaluate a local HF checkpoint on MATH (the paper's 5-turn protocol, Table 1 metrics):
+
+    python -m rise_jax.evaluate --config=configs/eval_math.py \
+        --config.model.hf_path=/path/to/Mistral-7B-Instruct-v0.2 \
+        --config.task.test_source=../shared/data/math/test.jsonl
+
+The paper's MATH numbers are on a 1,000-problem test subset (../shared/data/math/test.jsonl, fields `problem`,
+`level`, `type`, `solution`); without `task.test_source` the hub's full 5,000-problem test split is used.
+"""
+
+from rise_jax.config import base_config, finalize
+
+
+def get_config():
+  c = base_config()
+  c.name = "eval_math"
+  c.output_dir = "runs/eval_math"
+  c.model.source = "hf"
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "bfloat16"
+  c.tokenizer.chat_template = "mistral"
+  c.task.name = "math"
+  c.task.prompt_set = "paper"
+  c.task.grader = "paper"
+  c.sampling.temperature = 1.0
+  c.sampling.top_p = 1.0
+  c.sampling.max_new_tokens = 1000
+  c.sampling.max_cache_length = 8192
+  c.eval.turns = 5
+  c.eval.parallel_k = 5
+  return finalize(c)
