@@ -96,3 +96,10 @@ def test_packed_batch_weights_equal_unpacked_estimator():
     stats = D.step_stats(step, examples, estimator)
     assert stats.examples == 6 and stats.normalizer == pytest.approx(L.normalizer(
         estimator, [x.weight for x in examples], [x.loss_mask.sum() for x in examples]), rel=1e-12)
+
+
+def test_cli_help_exits_zero():
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "rise_jax.train", "--help"], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and "--config" in out.stdout + out.stderr

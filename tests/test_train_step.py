@@ -1,8 +1,12 @@
 """The sharded step, the loop, checkpoints and the HF export, in-process on 8 fake CPU devices."""
 
 import json
+import os
 import pathlib
-import shutil
+import signal
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -85,20 +89,29 @@ def test_sharded_equals_unsharded(tiny_model, examples):
     assert "all-gather" in hlo and ("reduce-scatter" in hlo or "all-reduce" in hlo)
 
 
-def test_train_end_to_end_hf_export_and_resume(tmp_path, tiny_model, toy_tokenizer_dir, toy_tokenizer):
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, tiny_model, toy_tokenizer_dir, toy_tokenizer):
+  """One uninterrupted single-process train() on 8 devices: the reference for resume and multi-host runs."""
+  root = tmp_path_factory.mktemp("reference")
+  data = root / "sft.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in demo.demo_records(24, seed=2)))
+  cfg = tiny_config(toy_tokenizer_dir, root / "run")
+  result = trainer_lib.train(cfg, data, root / "run", model=tiny_model, tokenizer=toy_tokenizer)
+  return cfg, data, result
+
+
+def test_train_end_to_end_hf_export_and_resume(reference_run, tiny_model, toy_tokenizer):
   """train() writes ckpt/, metrics.jsonl, hf/; transformers loads hf/ to the same logits; a rerun resumes at the
   end; malformed data on the same run directory fails before touching anything."""
   torch = pytest.importorskip("torch")
   import transformers
-  data = tmp_path / "sft.jsonl"
-  data.write_text("".join(json.dumps(r) + "\n" for r in demo.demo_records(24, seed=2)))
-  cfg = tiny_config(toy_tokenizer_dir, tmp_path / "run")
-  result = trainer_lib.train(cfg, data, tmp_path / "run", model=tiny_model, tokenizer=toy_tokenizer)
+  cfg, data, result = reference_run
+  run = result.out_dir
   assert result.steps == 3 and [m["step"] for m in result.metrics] == [1, 2, 3]
-  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [1, 2, 3] and all(np.isfinite(l["loss"]) for l in lines)
   assert {"tokens_per_s", "tflops_per_s", "grad_norm", "lr", "sum_weights", "accuracy"} <= set(lines[-1])
-  assert sorted(int(p.name) for p in (tmp_path / "run" / "ckpt").iterdir() if p.name.isdigit()) == [2, 3]
+  assert sorted(int(p.name) for p in (run / "ckpt").iterdir() if p.name.isdigit()) == [2, 3]
   ids = np.array([toy_tokenizer.encode("1+2*3=7, 4+5*6=34. Answer")], np.int32)
   ours = np.asarray(result.model(jnp.asarray(ids)))
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(result.hf_dir), dtype=torch.float32)
@@ -106,17 +119,88 @@ def test_train_end_to_end_hf_export_and_resume(tmp_path, tiny_model, toy_tokeniz
     theirs = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
-  again = trainer_lib.train(cfg, data, tmp_path / "run", model=tiny_model, tokenizer=toy_tokenizer)
+  again = trainer_lib.train(cfg, data, run, model=tiny_model, tokenizer=toy_tokenizer)
   assert again.resumed_from == 3 and again.metrics == []
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               jax.device_get(again.model.lm_head[...]), jax.device_get(result.model.lm_head[...]))
+  np.testing.assert_array_equal(np.asarray(again.model.lm_head[...]), np.asarray(result.model.lm_head[...]))
 
-  before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*"))
-  bad = tmp_path / "bad.jsonl"
+  before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+  bad = run.parent / "bad.jsonl"
   bad.write_text(data.read_text().splitlines()[0] + "\n" + '{"id": "x", "weight": -2, "messages": []}\n')
   with pytest.raises(data_lib.RecordError, match=f"{bad}:2: field 'weight'"):
-    trainer_lib.train(cfg, bad, tmp_path / "run", model=tiny_model, tokenizer=toy_tokenizer)
-  assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*")) == before
+    trainer_lib.train(cfg, bad, run, model=tiny_model, tokenizer=toy_tokenizer)
+  assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
+WORKER = pathlib.Path(__file__).with_name("train_worker.py")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(spec, devices: int):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=240):
+  try:
+    out, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out, _ = proc.communicate()
+    pytest.fail(f"worker timed out:\n{out[-3000:]}")
+  return proc.returncode, out
+
+
+@pytest.mark.timeout(280)
+def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path, reference_run, toy_tokenizer_dir):
+  """A run SIGKILLed right after step 2's checkpoint commits, then rerun, ends where the uninterrupted run ends:
+  the same loss for every step and the same final parameters."""
+  _, data, ref = reference_run
+  spec = {"data": str(data), "tokenizer": str(toy_tokenizer_dir), "out_dir": str(tmp_path / "run"),
+          "result": str(tmp_path / "killed.json"), "stop_after": "train:2"}
+  code, out = _finish(_launch(spec, 8))
+  assert code == -signal.SIGKILL, out[-3000:]
+  assert not (tmp_path / "killed.json").exists()
+  steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2]
+  code, out = _finish(_launch({**spec, "stop_after": None, "result": str(tmp_path / "resumed.json")}, 8))
+  assert code == 0, out[-3000:]
+  resumed = json.loads((tmp_path / "resumed.json").read_text())
+  assert resumed["resumed_from"] == 2 and list(resumed["losses"]) == ["3"]
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["loss"] for l in lines] == [m["loss"] for m in ref.metrics]
+  np.testing.assert_array_equal(np.asarray(resumed["lm_head"], np.float32), np.asarray(ref.model.lm_head[...]))
+
+
+@pytest.mark.timeout(280)
+def test_two_processes_equal_single_process(tmp_path, reference_run, toy_tokenizer_dir):
+  """Two processes x 4 devices on 127.0.0.1 (gloo): disjoint rows that make up each global batch, the same
+  losses as one process with 8 devices, and a checkpoint saved and restored across both."""
+  _, data, ref = reference_run
+  port = _free_port()
+  procs = [_launch({"data": str(data), "tokenizer": str(toy_tokenizer_dir), "out_dir": str(tmp_path / "run"),
+                    "result": str(tmp_path / f"p{i}.json"), "process_id": i, "num_processes": 2, "port": port,
+                    "restore": True}, 4) for i in range(2)]
+  for p in procs:
+    code, out = _finish(p)
+    assert code == 0, out[-3000:]
+  res = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+  for r in res:
+    assert r["process_count"] == 2 and r["num_devices"] == 8 and r["local_devices"] == 4
+    ref_losses = [m["loss"] for m in ref.metrics]
+    np.testing.assert_allclose([r["losses"][str(s)] for s in (1, 2, 3)], ref_losses, rtol=1e-5)
+    assert r["restored_step"] == 3 and r["restored_equal"]
+  deltas = [abs(res[0]["losses"][str(s)] - m["loss"]) for s, m in zip((1, 2, 3), ref.metrics)]
+  print(f"multi-host max |loss - single-process loss| = {max(deltas):.2e}")
+  for (rows0, a0, b0), (rows1, a1, b1) in zip(res[0]["rows"], res[1]["rows"]):
+    assert rows0 == rows1 and sorted([(a0, b0), (a1, b1)]) == [(0, rows0 // 2), (rows0 // 2, rows0)]
+  np.testing.assert_allclose(np.asarray(res[0]["lm_head"]), np.asarray(ref.model.lm_head[...]), atol=1e-6)
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path, tiny_model, toy_tokenizer_dir, toy_tokenizer):
