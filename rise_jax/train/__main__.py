@@ -7,6 +7,7 @@ data_report.json and the HF export hf/. Re-running the same command resumes from
 from __future__ import annotations
 
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,6 +23,8 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
   from rise_jax import config as config_lib
   from rise_jax.train import demo, trainer
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=configs/<name>.py is required")
   cfg = config_lib.validate(_CONFIG.value, require_training=True)
   data = _DATA.value or cfg.train.data_path
   if data is None:
@@ -35,5 +38,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
+  if any(a in ("--help", "-h", "--helpshort", "-?", "--helpfull") for a in sys.argv[1:]):
+    print(__doc__)  # absl exits 1 after --help; asking for help is a success
+    print(flags.FLAGS.main_module_help())
+    sys.exit(0)
   app.run(main)
