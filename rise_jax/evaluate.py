@@ -127,7 +127,7 @@ def evaluate(cfg, *, out_dir=None, policy: Policy | None = None, problems: Seque
   sequential_paths = []
   for d in range(cfg.eval.draws):
     path = out / sequential_log_name(d)
-    run(sequential_protocol(cfg, draw=d), cfg.task.prompt_set, path, f"sequential{'' if d == 0 else d}")
+    run(sequential_protocol(cfg, draw=d), cfg.task.prompt_set, path, "sequential" if d == 0 else f"sequential_draw{d}")
     sequential_paths.append(path)
   run(parallel_protocol(cfg), cfg.task.prompt_set, out / PARALLEL_LOG, "parallel")
   if cfg.eval.self_refine:
@@ -140,12 +140,56 @@ def evaluate(cfg, *, out_dir=None, policy: Policy | None = None, problems: Seque
   metrics = metrics_lib.metrics_from_logs(sequential_paths, out / PARALLEL_LOG, task, None, cfg.eval.tie_break,
                                           seed=cfg.seed)
   metrics["throughput"] = throughput
+  metrics["sampling"] = {"sequential": sampling_stats(sequential_paths),
+                         "parallel": sampling_stats([out / PARALLEL_LOG])}
   report_lib.write_report(metrics, out)
+  _append_sampling_section(out / "report.md", metrics["sampling"], throughput)
   if cfg.eval.self_refine:
-    refine = metrics_lib.metrics_from_logs([out / "self_refine" / sequential_log_name(0)], None, task, None,
-                                           cfg.eval.tie_break, seed=cfg.seed)
-    report_lib.write_report(refine, out / "self_refine")
+    refine_log = out / "self_refine" / sequential_log_name(0)
+    refine = metrics_lib.metrics_from_logs([refine_log], None, task, None, cfg.eval.tie_break, seed=cfg.seed)
+    refine["sampling"] = {"sequential": sampling_stats([refine_log])}
+    report_lib.write_report(refine, out / "self_refine", title="Self-Refine prompting baseline")
+    _append_sampling_section(out / "self_refine" / "report.md", refine["sampling"], {})
   return metrics
+
+
+def sampling_stats(paths: Sequence[pathlib.Path]) -> dict[str, int]:
+  """Counts over every logged candidate: finish reasons, degenerate resamples, degenerate samples kept."""
+  from rise_jax.rise import rollout_log
+
+  stats = {"candidates": 0, "stop": 0, "length": 0, "cache_full": 0, "resamples": 0, "flagged_degenerate": 0}
+  for path in paths:
+    _, records, _ = rollout_log.read_rollouts(path, validate=False)
+    for record in records:
+      for turn in record["turns"]:
+        for c in turn["candidates"]:
+          stats["candidates"] += 1
+          stats[c["finish_reason"]] += 1
+          stats["resamples"] += c["resamples"]
+          stats["flagged_degenerate"] += bool(c.get("flagged_degenerate"))
+  return stats
+
+
+def _append_sampling_section(report: pathlib.Path, sampling: dict[str, dict[str, int]],
+                             throughput: dict[str, dict[str, float]]):
+  """Add the runner's numbers (finish reasons, degenerate resampling, speed of this process) to report.md."""
+  lines = ["", "## Sampling", "",
+           "| protocol | candidates | stop | length | cache_full | degenerate resamples | degenerate kept (flagged) |",
+           "|---|---|---|---|---|---|---|"]
+  for name, st in sampling.items():
+    lines.append(f"| {name} | {st['candidates']} | {st['stop']} | {st['length']} | {st['cache_full']} | "
+                 f"{st['resamples']} | {st['flagged_degenerate']} |")
+  if throughput:
+    lines += ["", "Speed of the process that finished the run (episodes it ran itself; compilation included):", "",
+              "| run | episodes | already logged | seconds | problems/s | decode tokens/s |",
+              "|---|---|---|---|---|---|"]
+    for name, t in throughput.items():
+      lines.append(f"| {name} | {t['episodes']} | {t['skipped']} | {t['seconds']:.1f} | {t['problems_per_s']:.3f} | "
+                   f"{t['tokens_per_s']:.1f} |")
+  text = report.read_text() + "\n".join(lines) + "\n"
+  tmp = report.with_suffix(".md.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, report)
 
 
 def _throughput(summary: RunSummary) -> dict[str, float]:

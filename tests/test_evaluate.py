@@ -178,7 +178,12 @@ def test_evaluate_protocols_draws_and_self_refine_with_a_scripted_learner(tmp_pa
   refine = json.loads((out / "self_refine" / "metrics.json").read_text())
   assert refine["m1@t1"] == 1.0 and refine["per_turn_accuracy"] == [1.0, 1.0]
   assert (out / "report.md").is_file() and (out / "self_refine" / "report.md").is_file()
-  assert json.loads((out / "metrics.json").read_text())["throughput"]["parallel"]["episodes"] == 4
+  written = json.loads((out / "metrics.json").read_text())
+  assert written["throughput"]["parallel"]["episodes"] == 4
+  assert written["sampling"]["parallel"] == {"candidates": 12, "stop": 12, "length": 0, "cache_full": 0,
+                                             "resamples": 0, "flagged_degenerate": 0}
+  assert written["sampling"]["sequential"]["candidates"] == 2 * 4 * 2  # two draws of 4 problems x 2 turns
+  assert "## Sampling" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow
