@@ -161,7 +161,7 @@ def toy_smoke() -> ml_collections.ConfigDict:
   c.train.micro_batch = 8
   c.train.max_length = 160
   c.train.epochs = 1
-  c.train.ckpt_every = 1
+  c.train.ckpt_every = 2                 # a checkpoint inside training for the resume tests
   c.train.log_every = 1
   c.eval.turns = 2
   c.eval.parallel_k = 2

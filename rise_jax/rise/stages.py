@@ -157,11 +157,18 @@ def _episodes(ctx: Context, problems, policies, protocol, log_path: pathlib.Path
   return summary
 
 
-def _log_accounting(log_path: pathlib.Path) -> dict[str, Any]:
+def _log_accounting(log_path: pathlib.Path, problems) -> dict[str, Any]:
+  """The log's records in problem order, whatever order episodes finished in (a resumed run's chunks differ
+  from an uninterrupted run's, its dataset must not), and the log's token accounting."""
   from rise_jax.rise import metrics, rollout_log
   _, records, torn = rollout_log.read_rollouts(log_path)
-  acc = metrics.compute_accounting(records)
-  return {"records": records, "torn": torn, "accounting": acc}
+  order = {p.id: i for i, p in enumerate(problems)}
+  missing = [r["problem_id"] for r in records if r["problem_id"] not in order]
+  if missing or len(records) != len(order):
+    raise ValueError(f"{log_path}: holds {len(records)} episodes for {len(order)} problems "
+                     f"(e.g. unexpected {missing[:3]}); was the log written by another config?")
+  records.sort(key=lambda r: order[r["problem_id"]])
+  return {"records": records, "torn": torn, "accounting": metrics.compute_accounting(records)}
 
 
 def collection_protocol(config):
@@ -196,7 +203,7 @@ def collect(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None) ->
   run = _episodes(ctx, problems, policies, collection_protocol(c), out_dir / "rollouts.jsonl",
                   ctx.header(name), limit, stage, f"collect iter {t}")
   seconds = time.perf_counter() - t0
-  log = _log_accounting(out_dir / "rollouts.jsonl")
+  log = _log_accounting(out_dir / "rollouts.jsonl", problems)
   info = _build(ctx, log["records"], out_dir, t)
   return {"episodes": len(log["records"]), "torn_lines": log["torn"], "tokens": log["accounting"],
           "decode_tokens_this_run": run.decode_tokens, "sampling_seconds_this_run": seconds,
@@ -236,9 +243,10 @@ def boost_data(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None)
                                    sampling=ctx.turn_sampling(teacher), grader=c.task.grader,
                                    prompt_set=c.task.prompt_set, seed=c.seed,
                                    max_resample_rounds=c.collect.max_resample_rounds)
-    _episodes(ctx, ctx.train_problems(1), policy, protocol, out_dir / "rollouts.jsonl", ctx.header(policy.name),
-              limit, stage, "boost samples")
-    records = _log_accounting(out_dir / "rollouts.jsonl")["records"]
+    problems = ctx.train_problems(1)
+    _episodes(ctx, problems, policy, protocol, out_dir / "rollouts.jsonl", ctx.header(policy.name), limit, stage,
+              "boost samples")
+    records = _log_accounting(out_dir / "rollouts.jsonl", problems)["records"]
     questions = {r["problem_id"]: r["question"] for r in records}
     conversion = collect_lib.convert_rollouts(records, lambda pid: ctx.prompts.initial_messages(questions[pid]),
                                               options, source=str(out_dir / "rollouts.jsonl"))

@@ -1,0 +1,165 @@
+"""`python -m rise_jax.run` end to end on the smoke config, and resuming it.
+
+The smoke run (configs/toy_smoke.py: every stage of the toy experiment on a dozen problems) runs once per
+session; the resume test interrupts a second run of the same config inside collection (stop hook), inside
+training (the trainer's real SIGKILL after a checkpoint commit) and between stages, re-runs the command after
+each interruption, and requires the finished run's artifacts to equal the uninterrupted run's (timestamps and
+paths aside). Both share one XLA compilation cache, so only the first run pays for compilation.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from rise_jax import config as config_lib
+from rise_jax.rise import loop, recipes
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMOKE_STAGES = ["iter_0/collect", "iter_0/train", "iter_0/eval", "iter_1/collect", "iter_1/train", "iter_1/eval",
+                "iter_1/control/train", "iter_1/control/eval"]
+
+
+@pytest.fixture(scope="session")
+def xla_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("xla_cache")
+
+
+def run_smoke(out_dir: pathlib.Path, cache: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu")
+  # One CPU device, as on a real machine (the test session's 8 fake devices would shard the toy model 8 ways).
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+  cmd = [sys.executable, "-m", "rise_jax.run", "--config=configs/toy_smoke.py", f"--config.output_dir={out_dir}",
+         *overrides]
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, xla_cache):
+  out = tmp_path_factory.mktemp("smoke") / "run"
+  proc = run_smoke(out, xla_cache)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  return out, proc
+
+
+def test_plan_lists_every_stage_of_the_smoke_config():
+  assert [s.name for s in loop.plan(recipes.toy_smoke())] == SMOKE_STAGES
+  c = recipes.toy()
+  c.rise.iterations, c.rise.boost, c.rise.single_turn_control = 2, False, False
+  c.rise.data, c.rise.init_from = "accumulated", "previous"
+  assert [s.name for s in loop.plan(c)] == ["iter_0/eval", "iter_1/collect", "iter_1/train", "iter_1/eval",
+                                            "iter_2/collect", "iter_2/train", "iter_2/eval"]
+  assert loop.init_stage(c, 2) == "iter_1/train" and loop.init_stage(c, 1) is None
+  assert loop.data_stages(c, 2) == ["iter_1/collect", "iter_2/collect"]
+  c.rise.init_from, c.rise.data = "base", "current"
+  assert loop.init_stage(c, 2) is None and loop.data_stages(c, 2) == ["iter_2/collect"]
+
+
+@pytest.mark.parametrize("text, parsed", [("iter_1/collect:5", ("iter_1/collect", 5)),
+                                          ("iter_1/control/eval:done", ("iter_1/control/eval", None))])
+def test_stop_after_parses(text, parsed):
+  stop = loop.StopAfter.parse(text)
+  assert (stop.stage, stop.units) == parsed
+
+
+@pytest.mark.parametrize("bad", ["collect", "iter_1/train:x", ":3"])
+def test_stop_after_rejects_malformed(bad):
+  with pytest.raises(ValueError, match="debug.stop_after"):
+    loop.StopAfter.parse(bad)
+
+
+def test_run_dir_refuses_another_config_naming_fields(tmp_path):
+  from rise_jax.config import finalize
+  a = finalize(recipes.toy_smoke())
+  loop.RunDir(tmp_path, a).open()
+  loop.RunDir(tmp_path, a).open()  # the same config resumes
+  b = recipes.toy_smoke()
+  b.collect.tau, b.train.lr = 0.9, 5e-4
+  b.debug.stop_after = "iter_1/train:1"  # debug fields do not count
+  with pytest.raises(loop.ConfigMismatch, match=r"differing fields: collect.tau, train.lr\."):
+    loop.RunDir(tmp_path, finalize(b)).open()
+  c = recipes.toy_smoke()
+  c.debug.stop_after = "iter_1/train:1"
+  loop.RunDir(tmp_path, finalize(c)).open()
+  assert json.loads((tmp_path / "run.json").read_text())["config_hash"] == config_lib.config_hash(a)
+
+
+@pytest.mark.timeout(300)
+def test_smoke_run_end_to_end(smoke_run):
+  out, proc = smoke_run
+  assert "wall time:" in proc.stdout and "| iter_1 RISE |" in proc.stdout
+  for stage in SMOKE_STAGES:
+    assert (out / stage / "DONE").is_file(), stage
+  for stage in ("iter_0/eval", "iter_1/eval", "iter_1/control/eval"):
+    metrics = json.loads((out / stage / "metrics.json").read_text())
+    assert metrics["num_problems"] == 12 and 0 <= metrics["m1@t1"] <= metrics["p1@t2"] <= 1
+  data = [json.loads(line) for line in (out / "iter_1/collect/data/sft.jsonl").read_text().splitlines()]
+  control = [json.loads(line) for line in (out / "iter_1/collect/control/data/sft.jsonl").read_text().splitlines()]
+  assert len(data) == len(control) > 0
+  assert all(len(c["messages"]) == 4 for c in control)  # instruction, example answer, problem, trained answer
+  assert max(len(d["messages"]) for d in data) >= 4
+  summary = json.loads((out / "iter_1/collect/summary.json").read_text())
+  assert summary["token_drift"]["measured"] > 0 and summary["weight_table"]["1.0"] == pytest.approx(12.182494)
+  top = json.loads((out / "summary.json").read_text())
+  assert [r["iteration"] for r in top["compute"]] == [0, 1]
+  assert top["compute"][1]["decode_tokens"] > 0 and top["compute"][1]["train_tokens"] > 0
+  assert (out / "accuracy_vs_turn.png").is_file() and (out / "summary.md").is_file()
+  assert (out / "iter_1/train/hf/config.json").is_file()
+
+
+def _digest(run_dir: pathlib.Path) -> dict[str, str]:
+  """A hash of every result artifact, normalised for what legitimately differs between two runs: rollout-log
+  headers (creation time), record order within a log (episodes finish in chunk order), paths and timings."""
+  out = {}
+  for path in sorted(run_dir.rglob("*")):
+    rel = str(path.relative_to(run_dir))
+    if not path.is_file() or "/ckpt/" in rel or rel.startswith(("tokenizer", "run.json")):
+      continue
+    if path.name in ("DONE", "summary.md", "report.md", "metrics.jsonl", "data_report.json") or \
+        path.suffix == ".png":
+      continue  # timings, or renderings of the JSON compared below
+    if path.suffix == ".jsonl" and "rollouts" in path.name:
+      records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+      for r in records:
+        for t in r["turns"]:
+          for c in t["candidates"]:
+            # float32 sums depend on the batch a row was sampled in (a resumed chunk differs); tokens do not.
+            c["logprob_sum"] = round(c["logprob_sum"], 3)
+      lines = sorted(json.dumps(r, sort_keys=True) for r in records)
+      out[rel] = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    elif path.suffix == ".json":
+      obj = json.loads(path.read_text())
+      for key in ("sources", "compute", "created", "num_torn_lines", "output_dir"):
+        obj.pop(key, None) if isinstance(obj, dict) else None
+      out[rel] = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    else:
+      out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+  return out
+
+
+@pytest.mark.timeout(300)
+def test_interrupted_run_resumes_to_identical_artifacts(smoke_run, tmp_path, xla_cache):
+  reference, _ = smoke_run
+  out = tmp_path / "run"
+  proc = run_smoke(out, xla_cache, "--config.debug.stop_after=iter_1/collect:5")  # inside collection
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  assert "re-run the same command to resume" in proc.stdout
+  assert (out / "iter_0/eval/DONE").exists() and not (out / "iter_1/collect/DONE").exists()
+  assert len((out / "iter_1/collect/rollouts.jsonl").read_text().splitlines()) == 1 + 5
+  proc = run_smoke(out, xla_cache, "--config.debug.stop_after=iter_1/train:2")  # SIGKILL after step 2's ckpt
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  assert (out / "iter_1/collect/DONE").exists() and not (out / "iter_1/train/DONE").exists()
+  proc = run_smoke(out, xla_cache, "--config.debug.stop_after=iter_1/eval:done")  # between stages
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  assert json.loads((out / "iter_1/train/DONE").read_text())["resumed_from"] == 2
+  assert (out / "iter_1/eval/DONE").exists() and not (out / "iter_1/control/train/DONE").exists()
+  proc = run_smoke(out, xla_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "iter_0/train: done (skipped)" in proc.stdout
+  mine, theirs = _digest(out), _digest(reference)
+  assert sorted(mine) == sorted(theirs)
+  assert {k for k in mine if mine[k] != theirs[k]} == set()
