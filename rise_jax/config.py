@@ -148,6 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rise.single_turn_control = False     # also train the history-stripped control on the same data
   c.rise.boost_lr = placeholder(float)   # boost stage learning rate; None = train.lr (RISE loop)
   c.rise.boost_epochs = placeholder(int)  # boost stage epochs; None = train.epochs (RISE loop)
+  c.rise.boost_size = placeholder(int)   # boost stage problems: the first this many training problems; None = all
   c.rise.fresh_problems = False          # iteration T collects on its own slice of task.train_size problems (RISE loop)
 
   c.debug = ml_collections.ConfigDict()
@@ -255,6 +256,7 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _one_of(config, "rise.data", RISE_DATA)
   _check(r.boost_lr is None or r.boost_lr > 0, "rise.boost_lr", "must be None or > 0")
   _check(r.boost_epochs is None or r.boost_epochs >= 1, "rise.boost_epochs", "must be None or >= 1")
+  _check(r.boost_size is None or r.boost_size >= 1, "rise.boost_size", "must be None or >= 1")
   _check(not r.fresh_problems or config.task.train_size is not None, "rise.fresh_problems",
          "needs task.train_size (the number of fresh problems per iteration)")
   return config
