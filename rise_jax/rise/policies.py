@@ -94,19 +94,14 @@ def sample_uid(key: str, turn: int, round_: int = 0, stream: str = "") -> int:
 class ScriptedPolicy:
   """Answers from a function `respond(request, sample_index) -> text`; records every request it saw.
 
-  With a tokenizer (`rise_jax.chat.ChatTokenizer`), the prompt is rendered through the chat template and the
-  response tokenised, so logged token counts and `rendered` ids are real; without one, "tokens" are
-  whitespace-separated words and `token_ids` is None.
+  "Tokens" are whitespace-separated words (history and response lengths), and `token_ids` is None.
   """
 
-  def __init__(self, respond: Callable[[Request, int], str], name: str = "scripted", tokenizer=None,
-               finish_reason: str = "stop"):
+  def __init__(self, respond: Callable[[Request, int], str], name: str = "scripted", finish_reason: str = "stop"):
     self.name = name
     self._respond = respond
-    self._tokenizer = tokenizer
     self._finish_reason = finish_reason
     self.requests: list[Request] = []
-    self.rendered: list[list[int]] = []
     self.released: list[str] = []
 
   def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
@@ -114,19 +109,10 @@ class ScriptedPolicy:
     out = []
     for request in requests:
       self.requests.append(request)
-      if self._tokenizer is not None:
-        ids = chat.render(self._tokenizer, list(request.messages), add_generation_prompt=True).ids
-        self.rendered.append(list(ids))
-        history_tokens = len(ids)
-      else:
-        history_tokens = sum(len(m["content"].split()) for m in request.messages)
-      samples = []
-      for j in range(request.n):
-        text = self._respond(request, j)
-        token_ids = tuple(self._tokenizer.encode(text)) if self._tokenizer is not None else None
-        samples.append(Sample(text=text, finish_reason=self._finish_reason, token_ids=token_ids,
-                              num_tokens=len(token_ids) if token_ids is not None else len(text.split())))
-      out.append(Completion(samples=tuple(samples), history_tokens=history_tokens, prefill_tokens=history_tokens))
+      history_tokens = sum(len(m["content"].split()) for m in request.messages)
+      texts = [self._respond(request, j) for j in range(request.n)]
+      samples = tuple(Sample(text=t, finish_reason=self._finish_reason, num_tokens=len(t.split())) for t in texts)
+      out.append(Completion(samples=samples, history_tokens=history_tokens, prefill_tokens=history_tokens))
     return out
 
   def release(self, keys: Sequence[str]) -> None:
