@@ -18,6 +18,7 @@ import os
 import pathlib
 import random
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -65,6 +66,7 @@ class ChatCompletionsClient:
     self._sleep = sleep
     self.num_requests = 0      # HTTP requests sent, retries included
     self.num_cache_hits = 0
+    self._count_lock = threading.Lock()  # the policy calls complete() from several threads
 
   def cache_key(self, messages: Sequence[dict[str, str]], params: dict[str, Any], draw: str) -> str:
     prompt_hash = hashlib.sha256(json.dumps(list(messages), sort_keys=True).encode()).hexdigest()
@@ -80,7 +82,8 @@ class ChatCompletionsClient:
     key = self.cache_key(messages, params, draw)
     cached = self._cache_get(key)
     if cached is not None:
-      self.num_cache_hits += 1
+      with self._count_lock:
+        self.num_cache_hits += 1
       return self._parse(cached, n, cached=True)
     body = {"model": self.model, "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
             **params}
@@ -101,7 +104,8 @@ class ChatCompletionsClient:
         delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
         log.warning("teacher %s: %s; retry %d/%d in %.1fs", url, last_error, attempt, self.max_retries, delay)
         self._sleep(delay)
-      self.num_requests += 1
+      with self._count_lock:
+        self.num_requests += 1
       try:
         request = urllib.request.Request(url, data=data, headers=headers, method="POST")
         with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
