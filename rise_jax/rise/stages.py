@@ -112,18 +112,29 @@ class Context:
     from rise_jax.rise import rollout_log
     return rollout_log.make_header(self.config_hash, model_name)
 
-  def train_problems(self, iteration: int):
-    """The problems iteration T collects on; with rise.fresh_problems, the T-th disjoint slice of
-    task.train_size problems (iterative vs one-shot at equal data, paper Fig. 6c)."""
-    c = self.config
-    if not c.rise.fresh_problems:
-      return self.task.load("train")
+  def boost_problems(self):
+    """The boost stage's problems: the first rise.boost_size training problems (dev excluded), all by default,
+    whatever task.train_size (the RISE collection cap) says."""
+    problems = self.all_train_problems()
+    size = self.config.rise.boost_size
+    return problems if size is None else problems[:size]
+
+  def all_train_problems(self):
+    """Every training problem (dev excluded), whatever task.train_size says."""
     import ml_collections
 
     from rise_jax.rise.tasks import task_from_config
-    uncapped = ml_collections.ConfigDict(config_lib.to_dict(c)["task"])
+    uncapped = ml_collections.ConfigDict(config_lib.to_dict(self.config)["task"])
     uncapped.train_size = None
-    full = task_from_config(uncapped).load("train")
+    return task_from_config(uncapped).load("train")
+
+  def train_problems(self, iteration: int):
+    """The problems RISE iteration T collects on: the first task.train_size training problems, or with
+    rise.fresh_problems the T-th disjoint slice of that many (iterative vs one-shot at equal data, Fig. 6c)."""
+    c = self.config
+    if not c.rise.fresh_problems:
+      return self.task.load("train")
+    full = self.all_train_problems()
     size, lo = c.task.train_size, (iteration - 1) * c.task.train_size
     if lo + size > len(full):
       raise ValueError(f"config field task.train_size: {size} fresh problems for iteration {iteration} exceed "
@@ -243,7 +254,7 @@ def boost_data(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None)
                                    sampling=ctx.turn_sampling(teacher), grader=c.task.grader,
                                    prompt_set=c.task.prompt_set, seed=c.seed,
                                    max_resample_rounds=c.collect.max_resample_rounds)
-    problems = ctx.train_problems(1)
+    problems = ctx.boost_problems()
     _episodes(ctx, problems, policy, protocol, out_dir / "rollouts.jsonl", ctx.header(policy.name), limit, stage,
               "boost samples")
     records = _log_accounting(out_dir / "rollouts.jsonl", problems)["records"]
@@ -252,7 +263,7 @@ def boost_data(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None)
                                               options, source=str(out_dir / "rollouts.jsonl"))
   elif source == "reference":  # the task's own worked answers (the toy task's scratchpads)
     conversion = collect_lib.Conversion(records=[], sampled_ids=[], stats=collect_lib.ConversionStats())
-    for p in ctx.train_problems(1):
+    for p in ctx.boost_problems():
       conversion.records.append({
           "id": f"{p.id}#boost", "weight": 1.0,
           "messages": ctx.prompts.initial_messages(p.question) + [
