@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from rise_jax import sharding as sharding_lib
 from rise_jax.models.build import abstract_model
@@ -105,10 +106,18 @@ class _TensorReader:
   def get(self, name: str) -> np.ndarray:
     return self._handle(name).get_tensor(name)
 
+  def __enter__(self) -> "_TensorReader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for handle in self._handles.values():
+      handle.__exit__(None, None, None)
+    self._handles.clear()
+
   def _handle(self, name: str):
     fname = self.file_of[name]
     if fname not in self._handles:
-      self._handles[fname] = self._open(fname, "numpy")
+      self._handles[fname] = self._open(fname, "numpy").__enter__()
     return self._handles[fname]
 
 
@@ -156,26 +165,28 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32", mesh: Me
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: not a checkpoint directory")
   config = ModelConfig.from_hf(path)
-  reader = _TensorReader(path)
-  _check_tensors(reader, config, path)
-  if config.tie_word_embeddings and "lm_head.weight" in reader.names():
-    if not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
-      raise ValueError(f"{path}: tie_word_embeddings is true but tensor lm_head.weight differs from "
-                       "model.embed_tokens.weight")
   mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
   options = dict(param_dtype=dtype, dtype=dtype if compute_dtype is None else compute_dtype, attention=attention,
                  scan_layers=scan_layers, remat=remat)
-  graphdef, state, shardings = abstract_model(config, mesh, rules, on_indivisible, **options)
-  np_dtype = _NP_DTYPES[str(jax.numpy.dtype(dtype))]
-  flat_sh = dict(nnx.to_flat_state(shardings))
-  flat = dict(nnx.to_flat_state(state))
-  for leaf, load in _leaf_arrays(reader, config, np_dtype):
-    value = load()
-    expected = flat[leaf].get_value().shape
-    if value.shape != expected:  # unreachable after _check_tensors; guards the layout map itself
-      raise ValueError(f"{path}: leaf {'/'.join(leaf)} converted to {value.shape}, expected {expected}")
-    flat[leaf].set_value(jax.make_array_from_callback(value.shape, flat_sh[leaf].get_value(), lambda idx: value[idx]))
-    del value
+  with _TensorReader(path) as reader:
+    _check_tensors(reader, config, path)
+    if config.tie_word_embeddings and "lm_head.weight" in reader.names():
+      if not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+        raise ValueError(f"{path}: tie_word_embeddings is true but tensor lm_head.weight differs from "
+                         "model.embed_tokens.weight")
+    graphdef, state, shardings = abstract_model(config, mesh, rules, on_indivisible, **options)
+    np_dtype = _NP_DTYPES[str(jax.numpy.dtype(dtype))]
+    flat_sh = dict(nnx.to_flat_state(shardings))
+    flat = dict(nnx.to_flat_state(state))
+    leaves = list(_leaf_arrays(reader, config, np_dtype))
+    for leaf, load in tqdm(leaves, desc=f"loading {os.path.basename(path)}", unit="leaf", leave=False):
+      value = load()
+      expected = flat[leaf].get_value().shape
+      if value.shape != expected:  # unreachable after _check_tensors; guards the layout map itself
+        raise ValueError(f"{path}: leaf {'/'.join(leaf)} converted to {value.shape}, expected {expected}")
+      sharding = flat_sh[leaf].get_value()
+      flat[leaf].set_value(jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx]))
+      del value
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -275,6 +286,8 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: A
   c = model.config
   param_dtype = str(model.param_dtype)
   writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path), dir=os.path.dirname(path)) if writer else None
   try:
     if writer:
@@ -290,7 +303,8 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: A
     shard_of = {name: k for k, names in enumerate(shards) for name in names}
     pending: dict[str, np.ndarray] = {}
     total = 0
-    for name, produce in _hf_tensors(model):
+    for name, produce in tqdm(list(_hf_tensors(model)), desc=f"saving {os.path.basename(path)}", unit="tensor",
+                              leave=False, disable=not writer):
       array = produce()  # every process joins the gather; only process 0 keeps the result
       if not writer:
         continue

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
@@ -66,12 +67,9 @@ def load_model_dir(path: str | os.PathLike, mesh: Mesh | None = None, *, rules=s
   mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
   graphdef, state, shardings = abstract_model(config, mesh, rules, on_indivisible, **options)
   target = nnx.from_flat_state({
-      k: v.replace(jax_shape_dtype(v.get_value(), s.get_value()))
-      for (k, v), (_, s) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings))})
+      path: var.replace(jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype,
+                                             sharding=sharding.get_value()))
+      for (path, var), (_, sharding) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings))})
   restored = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS_DIR), target)
   return nnx.merge(graphdef, restored)
 
-
-def jax_shape_dtype(abstract, sharding):
-  import jax
-  return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=sharding)
