@@ -341,3 +341,16 @@ def test_sampler_policy_continues_the_chosen_candidates_cache(tmp_path, toy_toke
   assert t2["history_tokens"] == len(turn2_prompt)
   assert t2["prefill_tokens"] == len(turn2_prompt) - held.cached
   assert policy._held == {}  # the finished row's caches were released
+
+
+def test_sampler_policy_without_cache_reuse_prefills_everything(tmp_path, toy_tokenizer):
+  from rise_jax.rise import get_prompt_set
+  from rise_jax.rise.policies import SamplerPolicy
+
+  spy = _SpySampler(toy_tokenizer)
+  header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")
+  run_episodes([A], SamplerPolicy(spy, toy_tokenizer, reuse_cache=False), Protocol.sequential(3, sampling=SAMPLING),
+               tmp_path / "n.jsonl", task=_ToyTask(), prompts=get_prompt_set("toy"), header=header, progress=False)
+  assert spy.histories == [[None]] * 3
+  _, (record,), _ = rollout_log.read_rollouts(tmp_path / "n.jsonl")
+  assert all(t["prefill_tokens"] == t["history_tokens"] for t in record["turns"])

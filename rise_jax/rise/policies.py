@@ -128,14 +128,16 @@ class SamplerPolicy:
   next request for that key continues the held conversation sharing the longest prefix with the new prompt —
   the candidate the runner chose — so only the appended feedback turn is prefilled. A windowed history breaks the
   prefix; the sampler then re-prefills from the first differing token. Requests wanting different numbers of
-  samples go in separate sampler calls.
+  samples go in separate sampler calls. `reuse_cache=False` prefills every turn's whole history (what the reference
+  does; kept for the benchmark that measures the difference).
   """
 
-  def __init__(self, sampler, tokenizer, *, name: str = "learner", stop_token_ids=None):
+  def __init__(self, sampler, tokenizer, *, name: str = "learner", stop_token_ids=None, reuse_cache: bool = True):
     self.sampler = sampler
     self.tokenizer = tokenizer
     self.name = name
     self.stop_token_ids = stop_token_ids
+    self.reuse_cache = reuse_cache
     self._held: dict[str, list[Any]] = {}
 
   def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
@@ -166,6 +168,8 @@ class SamplerPolicy:
   def _best_held(self, key: str, ids: list[int]) -> tuple[Any, int]:
     """(held conversation sharing the longest prefix with `ids`, or None; cached tokens it lets us skip)."""
     best, best_reuse = None, 0
+    if not self.reuse_cache:
+      return best, best_reuse
     for conversation in self._held.get(key, ()):
       held = conversation.token_ids
       common = next((k for k, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
