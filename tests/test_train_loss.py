@@ -119,7 +119,7 @@ def test_accumulation_equals_merged_batch(estimator):
   z = L.normalizer(estimator, weights, mask.sum(-1))
   grad_fn = jax.jit(jax.value_and_grad(_linear_loss), static_argnums=5)
   merged, merged_grad = grad_fn(w_out, hidden, targets, mask, weights, estimator, None)
-  splits = [slice(0, 1), slice(1, 4), slice(4, 6)]   # 5 | 1+3+7 | 2+0 trained tokens
+  splits = [slice(0, 2), slice(2, 4), slice(4, 6)]   # 5+1 | 3+7 | 2+0 trained tokens, different weights
   acc_loss, acc_grad, naive = 0.0, 0.0, []
   for s in splits:
     value, g = grad_fn(w_out, hidden[s], targets[s], mask[s], weights[s], estimator, z)

@@ -89,13 +89,37 @@ def test_sharded_equals_unsharded(tiny_model, examples):
     assert "all-gather" in hlo and ("reduce-scatter" in hlo or "all-reduce" in hlo)
 
 
+def test_packed_step_equals_unpacked(tiny_model, toy_tokenizer):
+  """The same global batch packed (several examples per row, segment ids, restarting positions) and unpacked
+  gives the same loss and gradients: packed examples never attend to each other."""
+  records = data_lib.as_records(demo.demo_records(12, seed=4))
+  examples, _ = data_lib.encode_records(records, toy_tokenizer, max_length=256)
+  mesh = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  out = {}
+  for packing in (False, True):
+    (step,) = data_lib.plan([e.length for e in examples], epochs=1, seed=0, global_batch=12, micro_batch=6,
+                            row_multiple=1, max_length=256, packing=packing)
+    tx, lr = optim.optimizer(optim_cfg(), 1)
+    trainer = trainer_lib.Trainer(tiny_model, mesh, tx, lr, packing=packing)
+    state = trainer.initial_state(tiny_model, seed=0)
+    with jax.set_mesh(mesh):
+      batch, stats = trainer.batch(step, examples, "self_normalised")
+      out[packing] = jax.device_get(trainer.loss_and_grads(state.params, batch, jnp.float32(stats.normalizer)))
+    if packing:
+      assert max(len(row) for micro in step.rows for row in micro) >= 2
+  (g0, l0, s0), (g1, l1, s1) = out[False], out[True]
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  np.testing.assert_allclose(s1["token_weight"], s0["token_weight"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g0)
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, tiny_model, toy_tokenizer_dir, toy_tokenizer):
   """One uninterrupted single-process train() on 8 devices: the reference for resume and multi-host runs."""
   root = tmp_path_factory.mktemp("reference")
   data = root / "sft.jsonl"
   data.write_text("".join(json.dumps(r) + "\n" for r in demo.demo_records(24, seed=2)))
-  cfg = tiny_config(toy_tokenizer_dir, root / "run")
+  cfg = tiny_config(toy_tokenizer_dir, root / "run", profile_steps=(1, 2))
   result = trainer_lib.train(cfg, data, root / "run", model=tiny_model, tokenizer=toy_tokenizer)
   return cfg, data, result
 
@@ -112,6 +136,7 @@ def test_train_end_to_end_hf_export_and_resume(reference_run, tiny_model, toy_to
   assert [l["step"] for l in lines] == [1, 2, 3] and all(np.isfinite(l["loss"]) for l in lines)
   assert {"tokens_per_s", "tflops_per_s", "grad_norm", "lr", "sum_weights", "accuracy"} <= set(lines[-1])
   assert sorted(int(p.name) for p in (run / "ckpt").iterdir() if p.name.isdigit()) == [2, 3]
+  assert list((run / "profile").rglob("*.xplane.pb"))  # train.profile_steps=(1, 2) wrote a trace
   ids = np.array([toy_tokenizer.encode("1+2*3=7, 4+5*6=34. Answer")], np.int32)
   ours = np.asarray(result.model(jnp.asarray(ids)))
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(result.hf_dir), dtype=torch.float32)

@@ -19,8 +19,6 @@ log-sum-exp, so `[tokens, vocab]` logits never exist at once (and are recomputed
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,13 +133,12 @@ def chunked_weighted_nll(hidden, unembedding, targets, weights, normalizer, *, v
   h = hidden.reshape(-1, d)
   t = targets.reshape(-1)
   a = weights.reshape(-1).astype(jnp.float32)
-  chunk = min(vocab_chunk, vocab)
-  num_chunks = -(-vocab // chunk)
+  num_chunks = -(-vocab // min(vocab_chunk, vocab))
+  chunk = -(-vocab // num_chunks)                                     # equal chunks: 32000 -> 4 x 8000, no tail
   padded = num_chunks * chunk
   w = jnp.pad(unembedding, ((0, 0), (0, padded - vocab))) if padded != vocab else unembedding
   w = w.reshape(d, num_chunks, chunk).transpose(1, 0, 2)             # [chunks, d, chunk]
 
-  @functools.partial(jax.checkpoint, prevent_cse=False)
   def body(carry, xs):
     run_max, run_sum, tgt = carry
     w_c, start = xs
@@ -155,6 +152,8 @@ def chunked_weighted_nll(hidden, unembedding, targets, weights, normalizer, *, v
     tgt = jnp.where(in_chunk, picked, tgt)
     return (new_max, run_sum, tgt), None
 
+  if num_chunks > 1:  # recompute each chunk's logits in the backward instead of keeping [tokens, vocab]
+    body = jax.checkpoint(body, prevent_cse=False)
   n = h.shape[0]
   init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
   starts = jnp.arange(num_chunks, dtype=t.dtype) * chunk

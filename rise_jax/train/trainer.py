@@ -38,6 +38,9 @@ from rise_jax.train import optim
 
 log = logging.getLogger(__name__)
 
+# The loss walks the vocabulary in chunks (recomputed in the backward) only when a micro-batch's full float32
+# logits would exceed this many elements (2**26 = 256 MiB); below it one chunk is faster.
+LOGITS_BUDGET = 2 ** 26
 VOCAB_CHUNK = 8192
 BATCH_SPEC = P(None, ("data", "fsdp"), None)        # [micro, rows, length]: rows over data x fsdp
 
@@ -114,10 +117,16 @@ class Trainer:
 
   def _loss(self, params, micro, normalizer):
     model = nnx.merge(self.graphdef, params, self.rest)
+    # Padding (segment 0) is masked out explicitly: the model's causal mask compares positions, and a padding
+    # token's position must never look like an earlier token of the row.
     hidden = model.hidden(micro["input_ids"], positions=micro["positions"],
+                          attention_mask=micro["segment_ids"] > 0,
                           segment_ids=micro["segment_ids"] if self.packing else None)
-    return loss_lib.chunked_weighted_nll(hidden.astype(model.dtype), unembedding(model), micro["targets"],
-                                         micro["weights"], normalizer, vocab_chunk=self.vocab_chunk)
+    w = unembedding(model)
+    tokens = micro["targets"].size
+    chunk = w.shape[1] if tokens * w.shape[1] <= LOGITS_BUDGET else self.vocab_chunk
+    return loss_lib.chunked_weighted_nll(hidden.astype(model.dtype), w, micro["targets"], micro["weights"],
+                                         normalizer, vocab_chunk=chunk)
 
   def _grads(self, params, batch: dict[str, jax.Array], normalizer: jax.Array):
     """(grads, loss, sums) of the whole global batch: micro-batch gradients summed in a scan (float32)."""
