@@ -1,8 +1,6 @@
 """rise_jax.models beyond parity: KV cache, scan vs loop, remat, dtypes, attention backends, configs, errors, export."""
 
-import dataclasses
 import json
-import logging
 import os
 import shutil
 
@@ -16,7 +14,7 @@ from rise_jax.models import (PRESETS, ModelConfig, build_model, init_cache, load
                              save_hf_checkpoint)
 from rise_jax.models import attention as attention_lib
 from rise_jax.models import convert, hf_io
-from tests.fixtures_models import save_tiny_llama, torch_logits, torch_model
+from tests.fixtures_models import torch_logits
 
 HIGHEST = jax.default_matmul_precision("highest")
 

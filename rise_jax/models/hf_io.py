@@ -152,6 +152,13 @@ def _leaf_arrays(reader: _TensorReader, c: ModelConfig, np_dtype) -> Iterator[tu
     yield ("lm_head",), lambda: cast(reader.get("lm_head.weight").T)
 
 
+def _place(value: np.ndarray, expected: tuple[int, ...], sharding, leaf: tuple[str, ...], path: str) -> jax.Array:
+  """One host array -> a global array in `sharding`; each device receives only its own slice."""
+  if value.shape != expected:  # unreachable after _check_tensors; guards the layout map itself
+    raise ValueError(f"{path}: leaf {'/'.join(leaf)} converted to {value.shape}, expected {expected}")
+  return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
 def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32", mesh: Mesh | None = None, *,
                        compute_dtype: Any = None, attention: str = "xla", scan_layers: bool = False,
                        remat: str = "none", rules=sharding_lib.TRAIN_RULES,
@@ -180,13 +187,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32", mesh: Me
     flat = dict(nnx.to_flat_state(state))
     leaves = list(_leaf_arrays(reader, config, np_dtype))
     for leaf, load in tqdm(leaves, desc=f"loading {os.path.basename(path)}", unit="leaf", leave=False):
-      value = load()
-      expected = flat[leaf].get_value().shape
-      if value.shape != expected:  # unreachable after _check_tensors; guards the layout map itself
-        raise ValueError(f"{path}: leaf {'/'.join(leaf)} converted to {value.shape}, expected {expected}")
-      sharding = flat_sh[leaf].get_value()
-      flat[leaf].set_value(jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx]))
-      del value
+      flat[leaf].set_value(_place(load(), flat[leaf].get_value().shape, flat_sh[leaf].get_value(), leaf, path))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
