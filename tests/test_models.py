@@ -218,6 +218,48 @@ def test_preset_round_trips_through_hf_config(name):
   assert PRESETS[name].chat_template in ("llama2", "mistral", "llama3", "toy")
 
 
+# config.json of the paper's checkpoints as published on the hub (legacy keys included: transformers normalises
+# rope_theta / rope_scaling into rope_parameters), and a Llama 3.1 one with llama3 rope scaling.
+_HUB_CONFIGS = {
+    "llama-2-7b-chat": dict(
+        architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2, hidden_act="silu", hidden_size=4096,
+        initializer_range=0.02, intermediate_size=11008, max_position_embeddings=4096, model_type="llama",
+        num_attention_heads=32, num_hidden_layers=32, num_key_value_heads=32, pretraining_tp=1, rms_norm_eps=1e-05,
+        rope_scaling=None, tie_word_embeddings=False, torch_dtype="float16", use_cache=True, vocab_size=32000),
+    "mistral-7b-instruct-v0.2": dict(
+        architectures=["MistralForCausalLM"], attention_dropout=0.0, bos_token_id=1, eos_token_id=2,
+        hidden_act="silu", hidden_size=4096, initializer_range=0.02, intermediate_size=14336,
+        max_position_embeddings=32768, model_type="mistral", num_attention_heads=32, num_hidden_layers=32,
+        num_key_value_heads=8, rms_norm_eps=1e-05, rope_theta=1000000.0, sliding_window=None,
+        tie_word_embeddings=False, torch_dtype="bfloat16", use_cache=True, vocab_size=32000),
+    "llama-3-8b-instruct": dict(
+        architectures=["LlamaForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=128000,
+        eos_token_id=128009, hidden_act="silu", hidden_size=4096, initializer_range=0.02, intermediate_size=14336,
+        max_position_embeddings=8192, model_type="llama", num_attention_heads=32, num_hidden_layers=32,
+        num_key_value_heads=8, pretraining_tp=1, rms_norm_eps=1e-05, rope_scaling=None, rope_theta=500000.0,
+        tie_word_embeddings=False, torch_dtype="bfloat16", use_cache=True, vocab_size=128256),
+}
+
+
+def test_hub_config_json_files_agree_with_presets(tmp_path):
+  for name, fields in _HUB_CONFIGS.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(json.dumps(fields))
+    assert ModelConfig.from_hf(tmp_path / name) == PRESETS[name].config, name
+  llama31 = dict(_HUB_CONFIGS["llama-3-8b-instruct"], max_position_embeddings=131072, rope_scaling={
+      "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+      "rope_type": "llama3"})
+  (tmp_path / "llama31").mkdir()
+  (tmp_path / "llama31" / "config.json").write_text(json.dumps(llama31))
+  scaling = ModelConfig.from_hf(tmp_path / "llama31").rope_scaling
+  assert (scaling.factor, scaling.original_max_position_embeddings) == (8.0, 8192)
+  legacy = dict(_HUB_CONFIGS["llama-2-7b-chat"], rope_scaling={"type": "linear", "factor": 2.0})
+  (tmp_path / "linear").mkdir()
+  (tmp_path / "linear" / "config.json").write_text(json.dumps(legacy))
+  with pytest.raises(ValueError, match="rope_type 'linear'"):
+    ModelConfig.from_hf(tmp_path / "linear")
+
+
 def test_paper_presets_name_their_repositories():
   assert PRESETS["llama-2-7b-chat"].hf_repo == "meta-llama/Llama-2-7b-chat-hf"
   assert PRESETS["mistral-7b-instruct-v0.2"].hf_repo == "mistralai/Mistral-7B-Instruct-v0.2"

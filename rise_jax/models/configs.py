@@ -178,7 +178,7 @@ PRESETS: dict[str, Preset] = {
     "llama-3-8b-instruct": Preset(ModelConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
         num_kv_heads=8, head_dim=128, rope_theta=500_000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
-        bos_token_id=128000, eos_token_id=(128001, 128009)), "meta-llama/Meta-Llama-3-8B-Instruct", "llama3"),
+        bos_token_id=128000, eos_token_id=(128009,)), "meta-llama/Meta-Llama-3-8B-Instruct", "llama3"),
 }
 
 
