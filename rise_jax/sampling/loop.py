@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rise_jax.models.transformer import KVCache
+from rise_jax.sampling import decode_step
 from rise_jax.sampling import select
 
 RUNNING, STOP, LENGTH, CACHE_FULL = 0, 1, 2, 3
@@ -117,26 +118,24 @@ def decode(model, cache: KVCache, last_hidden: jax.Array, keys: jax.Array, rows:
   """Sample up to `rows.max_new` tokens per active row (buffers sized `max_tokens`, a static bucket).
 
   The first token comes from the prefill's last hidden state; each loop step feeds every running row's newest
-  token at its own position and samples the next. Finished rows feed an empty slot (attention mask 0) and
-  keep their end_index, so their cache ends exactly after their last fed token.
+  token at its own position (`decode_step.decode_hidden`) and samples the next. Finished rows write an empty
+  slot and keep their end_index, so their cache ends exactly after their last fed token.
   """
   batch = active.shape[0]
   state = DecodeState(
       step=jnp.zeros((), jnp.int32), done=~active, finish=jnp.full((batch,), RUNNING, jnp.int32),
       last_token=jnp.zeros((batch,), jnp.int32), tokens=jnp.zeros((batch, max_tokens), jnp.int32),
       logprobs=jnp.zeros((batch, max_tokens), jnp.float32),
-      sampling_logprobs=jnp.zeros((batch, max_tokens), jnp.float32), cache=cache, keys=keys, rows=rows)
-  state = _record(state, model.unembed(last_hidden), cache)
+      sampling_logprobs=jnp.zeros((batch, max_tokens), jnp.float32), cache=decode_step.to_decode_layout(cache),
+      keys=keys, rows=rows)
+  state = _record(state, model.unembed(last_hidden), state.cache)
 
   def cond(state: DecodeState):
     return (state.step < max_tokens) & ~jnp.all(state.done)
 
   def body(state: DecodeState):
-    running = ~state.done
-    old = state.cache
-    hidden, cache = model.hidden(state.last_token[:, None], positions=old.end_index[:, None],
-                                 attention_mask=running[:, None], cache=old)
-    cache = cache.replace(end_index=jnp.where(running, cache.end_index, old.end_index))
-    return _record(state, model.unembed(hidden[:, 0]), cache)
+    hidden, cache = decode_step.decode_hidden(model, state.last_token, ~state.done, state.cache)
+    return _record(state, model.unembed(hidden), cache)
 
-  return jax.lax.while_loop(cond, body, state)
+  state = jax.lax.while_loop(cond, body, state)
+  return state.replace(cache=decode_step.from_decode_layout(state.cache))

@@ -59,17 +59,21 @@ def select_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
   vocab = logits.shape[-1]
   greedy = temperature <= 0
   needs_filter = jnp.any(~greedy & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)))
+  argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  def tempered(_):
-    return logits / jnp.where(greedy, 1.0, temperature)[:, None]
+  def draw(_):
+    # The full-vocabulary sort runs only when some row filters (a traced branch, not a recompile).
+    filtered = jax.lax.cond(needs_filter, lambda: filter_logits(logits, temperature, top_k, top_p),
+                            lambda: logits / jnp.where(greedy, 1.0, temperature)[:, None])
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    tokens = jnp.where(greedy, argmax, drawn)
+    picked = jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0]
+    return tokens, jnp.where(greedy, 0.0, picked - jax.nn.logsumexp(filtered, axis=-1))
 
-  # The full-vocabulary sort is skipped (a traced branch, not a recompile) when no row filters.
-  filtered = jax.lax.cond(needs_filter, lambda _: filter_logits(logits, temperature, top_k, top_p), tempered, None)
-  drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
-  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
-  logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
-  sampling_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)[:, 0]
-  return tokens, logprobs, jnp.where(greedy, 0.0, sampling_lp)
+  # An all-greedy batch skips the vocabulary-wide random draw entirely.
+  tokens, sampling_lp = jax.lax.cond(jnp.all(greedy), lambda _: (argmax, jnp.zeros_like(temperature)), draw, None)
+  raw = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+  return tokens, raw, sampling_lp
 
 
 def uid_to_int(uid) -> int:
