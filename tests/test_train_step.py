@@ -165,9 +165,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(spec, devices: int):
+def _launch(spec, devices: int, cache_dir=None):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  if cache_dir is not None:  # a rerun of the same programs loads them instead of compiling again
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
@@ -189,12 +191,13 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path, ref
   _, data, ref = reference_run
   spec = {"data": str(data), "tokenizer": str(toy_tokenizer_dir), "out_dir": str(tmp_path / "run"),
           "result": str(tmp_path / "killed.json"), "stop_after": "train:2"}
-  code, out = _finish(_launch(spec, 8))
+  code, out = _finish(_launch(spec, 8, tmp_path / "jax_cache"))
   assert code == -signal.SIGKILL, out[-3000:]
   assert not (tmp_path / "killed.json").exists()
   steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2]
-  code, out = _finish(_launch({**spec, "stop_after": None, "result": str(tmp_path / "resumed.json")}, 8))
+  code, out = _finish(_launch({**spec, "stop_after": None, "result": str(tmp_path / "resumed.json")}, 8,
+                              tmp_path / "jax_cache"))
   assert code == 0, out[-3000:]
   resumed = json.loads((tmp_path / "resumed.json").read_text())
   assert resumed["resumed_from"] == 2 and list(resumed["losses"]) == ["3"]

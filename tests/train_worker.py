@@ -41,7 +41,9 @@ def main(spec):
          "local_devices": len(jax.local_devices())}
   tokenizer = chat.load_tokenizer(spec["tokenizer"], "toy")
   model = build_model(TINY, mesh=mesh, seed=0)
-  result = trainer_lib.train(cfg, spec["data"], spec["out_dir"], model=model, tokenizer=tokenizer)
+  # No HF export here (importing transformers costs seconds per process); the in-process tests check it.
+  result = trainer_lib.train(cfg, spec["data"], spec["out_dir"], model=model, tokenizer=tokenizer,
+                             export_hf=False)
   out["losses"] = {m["step"]: m["loss"] for m in result.metrics}
   out["resumed_from"] = result.resumed_from
   # The rows of each planned step this process materialised (the batch axis is sharded over processes).
@@ -54,7 +56,8 @@ def main(spec):
   lm_head = np.asarray(jax.experimental.multihost_utils.process_allgather(result.model.lm_head[...], tiled=True))
   out["lm_head"] = lm_head.tolist()
   if "process_id" in spec and spec.get("restore"):
-    again = trainer_lib.train(cfg, spec["data"], spec["out_dir"], model=model, tokenizer=tokenizer)
+    again = trainer_lib.train(cfg, spec["data"], spec["out_dir"], model=model, tokenizer=tokenizer,
+                              export_hf=False)
     out["restored_step"] = again.resumed_from
     restored = jax.experimental.multihost_utils.process_allgather(again.model.lm_head[...], tiled=True)
     out["restored_equal"] = bool(np.array_equal(np.asarray(restored), lm_head))

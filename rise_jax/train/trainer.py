@@ -240,11 +240,12 @@ def _stop_after_step(cfg) -> int | None:
 
 
 def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str | os.PathLike, model=None,
-          tokenizer=None) -> TrainResult:
+          tokenizer=None, *, export_hf: bool = True) -> TrainResult:
   """Train `model` (or the config's model) on sft/1 records; write ckpt/, metrics.jsonl and hf/ under out_dir.
 
   Resumes from out_dir/ckpt when it holds a checkpoint (params, optimiser, step, rng, data position). Raises
   `NonFiniteLossError` when the loss goes non-finite (checked every `log_every` steps and before each save).
+  `export_hf=False` skips the hf/ export (which imports transformers).
   `cfg.debug.stop_after = "train:N"` SIGKILLs the process right after step N's checkpoint commits (a preemption
   at the worst moment, for resume tests).
   """
@@ -367,9 +368,11 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
     ckpt.close()
 
   trained = trainer.model(state)
-  hf_dir = out_dir / "hf"
-  from rise_jax.models.hf_io import save_hf_checkpoint
-  save_hf_checkpoint(trained, hf_dir, tokenizer=tokenizer, overwrite=True)  # ChatTokenizer.hf carries the template
+  hf_dir = None
+  if export_hf:
+    from rise_jax.models.hf_io import save_hf_checkpoint
+    hf_dir = out_dir / "hf"
+    save_hf_checkpoint(trained, hf_dir, tokenizer=tokenizer, overwrite=True)  # ChatTokenizer.hf has the template
   return TrainResult(out_dir, trained, total, resumed_from, history, report, hf_dir)
 
 
