@@ -15,6 +15,32 @@ import numpy as np
 _NEG_INF = -jnp.inf
 
 
+def _ordered_bits(x: jax.Array) -> jax.Array:
+  """uint32 keys with the order of the float32 values (negative floats flipped), for exact bisection."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _largest_threshold(keys: jax.Array, enough) -> jax.Array:
+  """Per row, the largest key t with `enough(keys >= t)` true, by bisection over the 32-bit key range.
+
+  `enough(mask)` -> [batch] bool must be monotone (true for a smaller t whenever true for a larger one) and true
+  for t = the row's smallest key. Exact in 32 steps, no sort: a full-vocabulary sort is the slowest op of a
+  sampling step on CPU.
+  """
+  lo = jnp.min(keys, axis=-1)
+  hi = jnp.max(keys, axis=-1)
+
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2 + (hi - lo) % 2  # upper middle: lo always satisfies, mid > lo while lo < hi
+    ok = enough(keys >= mid[:, None])
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+  return lo
+
+
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
   """Tempered logits with everything outside top-k, then top-p, set to -inf.
 
@@ -23,23 +49,40 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     temperature: [batch] float32, > 0 (greedy rows are the caller's business; their value here is unused).
     top_k: [batch] int32; 0 or >= vocab disables.
     top_p: [batch] float32 in (0, 1]; 1 disables.
+
+  Thresholds are found by value (bisection), so ties with the last kept token are kept.
   """
   vocab = logits.shape[-1]
   safe_t = jnp.where(temperature > 0, temperature, 1.0)
   scaled = logits.astype(jnp.float32) / safe_t[:, None]
-  ranked = -jnp.sort(-scaled, axis=-1)  # descending
   k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
-  in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
-  probs = jax.nn.softmax(jnp.where(in_top_k, ranked, _NEG_INF), axis=-1)
-  # A ranked token survives top-p when the mass strictly before it is still short of p: the smallest set
-  # with mass >= p. The first token always survives (mass before it is 0 < p).
-  mass = jnp.cumsum(probs, axis=-1)
-  mass_before = jnp.concatenate([jnp.zeros_like(mass[:, :1]), mass[:, :-1]], axis=-1)
-  keep = in_top_k & (mass_before < top_p[:, None])
-  num_keep = jnp.sum(keep, axis=-1)
-  threshold = jnp.take_along_axis(ranked, (num_keep - 1)[:, None], axis=-1)
-  # Thresholding by value (not by rank) keeps ties with the last kept token: permutation-invariant.
-  return jnp.where(scaled >= threshold, scaled, _NEG_INF)
+  # top-k: the k-th largest value is the largest t with at least k values >= t.
+  scaled_keys = _ordered_bits(scaled)
+  kth = _largest_threshold(scaled_keys, lambda kept: jnp.sum(kept, axis=-1) >= k)
+  in_top_k = scaled_keys >= kth[:, None]
+  probs = jax.nn.softmax(jnp.where(in_top_k, scaled, _NEG_INF), axis=-1)
+  # top-p: the smallest set, largest first, whose mass is >= p is {prob >= t} for the largest t whose set
+  # still has mass >= p. (If rounding leaves even the full set short of p, the search stays at the smallest
+  # key: everything is kept.)
+  prob_keys = _ordered_bits(probs)
+  tp = _largest_threshold(prob_keys, lambda kept: jnp.sum(jnp.where(kept, probs, 0.0), axis=-1) >= top_p)
+  in_top_p = (prob_keys >= tp[:, None]) | (top_p >= 1.0)[:, None]
+  return jnp.where(in_top_k & in_top_p, scaled, _NEG_INF)
+
+
+def _inverse_cdf_draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
+  """One draw per row from softmax(logits) with one uniform per row (inverse CDF).
+
+  Exact like Gumbel-max but draws 1 random number per row instead of one per vocabulary entry, which on CPU
+  costs more than the rest of the step (threefry over 32k entries per row).
+  """
+  probs = jax.nn.softmax(logits, axis=-1)
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+  token = jnp.sum(cdf <= u[:, None], axis=-1)
+  # Rounding can never pick past the last token with probability mass.
+  last = logits.shape[-1] - 1 - jnp.argmax(jnp.flip(probs > 0, axis=-1), axis=-1)
+  return jnp.minimum(token, last).astype(jnp.int32)
 
 
 def select_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -65,7 +108,7 @@ def select_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
     # The full-vocabulary sort runs only when some row filters (a traced branch, not a recompile).
     filtered = jax.lax.cond(needs_filter, lambda: filter_logits(logits, temperature, top_k, top_p),
                             lambda: logits / jnp.where(greedy, 1.0, temperature)[:, None])
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    drawn = _inverse_cdf_draw(keys, filtered)
     tokens = jnp.where(greedy, argmax, drawn)
     picked = jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0]
     return tokens, jnp.where(greedy, 0.0, picked - jax.nn.logsumexp(filtered, axis=-1))
