@@ -67,7 +67,7 @@ def history_dropped_eval(run_dir: pathlib.Path) -> dict:
   policy = _DropHistory(ctx.learner(model, "boost@iter_0"))
   protocol = rollout.Protocol.sequential(config.eval.turns, select="first", sampling=ctx.turn_sampling(),
                                          grader=config.task.grader, prompt_set=config.task.prompt_set,
-                                         seed=config.seed + 2)
+                                         seed=config.seed + 3)
   out.mkdir(parents=True, exist_ok=True)
   rollout.run_episodes(ctx.task.load("test"), policy, protocol, out / "rollouts.jsonl", task=ctx.task,
                        prompts=ctx.prompts, header=ctx.header(policy.name),

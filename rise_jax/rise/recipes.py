@@ -115,9 +115,9 @@ def toy() -> ml_collections.ConfigDict:
   c.task.test_size = 2000
   c.task.train_size = 2000               # problems each iteration collects on
   c.sampling.temperature = 1.0
-  c.sampling.max_new_tokens = 24         # a worked answer is at most 17 characters + end of turn
-  c.sampling.max_cache_length = 384      # 5 turns of history fit (docs/toy.md, token budget)
-  c.sampling.batch_size = 512
+  c.sampling.max_new_tokens = 20         # a worked answer is at most 16 characters + end of turn
+  c.sampling.max_cache_length = 320      # 5 turns of history fit (docs/toy.md, token budget)
+  c.sampling.batch_size = 1000           # large batches: the CPU sampler is bound by per-step overhead
   c.collect.turns = 2
   c.collect.samples_per_turn = 1
   c.collect.improvement = "self"
@@ -125,11 +125,12 @@ def toy() -> ml_collections.ConfigDict:
   c.collect.criteria = "all"
   c.collect.tau = 0.4
   c.train.lr = 1e-3
-  c.train.warmup_ratio = 0.04
+  c.train.warmup_ratio = 0.05
+  c.train.b2 = 0.98                      # from-scratch training of a tiny model: a shorter second-moment memory
   c.train.epochs = 2
   c.train.global_batch = 64
   c.train.micro_batch = 64
-  c.train.max_length = 384
+  c.train.max_length = 320
   c.train.ckpt_every = 10_000            # the toy stages take seconds; the final checkpoint is always written
   c.train.log_every = 50
   c.eval.turns = 5
@@ -166,6 +167,7 @@ def toy_smoke() -> ml_collections.ConfigDict:
   c.eval.turns = 2
   c.eval.parallel_k = 2
   c.rise.boost_epochs = 1
+  c.rise.boost_size = 16
   return c
 
 

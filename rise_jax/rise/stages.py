@@ -341,10 +341,13 @@ def evaluate(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None) -
     name = f"rise@iter_{t}"
   learner = ctx.learner(model, name)
   problems = ctx.task.load("test")
-  common = dict(sampling=ctx.turn_sampling(), grader=c.task.grader, prompt_set=c.task.prompt_set, seed=c.seed + 1,
+  common = dict(sampling=ctx.turn_sampling(), grader=c.task.grader, prompt_set=c.task.prompt_set,
                 max_resample_rounds=c.collect.max_resample_rounds)
-  seq = Protocol.sequential(c.eval.turns, select="first", oracle=c.eval.oracle, window=c.eval.window, **common)
-  par = Protocol.parallel(c.eval.parallel_k, **common)
+  # Distinct seeds: with one seed the parallel run's first sample would replay the sequential run's first turn
+  # (random streams are named by seed, problem and turn), and "a fresh sample" would not be fresh.
+  seq = Protocol.sequential(c.eval.turns, select="first", oracle=c.eval.oracle, window=c.eval.window,
+                            seed=c.seed + 1, **common)
+  par = Protocol.parallel(c.eval.parallel_k, seed=c.seed + 2, **common)
   t0 = time.perf_counter()
   runs = []
   for protocol, file, desc in ((seq, "rollouts.jsonl", "sequential"), (par, "rollouts_parallel.jsonl", "parallel")):
