@@ -196,3 +196,16 @@ def test_read_records_names_file_and_line(tmp_path):
   path.write_text('{"id": "a", "weight": 1.0, "messages": []}\n{"id": "b", "messages": []}\n')
   with pytest.raises(ValueError, match=r"sft.jsonl:2: missing field 'weight'"):
     dataset.read_records(path)
+
+
+def test_collection_protocol_is_algorithm_1():
+  from rise_jax.rise import recipes, stages
+  c = recipes.toy()
+  c.collect.turns, c.collect.samples_per_turn, c.collect.improvement_samples = 3, 2, 16
+  p = stages.collection_protocol(c)
+  assert (p.kind, p.turns, p.samples_per_turn, p.select, p.oracle, p.window) == (
+      "sequential", 3, (2, 2, 16), "best_reward", True, None)
+  c.collect.improvement = "teacher"
+  c.collect.teacher.temperature, c.collect.teacher.max_tokens = 0.7, 300
+  p = stages.collection_protocol(c)
+  assert [(s.temperature, s.max_new_tokens) for s in p.sampling] == [(1.0, 20), (1.0, 20), (0.7, 300)]

@@ -102,11 +102,7 @@ class Context:
     return OpenAIChatPolicy(base_url=t.base_url, model=t.model, cache_dir=self.root / "teacher_cache")
 
   def turn_sampling(self, teacher: bool = False):
-    from rise_jax.rise.policies import TurnSampling
-    s, t = self.config.sampling, self.config.collect.teacher
-    if teacher:
-      return TurnSampling(temperature=t.temperature, top_p=1.0, top_k=0, max_new_tokens=t.max_tokens)
-    return TurnSampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens)
+    return turn_sampling(self.config, teacher)
 
   def header(self, model_name: str) -> dict[str, Any]:
     from rise_jax.rise import rollout_log
@@ -182,16 +178,22 @@ def _log_accounting(log_path: pathlib.Path, problems) -> dict[str, Any]:
   return {"records": records, "torn": torn, "accounting": metrics.compute_accounting(records)}
 
 
+def turn_sampling(config, teacher: bool = False):
+  """Sampling parameters of a learner turn, or of the teacher's turn (its own temperature and token limit)."""
+  from rise_jax.rise.policies import TurnSampling
+  s, t = config.sampling, config.collect.teacher
+  if teacher:
+    return TurnSampling(temperature=t.temperature, top_p=1.0, top_k=0, max_new_tokens=t.max_tokens)
+  return TurnSampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens)
+
+
 def collection_protocol(config):
   """Algorithm 1: turns 1..K-1 from the learner, turn K the improvement turn; best reward continues; stop at
   the first success (an oracle, as the reference's collection does)."""
-  from rise_jax.rise.policies import TurnSampling
   from rise_jax.rise.rollout import Protocol
-  co, s = config.collect, config.sampling
-  learner = TurnSampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens)
-  last = learner
-  if co.improvement == "teacher":
-    last = TurnSampling(temperature=co.teacher.temperature, top_p=1.0, top_k=0, max_new_tokens=co.teacher.max_tokens)
+  co = config.collect
+  learner = turn_sampling(config)
+  last = turn_sampling(config, teacher=co.improvement == "teacher")
   samples = (co.samples_per_turn,) * (co.turns - 1) + (co.improvement_samples,)
   return Protocol.sequential(co.turns, samples=samples, select="best_reward", oracle=True, window=None,
                              sampling=(learner,) * (co.turns - 1) + (last,), grader=config.task.grader,
@@ -247,9 +249,8 @@ def boost_data(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None)
   reward_values = collect_lib.reward_range(c.task.name, c.task.grader)
   if source is None:  # correct samples of the improvement policy, first turn only
     from rise_jax.rise.rollout import Protocol
-    model = ctx.model(None)
-    policy = ctx.teacher() if c.collect.improvement == "teacher" else ctx.learner(model, "learner@base")
     teacher = c.collect.improvement == "teacher"
+    policy = ctx.teacher() if teacher else ctx.learner(ctx.model(None), "learner@base")
     protocol = Protocol.sequential(1, samples=c.collect.improvement_samples, select="best_reward", oracle=True,
                                    sampling=ctx.turn_sampling(teacher), grader=c.task.grader,
                                    prompt_set=c.task.prompt_set, seed=c.seed,
