@@ -18,6 +18,7 @@ import math
 import os
 import pathlib
 import signal
+import sys
 import time
 from typing import Any, Iterable
 
@@ -337,6 +338,12 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
     history.extend(records)
     progress.update(len(records))
     progress.set_postfix(loss=f"{records[-1]['loss']:.4f}", tok_s=f"{throughput['tokens_per_s']:.0f}")
+    if jax.process_index() == 0:
+      last = records[-1]
+      progress.write(" | ".join(
+          [f"step {last['step']}/{total}"] + [f"{k} {last[k]:.4g}" for k in (
+              "loss", "accuracy", "grad_norm", "lr", "sum_weights", "examples", "trained_tokens", "tokens_per_s",
+              "tflops_per_s", "mfu") if k in last]), file=sys.stdout)
     pending.clear()
 
   try:
