@@ -270,6 +270,26 @@ def test_checkpoint_strict_tree_and_corrupt_latest_fallback(tmp_path):
   ck.close()
 
 
+def test_truncation_drops_oldest_attempts_and_reports_cut_spans(toy_tokenizer):
+  """Over-long history loses its oldest (attempt, feedback) pairs, keeping instruction, example and question; a
+  trained reply that still does not fit is counted and reported (or raises), never silently dropped."""
+  head = demo.demo_records(1, seed=0)[0]["messages"][:3]
+  pairs = []
+  for i in range(6):
+    pairs += [{"role": "assistant", "content": f"attempt {i} " + "x" * 20}, {"role": "user", "content": "Wrong."}]
+  long_history = {"id": "long", "weight": 1.0,
+                  "messages": head + pairs + [{"role": "assistant", "content": "final", "train": True}]}
+  too_long = {"id": "cut", "weight": 1.0, "messages": head + [{"role": "assistant", "content": "y" * 300}]}
+  records = data_lib.as_records([long_history, too_long])
+  examples, report = data_lib.encode_records(records, toy_tokenizer, max_length=128)
+  assert [e.id for e in examples] == ["long"] and report.skipped == {"truncated": ["cut (records[1])"]}
+  text = toy_tokenizer.decode(examples[0].input_ids.tolist())
+  assert all(m["content"] in text for m in head) and "attempt 5" in text and "attempt 0" not in text
+  assert examples[0].length <= 128
+  with pytest.raises(data_lib.RecordError, match=r"records\[1\]: record 'cut'"):
+    data_lib.encode_records(records, toy_tokenizer, max_length=128, on_truncation="raise")
+
+
 @pytest.mark.parametrize("which", ["toy", "llama2"])
 def test_loss_mask_decodes_to_trained_message(which, toy_tokenizer, request):
   """targets[loss_mask == 1] is exactly the trained assistant message plus its end-of-turn token (Llama 2's

@@ -174,7 +174,7 @@ def encode_records(records: Sequence[Record], tokenizer, max_length: int,
   for record in records:
     try:
       input_ids, targets, loss_mask = chat.train_arrays(tokenizer, list(record.messages), max_length=max_length)
-    except chat.TrainSpanTruncatedError as e:
+    except chat.TruncationError as e:
       if on_truncation == "raise":
         raise RecordError(f"{record.where}: record {record.id!r}: {e}") from None
       report.skip("truncated", record)
