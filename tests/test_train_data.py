@@ -44,6 +44,17 @@ def test_reads_good_records_and_in_memory_dicts(tmp_path):
     D.as_records([{**GOOD, "weight": float("nan")}])
 
 
+def test_reads_parquet_with_row_numbers(tmp_path):
+  import datasets
+  bad = {**GOOD, "id": "b", "messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "x"}]}
+  datasets.Dataset.from_list([GOOD, {**GOOD, "id": "c"}]).to_parquet(str(tmp_path / "ok.parquet"))
+  records = D.read_records(tmp_path / "ok.parquet")
+  assert [r.id for r in records] == ["a", "c"] and records[0].messages[1]["train"] is True
+  datasets.Dataset.from_list([GOOD, bad]).to_parquet(str(tmp_path / "bad.parquet"))
+  with pytest.raises(D.RecordError, match=r"bad.parquet:row 1: field 'messages\[1\].role'"):
+    D.read_records(tmp_path / "bad.parquet")
+
+
 def _examples(lengths, seed=0):
   rng = np.random.default_rng(seed)
   out = []

@@ -92,7 +92,7 @@ def parse_record(obj: Any, where: str) -> Record:
       _fail(where, f"{field}.role", f"{m['role']!r} is not one of {list(ROLES)}")
     if not isinstance(m.get("content"), str):
       _fail(where, f"{field}.content", "missing or not a string")
-    if "train" in m:
+    if m.get("train") is not None:  # parquet gives every message every column: None means absent
       if not isinstance(m["train"], bool):
         _fail(where, f"{field}.train", f"must be true or false, got {m['train']!r}")
       if m["train"] and m["role"] != "assistant":
