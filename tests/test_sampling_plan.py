@@ -19,7 +19,7 @@ def test_llama2_7b_parameter_count_and_cache_bytes():
 
 
 def test_plan_picks_the_largest_fitting_batch():
-  weights = 6_738_415_616 * 2
+  weights = (6_738_415_616 + 32 * 202_383_360) * 2  # + the decode loop's per-layer copy of the 32 layers
   per_prompt = 2048 * 512 * 1024 + 32000 * 4 * 3  # n = 1: one row of 2048 tokens + logits
   hbm = 80 * GiB
   want = int((hbm * 0.9 - weights) // per_prompt)
@@ -35,4 +35,4 @@ def test_plan_with_a_mesh_counts_per_device_and_rounds_to_row_shards():
   fits = lambda b: memory_at(LLAMA2_7B, mesh, b, 4096, 4).total <= 40 * GiB * 0.9
   assert fits(batch) and not fits(batch + 4)
   m = memory_at(LLAMA2_7B, mesh, batch, 4096, 4)
-  assert m.weights == 6_738_415_616 * 2 // 2 and m.kv_cache == batch * 5 // 4 * 4096 * 512 * 1024 // 2
+  assert m.weights == (6_738_415_616 + 32 * 202_383_360) * 2 // 2 and m.kv_cache == batch * 5 // 4 * 4096 * 512 * 1024 // 2

@@ -133,8 +133,10 @@ def decode(model, cache: KVCache, last_hidden: jax.Array, keys: jax.Array, rows:
   def cond(state: DecodeState):
     return (state.step < max_tokens) & ~jnp.all(state.done)
 
+  layers = decode_step.split_layers(model)
+
   def body(state: DecodeState):
-    hidden, cache = decode_step.decode_hidden(model, state.last_token, ~state.done, state.cache)
+    hidden, cache = decode_step.decode_hidden(model, state.last_token, ~state.done, state.cache, layers)
     return _record(state, model.unembed(hidden), cache)
 
   state = jax.lax.while_loop(cond, body, state)

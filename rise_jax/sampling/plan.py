@@ -34,6 +34,11 @@ def param_count(model_config) -> int:
   return c.vocab_size * d + c.num_layers * layer + d + head
 
 
+def _non_layer_params(model_config) -> int:
+  c = model_config
+  return c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
+
+
 def kv_bytes_per_token(model_config, cache_dtype="bfloat16") -> int:
   """Bytes one token of one row occupies in the KV cache (k and v, every layer)."""
   c = model_config
@@ -67,14 +72,16 @@ def memory_at(model_config, mesh, batch: int, history_tokens: int, n: int, *, pa
   """Per-device memory for `batch` prompts of `history_tokens` cache slots each, `n` samples per prompt.
 
   While the prompt cache is forked into `n` sample rows both exist, so a prompt costs `n + 1` rows when n > 1.
-  Sampling weights are sharded over `tensor` only (no FSDP: they are gathered once, not per token); kv heads
-  shard over `tensor` when it divides them.
+  Sampling weights are sharded over `tensor` only (no FSDP: they are gathered once, not per token), and the
+  decode loop holds a second, per-layer copy of the layer weights while it runs (`decode_step.split_layers`);
+  kv heads shard over `tensor` when it divides them.
   """
   batch_shards, tensor = _mesh_axes(mesh)
   rows = batch * (n + 1 if n > 1 else 1)
   rows_per_device = math.ceil(rows / batch_shards)
   kv_split = tensor if model_config.num_kv_heads % tensor == 0 else 1
-  weights = math.ceil(param_count(model_config) * _bytes(param_dtype) / tensor)
+  layer_params = param_count(model_config) - _non_layer_params(model_config)
+  weights = math.ceil((param_count(model_config) + layer_params) * _bytes(param_dtype) / tensor)
   kv = rows_per_device * history_tokens * kv_bytes_per_token(model_config, cache_dtype) // kv_split
   logits = rows_per_device * model_config.vocab_size * 4 * 3  # float32 logits, log-softmax and filtered copy
   return SamplingMemory(batch=batch, rows=rows, weights=weights, kv_cache=kv, logits=logits)

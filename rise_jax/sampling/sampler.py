@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 MIN_CHUNK = 16        # smallest prompt-chunk bucket (smaller ones appear only right at a full cache)
 MIN_TOKENS = 16       # smallest token-buffer bucket
-MIN_CACHE = 128       # smallest cache-length bucket
+MIN_CACHE = 64        # smallest cache-length bucket
 STOP_SLOTS = 8        # stop-id array size bucket
 
 
