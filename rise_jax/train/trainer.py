@@ -220,6 +220,63 @@ class _MetricsSink:
       self.tb.flush()
 
 
+class _StepLogger:
+  """Holds each step's on-device metrics and, when told to flush (every `log_every` steps and before a save),
+  fetches them in one transfer: checks the loss is finite, adds throughput, writes metrics.jsonl / TensorBoard /
+  a stdout line and advances the progress bar. Not fetching every step keeps dispatch asynchronous."""
+
+  FIELDS = ("loss", "accuracy", "grad_norm", "lr", "sum_weights", "examples", "trained_tokens", "tokens_per_s",
+            "tflops_per_s", "mfu")
+
+  def __init__(self, out_dir: pathlib.Path, model_config, total: int, start: int):
+    self.sink = _MetricsSink(out_dir / "metrics.jsonl", start)
+    self.model_config, self.total = model_config, total
+    self.peak = optim.device_peak_flops()
+    self.progress = _progress(total, start)
+    self.pending: list[tuple[int, dict, data_lib.StepStats, int]] = []
+    self.history: list[dict[str, Any]] = []
+    self.last_time = time.perf_counter()
+
+  def add(self, step: int, metrics: dict, stats: data_lib.StepStats, length: int):
+    self.pending.append((step, metrics, stats, length))
+
+  def flush(self, ckpt: checkpoint_lib.Checkpointer):
+    if not self.pending:
+      return
+    fetched = jax.device_get([m for _, m, _, _ in self.pending])
+    now = time.perf_counter()
+    elapsed, self.last_time = now - self.last_time, now
+    records = []
+    for (step, _, stats, _), m in zip(self.pending, fetched):
+      if not math.isfinite(float(m["loss"])):
+        ckpt.wait()
+        good = ckpt.steps()
+        raise NonFiniteLossError(f"loss is {float(m['loss'])} at step {step}; stopping. The last good checkpoint "
+                                 f"is {ckpt.directory}/{good[-1] if good else '(none)'}")
+      records.append({"step": step, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+                      "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]), "sum_weights": stats.sum_weights,
+                      "examples": stats.examples, "trained_tokens": stats.trained_tokens, "tokens": stats.tokens})
+    # Throughput over the interval (the first one includes compilation); FLOPs at each step's padded length.
+    tokens = sum(s.tokens for _, _, s, _ in self.pending)
+    flops = sum(s.tokens * optim.train_flops_per_token(self.model_config, length)
+                for _, _, s, length in self.pending)
+    last = records[-1]
+    last.update(tokens_per_s=tokens / elapsed, tflops_per_s=flops / elapsed / 1e12)
+    if self.peak is not None:
+      last["mfu"] = flops / elapsed / (self.peak * jax.device_count())
+    self.sink.write(records)
+    self.history.extend(records)
+    self.progress.update(len(records))
+    self.progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+    if jax.process_index() == 0:
+      self.progress.write(" | ".join([f"step {last['step']}/{self.total}"] +
+                                     [f"{k} {last[k]:.4g}" for k in self.FIELDS if k in last]), file=sys.stdout)
+    self.pending.clear()
+
+  def close(self):
+    self.progress.close()
+
+
 def _fingerprint(examples, cfg) -> str:
   """What fixes the batch plan: a resumed run must see the same data in the same order."""
   t = cfg.train
@@ -256,21 +313,8 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   if tokenizer is None:
-    from rise_jax import chat
-    tok_path = cfg.tokenizer.path or cfg.model.hf_path
-    if tok_path is None:
-      raise ValueError("config field tokenizer.path: required to render the training conversations")
-    tokenizer = chat.load_tokenizer(tok_path, cfg.tokenizer.chat_template)
-
-  records = data_lib.as_records(os.fspath(records_or_path) if isinstance(records_or_path, os.PathLike)
-                                else records_or_path)
-  examples, report = data_lib.encode_records(records, tokenizer, t.max_length, t.on_truncation)
-  log.info("training data: %s", report.summary())
-  if jax.process_index() == 0:
-    _atomic_json(out_dir / "data_report.json", {"total": report.total, "kept": report.kept,
-                                                 "skipped": report.skipped})
-  if not examples:
-    raise ValueError(f"no trainable examples: {report.summary()}")
+    tokenizer = _load_tokenizer(cfg)
+  examples, report = _examples(cfg, records_or_path, tokenizer, out_dir)
 
   mesh = sharding_lib.make_mesh(cfg.mesh.train)
   row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -299,79 +343,33 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
     resumed_from = start
     log.info("resumed from step %d of %d", start, total)
 
-  sink = _MetricsSink(out_dir / "metrics.jsonl", start)
-  flops_per_token = {}
-  peak = optim.device_peak_flops()
-  model_config = trainer.model(state).config
+  logger = _StepLogger(out_dir, trainer.model(state).config, total, start)
   stop_after = _stop_after_step(cfg)
   profile = tuple(t.profile_steps) if t.profile_steps is not None else None
-  pending: list[tuple[int, dict, data_lib.StepStats, int]] = []
-  history: list[dict[str, Any]] = []
-  last_time = time.perf_counter()
-  progress = _progress(total, start)
-
-  def flush():
-    nonlocal last_time
-    fetched = jax.device_get([m for _, m, _, _ in pending])
-    now = time.perf_counter()
-    elapsed = now - last_time
-    last_time = now
-    tokens = sum(s.tokens for _, _, s, _ in pending)
-    flops = sum(s.tokens * flops_per_token.setdefault(
-        length, optim.train_flops_per_token(model_config, length)) for _, _, s, length in pending)
-    records = []
-    for (step, _, stats, _), m in zip(pending, fetched):
-      r = {"step": step, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
-           "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]), "sum_weights": stats.sum_weights,
-           "examples": stats.examples, "trained_tokens": stats.trained_tokens, "tokens": stats.tokens}
-      if not math.isfinite(r["loss"]):
-        ckpt.wait()
-        good = ckpt.steps()
-        raise NonFiniteLossError(f"loss is {r['loss']} at step {step}; stopping. The last good checkpoint is "
-                                 f"{ckpt.directory}/{good[-1] if good else '(none)'}")
-      records.append(r)
-    throughput = {"tokens_per_s": tokens / elapsed, "tflops_per_s": flops / elapsed / 1e12}
-    if peak is not None:
-      throughput["mfu"] = flops / elapsed / (peak * jax.device_count())
-    records[-1].update(throughput)
-    sink.write(records)
-    history.extend(records)
-    progress.update(len(records))
-    progress.set_postfix(loss=f"{records[-1]['loss']:.4f}", tok_s=f"{throughput['tokens_per_s']:.0f}")
-    if jax.process_index() == 0:
-      last = records[-1]
-      progress.write(" | ".join(
-          [f"step {last['step']}/{total}"] + [f"{k} {last[k]:.4g}" for k in (
-              "loss", "accuracy", "grad_norm", "lr", "sum_weights", "examples", "trained_tokens", "tokens_per_s",
-              "tflops_per_s", "mfu") if k in last]), file=sys.stdout)
-    pending.clear()
-
   try:
     for i in range(start, total):
       if profile is not None and i == profile[0]:
         jax.profiler.start_trace(str(out_dir / "profile"))
-      plan_step = steps[i]
-      batch, stats = trainer.batch(plan_step, examples, t.estimator)
+      batch, stats = trainer.batch(steps[i], examples, t.estimator)
       with jax.set_mesh(mesh):
         state, metrics = trainer.step(state, batch, jnp.float32(stats.normalizer))
       done = i + 1
-      pending.append((done, metrics, stats, plan_step.length))
+      logger.add(done, metrics, stats, steps[i].length)
       if profile is not None and done == profile[1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
       save_due = done % t.ckpt_every == 0 or done == total
       if done % t.log_every == 0 or save_due:
-        flush()  # also the non-finite check: a bad state is never saved
+        logger.flush(ckpt)  # also the non-finite check: a bad state is never saved
       if save_due:
         ckpt.save(done, state, {"step": done, "fingerprint": fingerprint, "total_steps": total}, force=True)
       if stop_after is not None and done == stop_after:
         ckpt.wait()
         print(f"debug.stop_after: step {done} checkpoint committed; SIGKILL", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-    if pending:
-      flush()
+    logger.flush(ckpt)
   finally:
-    progress.close()
+    logger.close()
     ckpt.close()
 
   trained = trainer.model(state)
@@ -380,7 +378,30 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
     from rise_jax.models.hf_io import save_hf_checkpoint
     hf_dir = out_dir / "hf"
     save_hf_checkpoint(trained, hf_dir, tokenizer=tokenizer, overwrite=True)  # ChatTokenizer.hf has the template
-  return TrainResult(out_dir, trained, total, resumed_from, history, report, hf_dir)
+  return TrainResult(out_dir, trained, total, resumed_from, logger.history, report, hf_dir)
+
+
+def _load_tokenizer(cfg):
+  from rise_jax import chat
+  path = cfg.tokenizer.path or cfg.model.hf_path
+  if path is None:
+    raise ValueError("config field tokenizer.path: required to render the training conversations")
+  return chat.load_tokenizer(path, cfg.tokenizer.chat_template)
+
+
+def _examples(cfg, records_or_path, tokenizer, out_dir: pathlib.Path):
+  """Validated, rendered examples (all or nothing: a malformed record fails before anything is written)."""
+  t = cfg.train
+  records = data_lib.as_records(os.fspath(records_or_path) if isinstance(records_or_path, os.PathLike)
+                                else records_or_path)
+  examples, report = data_lib.encode_records(records, tokenizer, t.max_length, t.on_truncation)
+  log.info("training data: %s", report.summary())
+  if jax.process_index() == 0:
+    _atomic_json(out_dir / "data_report.json", {"total": report.total, "kept": report.kept,
+                                                 "skipped": report.skipped})
+  if not examples:
+    raise ValueError(f"no trainable examples: {report.summary()}")
+  return examples, report
 
 
 def _progress(total: int, start: int):
