@@ -29,7 +29,7 @@ import os  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from rise_jax.rise.loop import ConfigMismatch, StopRequested, run  # noqa: E402
@@ -71,5 +71,13 @@ def main(argv):
   print(f"wall time: {time.perf_counter() - _START:.1f} s", flush=True)
 
 
-if __name__ == "__main__":
+def cli():
+  if any(a in ("--help", "-h", "--helpshort", "-?", "--helpfull") for a in sys.argv[1:]):
+    print(__doc__)  # absl exits 1 after --help; a help request is a success
+    print(flags.FLAGS.main_module_help())
+    return
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -163,3 +163,9 @@ def test_interrupted_run_resumes_to_identical_artifacts(smoke_run, tmp_path, xla
   mine, theirs = _digest(out), _digest(reference)
   assert sorted(mine) == sorted(theirs)
   assert {k for k in mine if mine[k] != theirs[k]} == set()
+
+
+def test_help_exits_zero():
+  proc = subprocess.run([sys.executable, "-m", "rise_jax.run", "--help"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0 and "--config" in proc.stdout
