@@ -125,8 +125,9 @@ def chunked_weighted_nll(hidden, unembedding, targets, weights, normalizer, *, v
   """The production loss from final hidden states [b, l, d] and the unembedding matrix [d, vocab].
 
   `weights` are the per-token a_t of `token_weights` (packing-aware) and `normalizer` the global-batch Z. The
-  vocabulary is processed `vocab_chunk` columns at a time under `jax.checkpoint`, so neither the forward nor the
-  backward holds more than one [tokens, vocab_chunk] float32 block. Returns (loss, sums) where `sums` are
+  vocabulary is processed in equal chunks of at most `vocab_chunk` columns; with more than one chunk each is under
+  `jax.checkpoint`, so neither the forward nor the backward holds more than one [tokens, chunk] float32 block
+  (a single chunk skips the recomputation). Returns (loss, sums) where `sums` are
   additive over micro-batches: the weighted count of argmax-correct targets and the total weight.
   """
   d, vocab = unembedding.shape
