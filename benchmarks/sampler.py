@@ -8,6 +8,9 @@ Both sides run float32 with the same weights (a random transformers LlamaForCaus
 rise_jax), the same prompts, greedy decoding, no stop tokens (every row generates exactly `max_new_tokens`),
 `torch.set_num_threads(os.cpu_count())`. Repetitions are interleaved (ours, theirs, ours, ...) and medians
 reported, because the machine may be shared: ratios within one run are meaningful, absolute times less so.
+On a loaded machine torch's thread pool with every core is much slower than one thread (busy-waiting workers),
+so transformers is also timed with one thread and the ratio against the faster of the two is reported too; the
+RISE-workload reference runs with one thread only (with all cores it took 5 minutes here).
 
 Rooflines measured here, not assumed:
   * matmul floor: the weight matmuls of one decode step at batch B (every layer's q/k/v/o/gate/up/down and the
@@ -74,8 +77,9 @@ def interleaved(fns: dict, reps: int) -> dict:
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def hf_generate(model, prompts: np.ndarray, max_new: int):
+def hf_generate(model, prompts: np.ndarray, max_new: int, threads: int | None = None):
   import torch
+  torch.set_num_threads(threads or os.cpu_count())
   ids = torch.as_tensor(prompts)
   with torch.no_grad():
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
@@ -139,12 +143,14 @@ def bench_decode(name: str, config: ModelConfig, batches, prompt_len: int, max_n
     hf_generate(hf, prompts, 2)
     t = interleaved({"ours": lambda: ours_generate(sampler, prompt_list, max_new),
                      "hf": lambda: hf_generate(hf, prompts, max_new),
+                     "hf_1thread": lambda: hf_generate(hf, prompts, max_new, threads=1),
                      "ours_prefill": lambda: ours_generate(sampler, prompt_list, 1)}, reps)
     tokens = batch * max_new
     step = (t["ours"] - t["ours_prefill"]) / (max_new - 1)
     floor = matmul_floor(config, batch)
     row = dict(model=name, params=param_count(config), batch=batch, prompt=prompt_len, new=max_new,
-               ours_tok_s=tokens / t["ours"], hf_tok_s=tokens / t["hf"], ratio=t["hf"] / t["ours"],
+               ours_tok_s=tokens / t["ours"], hf_tok_s=tokens / t["hf"], hf_1thread_tok_s=tokens / t["hf_1thread"],
+               ratio=t["hf"] / t["ours"], ratio_vs_best_hf=min(t["hf"], t["hf_1thread"]) / t["ours"],
                step_ms=step * 1e3, matmul_floor_ms=floor * 1e3, step_over_floor=step / floor)
     if bandwidth is not None:
       bound = param_count(config) * 4 / bandwidth
@@ -176,7 +182,7 @@ def bench_rise(config: ModelConfig, conversations: int, turns: int, max_new: int
     for q in questions:  # one conversation at a time, the whole history re-generated every turn
       ids = q
       for t in range(turns):
-        out = hf_generate(hf, np.asarray([ids]), max_new)
+        out = hf_generate(hf, np.asarray([ids]), max_new, threads=1)
         ids = out[0].tolist() + feedback[t]
       finals.append(ids)
     return finals
@@ -217,17 +223,16 @@ def main():
         f"{torch.get_num_threads()} threads, {os.cpu_count()} cores", flush=True)
   with tempfile.TemporaryDirectory() as workdir:
     if "tiny" in parts:
-      bench_decode("tiny", SIZES["tiny"], [8, 32], prompt_len=32, max_new=64, reps=args.reps, workdir=workdir)
+      bench_decode("tiny", SIZES["tiny"], [8, 32], prompt_len=32, max_new=32, reps=args.reps, workdir=workdir)
     if "base" in parts:
-      bench_decode("base", SIZES["base"], [8, 32], prompt_len=32, max_new=32, reps=args.reps, workdir=workdir)
+      bench_decode("base", SIZES["base"], [8, 32], prompt_len=32, max_new=16, reps=args.reps, workdir=workdir)
     if "batch1" in parts:
       bw = read_bandwidth()
       print(dict(read_bandwidth_gb_s=bw / 1e9), flush=True)
-      bench_decode("base", SIZES["base"], [1], prompt_len=32, max_new=32, reps=args.reps, workdir=workdir,
+      bench_decode("base", SIZES["base"], [1], prompt_len=32, max_new=16, reps=args.reps, workdir=workdir,
                    bandwidth=bw)
     if "rise" in parts:
-      bench_rise(SIZES["tiny"], conversations=64, turns=5, max_new=16, reps=max(1, args.reps - 1),
-                 workdir=workdir)
+      bench_rise(SIZES["tiny"], conversations=64, turns=5, max_new=16, reps=1, workdir=workdir)
     if "gpu" in parts:
       bench_gpu(workdir)
 
