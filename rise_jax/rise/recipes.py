@@ -124,12 +124,12 @@ def toy() -> ml_collections.ConfigDict:
   c.collect.improvement_samples = 8
   c.collect.criteria = "all"
   c.collect.tau = 0.4
-  c.train.lr = 1e-3
+  c.train.lr = 1e-3                      # RISE / control fine-tuning of the boosted model
   c.train.warmup_ratio = 0.05
   c.train.b2 = 0.98                      # from-scratch training of a tiny model: a shorter second-moment memory
-  c.train.epochs = 2
-  c.train.global_batch = 64
-  c.train.micro_batch = 64
+  c.train.epochs = 1
+  c.train.global_batch = 16              # per token of compute, batch 16 learned fastest from scratch (docs/toy.md)
+  c.train.micro_batch = 16
   c.train.max_length = 320
   c.train.ckpt_every = 10_000            # the toy stages take seconds; the final checkpoint is always written
   c.train.log_every = 50
@@ -139,8 +139,8 @@ def toy() -> ml_collections.ConfigDict:
   c.rise.iterations = 1
   c.rise.boost = True
   c.rise.boost_data = "reference"
-  c.rise.boost_lr = 3e-3
-  c.rise.boost_epochs = 6
+  c.rise.boost_lr = 2e-3
+  c.rise.boost_epochs = 5
   c.rise.init_from = "previous"
   c.rise.single_turn_control = True
   return c
