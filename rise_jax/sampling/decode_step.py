@@ -71,7 +71,10 @@ def decode_hidden(model, tokens: jax.Array, active: jax.Array, cache: KVCache,
     k_all = k_all.at[i, rows, :, slot].set(k.astype(k_all.dtype))
     v_all = v_all.at[i, rows, :, slot].set(v.astype(v_all.dtype))
     q = q.reshape(batch, c.num_kv_heads, groups, c.head_dim)
-    k_layer, v_layer = k_all[i], v_all[i]
+    # A runtime layer index: XLA fuses a dynamic slice into the attention dots, a static one it copies out.
+    layer_index = i + jnp.minimum(slot[0], 0)
+    k_layer = jax.lax.dynamic_index_in_dim(k_all, layer_index, keepdims=False)
+    v_layer = jax.lax.dynamic_index_in_dim(v_all, layer_index, keepdims=False)
     scores = jnp.einsum("bkgd,bktd->bkgt", q, k_layer.astype(dtype), preferred_element_type=jnp.float32)
     scores = jnp.where(visible[:, None, None, :], scores * c.head_dim ** -0.5, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)

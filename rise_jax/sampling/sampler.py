@@ -208,7 +208,8 @@ class Sampler:
   def update_params(self, model_or_state) -> None:
     """Swap in new weights (e.g. after a training iteration), resharded to the sampling layout.
 
-    The compiled prefill/decode functions are reused: only values change, never shapes or structure.
+    The compiled prefill/decode functions are reused: only values change, never shapes or structure. Leaves are
+    cast to the sampler's dtypes (float32 training masters -> bfloat16 sampling weights).
     """
     state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
     old, new = jax.tree.structure(self._params), jax.tree.structure(state)
@@ -216,8 +217,11 @@ class Sampler:
       raise ValueError(f"Sampler.update_params: the new state's structure differs from the sampler's model "
                        f"({new} vs {old})")
     for a, b in zip(jax.tree.leaves(self._params), jax.tree.leaves(state)):
-      if a.shape != b.shape or a.dtype != b.dtype:
-        raise ValueError(f"Sampler.update_params: leaf {b.shape} {b.dtype} does not match {a.shape} {a.dtype}")
+      if a.shape != b.shape:
+        raise ValueError(f"Sampler.update_params: a leaf of shape {b.shape} replaces one of shape {a.shape}")
+    # Training may keep float32 masters while sampling runs in bfloat16: cast to the sampler's dtypes.
+    state = jax.tree.map(lambda new, old: new.astype(old.dtype) if new.dtype != old.dtype else new,
+                         state, self._params)
     self._params = jax.device_put(state, self._param_shardings)
 
   def compile_counts(self) -> dict[str, int]:

@@ -126,12 +126,15 @@ def uid_to_int(uid) -> int:
   return int.from_bytes(hashlib.sha256(str(uid).encode()).digest()[:4], "little")
 
 
+@jax.jit
+def _row_keys(seed: jax.Array, uids: jax.Array, sample_index: jax.Array) -> jax.Array:
+  per_uid = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), uids)
+  return jax.vmap(jax.random.fold_in)(per_uid, sample_index)
+
+
 def row_keys(seed: int, uids: np.ndarray, sample_index: np.ndarray) -> jax.Array:
   """[rows] keys for (seed, uid, j): the stream of sample j of prompt uid, independent of the batch around it."""
-  base = jax.random.key(seed)
-  fold = jax.vmap(jax.random.fold_in, in_axes=(0, 0))
-  per_uid = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(uids, jnp.uint32))
-  return fold(per_uid, jnp.asarray(sample_index, jnp.uint32))
+  return _row_keys(np.uint32(seed % (1 << 32)), np.asarray(uids, np.uint32), np.asarray(sample_index, np.uint32))
 
 
 def token_keys(keys: jax.Array, token_index: jax.Array) -> jax.Array:
