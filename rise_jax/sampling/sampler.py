@@ -43,7 +43,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
