@@ -85,3 +85,18 @@ def test_message_continuation_equals_fresh_render(chat_sampler):
     for a, b in zip(a_row, b_row):
       assert a.token_ids == b.token_ids and a.text == b.text
       np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_padded_model_vocabulary_never_emits_a_non_token(tmp_path):
+  """toy-llama pads its vocabulary to 128 past the toy tokenizer's 103 ids: those ids are not tokens."""
+  tokenizer = load_tokenizer(build_toy_tokenizer(tmp_path / "tok"))
+  model = load_hf_checkpoint(save_tiny_llama(tmp_path / "model", seed=5, vocab_size=128))
+  assert tokenizer.vocab_size < 128
+  sampler = Sampler(model, tokenizer, max_cache_length=128)
+  outs = sampler.generate([first_turn(q) for q in QUESTIONS],
+                          SamplingParams(max_new_tokens=48, temperature=1.0, n=4, stop_token_ids=[]), seed=1)
+  ids = np.array([s.token_ids for row in outs for s in row])
+  # A random model puts ~19% of its mass on the 25 padded ids: without the limit ~36 of 576 draws land there.
+  assert ids.max() < tokenizer.vocab_size
+  # The reported log-prob still normalises over the whole model vocabulary, as the training forward does.
+  assert all(np.all(np.array(s.logprobs) < 0) for row in outs for s in row)

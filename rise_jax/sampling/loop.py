@@ -94,12 +94,13 @@ def resize(cache: KVCache, length: int) -> KVCache:
                        positions=jnp.pad(cache.positions, ((0, 0), (0, pad)), constant_values=-1))
 
 
-def _record(state: DecodeState, logits: jax.Array, cache: KVCache) -> DecodeState:
+def _record(state: DecodeState, logits: jax.Array, cache: KVCache, vocab_limit: int | None) -> DecodeState:
   """Sample each running row's next token from `logits`, store it, and settle who is finished."""
   rows = state.rows
   position = cache.end_index  # the new token's index in its conversation (slot == position)
   keys = select.token_keys(state.keys, position)
-  token, logprob, sampling_logprob = select.select_tokens(logits, keys, rows.temperature, rows.top_k, rows.top_p)
+  token, logprob, sampling_logprob = select.select_tokens(logits, keys, rows.temperature, rows.top_k, rows.top_p,
+                                                           vocab_limit)
   running = ~state.done
   count = state.step + 1
   stop = jnp.any(token[:, None] == rows.stop_ids[None, :], axis=-1)
@@ -114,7 +115,7 @@ def _record(state: DecodeState, logits: jax.Array, cache: KVCache) -> DecodeStat
 
 
 def decode(model, cache: KVCache, last_hidden: jax.Array, keys: jax.Array, rows: RowParams, active: jax.Array,
-           max_tokens: int) -> DecodeState:
+           max_tokens: int, vocab_limit: int | None = None) -> DecodeState:
   """Sample up to `rows.max_new` tokens per active row (buffers sized `max_tokens`, a static bucket).
 
   The first token comes from the prefill's last hidden state; each loop step feeds every running row's newest
@@ -128,7 +129,7 @@ def decode(model, cache: KVCache, last_hidden: jax.Array, keys: jax.Array, rows:
       logprobs=jnp.zeros((batch, max_tokens), jnp.float32),
       sampling_logprobs=jnp.zeros((batch, max_tokens), jnp.float32), cache=decode_step.to_decode_layout(cache),
       keys=keys, rows=rows)
-  state = _record(state, model.unembed(last_hidden), state.cache)
+  state = _record(state, model.unembed(last_hidden), state.cache, vocab_limit)
 
   def cond(state: DecodeState):
     return (state.step < max_tokens) & ~jnp.all(state.done)
@@ -137,7 +138,7 @@ def decode(model, cache: KVCache, last_hidden: jax.Array, keys: jax.Array, rows:
 
   def body(state: DecodeState):
     hidden, cache = decode_step.decode_hidden(model, state.last_token, ~state.done, state.cache, layers)
-    return _record(state, model.unembed(hidden), cache)
+    return _record(state, model.unembed(hidden), cache, vocab_limit)
 
   state = jax.lax.while_loop(cond, body, state)
   return state.replace(cache=decode_step.from_decode_layout(state.cache))

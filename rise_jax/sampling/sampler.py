@@ -175,10 +175,14 @@ class Sampler:
     self._default_stop_ids = self._resolve_default_stops(generation_config)
     self.stats: collections.Counter = collections.Counter()
 
+    # A model vocabulary padded past the tokenizer's (the toy model: 128 vs 103) must never emit a non-token.
+    tokenizer_vocab = getattr(tokenizer, "vocab_size", None)
+    self._vocab_limit = tokenizer_vocab if tokenizer_vocab and tokenizer_vocab < self.model_config.vocab_size else None
     merge = lambda params: nnx.merge(self.graphdef, params)
     self._extend_jit = jax.jit(lambda p, *a: self._constrain(loop.extend(merge(p), *a)), donate_argnums=(1, 5))
-    self._decode_jit = jax.jit(lambda p, *a, max_tokens: self._constrain(loop.decode(merge(p), *a, max_tokens)),
-                               static_argnames=("max_tokens",), donate_argnums=(1,))
+    self._decode_jit = jax.jit(
+        lambda p, *a, max_tokens: self._constrain(loop.decode(merge(p), *a, max_tokens, self._vocab_limit)),
+        static_argnames=("max_tokens",), donate_argnums=(1,))
     self._gather_jit = jax.jit(lambda c, h, r: self._constrain(loop.gather_rows(c, h, r)))
     self._resize_jit = jax.jit(lambda c, length: self._constrain(loop.resize(c, length)), static_argnums=1)
     self._init_jit = jax.jit(lambda batch, length: self._constrain(

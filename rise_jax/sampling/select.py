@@ -86,20 +86,24 @@ def _inverse_cdf_draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
 
 
 def select_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  top_p: jax.Array, vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One token per row, plus its raw log-prob and its sampling log-prob.
 
   Args:
     logits: [batch, vocab] raw logits.
     keys: [batch] typed PRNG keys, one per row (see `token_keys`).
     temperature, top_k, top_p: [batch] per-row parameters; `temperature == 0` is greedy.
+    vocab_limit: static; ids >= it are never chosen (a model vocabulary padded past the tokenizer's: those ids
+      are not tokens). The reported raw log-prob still normalises over the whole model vocabulary, as training does.
 
   Returns:
     tokens [batch] int32; logprobs [batch] float32 = log_softmax(raw logits)[token]; sampling_logprobs [batch]
     float32 = log-prob under the filtered tempered distribution (0 for greedy rows).
   """
-  logits = logits.astype(jnp.float32)
+  raw_logits = logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
+  if vocab_limit is not None and vocab_limit < vocab:
+    logits = jnp.where(jnp.arange(vocab) < vocab_limit, logits, -jnp.inf)
   greedy = temperature <= 0
   needs_filter = jnp.any(~greedy & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)))
   argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -115,7 +119,7 @@ def select_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
 
   # An all-greedy batch skips the vocabulary-wide random draw entirely.
   tokens, sampling_lp = jax.lax.cond(jnp.all(greedy), lambda _: (argmax, jnp.zeros_like(temperature)), draw, None)
-  raw = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+  raw = jnp.take_along_axis(raw_logits, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw_logits, axis=-1)
   return tokens, raw, sampling_lp
 
 
