@@ -12,7 +12,8 @@ from rise_jax.config import base_config, finalize
 
 
 def get_config():
-  c = base_config()
+  c = base_config()  # already the paper's protocol: prompt set and grader "paper", temperature 1.0,
+  # top-p 1.0, 1000 new tokens, 5 turns, 5 parallel samples
   c.name = "eval_gsm8k"
   c.output_dir = "runs/eval_gsm8k"
   c.model.source = "hf"
@@ -21,13 +22,5 @@ def get_config():
   c.tokenizer.chat_template = "llama2"
   c.task.name = "gsm8k"
   c.task.test_source = "openai/gsm8k:main"
-  c.task.prompt_set = "paper"
-  c.task.grader = "paper"
-  c.sampling.temperature = 1.0
-  c.sampling.top_p = 1.0
-  c.sampling.max_new_tokens = 1000
   c.sampling.max_cache_length = 8192
-  c.eval.turns = 5
-  c.eval.parallel_k = 5
-  c.eval.self_refine = False
   return finalize(c)

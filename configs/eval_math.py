@@ -12,7 +12,8 @@ from rise_jax.config import base_config, finalize
 
 
 def get_config():
-  c = base_config()
+  c = base_config()  # already the paper's protocol: prompt set and grader "paper", temperature 1.0,
+  # top-p 1.0, 1000 new tokens, 5 turns, 5 parallel samples
   c.name = "eval_math"
   c.output_dir = "runs/eval_math"
   c.model.source = "hf"
@@ -20,12 +21,5 @@ def get_config():
   c.model.param_dtype = "bfloat16"
   c.tokenizer.chat_template = "mistral"
   c.task.name = "math"
-  c.task.prompt_set = "paper"
-  c.task.grader = "paper"
-  c.sampling.temperature = 1.0
-  c.sampling.top_p = 1.0
-  c.sampling.max_new_tokens = 1000
   c.sampling.max_cache_length = 8192
-  c.eval.turns = 5
-  c.eval.parallel_k = 5
   return finalize(c)
