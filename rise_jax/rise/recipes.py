@@ -117,7 +117,7 @@ def toy() -> ml_collections.ConfigDict:
   c.sampling.temperature = 1.0
   c.sampling.max_new_tokens = 20         # a worked answer is at most 16 characters + end of turn
   c.sampling.max_cache_length = 320      # 5 turns of history fit (docs/toy.md, token budget)
-  c.sampling.batch_size = 1000           # large batches: the CPU sampler is bound by per-step overhead
+  c.sampling.batch_size = 2000           # the whole test set per call: the CPU sampler is bound by per-step overhead
   c.collect.turns = 2
   c.collect.samples_per_turn = 1
   c.collect.improvement = "self"
