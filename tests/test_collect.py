@@ -179,7 +179,8 @@ def test_write_dataset_round_trip_and_summary(tmp_path):
   options = ConversionOptions(criteria="better")
   conv = convert_rollouts(ALL, _init, options)
   summary = dataset.write_dataset(conv, tmp_path, options=options, reward_values=(-1.0, 0.0, 1.0))
-  assert dataset.read_records(tmp_path / "data" / "sft.jsonl") == conv.records
+  lines = (tmp_path / "data" / "sft.jsonl").read_text().splitlines()
+  assert [json.loads(line) for line in lines] == conv.records
   manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
   assert manifest["schema"] == "rise_jax.sft/1" and manifest["num_records"] == 7 == summary["num_records"]
   assert summary["weight_table"] == pytest.approx({"-1.0": WM1, "0.0": 1.0, "1.0": W1})
@@ -190,12 +191,18 @@ def test_write_dataset_round_trip_and_summary(tmp_path):
   assert not list(tmp_path.rglob(".*tmp*"))
 
 
-def test_read_records_names_file_and_line(tmp_path):
+def test_written_dataset_reads_back_through_the_trainer_and_errors_name_file_and_line(tmp_path):
   from rise_jax.rise import dataset
+  from rise_jax.train import data as train_data
+  conv = convert_rollouts(ALL, _init, ConversionOptions(criteria="better"))
+  dataset.write_dataset(conv, tmp_path, options=ConversionOptions(criteria="better"), reward_values=(-1.0, 0.0, 1.0))
+  read = train_data.read_records(tmp_path / "data" / dataset.DATA_FILE)
+  assert [(r.id, r.weight) for r in read] == [(r["id"], r["weight"]) for r in conv.records]
   path = tmp_path / "sft.jsonl"
-  path.write_text('{"id": "a", "weight": 1.0, "messages": []}\n{"id": "b", "messages": []}\n')
-  with pytest.raises(ValueError, match=r"sft.jsonl:2: missing field 'weight'"):
-    dataset.read_records(path)
+  path.write_text('{"id": "a", "weight": 1.0, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+                  '{"id": "b", "messages": []}\n')
+  with pytest.raises(ValueError, match=r"sft.jsonl:2: field 'weight': missing"):
+    train_data.read_records(path)
 
 
 def test_collection_protocol_is_algorithm_1():

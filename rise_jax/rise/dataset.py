@@ -41,24 +41,6 @@ def write_records(records: Iterable[dict[str, Any]], path: pathlib.Path) -> str:
   return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def read_records(path: pathlib.Path) -> list[dict[str, Any]]:
-  """Read an sft.jsonl written by `write_records` (errors name file and line)."""
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-      for field in ("id", "weight", "messages"):
-        if field not in record:
-          raise ValueError(f"{path}:{n}: missing field {field!r}")
-      out.append(record)
-  return out
-
-
 def _strip_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
   ids = list(ids)
   while ids and ids[-1] in eos:

@@ -291,10 +291,11 @@ def train(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None) -> d
   c, t = ctx.config, stage.iteration
   init = loop_lib.init_stage(c, t, stage.control)
   sub = "control/data" if stage.control else "data"
-  records = []
+  from rise_jax.train import data as train_data
+  records = []  # validated by the trainer's own sft/1 reader
   for collect_stage in loop_lib.data_stages(c, t):
-    records += dataset_lib.read_records(ctx.root / collect_stage / sub / dataset_lib.DATA_FILE)
-  model = ctx.load_model(init)  # a fresh copy: training updates it in place
+    records += train_data.read_records(ctx.root / collect_stage / sub / dataset_lib.DATA_FILE)
+  model = ctx.load_model(init)  # train() leaves it untouched and returns the trained model
   ctx.forget_model()
   train_config = _train_config(c, boost=(t == 0), limit=limit)
   t0 = time.perf_counter()
