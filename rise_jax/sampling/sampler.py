@@ -71,6 +71,16 @@ def _pow2_at_least(x: int, floor: int = 1) -> int:
   return max(floor, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
 
 
+def _row_bucket(rows: int) -> int:
+  """Rows padded to a power of two, or above 256 to a multiple of an eighth of one: 4 buckets per octave, so a
+  batch of 10,000 rows runs as 10,240 rather than 16,384 (decode time is linear in rows) at most 4x the compiles."""
+  p = _pow2_at_least(rows)
+  if p <= 256:
+    return p
+  step = p // 8
+  return -(-rows // step) * step
+
+
 class _CacheStore:
   """One generate call's device cache, shared by the `Conversation`s of its rows (freed with the last one)."""
 
@@ -346,7 +356,7 @@ class Sampler:
     log.warning("%s: decoding until the cache is full (finish_reason 'cache_full')", msg)
 
   def _batch_bucket(self, rows: int) -> int:
-    return _pow2_at_least(math.ceil(rows / self.batch_shards)) * self.batch_shards
+    return _row_bucket(math.ceil(rows / self.batch_shards)) * self.batch_shards
 
   def _cache_bucket(self, rows: list[_Row], max_new: int) -> int:
     need = max(min(len(r.target) + max_new, self.capacity) for r in rows)
