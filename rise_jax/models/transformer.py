@@ -120,6 +120,17 @@ def _param(init, key, shape, dtype, axes):
   return nnx.Param(init(key, shape, dtype), logical_axes=axes)
 
 
+@jax.custom_vjp
+def _unstack(stacked: jax.Array) -> list[jax.Array]:
+  """The layers of a stacked [layers, ...] weight. Its gradient is one stack of the per-layer gradients; as
+  plain `w[i]` slices each layer's gradient became a full-size zero pad that was summed (100M model on a CPU:
+  ~15% of the train step)."""
+  return [stacked[i] for i in range(stacked.shape[0])]
+
+
+_unstack.defvjp(lambda w: (_unstack(w), None), lambda _, cts: (jnp.stack(cts),))
+
+
 class Transformer(nnx.Module):
   """Decoder-only transformer: `model(ids, ...)` -> float32 logits [b, l, vocab] (and a new cache if given)."""
 
@@ -225,8 +236,9 @@ class Transformer(nnx.Module):
     if self.scan_layers:
       x, kv_all = lax.scan(lambda x, xs: layer(x, *xs), x, (weights, kv_all))
     else:
+      per_layer = {n: _unstack(w) for n, w in weights.items()}
       for i in range(c.num_layers):
-        x, kv = layer(x, {n: w[i] for n, w in weights.items()}, None if kv_all is None else
+        x, kv = layer(x, {n: w[i] for n, w in per_layer.items()}, None if kv_all is None else
                       (kv_all[0][i], kv_all[1][i]))
         if kv is not None:
           kv_all = (kv_all[0].at[i].set(kv[0]), kv_all[1].at[i].set(kv[1]))
