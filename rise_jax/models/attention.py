@@ -40,13 +40,19 @@ def _visible(q_pos, k_pos, q_seg, k_seg, window):
 
 def _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, window):
   """q [b, l, kv, g, d], k/v [b, t, kv, d] -> [b, l, kv, g, d]; softmax in float32."""
-  scores = jnp.einsum("blkgd,btkd->bkglt", q, k, preferred_element_type=jnp.float32)
-  scores *= q.shape[-1] ** -0.5
+  b, l, kv, g, d = q.shape
+  # Head-major operands with (groups x queries) merged: one [g*l, d] @ [d, t] product per (row, kv head).
+  # Contracting the [b, l, kv, g, d] layout directly ran 2x slower on CPU (fwd+bwd, 8 x 256 tokens, 4 heads).
+  qm = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kv, g * l, d)
+  km, vm = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+  scores = jnp.einsum("bkmd,bktd->bkmt", qm, km, preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, kv, g, l, -1) * d ** -0.5
   ok = _visible(q_pos, k_pos, q_seg, k_seg, window)[:, None, None]  # [b, 1, 1, l, t]
   scores = jnp.where(ok, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = jnp.where(ok.any(-1, keepdims=True), probs, 0.0)  # pad queries: zeros, not a uniform average
-  return jnp.einsum("bkglt,btkd->blkgd", probs.astype(v.dtype), v)
+  out = jnp.einsum("bkmt,bktd->bkmd", probs.astype(v.dtype).reshape(b, kv, g * l, -1), vm)
+  return jnp.transpose(out.reshape(b, kv, g, l, d), (0, 3, 1, 2, 4))
 
 
 def xla_attention(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, window=None, block=QUERY_BLOCK):
