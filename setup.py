@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "torch>=2.5", "nbclient>=0.10", "nbformat>=5.10",
-                 "ipykernel>=6", "hypothesis>=6", "scipy>=1.10"],
+                 "ipykernel>=6", "hypothesis>=6", "scipy>=1.10", "tensorboardX>=2.6"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },
