@@ -117,8 +117,8 @@ def _digest(run_dir: pathlib.Path) -> dict[str, str]:
   out = {}
   for path in sorted(run_dir.rglob("*")):
     rel = str(path.relative_to(run_dir))
-    if not path.is_file() or "/ckpt/" in rel or rel.startswith(("tokenizer", "run.json")):
-      continue
+    if not path.is_file() or "/ckpt/" in rel or "/tb/" in rel or rel.startswith(("tokenizer", "run.json")):
+      continue  # TensorBoard event files are named by time and host (their scalars are metrics.jsonl's)
     if path.name in ("DONE", "summary.md", "report.md", "metrics.jsonl", "data_report.json") or \
         path.suffix == ".png":
       continue  # timings, or renderings of the JSON compared below
