@@ -137,6 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.window = placeholder(int)       # None = full history; W >= 2
   c.eval.tie_break = "earliest"
   c.eval.draws = 1
+  c.eval.split = "test"                  # "dev" for tuning (docs/toy.md): never tune on test
   c.eval.self_refine = False             # also run the Self-Refine prompting baseline
 
   c.rise = ml_collections.ConfigDict()
@@ -246,6 +247,7 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
            "must be (start, stop) with start < stop")
   e = config.eval
   _check(e.turns >= 1 and e.parallel_k >= 1, "eval.turns", "turns and parallel_k must be >= 1")
+  _check(e.split in ("test", "dev"), "eval.split", f"must be 'test' or 'dev', got {e.split!r}")
   _check(e.window is None or e.window >= 2, "eval.window",
          "must be None (full history) or >= 2 (W = 1 would drop every attempt)")
   _one_of(config, "eval.tie_break", TIE_BREAKS)

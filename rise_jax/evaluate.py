@@ -97,7 +97,8 @@ def evaluate(cfg, *, out_dir=None, policy: Policy | None = None, problems: Seque
   """Run every protocol of `cfg.eval`, write logs, metrics and report under `out_dir`; return the metrics.
 
   policy: the learner (default: `cfg.model` behind a sampler); model: how the log header names it (default
-  `cfg.model`'s description). problems: default the task's test split (`task.test_size` caps it).
+  `cfg.model`'s description). problems: default the task's `eval.split` split ("test", capped by
+  `task.test_size`, or "dev" for tuning).
   """
   from rise_jax.rise import get_prompt_set
   from rise_jax.rise import metrics as metrics_lib
@@ -109,7 +110,7 @@ def evaluate(cfg, *, out_dir=None, policy: Policy | None = None, problems: Seque
   out.mkdir(parents=True, exist_ok=True)
   _write_json(out / "config.json", config_lib.to_dict(cfg))
   task = task_from_config(cfg.task)
-  problems = list(task.load("test") if problems is None else problems)
+  problems = list(task.load(cfg.eval.split) if problems is None else problems)
   if policy is None:
     policy = load_learner(cfg, out)
   header = {"config_hash": config_lib.config_hash(cfg), "model": model or model_description(cfg)}

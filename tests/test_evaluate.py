@@ -210,3 +210,26 @@ def test_local_hf_checkpoint_on_local_data(tmp_path, shared_dir, llama2_tokenize
   _, records, _ = rollout_log.read_rollouts(tmp_path / "out" / "rollouts.jsonl")
   assert [r["problem_id"] for r in records] == [f"{task}/test/{i}" for i in range(3)]
   assert json.loads((tmp_path / "out" / "metrics.json").read_text())["num_problems"] == 3
+
+
+def test_eval_split_dev_evaluates_the_dev_problems(tmp_path):
+  """`eval.split="dev"` (for tuning) evaluates exactly the task's dev problems, which are disjoint from test."""
+  import importlib.util
+
+  from rise_jax import evaluate
+  from rise_jax.rise.policies import ScriptedPolicy
+  from rise_jax.rise.tasks import task_from_config
+
+  spec = importlib.util.spec_from_file_location("eval_toy", REPO / "configs" / "eval_toy.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.output_dir = str(tmp_path / "run")
+  cfg.task.dev_size, cfg.eval.turns, cfg.eval.parallel_k, cfg.eval.split = 6, 1, 1, "dev"
+  task = task_from_config(cfg.task)
+  dev, test = {p.id for p in task.load("dev")}, {p.id for p in task.load("test")}
+  assert len(dev) == 6 and not dev & test
+  evaluate.evaluate(cfg, policy=ScriptedPolicy(lambda request, j: "=0", name="scripted"), model="scripted",
+                    progress=False)
+  _, records, _ = rollout_log.read_rollouts(tmp_path / "run" / "rollouts.jsonl")
+  assert {r["problem_id"] for r in records} == dev

@@ -342,7 +342,7 @@ def evaluate(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None) -
   if t > 0 and not stage.control:
     name = f"rise@iter_{t}"
   learner = ctx.learner(model, name)
-  problems = ctx.task.load("test")
+  problems = ctx.task.load(c.eval.split)
   common = dict(sampling=ctx.turn_sampling(), grader=c.task.grader, prompt_set=c.task.prompt_set,
                 max_resample_rounds=c.collect.max_resample_rounds)
   # Distinct seeds: with one seed the parallel run's first sample would replay the sequential run's first turn
