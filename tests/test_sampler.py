@@ -132,27 +132,6 @@ def test_continuation_reprefills_from_the_first_differing_token(samplers):
   assert [o[0].token_ids for o in continued] == [o[0].token_ids for o in fresh]
 
 
-# A shared 24-token prefix (an instruction) and ragged own suffixes: the sampler prefills the prefix once.
-SHARED = list(range(30, 54))
-SHARED_PROMPTS = [SHARED + [7], SHARED + [9, 200, 31], SHARED + list(range(100, 111)), SHARED + [5, 5]]
-
-
-@pytest.mark.parametrize("name", ["llama", "mistral"])  # mistral: window 16 < the 24-token shared prefix
-def test_shared_prefix_prefilled_once_equals_transformers(samplers, checkpoints, name):
-  sampler = samplers[name]
-  before = sampler.stats["shared_prefix_tokens"]
-  outs = sampler.generate(SHARED_PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0, **NO_STOP))
-  assert sampler.stats["shared_prefix_tokens"] - before == 24 * len(SHARED_PROMPTS)
-  assert [o[0].token_ids for o in outs] == hf_generate(checkpoints[name], SHARED_PROMPTS, 12)
-  # Each row alone (nothing to share) gives the same samples and log-probabilities.
-  params = SamplingParams(max_new_tokens=12, temperature=1.0, **NO_STOP)
-  together = sampler.generate(SHARED_PROMPTS, params, seed=3, prompt_ids=[0, 1, 2, 3])
-  for i, prompt in enumerate(SHARED_PROMPTS):
-    (alone,) = sampler.generate([prompt], params, seed=3, prompt_ids=[i])
-    assert alone[0].token_ids == together[i][0].token_ids
-    np.testing.assert_allclose(alone[0].logprobs, together[i][0].logprobs, atol=1e-5)
-
-
 def test_outputs_ignore_batch_order_and_chunking(samplers):
   sampler = samplers["llama"]
   params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, n=2, **NO_STOP)

@@ -381,53 +381,9 @@ class Sampler:
     cache, _ = self._gather_jit(combined, None, self._rows(index))
     return cache
 
-  def _shared_prefix(self, rows: list[_Row]) -> int:
-    """Tokens every fresh prompt of the call starts with (an instruction, few-shot examples), when worth sharing:
-    all rows fresh, at least two of them and MIN_CHUNK tokens; each row keeps >= 1 token of its own to feed."""
-    if len(rows) < 2 or any(r.source is not None for r in rows):
-      return 0
-    first = np.asarray(rows[0].target)
-    common = min(len(r.target) for r in rows) - 1
-    for r in rows[1:]:
-      mismatch = np.flatnonzero(np.asarray(r.target[:common]) != first[:common])
-      common = int(mismatch[0]) if mismatch.size else common
-      if common < MIN_CHUNK:
-        return 0
-    return common
-
-  def _prefix_cache(self, ids: list[int], batch: int, cache_len: int) -> KVCache:
-    """A cache whose every row holds `ids`: prefilled once on the smallest batch, then copied to all rows."""
-    small = self.batch_shards
-    cache = self._init_jit(small, cache_len)
-    hidden = jax.device_put(np.zeros((small, self.model_config.hidden_size), np.float32), self._row_sharding)
-    done = 0
-    while done < len(ids):
-      width = min(_pow2_at_least(len(ids) - done, MIN_CHUNK), self.prefill_chunk)
-      while done + width > cache_len:
-        width //= 2
-      n = min(width, len(ids) - done)
-      chunk = np.zeros((small, width), np.int32)
-      chunk[:, :n] = ids[done:done + n]
-      cache, hidden = self._extend_jit(self._params, cache, self._rows(chunk), self._rows(np.full(small, n, np.int32)),
-                                       self._rows(np.full(small, done, np.int32)), hidden)
-      done += n
-    cache, _ = self._gather_jit(cache, None, self._rows(np.zeros(batch, np.int32)))
-    return cache
-
   def _prefill(self, rows: list[_Row], batch: int, cache_len: int) -> tuple[KVCache, jax.Array]:
-    """Append each row's unseen prompt tokens in chunks; returns the cache and each row's last hidden state.
-
-    Fresh prompts that share a prefix prefill it once (`_shared_prefix`): 2,000 toy prompts of 49 tokens share 40,
-    so the call prefills 2,000 x 9 tokens plus 40 instead of 2,000 x 49."""
-    shared = self._shared_prefix(rows)
-    if shared:
-      cache = self._prefix_cache(rows[0].target[:shared], batch, cache_len)
-      for r in rows:
-        r.keep = shared
-      self.stats["prefilled_tokens"] += shared
-      self.stats["shared_prefix_tokens"] += shared * len(rows)
-    else:
-      cache = self._source_cache(rows, batch, cache_len)
+    """Append each row's unseen prompt tokens in chunks; returns the cache and each row's last hidden state."""
+    cache = self._source_cache(rows, batch, cache_len)
     pending = [r.target[r.keep:] for r in rows]
     keep = np.zeros(batch, np.int32)
     keep[:len(rows)] = [r.keep for r in rows]
