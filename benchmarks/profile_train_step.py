@@ -44,8 +44,10 @@ def hlo_sources(dump_dir: pathlib.Path) -> dict[str, str]:
     for line in path.read_text().splitlines():
       m = pattern.match(line)
       if m:
-        source = re.sub(r"(jit|jvp|transpose|checkpoint|remat|while|body|closed_call)(\([^)]*\))?/?", "", m.group(2))
-        out[m.group(1)] = source.strip("/)") or "?"
+        # Drop the wrappers jax puts around an op's name (`transpose(jvp(...))`, `while/body/`), keep the op itself.
+        source = re.sub(r"\b(jit|jvp|transpose|checkpoint|remat|rematted_computation)\(|\)", "", m.group(2))
+        source = re.sub(r"\b(while|body|closed_call|cond|branch_\d+_fun)/", "", source)
+        out[m.group(1)] = re.sub(r"/+", "/", source).strip("/") or "?"
   return out
 
 

@@ -8,10 +8,10 @@ grew with the cache and with the stacked weights instead of reading each weight 
     [batch, kv_heads, slots, head_dim] array per layer (`to_decode_layout`), scatters each new key/value straight
     into it (in place inside the while loop) and stacks it back at the end. Per-layer arrays, not one stacked
     array indexed by layer: XLA's CPU dot fusions copy a dynamically indexed layer out every step (toy model,
-    2,048 rows, 320 slots: 4 copies of 84 MB per step);
+    2,048 rows, 320 slots: 4 copies of 168 MB per step);
   * with one query per row, attention scores as a batched dot run as thousands of [groups x d] @ [d x slots]
     products, 2-3x slower on CPU than a multiply-and-reduce that streams the cache once (toy model, 2,048 rows,
-    320 slots: 345 -> 86 ms per step with both changes);
+    320 slots: 280 -> 68 ms per step with both changes, `benchmarks/sampler_calls.py`);
   * slicing layer i out of the stacked [layers, ...] weights inside the loop copies the slice every step
     (110M model, batch 1: 90 ms/step against a 24 ms matmul floor). `split_layers` slices them once per
     generate call, before the loop (29 ms/step). Cost: a transient second copy of the layer weights while a
