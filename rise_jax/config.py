@@ -25,7 +25,7 @@ ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 GRADERS = ("paper", "robust")
 IMPROVEMENTS = ("self", "teacher")
-TEACHER_KINDS = ("model", "openai")
+TEACHER_KINDS = ("model", "openai", "reference")
 CRITERIA = ("all", "better", "best", "success")
 WEIGHTINGS = ("exp", "uniform")
 ESTIMATORS = ("sample_mean", "token_mean", "self_normalised")
@@ -93,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.collect.improvement = "self"         # self (best-of-N from the learner) | teacher
   c.collect.improvement_samples = 16     # N at the improvement turn (self-distillation best-of-N)
   c.collect.teacher = ml_collections.ConfigDict()
-  c.collect.teacher.kind = "model"       # model (through the sampler) | openai (chat-completions endpoint)
+  c.collect.teacher.kind = "model"       # model (through the sampler) | openai (chat-completions endpoint) |
+                                         # reference (the task's reference solutions: distillation from ground truth)
   c.collect.teacher.path = placeholder(str)
   c.collect.teacher.base_url = placeholder(str)
   c.collect.teacher.model = placeholder(str)
@@ -106,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.collect.dedupe = True
   c.collect.single_turn = False          # strip history: the paper's single-turn SFT control
   c.collect.max_resample_rounds = 3
+  c.collect.window = placeholder(int)    # history the policies see: None = all (Algorithm 1); 1 = the problem only,
+                                         # so attempts are independent first-turn samples (a model that cannot read
+                                         # a history yet); the training records keep the whole history either way
 
   c.train = ml_collections.ConfigDict()
   c.train.data_path = placeholder(str)   # rise_jax.sft/1 records (standalone `rise_jax.train`)
@@ -151,6 +155,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rise.boost_epochs = placeholder(int)  # boost stage epochs; None = train.epochs (RISE loop)
   c.rise.boost_size = placeholder(int)   # boost stage problems: the first this many training problems; None = all
   c.rise.fresh_problems = False          # iteration T collects on its own slice of task.train_size problems (RISE loop)
+  # Per-iteration settings, "T:section.field=value" for a collect.* or train.* field, e.g. distillation in
+  # iteration 1 and self-distillation after it: ("1:collect.improvement='teacher'",). See for_iteration().
+  c.rise.iteration_overrides = ()
 
   c.debug = ml_collections.ConfigDict()
   c.debug.stop_after = placeholder(str)  # "<stage>:<n>": stop the run there (resume tests)
@@ -180,7 +187,8 @@ def _get(config, field: str):
   return node
 
 
-def validate(config: ml_collections.ConfigDict, *, require_training: bool = False) -> ml_collections.ConfigDict:
+def validate(config: ml_collections.ConfigDict, *, require_training: bool = False,
+             _per_iteration: bool = True) -> ml_collections.ConfigDict:
   """Check every enum and range; raise ValueError naming the field. Returns the config for chaining."""
   _one_of(config, "model.source", MODEL_SOURCES)
   if config.model.source == "hf":
@@ -217,13 +225,14 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   if co.improvement == "teacher":
     if co.teacher.kind == "model":
       _check(co.teacher.path is not None, "collect.teacher.path", "required for a model teacher")
-    else:
+    elif co.teacher.kind == "openai":
       _check(co.teacher.base_url is not None, "collect.teacher.base_url", "required for an openai teacher")
       _check(co.teacher.model is not None, "collect.teacher.model", "required for an openai teacher")
   _one_of(config, "collect.criteria", CRITERIA)
   _one_of(config, "collect.weighting", WEIGHTINGS)
   _check(co.tau > 0, "collect.tau", "must be > 0 (use collect.only_success for filtering)")
   _check(co.max_resample_rounds >= 0, "collect.max_resample_rounds", "must be >= 0")
+  _check(co.window is None or co.window >= 1, "collect.window", "must be None (full history) or >= 1")
   t = config.train
   _one_of(config, "train.estimator", ESTIMATORS)
   _check(t.lr > 0, "train.lr", "must be > 0")
@@ -261,7 +270,57 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(r.boost_size is None or r.boost_size >= 1, "rise.boost_size", "must be None or >= 1")
   _check(not r.fresh_problems or config.task.train_size is not None, "rise.fresh_problems",
          "needs task.train_size (the number of fresh problems per iteration)")
+  overrides = parse_overrides(r.iteration_overrides, r.iterations)
+  for t in sorted(overrides) if _per_iteration else ():  # each iteration's own settings must be valid too
+    validate(for_iteration(config, t), require_training=require_training, _per_iteration=False)
   return config
+
+
+OVERRIDABLE = ("collect", "train")
+
+
+def parse_overrides(overrides, iterations: int) -> dict[int, list[tuple[str, Any]]]:
+  """rise.iteration_overrides -> {T: [(dotted field, value)]}; values are Python literals (bare words: strings).
+  Errors name the entry: a bad form, an iteration outside 1..iterations, or a field outside collect/train."""
+  import ast
+  out: dict[int, list[tuple[str, Any]]] = {}
+  for entry in overrides:
+    where = f"config field rise.iteration_overrides: {entry!r}"
+    head, sep, value_text = str(entry).partition("=")
+    t_text, colon, field = head.partition(":")
+    if not (sep and colon and t_text.strip().isdigit() and field.strip()):
+      raise ValueError(f"{where} is not 'T:section.field=value'")
+    t, field = int(t_text), field.strip()
+    if not 1 <= t <= iterations:
+      raise ValueError(f"{where}: iteration {t} is not in 1..rise.iterations ({iterations})")
+    if field.split(".")[0] not in OVERRIDABLE:
+      raise ValueError(f"{where}: only {'/'.join(OVERRIDABLE)}.* fields vary per iteration")
+    try:
+      value = ast.literal_eval(value_text.strip())
+    except (ValueError, SyntaxError):
+      value = value_text.strip()
+    out.setdefault(t, []).append((field, value))
+  return out
+
+
+def for_iteration(config: ml_collections.ConfigDict, iteration: int) -> ml_collections.ConfigDict:
+  """The config RISE iteration T runs with: `config` with its rise.iteration_overrides for T applied (a copy;
+  the tree stays locked, so a misspelt field is an error naming it)."""
+  overrides = parse_overrides(config.rise.iteration_overrides, config.rise.iterations).get(iteration)
+  if not overrides:
+    return config
+  out = config.copy_and_resolve_references()
+  out.lock()
+  for field, value in overrides:
+    *parents, leaf = field.split(".")
+    node = out
+    try:
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    except (KeyError, AttributeError, TypeError) as e:
+      raise ValueError(f"config field rise.iteration_overrides: {iteration}:{field}: {e}") from None
+  return out
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

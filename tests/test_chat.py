@@ -431,10 +431,18 @@ def test_window_keeps_head_and_last_pairs():
   assert contents(chat.window(system, 2)) == ["sys"] + head + ["attempt 3", "feedback 3"]
 
 
-@pytest.mark.parametrize("W", [1, 0, -1, 2.0])
-def test_window_rejects_w_below_two(W):
-  with pytest.raises(ValueError, match="W must be an int >= 2"):
+@pytest.mark.parametrize("W", [0, -1, 2.0])
+def test_window_rejects_w_below_one(W):
+  with pytest.raises(ValueError, match="W must be an int >= 1"):
     chat.window(_rise_conversation(2), W)
+
+
+def test_window_one_keeps_the_head_alone():
+  # W = 1: the state of a first turn, whatever came before (collection's independent first-turn attempts).
+  messages = _rise_conversation(3)
+  assert chat.window(messages, 1) == messages[:3]
+  reply = messages + [{"role": "assistant", "content": "reply"}]
+  assert chat.window(reply, 1) == messages[:3] + reply[-1:]
 
 
 def test_window_rejects_a_conversation_without_the_rise_head():

@@ -63,3 +63,27 @@ def test_config_hash_ignores_debug_and_diff_names_changed_fields():
   assert config_lib.config_hash(a) != config_lib.config_hash(b)
   assert config_lib.diff_fields(config_lib.to_dict(a), config_lib.to_dict(b)) == [
       "collect.tau", "debug.stop_after", "train.lr"]
+
+
+def test_iteration_overrides_apply_to_their_iteration_only_and_are_validated():
+  from rise_jax.rise import recipes
+  c = recipes.toy()
+  c.rise.iterations = 2
+  c.rise.iteration_overrides = ("1:collect.improvement=teacher", "1:collect.teacher.kind='reference'",
+                                "1:collect.window=1", "2:train.lr=3e-4")
+  c.lock()
+  config_lib.validate(c, require_training=True)
+  one, two = config_lib.for_iteration(c, 1), config_lib.for_iteration(c, 2)
+  assert (one.collect.improvement, one.collect.teacher.kind, one.collect.window, one.train.lr) == (
+      "teacher", "reference", 1, c.train.lr)
+  assert (two.collect.improvement, two.collect.window, two.train.lr) == ("self", None, 3e-4)
+  assert c.collect.improvement == "self" and c.collect.window is None  # the config itself is untouched
+  for bad, needle in [(("1:collect.windw=1",), "windw"), (("3:collect.window=1",), r"iteration 3 is not in 1\.\.rise\.iterations \(2\)"),
+                      (("1:eval.turns=2",), "only collect/train"), (("collect.window=1",), "T:section.field"),
+                      (("1:collect.window=0",), "collect.window: must be None"),
+                      (("1:train.lr=abc",), "train.lr")]:
+    c.unlock()
+    c.rise.iteration_overrides = bad
+    c.lock()
+    with pytest.raises(ValueError, match=needle):
+      config_lib.validate(c)

@@ -354,3 +354,26 @@ def test_sampler_policy_without_cache_reuse_prefills_everything(tmp_path, toy_to
   assert spy.histories == [[None]] * 3
   _, (record,), _ = rollout_log.read_rollouts(tmp_path / "n.jsonl")
   assert all(t["prefill_tokens"] == t["history_tokens"] for t in record["turns"])
+
+
+def test_collection_with_window_one_and_the_reference_teacher(tmp_path):
+  # Algorithm 1 for a learner that cannot read a history yet: every learner attempt sees only the head (an
+  # independent first-turn sample), the reference solution is the last turn, and the record keeps the history.
+  from rise_jax.rise import collect
+  from rise_jax.rise.policies import ReferencePolicy
+  learner = ScriptedPolicy(lambda request, j: {1: "3+4=8", 2: "3+4=6"}[request.turn])
+  teacher = ReferencePolicy({A.id: A.reference, B.id: B.reference})
+  protocol = Protocol.sequential(3, select="best_reward", oracle=True, window=1, sampling=SAMPLING, grader="robust")
+  _, records = _run(tmp_path, [A], [learner, learner, teacher], protocol)
+  head = _Prompts().initial_messages(A.question)
+  assert [list(r.messages) for r in learner.requests] == [head, head]  # turn 2 saw no attempt
+  assert [t["candidates"][0]["text"] for t in records[0]["turns"]] == ["3+4=8", "3+4=6", "3+4=7"]
+  assert [t["candidates"][0]["reward"] for t in records[0]["turns"]] == [0.0, 0.0, 1.0]
+  assert records[0]["turns"][2]["policy"] == "teacher:reference"
+  conv = collect.convert_rollouts(records, lambda pid: head, collect.ConversionOptions())
+  fb = {"role": "user", "content": "Wrong. Again: 3+4"}
+  last = conv.records[-1]["messages"]
+  assert last[3:] == [{"role": "assistant", "content": "3+4=8"}, fb, {"role": "assistant", "content": "3+4=6"}, fb,
+                      {"role": "assistant", "content": "3+4=7", "train": True}]
+  with pytest.raises(KeyError, match="no reference solution for problem 'toy/test/9'"):
+    teacher.sample([type(learner.requests[0])(key="toy/test/9", messages=tuple(head), n=1, turn=1)], SAMPLING, 0)

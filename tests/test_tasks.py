@@ -54,7 +54,7 @@ def test_shipped_prompt_sets_restate_the_question_and_never_leak_an_answer():
   self_refine = get_prompt_set("self_refine")
   assert "Self-Refine" in self_refine.source and "error" in self_refine.feedback(q)
   assert self_refine.initial_messages(q) == get_prompt_set("paper").initial_messages(q)
-  assert get_prompt_set("toy").feedback(q) == "incorrect, try again: 25+3*4"
+  assert get_prompt_set("toy").feedback(q) == "wrong, try again: 25+3*4"
 
 
 def test_toy_prompt_example_is_outside_the_toy_problem_space():

@@ -155,13 +155,15 @@ def window(messages: Sequence[Message], W: int | None) -> list[Message]:
   attempts with their feedback; a trailing assistant message (the reply to that state, when present) is kept
   and not counted. W=None keeps everything.
 
-  W = 1 is an error. The reference (cmu-mind/RISE workflow_eval.py) keeps `history[-W + 1:]`, which for W = 1 is
-  `history[-0:]`, i.e. the whole history rather than none: that quirk is deliberately not reproduced.
+  W = 1 keeps the head alone: every attempt is made as if it were the first (RISE's collection uses it to draw a
+  model's attempts as independent first-turn samples while it cannot yet read a history). The reference
+  (cmu-mind/RISE workflow_eval.py) keeps `history[-W + 1:]`, which for W = 1 is `history[-0:]`, i.e. the whole
+  history rather than none: that quirk is deliberately not reproduced.
   """
   if W is None:
     return list(messages)
-  if not isinstance(W, int) or W < 2:
-    raise ValueError(f"window W must be an int >= 2 (or None for the full history), got {W!r}")
+  if not isinstance(W, int) or W < 1:
+    raise ValueError(f"window W must be an int >= 1 (or None for the full history), got {W!r}")
   head, pairs, trailing = _attempt_pairs(messages)
   keep_from = head + 2 * max(0, pairs - (W - 1))
   return list(messages[:head]) + list(messages[keep_from:])

@@ -119,6 +119,34 @@ class ScriptedPolicy:
     self.released.extend(keys)
 
 
+class ReferencePolicy:
+  """The task's reference solutions as the teacher: distillation from ground truth (the toy's scratchpads).
+
+  Every sample of a request is the problem's reference text, whatever the history; `references` maps the
+  conversation key (the problem id) to it. A key without a reference is an error naming it. Tokens are counted
+  as whitespace-separated words, as for a scripted policy: the text was never sampled, so it has no token ids.
+  """
+
+  def __init__(self, references: dict[str, str], name: str = "teacher:reference"):
+    self.name = name
+    self._references = references
+
+  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+    del sampling, seed  # the reference is fixed
+    out = []
+    for request in requests:
+      if request.key not in self._references:
+        raise KeyError(f"{self.name}: no reference solution for problem {request.key!r}")
+      text = self._references[request.key]
+      history_tokens = sum(len(m["content"].split()) for m in request.messages)
+      sample = Sample(text=text, finish_reason="stop", num_tokens=len(text.split()))
+      out.append(Completion(samples=(sample,) * request.n, history_tokens=history_tokens, prefill_tokens=0))
+    return out
+
+  def release(self, keys: Sequence[str]) -> None:
+    del keys  # stateless
+
+
 class SamplerPolicy:
   """The learner (or a teacher checkpoint) through `rise_jax.sampling.Sampler`, continuing cached conversations.
 

@@ -96,9 +96,12 @@ def gpu_8x80(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def toy() -> ml_collections.ConfigDict:
   """The embedded default experiment (docs/toy.md): a char-level Llama trained from scratch on `a+b*c`.
 
-  Boost = SFT on the task's worked answers; then one RISE iteration with self-distillation (best-of-N at turn
-  2); the single-turn control trains on the same collected data with the history stripped. Evaluation on 2,000
-  test problems, 5 turns without oracle (p1@t5 read from the same log) and 5 parallel samples.
+  Boost = single-turn SFT on the task's worked answers (the model has never seen a history). RISE iteration 1 is
+  distillation with the reference solutions as the teacher: the boosted model cannot read a history yet, so its
+  attempts are drawn as independent first-turn samples (collect.window = 1) and, after up to K-1 = 3 wrong ones,
+  the reference answers turn K. Iteration 2 is self-distillation (best-of-8 at turn 2, full history) from the
+  iteration-1 model. Each iteration has its single-turn control (the same data, history stripped). Evaluation
+  on 2,000 test problems, 5 turns without oracle (p1@t5 read from the same log) and 5 parallel samples.
   """
   c = base_config()
   c.name = "toy"
@@ -116,7 +119,7 @@ def toy() -> ml_collections.ConfigDict:
   c.task.train_size = 2000               # problems each iteration collects on
   c.sampling.temperature = 1.0
   c.sampling.max_new_tokens = 20         # a worked answer is at most 16 characters + end of turn
-  c.sampling.max_cache_length = 320      # 5 turns of history fit (docs/toy.md, token budget)
+  c.sampling.max_cache_length = 224      # the turn-5 prompt (203 tokens) + 20 new tokens (docs/toy.md, token budget)
   c.sampling.batch_size = 2000           # the whole test set per call: the CPU sampler is bound by per-step overhead
   c.collect.turns = 2
   c.collect.samples_per_turn = 1
@@ -124,23 +127,26 @@ def toy() -> ml_collections.ConfigDict:
   c.collect.improvement_samples = 8
   c.collect.criteria = "all"
   c.collect.tau = 0.4
-  c.train.lr = 1e-3                      # RISE / control fine-tuning of the boosted model
+  c.train.lr = 3e-4                      # RISE / control fine-tuning of the boosted model
   c.train.warmup_ratio = 0.05
   c.train.b2 = 0.98                      # from-scratch training of a tiny model: a shorter second-moment memory
   c.train.epochs = 1
-  c.train.global_batch = 16              # per token of compute, batch 16 learned fastest from scratch (docs/toy.md)
+  c.train.global_batch = 16              # per example seen, batch 16 learned fastest from scratch (docs/toy.md)
   c.train.micro_batch = 16
-  c.train.max_length = 320
+  c.train.max_length = 224
   c.train.ckpt_every = 10_000            # the toy stages take seconds; the final checkpoint is always written
-  c.train.log_every = 50
+  c.train.log_every = 200
   c.eval.turns = 5
   c.eval.parallel_k = 5
   c.eval.window = None
-  c.rise.iterations = 1
+  c.rise.iterations = 2
+  c.rise.iteration_overrides = (
+      "1:collect.improvement='teacher'", "1:collect.teacher.kind='reference'", "1:collect.window=1",
+      "1:collect.turns=4")
   c.rise.boost = True
   c.rise.boost_data = "reference"
   c.rise.boost_lr = 2e-3
-  c.rise.boost_epochs = 5
+  c.rise.boost_epochs = 12
   c.rise.init_from = "previous"
   c.rise.single_turn_control = True
   return c

@@ -54,8 +54,8 @@ class Protocol:
                        f"({len(self.sampling)}) need one entry per turn ({self.turns})")
     if any(n < 1 for n in self.samples_per_turn):
       raise ValueError(f"Protocol.samples_per_turn must be >= 1, got {self.samples_per_turn}")
-    if self.window is not None and self.window < 2:
-      raise ValueError(f"Protocol.window must be None or >= 2, got {self.window}")
+    if self.window is not None and self.window < 1:
+      raise ValueError(f"Protocol.window must be None or >= 1, got {self.window}")
     if self.kind == "parallel" and self.turns != 1:
       raise ValueError("a parallel protocol has exactly one turn (k samples of it)")
     if self.max_resample_rounds < 0:

@@ -91,12 +91,16 @@ class Context:
     sampler = Sampler(model, self.tokenizer, max_cache_length=c.sampling.max_cache_length, mesh=self.mesh("sample"))
     return SamplerPolicy(sampler, self.tokenizer, name=name)
 
-  def teacher(self):
-    """The improvement policy of distillation: a checkpoint through the sampler, or an OpenAI-compatible API."""
-    t = self.config.collect.teacher
+  def teacher(self, config, problems):
+    """The improvement policy of distillation (config: the iteration's): the task's reference solutions, a
+    checkpoint through the sampler, or an OpenAI-compatible API."""
+    t = config.collect.teacher
+    if t.kind == "reference":
+      from rise_jax.rise.policies import ReferencePolicy
+      return ReferencePolicy({p.id: p.reference for p in problems})
     if t.kind == "model":
       from rise_jax import models
-      model = models.load_hf_checkpoint(t.path, dtype=self.config.model.dtype, mesh=self.mesh("train"))
+      model = models.load_hf_checkpoint(t.path, dtype=config.model.dtype, mesh=self.mesh("train"))
       return self.learner(model, name=f"teacher:{pathlib.Path(t.path).name}")
     from rise_jax.rise.teacher import OpenAIChatPolicy
     return OpenAIChatPolicy(base_url=t.base_url, model=t.model, cache_dir=self.root / "teacher_cache")
@@ -195,7 +199,7 @@ def collection_protocol(config):
   learner = turn_sampling(config)
   last = turn_sampling(config, teacher=co.improvement == "teacher")
   samples = (co.samples_per_turn,) * (co.turns - 1) + (co.improvement_samples,)
-  return Protocol.sequential(co.turns, samples=samples, select="best_reward", oracle=True, window=None,
+  return Protocol.sequential(co.turns, samples=samples, select="best_reward", oracle=True, window=co.window,
                              sampling=(learner,) * (co.turns - 1) + (last,), grader=config.task.grader,
                              prompt_set=config.task.prompt_set, seed=config.seed,
                              max_resample_rounds=co.max_resample_rounds)
@@ -204,28 +208,29 @@ def collection_protocol(config):
 def collect(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None) -> dict[str, Any]:
   """Iteration T's Algorithm 1 rollouts with the newest model, then D_T (and its history-stripped twin)."""
   from rise_jax.rise.loop import model_stage
-  c, t = ctx.config, stage.iteration
+  t = stage.iteration
+  c = config_lib.for_iteration(ctx.config, t)
   source = model_stage(c, t - 1)
   model = ctx.model(source)
   name = f"learner@iter_{t - 1}"
   learner = ctx.learner(model, name)
-  improver = ctx.teacher() if c.collect.improvement == "teacher" else learner
-  policies = [learner] * (c.collect.turns - 1) + [improver]
   problems = ctx.train_problems(t)
+  improver = ctx.teacher(c, problems) if c.collect.improvement == "teacher" else learner
+  policies = [learner] * (c.collect.turns - 1) + [improver]
   t0 = time.perf_counter()
   run = _episodes(ctx, problems, policies, collection_protocol(c), out_dir / "rollouts.jsonl",
                   ctx.header(name), limit, stage, f"collect iter {t}")
   seconds = time.perf_counter() - t0
   log = _log_accounting(out_dir / "rollouts.jsonl", problems)
-  info = _build(ctx, log["records"], out_dir, t)
+  info = _build(ctx, c, log["records"], out_dir, t)
   return {"episodes": len(log["records"]), "torn_lines": log["torn"], "tokens": log["accounting"],
           "decode_tokens_this_run": run.decode_tokens, "sampling_seconds_this_run": seconds,
           "tokens_per_s": run.tokens_per_s, **info}
 
 
-def _build(ctx: Context, records, out_dir: pathlib.Path, iteration: int) -> dict[str, Any]:
-  """Write D_T under out_dir/ and, for the single-turn control, its history-stripped twin under control/."""
-  c = ctx.config
+def _build(ctx: Context, c, records, out_dir: pathlib.Path, iteration: int) -> dict[str, Any]:
+  """Write D_T under out_dir/ and, for the single-turn control, its history-stripped twin under control/
+  (c: the iteration's config)."""
   questions = {r["problem_id"]: r["question"] for r in records}
   initial = lambda pid: ctx.prompts.initial_messages(questions[pid])  # noqa: E731
   reward_values = collect_lib.reward_range(c.task.name, c.task.grader)
@@ -250,12 +255,12 @@ def boost_data(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None)
   if source is None:  # correct samples of the improvement policy, first turn only
     from rise_jax.rise.rollout import Protocol
     teacher = c.collect.improvement == "teacher"
-    policy = ctx.teacher() if teacher else ctx.learner(ctx.model(None), "learner@base")
+    problems = ctx.boost_problems()
+    policy = ctx.teacher(c, problems) if teacher else ctx.learner(ctx.model(None), "learner@base")
     protocol = Protocol.sequential(1, samples=c.collect.improvement_samples, select="best_reward", oracle=True,
                                    sampling=ctx.turn_sampling(teacher), grader=c.task.grader,
                                    prompt_set=c.task.prompt_set, seed=c.seed,
                                    max_resample_rounds=c.collect.max_resample_rounds)
-    problems = ctx.boost_problems()
     _episodes(ctx, problems, policy, protocol, out_dir / "rollouts.jsonl", ctx.header(policy.name), limit, stage,
               "boost samples")
     records = _log_accounting(out_dir / "rollouts.jsonl", problems)["records"]
@@ -297,7 +302,7 @@ def train(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None) -> d
     records += train_data.read_records(ctx.root / collect_stage / sub / dataset_lib.DATA_FILE)
   model = ctx.load_model(init)  # train() leaves it untouched and returns the trained model
   ctx.forget_model()
-  train_config = _train_config(c, boost=(t == 0), limit=limit)
+  train_config = _train_config(config_lib.for_iteration(c, t) if t else c, boost=(t == 0), limit=limit)
   t0 = time.perf_counter()
   # With a stop limit the trainer SIGKILLs this process right after step `limit`'s checkpoint commits.
   result = train_lib.train(train_config, records, out_dir, model=model, tokenizer=ctx.tokenizer)
