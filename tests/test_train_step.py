@@ -1,6 +1,5 @@
 """The sharded step, the loop, checkpoints and the HF export, in-process on 8 fake CPU devices."""
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -312,13 +311,12 @@ def test_loss_mask_decodes_to_trained_message(which, toy_tokenizer, request):
 
 
 def test_steps_per_call_equals_one_step_per_call(tiny_model, examples):
-  """Three optimiser steps in one scanned device call (batches padded to the call's longest step) give the
-  losses and parameters of three separate calls; the first loss is the reference loss from full logits."""
+  """Three optimiser steps in one scanned device call give the losses and parameters of three separate calls
+  (one step each); the first loss is the reference loss from full logits."""
   mesh = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   lengths = [e.length for e in examples]
   steps = data_lib.plan(lengths, epochs=1, seed=0, global_batch=16, micro_batch=16, row_multiple=1,
                         max_length=128, packing=False)
-  steps[1] = dataclasses.replace(steps[1], length=96)  # a shorter step: the call pads it to 128
   tx, lr = optim.optimizer(optim_cfg(eps=1e-6), 3)  # eps as in _run: rounding-level differences stay small
   trainer = trainer_lib.Trainer(tiny_model, mesh, tx, lr)
   with jax.set_mesh(mesh):

@@ -280,14 +280,15 @@ def chunk_plan(steps: Sequence[StepPlan], start: int, max_steps: int, boundaries
   """Consecutive steps from `start` grouped into device calls of at most `max_steps` steps.
 
   A call never crosses a boundary (checkpoint steps, a profile window: the state must exist there) nor a change
-  of micro-batch or row count (lengths differ freely: a call pads to its longest step). Boundaries include every
-  checkpoint step, so a run resumed from one groups the remaining steps exactly as the uninterrupted run did.
+  of batch shape (padding steps to a common length cost more than the calls it saved: docs/benchmarks.md).
+  Boundaries include every checkpoint step, so a run resumed from one groups the remaining steps exactly as the
+  uninterrupted run did.
   """
   cuts = {b for b in boundaries if start < b < len(steps)}
   calls, begin = [], start
   for i in range(start + 1, len(steps) + 1):
     if (i - begin == max_steps or i in cuts or i == len(steps) or
-        steps[i].shape[:2] != steps[begin].shape[:2]):
+        steps[i].shape != steps[begin].shape):
       calls.append(range(begin, i))
       begin = i
   return calls
@@ -312,17 +313,13 @@ def step_stats(step: StepPlan, examples: Sequence[Example], estimator: str) -> S
 
 
 def materialize(step: StepPlan, examples: Sequence[Example], estimator: str, rows: Sequence[int] | slice,
-                pad_id: int = 0, length: int | None = None) -> dict[str, np.ndarray]:
+                pad_id: int = 0) -> dict[str, np.ndarray]:
   """Arrays [micro, len(rows), length] for the selected row indices of every micro-batch (this host's rows).
 
   input_ids, targets, positions (restarting in each packed example), segment_ids (0 = padding, 1.. = the
-  examples of a row) and weights (the per-token a_t of the estimator, packing-aware). `length` (>= the step's)
-  pads further, so that the steps of one device call share a shape.
+  examples of a row) and weights (the per-token a_t of the estimator, packing-aware).
   """
-  num_micro, rows_per_micro, planned = step.shape
-  length = planned if length is None else length
-  if length < planned:
-    raise ValueError(f"length {length} is shorter than the step's planned length {planned}")
+  num_micro, rows_per_micro, length = step.shape
   selected = list(range(rows_per_micro))[rows] if isinstance(rows, slice) else list(rows)
   shape = (num_micro, len(selected), length)
   out = {"input_ids": np.full(shape, pad_id, np.int32), "targets": np.full(shape, pad_id, np.int32),

@@ -125,11 +125,10 @@ class Trainer:
 
   def call_batch(self, plan_steps: Sequence[data_lib.StepPlan], examples, estimator: str, pad_id: int = 0):
     """(stacked global batches [steps, micro, rows, length], normalizers [steps], host stats) of one device
-    call: every step padded to the call's longest, this process materialising only its own rows."""
-    shape = (*plan_steps[0].shape[:2], max(s.length for s in plan_steps))
+    call (steps of one shape), this process materialising only its own rows."""
+    shape = plan_steps[0].shape
     rows = data_lib.host_rows(self.batch_sharding, shape)
-    local = [data_lib.materialize(s, examples, estimator, rows, pad_id=pad_id, length=shape[2])
-             for s in plan_steps]
+    local = [data_lib.materialize(s, examples, estimator, rows, pad_id=pad_id) for s in plan_steps]
     stacked = {k: np.stack([x[k] for x in local]) for k in local[0]}
     stats = [data_lib.step_stats(s, examples, estimator) for s in plan_steps]
     normalizers = jax.device_put(np.array([s.normalizer for s in stats], np.float32), self.replicated)
