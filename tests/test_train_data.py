@@ -113,12 +113,13 @@ def test_chunk_plan_calls_cover_steps_in_order_and_end_at_boundaries_and_shape_c
   rows = (((0,),),)
   steps = [D.StepPlan(0, rows, n) for n in [32] * 7 + [64] * 2 + [32] * 11]  # 20 steps, shape changes at 7, 9
   calls = D.chunk_plan(steps, 0, 4, boundaries=[6, 12, 18])
-  assert [(c.start, c.stop) for c in calls] == [(0, 4), (4, 6), (6, 7), (7, 9), (9, 12), (12, 16), (16, 18),
-                                                (18, 20)]
+  # Runs [0, 6) [6, 7) [7, 9) [9, 12) [12, 18) [18, 20), cut into 4 steps or powers of two (few programs).
+  assert [(c.start, c.stop) for c in calls] == [(0, 4), (4, 6), (6, 7), (7, 9), (9, 11), (11, 12), (12, 16),
+                                                (16, 18), (18, 20)]
   for c in calls:
     assert len({steps[i].shape for i in c}) == 1
   # A run resumed at a boundary (a checkpoint step) makes the calls the uninterrupted run made from there.
-  assert D.chunk_plan(steps, 12, 4, boundaries=[6, 12, 18]) == calls[5:]
+  assert D.chunk_plan(steps, 12, 4, boundaries=[6, 12, 18]) == calls[6:]
   assert D.chunk_plan(steps, 20, 4, boundaries=[]) == []
   assert [len(c) for c in D.chunk_plan(steps, 0, 1, boundaries=[])] == [1] * 20
 

@@ -332,8 +332,6 @@ def test_steps_per_call_equals_one_step_per_call(tiny_model, examples):
       state, metrics = trainer.step(state, batch, jnp.float32(stats.normalizer))
       single.append(float(metrics["loss"]))
     single_params = jax.device_get(state.params)
-    calls = data_lib.chunk_plan(steps, 0, 8, boundaries=[])
-    assert calls == [range(0, 3)]
     call_batch, normalizers, call_stats = trainer.call_batch(steps, examples, "sample_mean")
     assert call_batch["input_ids"].shape == (3, 1, 16, 128)
     state = trainer.steps(trainer.initial_state(tiny_model, seed=0), call_batch, normalizers)[0]
