@@ -26,7 +26,7 @@ import time
 
 def _parse_args():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--size", default="100m", choices=("tiny", "100m", "1b"))
+  parser.add_argument("--size", default="100m", choices=("toy", "tiny", "100m", "1b"))
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--seq", type=int, default=512)
   parser.add_argument("--dtype", default="float32")

@@ -23,11 +23,13 @@ import numpy as np
 
 from rise_jax import sharding as sharding_lib
 from rise_jax.models.build import build_model
-from rise_jax.models.configs import ModelConfig
+from rise_jax.models.configs import ModelConfig, get_preset
 from rise_jax.train import optim
 from rise_jax.train import trainer as trainer_lib
 
 SIZES = {
+    # The toy experiment's 0.43M-parameter char-level model (configs/toy.py).
+    "toy": get_preset("toy-llama").config,
     # ~3M parameters (2.1M of them embeddings).
     "tiny": ModelConfig(vocab_size=8192, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                         num_kv_heads=4, head_dim=32),

@@ -132,6 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ckpt_every = 500
   c.train.keep = 2
   c.train.log_every = 10
+  c.train.steps_per_call = placeholder(int)  # optimiser steps per device call (a lax.scan); None = auto by model size
   c.train.profile_steps = placeholder(tuple)
 
   c.eval = ml_collections.ConfigDict()
@@ -245,6 +246,7 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(t.max_length >= 8, "train.max_length", "must be >= 8")
   _check(t.keep >= 2, "train.keep", "keep at least 2 checkpoints (a torn latest one falls back)")
   _check(t.ckpt_every >= 1 and t.log_every >= 1, "train.ckpt_every", "intervals must be >= 1")
+  _check(t.steps_per_call is None or t.steps_per_call >= 1, "train.steps_per_call", "must be None (auto) or >= 1")
   _one_of(config, "train.on_truncation", ("report", "raise"))
   if require_training:
     _check(t.epochs is not None and t.epochs >= 1, "train.epochs", "is required (>= 1)")

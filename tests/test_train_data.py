@@ -109,6 +109,49 @@ def test_packed_batch_weights_equal_unpacked_estimator():
         estimator, [x.weight for x in examples], [x.loss_mask.sum() for x in examples]), rel=1e-12)
 
 
+def test_chunk_plan_calls_cover_steps_in_order_and_end_at_boundaries_and_shape_changes():
+  rows = (((0,),),)
+  steps = [D.StepPlan(0, rows, n) for n in [32] * 7 + [64] * 2 + [32] * 11]  # 20 steps, shape changes at 7, 9
+  calls = D.chunk_plan(steps, 0, 4, boundaries=[6, 12, 18])
+  # Runs [0, 6) [6, 7) [7, 9) [9, 12) [12, 18) [18, 20), cut into 4 steps or powers of two (few programs).
+  assert [(c.start, c.stop) for c in calls] == [(0, 4), (4, 6), (6, 7), (7, 9), (9, 11), (11, 12), (12, 16),
+                                                (16, 18), (18, 20)]
+  for c in calls:
+    assert len({steps[i].shape for i in c}) == 1
+  # A run resumed at a boundary (a checkpoint step) makes the calls the uninterrupted run made from there.
+  assert D.chunk_plan(steps, 12, 4, boundaries=[6, 12, 18]) == calls[6:]
+  assert D.chunk_plan(steps, 20, 4, boundaries=[]) == []
+  assert [len(c) for c in D.chunk_plan(steps, 0, 1, boundaries=[])] == [1] * 20
+
+
+def test_prefetch_yields_in_order_ahead_and_raises_where_produce_failed():
+  import threading
+  from rise_jax.train.prefetch import prefetch
+  produced = []
+  ahead = threading.Event()
+
+  def produce(i):
+    produced.append(i)
+    if i == 2:
+      ahead.set()
+    if i == 5:
+      raise KeyError(i)
+    return i * 10
+
+  it = prefetch(range(8), produce, depth=2)
+  assert next(it) == 0
+  assert ahead.wait(5)                   # item 2 was produced while the consumer held item 0
+  assert [next(it) for _ in range(4)] == [10, 20, 30, 40]
+  with pytest.raises(KeyError):
+    next(it)
+  assert produced == list(range(6))      # nothing after the failure
+
+  it = prefetch(range(100), lambda i: i, depth=1)
+  assert next(it) == 0
+  it.close()                             # the consumer leaving early stops the thread
+  assert not any(t.name == "rise_jax-prefetch" for t in threading.enumerate())
+
+
 def test_cli_help_exits_zero():
   import subprocess
   import sys

@@ -21,6 +21,7 @@ from rise_jax.models.build import build_model
 from rise_jax.train import checkpoint as ckpt_lib
 from rise_jax.train import data as data_lib
 from rise_jax.train import demo, optim, trainer as trainer_lib
+from rise_jax.train import loss as loss_lib
 
 from train_helpers import TINY, optim_cfg, tiny_config
 
@@ -307,3 +308,38 @@ def test_loss_mask_decodes_to_trained_message(which, toy_tokenizer, request):
   assert trained[-1] in tok.eos_token_ids
   idx = np.nonzero(ex.loss_mask)[0]
   assert np.all(np.diff(idx) == 1) and idx[-1] == len(ex.targets) - 1  # one contiguous span, the last message
+
+
+def test_steps_per_call_equals_one_step_per_call(tiny_model, examples):
+  """Three optimiser steps in one scanned device call give the losses and parameters of three separate calls
+  (one step each); the first loss is the reference loss from full logits."""
+  mesh = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  lengths = [e.length for e in examples]
+  steps = data_lib.plan(lengths, epochs=1, seed=0, global_batch=16, micro_batch=16, row_multiple=1,
+                        max_length=128, packing=False)
+  tx, lr = optim.optimizer(optim_cfg(eps=1e-6), 3)  # eps as in _run: rounding-level differences stay small
+  trainer = trainer_lib.Trainer(tiny_model, mesh, tx, lr)
+  with jax.set_mesh(mesh):
+    state = trainer.initial_state(tiny_model, seed=0)
+    batch, stats = trainer.batch(steps[0], examples, "sample_mean")
+    logits = trainer.model(state)(batch["input_ids"][0])
+    mask = np.asarray(batch["weights"][0]) > 0
+    weights = np.array([examples[i].weight for i in steps[0].example_ids])
+    ref_first, _ = loss_lib.weighted_nll(logits, batch["targets"][0], mask, weights, "sample_mean")
+    single = []
+    for s in steps:
+      batch, stats = trainer.batch(s, examples, "sample_mean")
+      state, metrics = trainer.step(state, batch, jnp.float32(stats.normalizer))
+      single.append(float(metrics["loss"]))
+    single_params = jax.device_get(state.params)
+    call_batch, normalizers, call_stats = trainer.call_batch(steps, examples, "sample_mean")
+    assert call_batch["input_ids"].shape == (3, 1, 16, 128)
+    state = trainer.steps(trainer.initial_state(tiny_model, seed=0), call_batch, normalizers)[0]
+    state2, metrics = trainer.steps(trainer.initial_state(tiny_model, seed=0), call_batch, normalizers)
+  np.testing.assert_allclose(single[0], float(ref_first), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(metrics["loss"]), single, rtol=1e-5)
+  assert [s.examples for s in call_stats] == [len(s.example_ids) for s in steps]
+  assert int(state2.step) == 3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), jax.device_get(state2.params),
+               single_params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(state2.params))

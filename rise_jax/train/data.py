@@ -276,6 +276,26 @@ def plan(lengths: Sequence[int], *, epochs: int, **kwargs) -> list[StepPlan]:
   return [s for e in range(epochs) for s in plan_epoch(lengths, epoch=e, **kwargs)]
 
 
+def chunk_plan(steps: Sequence[StepPlan], start: int, max_steps: int, boundaries: Iterable[int]) -> list[range]:
+  """Consecutive steps from `start` grouped into device calls of `max_steps` steps or a power of two below it.
+
+  A call never crosses a boundary (checkpoint steps, a profile window: the state must exist there) nor a change
+  of batch shape (padding steps to a common length cost more than the calls it saved: docs/benchmarks.md). Each
+  call length and shape is one compiled program, hence the few lengths. Boundaries include every checkpoint
+  step, so a run resumed from one groups the remaining steps exactly as the uninterrupted run did.
+  """
+  cuts = {b for b in boundaries if start < b < len(steps)}
+  calls, begin = [], start
+  for i in range(start + 1, len(steps) + 1):
+    if i == len(steps) or i in cuts or steps[i].shape != steps[begin].shape:
+      while begin < i:
+        n = min(i - begin, max_steps)
+        n = n if n == max_steps else 1 << (n.bit_length() - 1)
+        calls.append(range(begin, begin + n))
+        begin += n
+  return calls
+
+
 @dataclasses.dataclass(frozen=True)
 class StepStats:
   """Host-side facts about a global batch (from the plan, identical on every host)."""

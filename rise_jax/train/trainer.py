@@ -5,7 +5,9 @@ abstract state, the parameters' logical axes give their NamedShardings (the opti
 parameter), and a jitted init writes every leaf into its shard. The step is `jax.jit` with explicit in/out
 shardings and the state donated; gradient accumulation is a `lax.scan` over the micro-batches inside the step,
 with the loss normaliser of the whole global batch passed in (see `loss.py`), so micro-batching and sharding
-cannot change the estimator.
+cannot change the estimator. `steps` runs several optimiser steps in one device call (a `lax.scan` of the same
+step over stacked batches): for a small model the per-call cost (dispatch, host batch assembly, the host
+waiting) is comparable to the step itself.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pathlib
 import signal
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import flax.struct
 import jax
@@ -36,6 +38,7 @@ from rise_jax.train import checkpoint as checkpoint_lib
 from rise_jax.train import data as data_lib
 from rise_jax.train import loss as loss_lib
 from rise_jax.train import optim
+from rise_jax.train import prefetch as prefetch_lib
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,11 @@ log = logging.getLogger(__name__)
 LOGITS_BUDGET = 2 ** 26
 VOCAB_CHUNK = 8192
 BATCH_SPEC = P(None, ("data", "fsdp"), None)        # [micro, rows, length]: rows over data x fsdp
+CALL_SPEC = P(None, *BATCH_SPEC)                     # [steps, micro, rows, length]: one device call's batches
+# steps_per_call=None: as many steps per call as fit this many training FLOPs (analytic), at most AUTO_MAX_STEPS;
+# a step above it (a 7B model's) runs alone. Measured in benchmarks/train_loop.py (docs/benchmarks.md).
+AUTO_CALL_FLOPS = 2e11
+AUTO_MAX_STEPS = 32
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,6 +86,7 @@ class Trainer:
         params_state, mesh, sharding_lib.TRAIN_RULES, on_indivisible))
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, BATCH_SPEC)
+    self.call_sharding = NamedSharding(mesh, CALL_SPEC)
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                    nnx.to_pure_dict(params_state))
     abstract = jax.eval_shape(self._init, abstract_params, jax.ShapeDtypeStruct((2,), jnp.uint32))
@@ -90,6 +99,8 @@ class Trainer:
                         out_shardings=self.state_shardings)
     self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
                         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+    self.steps = jax.jit(self._steps, in_shardings=(self.state_shardings, self.call_sharding, self.replicated),
+                         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
     # The same gradients without the update (sharding checks, evaluation of a batch's loss).
     self.loss_and_grads = jax.jit(self._grads, in_shardings=(self.param_shardings, self.batch_sharding,
                                                              self.replicated),
@@ -111,6 +122,17 @@ class Trainer:
                                  pad_id=pad_id)
     return (data_lib.global_batch(local, self.batch_sharding, shape),
             data_lib.step_stats(plan_step, examples, estimator))
+
+  def call_batch(self, plan_steps: Sequence[data_lib.StepPlan], examples, estimator: str, pad_id: int = 0):
+    """(stacked global batches [steps, micro, rows, length], normalizers [steps], host stats) of one device
+    call (steps of one shape), this process materialising only its own rows."""
+    shape = plan_steps[0].shape
+    rows = data_lib.host_rows(self.batch_sharding, shape)
+    local = [data_lib.materialize(s, examples, estimator, rows, pad_id=pad_id) for s in plan_steps]
+    stacked = {k: np.stack([x[k] for x in local]) for k in local[0]}
+    stats = [data_lib.step_stats(s, examples, estimator) for s in plan_steps]
+    normalizers = jax.device_put(np.array([s.normalizer for s in stats], np.float32), self.replicated)
+    return data_lib.global_batch(stacked, self.call_sharding, (len(plan_steps), *shape)), normalizers, stats
 
   def model(self, state: TrainState):
     """An nnx model view of the state's parameters."""
@@ -154,6 +176,18 @@ class Trainer:
     metrics = {"loss": loss, "accuracy": sums["correct_weight"] / jnp.maximum(sums["token_weight"], 1e-30),
                "grad_norm": optax.global_norm(grads), "lr": self.lr_schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+  def _steps(self, state: TrainState, batches: dict[str, jax.Array], normalizers: jax.Array):
+    """len(normalizers) optimiser steps in one call: metrics come back stacked [steps]."""
+    return jax.lax.scan(lambda s, xs: self._step(s, *xs), state, (batches, normalizers))
+
+
+def steps_per_call(requested: int | None, model_config, global_batch: int, length: int) -> int:
+  """The configured steps per device call, or (None) as many as AUTO_CALL_FLOPS allows for this model."""
+  if requested is not None:
+    return requested
+  flops = optim.train_flops_per_token(model_config, length) * global_batch * length
+  return int(min(AUTO_MAX_STEPS, max(1, AUTO_CALL_FLOPS // flops)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,9 +255,10 @@ class _MetricsSink:
 
 
 class _StepLogger:
-  """Holds each step's on-device metrics and, when told to flush (every `log_every` steps and before a save),
-  fetches them in one transfer: checks the loss is finite, adds throughput, writes metrics.jsonl / TensorBoard /
-  a stdout line and advances the progress bar. Not fetching every step keeps dispatch asynchronous."""
+  """Holds each device call's on-device metrics (stacked over its steps) and, when told to flush (every
+  `log_every` steps and before a save), fetches them in one transfer: checks the loss is finite, adds
+  throughput, writes metrics.jsonl / TensorBoard / a stdout line and advances the progress bar. Not fetching
+  every call keeps dispatch asynchronous."""
 
   FIELDS = ("loss", "accuracy", "grad_norm", "lr", "sum_weights", "examples", "trained_tokens", "tokens_per_s",
             "tflops_per_s", "mfu")
@@ -233,12 +268,13 @@ class _StepLogger:
     self.model_config, self.total = model_config, total
     self.peak = optim.device_peak_flops()
     self.progress = _progress(total, start)
-    self.pending: list[tuple[int, dict, data_lib.StepStats, int]] = []
+    self.pending: list[tuple[range, dict, list[data_lib.StepStats], list[int]]] = []
     self.history: list[dict[str, Any]] = []
     self.last_time = time.perf_counter()
 
-  def add(self, step: int, metrics: dict, stats: data_lib.StepStats, length: int):
-    self.pending.append((step, metrics, stats, length))
+  def add(self, steps: range, metrics: dict, stats: list[data_lib.StepStats], lengths: list[int]):
+    """One call's steps (0-based), its stacked metrics [len(steps)], and each step's stats and planned length."""
+    self.pending.append((steps, metrics, stats, lengths))
 
   def flush(self, ckpt: checkpoint_lib.Checkpointer):
     if not self.pending:
@@ -246,20 +282,22 @@ class _StepLogger:
     fetched = jax.device_get([m for _, m, _, _ in self.pending])
     now = time.perf_counter()
     elapsed, self.last_time = now - self.last_time, now
-    records = []
-    for (step, _, stats, _), m in zip(self.pending, fetched):
-      if not math.isfinite(float(m["loss"])):
-        ckpt.wait()
-        good = ckpt.steps()
-        raise NonFiniteLossError(f"loss is {float(m['loss'])} at step {step}; stopping. The last good checkpoint "
-                                 f"is {ckpt.directory}/{good[-1] if good else '(none)'}")
-      records.append({"step": step, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
-                      "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]), "sum_weights": stats.sum_weights,
-                      "examples": stats.examples, "trained_tokens": stats.trained_tokens, "tokens": stats.tokens})
-    # Throughput over the interval (the first one includes compilation); FLOPs at each step's padded length.
-    tokens = sum(s.tokens for _, _, s, _ in self.pending)
-    flops = sum(s.tokens * optim.train_flops_per_token(self.model_config, length)
-                for _, _, s, length in self.pending)
+    records, tokens, flops = [], 0, 0.0
+    for (steps, _, stats, lengths), m in zip(self.pending, fetched):
+      for j, (step, st, length) in enumerate(zip(steps, stats, lengths)):
+        loss = float(m["loss"][j])
+        if not math.isfinite(loss):
+          ckpt.wait()
+          good = ckpt.steps()
+          raise NonFiniteLossError(f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint "
+                                   f"is {ckpt.directory}/{good[-1] if good else '(none)'}")
+        records.append({"step": step + 1, "loss": loss, "accuracy": float(m["accuracy"][j]),
+                        "grad_norm": float(m["grad_norm"][j]), "lr": float(m["lr"][j]),
+                        "sum_weights": st.sum_weights, "examples": st.examples,
+                        "trained_tokens": st.trained_tokens, "tokens": st.tokens})
+        # Throughput over the interval (the first one includes compilation); FLOPs at each step's planned length.
+        tokens += st.tokens
+        flops += st.tokens * optim.train_flops_per_token(self.model_config, length)
     last = records[-1]
     last.update(tokens_per_s=tokens / elapsed, tflops_per_s=flops / elapsed / 1e12)
     if self.peak is not None:
@@ -343,23 +381,30 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
     resumed_from = start
     log.info("resumed from step %d of %d", start, total)
 
-  logger = _StepLogger(out_dir, trainer.model(state).config, total, start)
+  model_config = trainer.model(state).config
+  logger = _StepLogger(out_dir, model_config, total, start)
   stop_after = _stop_after_step(cfg)
   profile = tuple(t.profile_steps) if t.profile_steps is not None else None
+  per_call = steps_per_call(t.steps_per_call, model_config, t.global_batch, max(s.length for s in steps))
+  # A call ends at every checkpoint step (and the stop / profile steps): the state exists there.
+  boundaries = [*range(t.ckpt_every, total, t.ckpt_every), *(profile or ()), *([stop_after] if stop_after else [])]
+  calls = data_lib.chunk_plan(steps, start, per_call, boundaries)
+  log.info("%d steps in %d device calls (at most %d steps per call)", total - start, len(calls), per_call)
+  batches = prefetch_lib.prefetch(calls, lambda c: trainer.call_batch([steps[i] for i in c], examples,
+                                                                      t.estimator))
   try:
-    for i in range(start, total):
-      if profile is not None and i == profile[0]:
+    for call, (batch, normalizers, stats) in zip(calls, batches):
+      if profile is not None and call.start == profile[0]:
         jax.profiler.start_trace(str(out_dir / "profile"))
-      batch, stats = trainer.batch(steps[i], examples, t.estimator)
       with jax.set_mesh(mesh):
-        state, metrics = trainer.step(state, batch, jnp.float32(stats.normalizer))
-      done = i + 1
-      logger.add(done, metrics, stats, steps[i].length)
+        state, metrics = trainer.steps(state, batch, normalizers)
+      done = call.stop
+      logger.add(call, metrics, stats, [steps[i].length for i in call])
       if profile is not None and done == profile[1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
       save_due = done % t.ckpt_every == 0 or done == total
-      if done % t.log_every == 0 or save_due:
+      if done // t.log_every > call.start // t.log_every or save_due:
         logger.flush(ckpt)  # also the non-finite check: a bad state is never saved
       if save_due:
         ckpt.save(done, state, {"step": done, "fingerprint": fingerprint, "total_steps": total}, force=True)
@@ -369,6 +414,7 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
         os.kill(os.getpid(), signal.SIGKILL)
     logger.flush(ckpt)
   finally:
+    batches.close()
     logger.close()
     ckpt.close()
 
