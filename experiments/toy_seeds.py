@@ -23,8 +23,11 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- toy_seeds:begin -->", "<!-- toy_seeds:end -->"
-MODELS = [("iter_0/eval", "boost"), ("iter_1/eval", "RISE iteration 1"),
-          ("iter_1/control/eval", "single-turn control")]
+MODELS = [("iter_0/eval", "boost"),
+          ("iter_1/eval", "RISE iteration 1 (distillation: reference solutions)"),
+          ("iter_1/control/eval", "single-turn control 1"),
+          ("iter_2/eval", "RISE iteration 2 (self-distillation, best-of-8)"),
+          ("iter_2/control/eval", "single-turn control 2")]
 METRICS = ["m1@t1", "m5@t1", "m1@t5", "p1@t5", "p5@t1"]
 
 
@@ -94,7 +97,9 @@ def table(runs: dict[int, pathlib.Path], walls: dict[int, float], sanity_seeds=N
   seeds = sorted(runs)
   load = {(s, stage): json.loads((runs[s] / stage / "metrics.json").read_text()) for s in seeds
           for stage, _ in MODELS}
-  lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± sd over seeds, in % of the 2,000 test problems.", "",
+  stopped = [json.loads((runs[s] / "iter_0/train/DONE").read_text()).get("stopped_early_at") for s in seeds]
+  lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± sd over seeds, in % of the 2,000 test problems. The boost "
+           f"stopped at step {', '.join(map(str, stopped))} (first dev validation >= rise.boost_stop_accuracy).", "",
            "| model | " + " | ".join(METRICS) + " | p1@t5 − m1@t1 | m1@t5 − m5@t1 |", "|---|" + "---|" * 7]
   for stage, label in MODELS:
     cells = [_ms([load[s, stage][k] for s in seeds]) for k in METRICS]

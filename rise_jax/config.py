@@ -155,6 +155,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rise.boost_lr = placeholder(float)   # boost stage learning rate; None = train.lr (RISE loop)
   c.rise.boost_epochs = placeholder(int)  # boost stage epochs; None = train.epochs (RISE loop)
   c.rise.boost_size = placeholder(int)   # boost stage problems: the first this many training problems; None = all
+  c.rise.boost_validate_every = placeholder(int)  # boost: dev-split m1@t1 every N steps (validation.jsonl); None = off
+  c.rise.boost_stop_accuracy = placeholder(float)  # boost: stop at the first validation >= this; None = all epochs
   c.rise.fresh_problems = False          # iteration T collects on its own slice of task.train_size problems (RISE loop)
   # Per-iteration settings, "T:section.field=value" for a collect.* or train.* field, e.g. distillation in
   # iteration 1 and self-distillation after it: ("1:collect.improvement='teacher'",). See for_iteration().
@@ -270,6 +272,10 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(r.boost_lr is None or r.boost_lr > 0, "rise.boost_lr", "must be None or > 0")
   _check(r.boost_epochs is None or r.boost_epochs >= 1, "rise.boost_epochs", "must be None or >= 1")
   _check(r.boost_size is None or r.boost_size >= 1, "rise.boost_size", "must be None or >= 1")
+  _check(r.boost_validate_every is None or r.boost_validate_every >= 1, "rise.boost_validate_every",
+         "must be None or >= 1")
+  _check(r.boost_stop_accuracy is None or (r.boost_validate_every is not None and 0 < r.boost_stop_accuracy <= 1),
+         "rise.boost_stop_accuracy", "must be None, or in (0, 1] with rise.boost_validate_every set")
   _check(not r.fresh_problems or config.task.train_size is not None, "rise.fresh_problems",
          "needs task.train_size (the number of fresh problems per iteration)")
   overrides = parse_overrides(r.iteration_overrides, r.iterations)

@@ -343,3 +343,30 @@ def test_steps_per_call_equals_one_step_per_call(tiny_model, examples):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), jax.device_get(state2.params),
                single_params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(state2.params))
+
+
+def test_validation_scores_every_n_steps_stops_at_the_threshold_and_resume_keeps_the_stop(
+    tmp_path, tiny_model, toy_tokenizer_dir, toy_tokenizer):
+  """Validation every 2 steps of 6; the score crosses stop_at at step 4: training stops there, the export is the
+  step-4 model the score saw, validation.jsonl has steps 2 and 4, and a rerun resumes at 4 without training."""
+  data = tmp_path / "sft.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in demo.demo_records(48, seed=3)))
+  cfg = tiny_config(toy_tokenizer_dir, tmp_path / "run", ckpt_every=100)
+  seen = []
+
+  def score(model):  # a deterministic function of the weights; crosses 0.5 after the second validation
+    seen.append(np.asarray(model.lm_head[...]).copy())
+    return 0.25 * len(seen)
+
+  v = trainer_lib.Validation(every=2, score=score, stop_at=0.5)
+  result = trainer_lib.train(cfg, data, tmp_path / "run", model=tiny_model, tokenizer=toy_tokenizer, validation=v)
+  assert result.steps == 6 and result.stopped_early_at == 4 and len(seen) == 2
+  assert [m["step"] for m in result.metrics] == [1, 2, 3, 4]
+  lines = [json.loads(l) for l in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+  assert [(l["step"], l["score"], l["stop"]) for l in lines] == [(2, 0.25, False), (4, 0.5, True)]
+  np.testing.assert_array_equal(np.asarray(result.model.lm_head[...]), seen[-1])
+  assert not np.array_equal(seen[0], seen[1])  # training went on between the validations
+
+  again = trainer_lib.train(cfg, data, tmp_path / "run", model=tiny_model, tokenizer=toy_tokenizer, validation=v)
+  assert again.resumed_from == 4 and again.stopped_early_at == 4 and again.metrics == [] and len(seen) == 2
+  np.testing.assert_array_equal(np.asarray(again.model.lm_head[...]), seen[-1])

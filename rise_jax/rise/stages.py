@@ -303,13 +303,44 @@ def train(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None) -> d
   model = ctx.load_model(init)  # train() leaves it untouched and returns the trained model
   ctx.forget_model()
   train_config = _train_config(config_lib.for_iteration(c, t) if t else c, boost=(t == 0), limit=limit)
+  validation = None
+  if t == 0 and c.rise.boost_validate_every is not None:
+    validation = train_lib.Validation(every=c.rise.boost_validate_every, score=_dev_accuracy(ctx),
+                                      stop_at=c.rise.boost_stop_accuracy)
   t0 = time.perf_counter()
   # With a stop limit the trainer SIGKILLs this process right after step `limit`'s checkpoint commits.
-  result = train_lib.train(train_config, records, out_dir, model=model, tokenizer=ctx.tokenizer)
+  result = train_lib.train(train_config, records, out_dir, model=model, tokenizer=ctx.tokenizer,
+                           validation=validation)
   seconds = time.perf_counter() - t0
-  info = {"init": init or "base", "num_records": len(records), "train_seconds": seconds}
+  info = {"init": init or "base", "num_records": len(records), "train_seconds": seconds,
+          "stopped_early_at": result.stopped_early_at}
   info.update(_train_result(result))
   return info
+
+
+def _dev_accuracy(ctx: Context):
+  """The boost's validation score: one first-turn sample per dev problem at the run's sampling settings (the
+  m1@t1 of the dev split), from a fixed seed so a resumed run scores a checkpoint the same."""
+  from rise_jax.rise.policies import Request
+  c = ctx.config
+  problems = ctx.task.load("dev")
+  if not problems:
+    raise ValueError("config field rise.boost_validate_every: needs a dev split (task.dev_size > 0)")
+  requests = [Request(key=p.id, messages=tuple(ctx.prompts.initial_messages(p.question)), n=1, turn=1,
+                      stream="boost_validation") for p in problems]
+  holder: dict[str, Any] = {}
+
+  def score(model) -> float:
+    if "policy" not in holder:  # one sampler: later validations swap weights into the compiled programs
+      holder["policy"] = ctx.learner(model, "boost@validation")
+    else:
+      holder["policy"].sampler.update_params(model)
+    policy = holder["policy"]
+    completions = policy.sample(requests, ctx.turn_sampling(), c.seed)
+    policy.release([r.key for r in requests])
+    return sum(ctx.task.grade(done.samples[0].text, p.reference, c.task.grader)
+               for done, p in zip(completions, problems)) / len(problems)
+  return score
 
 
 def _train_config(config, *, boost: bool, limit: int | None):

@@ -10,3 +10,11 @@ def train(*args, **kwargs):
   """`rise_jax.train.trainer.train` (imported lazily so `import rise_jax.train` stays light)."""
   from rise_jax.train.trainer import train as _train
   return _train(*args, **kwargs)
+
+
+def __getattr__(name):
+  # `rise_jax.train.Validation` without importing jax at package import.
+  if name == "Validation":
+    from rise_jax.train.trainer import Validation
+    return Validation
+  raise AttributeError(name)

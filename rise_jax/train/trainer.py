@@ -203,6 +203,7 @@ class TrainResult:
   metrics: list[dict[str, Any]]    # one record per step run by this call
   encode_report: data_lib.EncodeReport
   hf_dir: pathlib.Path | None
+  stopped_early_at: int | None = None  # the step where Validation.stop_at ended training (None: all steps ran)
 
 
 def initialize_distributed(cfg) -> None:
@@ -335,15 +336,29 @@ def _stop_after_step(cfg) -> int | None:
   return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Validation:
+  """Held-out validation during training: `score(model)` (higher is better, e.g. dev accuracy) every `every`
+  steps, written to validation.jsonl; with `stop_at`, training ends at the first score >= stop_at (that step's
+  state is checkpointed and exported, and a resumed run does not train past it)."""
+  every: int
+  score: Any                  # Callable[[nnx model], float]; deterministic, so a resumed run scores the same
+  stop_at: float | None = None
+
+  def __post_init__(self):
+    if self.every < 1:
+      raise ValueError(f"Validation.every must be >= 1, got {self.every}")
+
+
 def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str | os.PathLike, model=None,
-          tokenizer=None, *, export_hf: bool = True) -> TrainResult:
+          tokenizer=None, *, export_hf: bool = True, validation: Validation | None = None) -> TrainResult:
   """Train `model` (or the config's model) on sft/1 records; write ckpt/, metrics.jsonl and hf/ under out_dir.
 
   Resumes from out_dir/ckpt when it holds a checkpoint (params, optimiser, step, rng, data position). Raises
   `NonFiniteLossError` when the loss goes non-finite (checked every `log_every` steps and before each save).
   `export_hf=False` skips the hf/ export (which imports transformers).
   `cfg.debug.stop_after = "train:N"` SIGKILLs the process right after step N's checkpoint commits (a preemption
-  at the worst moment, for resume tests).
+  at the worst moment, for resume tests). `validation`: held-out scoring every N steps, optionally stopping early.
   """
   config_lib.validate(cfg, require_training=True)
   initialize_distributed(cfg)
@@ -372,9 +387,10 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
   fingerprint = _fingerprint(examples, cfg)
   ckpt = checkpoint_lib.Checkpointer(out_dir / "ckpt", every=t.ckpt_every, keep=t.keep)
   restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state))
-  start, resumed_from = 0, None
+  start, resumed_from, stopped_early = 0, None, False
   if restored is not None:
     start, state, meta = restored
+    stopped_early = bool(meta.get("early_stop"))
     if meta["fingerprint"] != fingerprint:
       raise ValueError(f"{ckpt.directory}/{start} was written for different data or batch settings "
                        f"(fingerprint {meta['fingerprint']} != {fingerprint}); use a fresh out_dir")
@@ -387,8 +403,11 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
   profile = tuple(t.profile_steps) if t.profile_steps is not None else None
   per_call = steps_per_call(t.steps_per_call, model_config, t.global_batch, max(s.length for s in steps))
   # A call ends at every checkpoint step (and the stop / profile steps): the state exists there.
-  boundaries = [*range(t.ckpt_every, total, t.ckpt_every), *(profile or ()), *([stop_after] if stop_after else [])]
-  calls = data_lib.chunk_plan(steps, start, per_call, boundaries)
+  boundaries = [*range(t.ckpt_every, total, t.ckpt_every), *(profile or ()), *([stop_after] if stop_after else []),
+                *(range(validation.every, total, validation.every) if validation else ())]
+  calls = [] if stopped_early else data_lib.chunk_plan(steps, start, per_call, boundaries)
+  done, stop_now = start, False
+  validation_log = _ValidationLog(out_dir / "validation.jsonl", start) if validation else None
   log.info("%d steps in %d device calls (at most %d steps per call)", total - start, len(calls), per_call)
   batches = prefetch_lib.prefetch(calls, lambda c: trainer.call_batch([steps[i] for i in c], examples,
                                                                       t.estimator))
@@ -403,11 +422,21 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
       if profile is not None and done == profile[1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-      save_due = done % t.ckpt_every == 0 or done == total
+      stop_now = False
+      if validation is not None and (done % validation.every == 0 or done == total):
+        score = float(validation.score(trainer.model(state)))
+        stop_now = validation.stop_at is not None and score >= validation.stop_at and done < total
+        validation_log.write({"step": done, "score": score, "stop": stop_now})
+      save_due = done % t.ckpt_every == 0 or done == total or stop_now
       if done // t.log_every > call.start // t.log_every or save_due:
         logger.flush(ckpt)  # also the non-finite check: a bad state is never saved
       if save_due:
-        ckpt.save(done, state, {"step": done, "fingerprint": fingerprint, "total_steps": total}, force=True)
+        ckpt.save(done, state, {"step": done, "fingerprint": fingerprint, "total_steps": total,
+                                "early_stop": stop_now}, force=True)
+      if stop_now:
+        log.info("validation score %.4f >= %s at step %d of %d: training stops here", score, validation.stop_at,
+                 done, total)
+        break
       if stop_after is not None and done == stop_after:
         ckpt.wait()
         print(f"debug.stop_after: step {done} checkpoint committed; SIGKILL", flush=True)
@@ -424,7 +453,25 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
     from rise_jax.models.hf_io import save_hf_checkpoint
     hf_dir = out_dir / "hf"
     save_hf_checkpoint(trained, hf_dir, tokenizer=tokenizer, overwrite=True)  # ChatTokenizer.hf has the template
-  return TrainResult(out_dir, trained, total, resumed_from, logger.history, report, hf_dir)
+  stopped_at = start if stopped_early else (done if stop_now else None)
+  return TrainResult(out_dir, trained, total, resumed_from, logger.history, report, hf_dir, stopped_at)
+
+
+class _ValidationLog:
+  """validation.jsonl on process 0: one line per validation, lines past a resumed step dropped (rerun)."""
+
+  def __init__(self, path: pathlib.Path, resume_step: int):
+    self.path = path
+    self.active = jax.process_index() == 0
+    if self.active and path.exists():
+      kept = [l for l in path.read_text().splitlines(keepends=True) if json.loads(l)["step"] <= resume_step]
+      _atomic_text(path, "".join(kept))
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self.active:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+      log.info("validation at step %d: %.4f", record["step"], record["score"])
 
 
 def _load_tokenizer(cfg):
@@ -457,6 +504,10 @@ def _progress(total: int, start: int):
 
 
 def _atomic_json(path: pathlib.Path, obj) -> None:
+  _atomic_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def _atomic_text(path: pathlib.Path, text: str) -> None:
   tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+  tmp.write_text(text)
   os.replace(tmp, path)
