@@ -49,6 +49,7 @@ class RecipeCfg:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
+  moments_dtype: str = "float32"
 
 
 def num_params(c: ModelConfig) -> int:

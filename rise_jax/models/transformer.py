@@ -139,6 +139,7 @@ class Transformer(nnx.Module):
                initializer_range: float = 0.02):
     if attention not in attention_lib.BACKENDS:
       raise ValueError(f"model.attention: {attention!r} is not one of {attention_lib.BACKENDS}")
+    attention = attention_lib.resolve(attention, dtype, config.head_dim)
     if remat != "none" and remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat: {remat!r} is not one of {['none', *REMAT_POLICIES]}")
     if attention == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
