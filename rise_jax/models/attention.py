@@ -28,21 +28,23 @@ CUDNN_MAX_HEAD_DIM = 128   # cuDNN flash attention: head_dim <= 128 (256 from Ho
 CUDNN_IMPLEMENTATION = "cudnn"
 
 
+def _platform() -> str:
+  """'cuda' on NVIDIA GPUs (where cuDNN is), otherwise jax's platform name ('gpu' on ROCm, 'tpu', 'cpu')."""
+  device = jax.devices()[0]
+  return "cuda" if device.platform == "gpu" and "NVIDIA" in device.device_kind else device.platform
+
+
 def resolve(requested: str, dtype, head_dim: int, platform: str | None = None) -> str:
   """The backend `auto` stands for: cudnn on NVIDIA GPUs computing in bf16/fp16 with a head_dim cuDNN takes,
   splash on TPUs, xla otherwise. Explicit choices pass through. Calls a fast path cannot express (a KV cache;
-  packing, for cudnn; left padding, for cudnn) still take xla per call, in `Transformer.hidden`."""
+  for cudnn also packing, and left padding) still take xla per call, in `Transformer.hidden`."""
   if requested != "auto":
     return requested
-  if platform is None:
-    device = jax.devices()[0]
-    platform = "cuda" if device.platform == "gpu" and "NVIDIA" in device.device_kind else device.platform
-  if (platform in ("cuda", "gpu") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-      and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM):
+  platform = _platform() if platform is None else platform
+  if (platform == "cuda" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+      and head_dim <= CUDNN_MAX_HEAD_DIM):
     return "cudnn"
-  if platform == "tpu":
-    return "splash"
-  return "xla"
+  return "splash" if platform == "tpu" else "xla"
 
 
 def _visible(q_pos, k_pos, q_seg, k_seg, window):

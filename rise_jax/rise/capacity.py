@@ -31,11 +31,12 @@ class Hardware:
   num_devices: int
   hbm_gib: float       # per device
   headroom: float = 0.85  # fraction of HBM the estimate may use; the rest is XLA scratch and fragmentation
+  platform: str = "cpu"   # what model.attention="auto" resolves against: "tpu", "cuda" (NVIDIA) or "cpu"
 
 
-TPU_V4_32 = Hardware("TPU v4-32 (16 chips, 32 GiB HBM each)", 16, 32.0)
-TPU_V5P_16 = Hardware("TPU v5p-16 (8 chips, 95 GiB HBM each)", 8, 95.0)
-GPU_8XA100_80 = Hardware("8x NVIDIA A100 80GB (one node)", 8, 80.0)
+TPU_V4_32 = Hardware("TPU v4-32 (16 chips, 32 GiB HBM each)", 16, 32.0, platform="tpu")
+TPU_V5P_16 = Hardware("TPU v5p-16 (8 chips, 95 GiB HBM each)", 8, 95.0, platform="tpu")
+GPU_8XA100_80 = Hardware("8x NVIDIA A100 80GB (one node)", 8, 80.0, platform="cuda")
 CPU_2_CORES = Hardware("CPU, 2 cores (no accelerator)", 1, 8.0)
 
 
@@ -110,6 +111,75 @@ def _abstract_params(mc, param_dtype: str):
   return out
 
 
+# Calibrated against the compiled step's `memory_analysis()` (rise_jax.train.memory; tests/test_train_memory.py):
+# compute-dtype elements each layer keeps per token with no remat (norm inputs and outputs, q/k/v, the attention
+# output, the residual stream, the MLP's gate, up, silu and product) ...
+SAVED_PER_TOKEN_NONE = lambda d, qkv, f: 6 * d + 2 * qkv + 5 * f
+# ... and with `dots_with_no_batch_dims` (the weight matmuls' outputs: q, k, v, o, gate, up, down).
+SAVED_PER_TOKEN_DOTS = lambda d, qkv, f: 2 * d + qkv + 2 * f
+ATTENTION_TRANSIENTS = 4   # float32 [rows, heads, block, length] arrays alive in the xla attention's backward
+# float32 [tokens, vocab chunk] arrays alive at the peak: the loss's one-chunk VJP keeps softmax - onehot (plus
+# part of a transient); the chunked loss recomputes each chunk's logits, their exponentials and gradient.
+LOGITS_ONE_CHUNK, LOGITS_CHUNKED = 1.5, 3
+
+
+def train_estimate(config, mc, train_shape, platform: str) -> Estimate:
+  """Per-device training memory of `config`'s model `mc` on a (data, fsdp, tensor) mesh of `platform` devices."""
+  from rise_jax import sharding
+  from rise_jax.models import attention as attention_lib
+  from rise_jax.train.trainer import LOGITS_BUDGET, VOCAB_CHUNK
+  train_mesh = abstract_mesh(train_shape)
+  est = Estimate(train_mesh=train_shape, sample_mesh=train_shape)
+  p_bytes = DTYPE_BYTES[config.model.param_dtype]
+  c_bytes = DTYPE_BYTES[config.model.dtype]
+  m_bytes = DTYPE_BYTES[config.train.moments_dtype]
+  layer_params = 0.0
+  for name, shape, axes in _abstract_params(mc, config.model.param_dtype):
+    est.num_params += math.prod(shape)
+    spec = sharding.logical_to_spec(axes, shape, train_mesh, sharding.TRAIN_RULES, "raise", f"train {name}")
+    elements = _sharded_bytes(shape, spec, train_mesh, 1)
+    est.params += elements * p_bytes
+    est.grads += elements * 4                                  # gradients accumulate in float32
+    est.optimizer += 2 * elements * m_bytes                    # Adam mu, nu
+    layer_params += elements if name.startswith("layers") else 0
+  t = config.train
+  if t.global_batch > t.micro_batch:
+    est.grads *= 2                                             # the accumulator beside one micro-batch's gradients
+
+  # Activations for one micro-batch (gradient accumulation keeps only one alive).
+  batch_ways = train_shape[0] * train_shape[1]
+  if t.micro_batch % batch_ways:
+    raise ValueError(f"train.micro_batch {t.micro_batch} is not divisible by the data x fsdp mesh axes "
+                     f"({batch_ways}) of mesh.train {train_shape}")
+  rows, length, tensor = t.micro_batch // batch_ways, t.max_length, train_shape[2]
+  tokens = rows * length
+  d, f = mc.hidden_size, mc.intermediate_size / tensor
+  heads = max(1, mc.num_heads // tensor)
+  qkv = (heads + 2 * max(1, mc.num_kv_heads // tensor)) * mc.head_dim
+  layer_none = tokens * SAVED_PER_TOKEN_NONE(d, qkv, f) * c_bytes
+  remat, scan = config.model.remat, config.model.scan_layers
+  if remat == "none":
+    est.activations = mc.num_layers * layer_none
+    if not scan and c_bytes < p_bytes:                         # each layer's compute-dtype weight copy is kept
+      est.activations += layer_params * c_bytes
+  else:
+    kept = tokens * d * c_bytes if remat == "full" else tokens * SAVED_PER_TOKEN_DOTS(d, qkv, f) * c_bytes
+    est.activations = mc.num_layers * kept + layer_none       # + the layer being recomputed
+    if not scan:                                               # recomputation keeps each layer's weight slices
+      est.activations += layer_params * p_bytes
+  backend = attention_lib.resolve(config.model.attention, config.model.dtype, mc.head_dim, platform)
+  if backend == "xla":
+    block = min(length, attention_lib.QUERY_BLOCK,
+                max(16, attention_lib.SCORE_BUDGET // (rows * mc.num_heads * length)))
+    est.activations += ATTENTION_TRANSIENTS * rows * heads * block * length * 4
+  vocab = mc.vocab_size / tensor
+  if tokens * mc.vocab_size <= LOGITS_BUDGET:
+    est.logits = LOGITS_ONE_CHUNK * tokens * vocab * 4
+  else:
+    est.logits = LOGITS_CHUNKED * tokens * min(vocab, VOCAB_CHUNK) * 4
+  return est
+
+
 def check(config, hardware: Hardware) -> Estimate:
   """Raise ValueError naming the array (divisibility) or the budget (memory); return the estimate."""
   from rise_jax import sharding
@@ -117,40 +187,13 @@ def check(config, hardware: Hardware) -> Estimate:
   mc = _model_config(config)
   train_shape = sharding.resolve_mesh_shape(config.mesh.train, hardware.num_devices)
   sample_shape = sharding.resolve_mesh_shape(config.mesh.sample, hardware.num_devices)
-  train_mesh, sample_mesh = abstract_mesh(train_shape), abstract_mesh(sample_shape)
-  est = Estimate(train_mesh=train_shape, sample_mesh=sample_shape)
-  p_bytes = DTYPE_BYTES[config.model.param_dtype]
+  sample_mesh = abstract_mesh(sample_shape)
+  est = train_estimate(config, mc, train_shape, hardware.platform)
+  est.sample_mesh = sample_shape
   c_bytes = DTYPE_BYTES[config.model.dtype]
-
   for name, shape, axes in _abstract_params(mc, config.model.param_dtype):
-    est.num_params += math.prod(shape)
-    spec = sharding.logical_to_spec(axes, shape, train_mesh, sharding.TRAIN_RULES, "raise", f"train {name}")
-    one = _sharded_bytes(shape, spec, train_mesh, p_bytes)
-    est.params += one
-    est.grads += one
-    est.optimizer += 2 * _sharded_bytes(shape, spec, train_mesh, 4)  # Adam mu, nu in float32
     spec = sharding.logical_to_spec(axes, shape, sample_mesh, sharding.SAMPLE_RULES, "raise", f"sample {name}")
     est.sample_params += _sharded_bytes(shape, spec, sample_mesh, c_bytes)
-
-  # Training activations for one micro-batch (gradient accumulation keeps only one alive).
-  batch_ways = train_shape[0] * train_shape[1]
-  t = config.train
-  if t.micro_batch % batch_ways:
-    raise ValueError(f"train.micro_batch {t.micro_batch} is not divisible by the data x fsdp mesh axes "
-                     f"({batch_ways}) of mesh.train {train_shape}")
-  rows, length, tensor = t.micro_batch // batch_ways, t.max_length, train_shape[2]
-  d, f = mc.hidden_size, mc.intermediate_size
-  heads = max(1, mc.num_heads // tensor)
-  scores = rows * heads * length * length * 4 if config.model.attention == "xla" else 0
-  # One layer's live set while its backward runs: q/k/v/o projections, attention scores, the MLP's three tensors.
-  layer_working = rows * length * (4 * d + 3 * f / tensor) * c_bytes + 2 * scores
-  if config.model.remat == "none":
-    est.activations = mc.num_layers * layer_working
-  elif config.model.remat == "full":
-    est.activations = mc.num_layers * rows * length * d * c_bytes + layer_working
-  else:  # dots policies save the matmul outputs, not the attention probabilities
-    est.activations = mc.num_layers * rows * length * (4 * d + 3 * f / tensor) * c_bytes + layer_working
-  est.logits = 2 * rows * length * mc.vocab_size / tensor * 4  # float32 logits and their gradient
 
   # Sampling: the whole batch of rows (prompts x samples) holds a KV cache of max_cache_length slots.
   co = config.collect
