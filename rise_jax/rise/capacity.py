@@ -117,7 +117,7 @@ def _abstract_params(mc, param_dtype: str):
 SAVED_PER_TOKEN_NONE = lambda d, qkv, f: 6 * d + 2 * qkv + 5 * f
 # ... and with `dots_with_no_batch_dims` (the weight matmuls' outputs: q, k, v, o, gate, up, down).
 SAVED_PER_TOKEN_DOTS = lambda d, qkv, f: 2 * d + qkv + 2 * f
-ATTENTION_TRANSIENTS = 4   # float32 [rows, heads, block, length] arrays alive in the xla attention's backward
+ATTENTION_TRANSIENTS = 6   # float32 [rows, heads, block, length] arrays alive in the xla attention's backward
 # float32 [tokens, vocab chunk] arrays alive at the peak: the loss's one-chunk VJP keeps softmax - onehot (plus
 # part of a transient); the chunked loss recomputes each chunk's logits, their exponentials and gradient.
 LOGITS_ONE_CHUNK, LOGITS_CHUNKED = 1.5, 3
