@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 QUERY_BLOCK = 512          # most queries per block in the xla reference: scores are [block, keys], not [l, keys]
-SCORE_BUDGET = 1 << 27     # most float32 scores alive per block (512 MiB); larger batches get smaller blocks
+SCORE_BUDGET = 1 << 25     # most float32 scores per block (128 MiB): the backward holds ~6 such arrays at once
 BACKENDS = ("auto", "xla", "cudnn", "splash")
 CUDNN_MAX_HEAD_DIM = 128   # cuDNN flash attention: head_dim <= 128 (256 from Hopper on), a multiple of 8
 # The implementation `cudnn_attention` asks jax.nn.dot_product_attention for; tests on CPU switch it to "xla" to

@@ -5,10 +5,12 @@
     array's logical axes onto a `jax.sharding.AbstractMesh` of the documented shape with the training and sampling
     rules, and raises if any dimension does not divide its mesh axes (`on_indivisible="raise"`);
   * estimates per-device memory analytically for the training phase (parameters, gradients, Adam moments,
-    activations under the configured remat policy, logits) and the sampling phase (parameters in compute dtype
+    activations under the configured remat policy and attention backend, logits) and the sampling phase (parameters in compute dtype
     plus the KV cache), and raises when the larger exceeds the chip's HBM less a headroom for XLA temporaries.
-The estimate is a model, not a measurement: it is meant to catch a config that is off by a factor, not to promise
-that one at 95% fits.
+The training estimate (`train_estimate`) is calibrated against the compiled step's `memory_analysis()`
+(`rise_jax.train.memory`): within 15% at three sizes on CPU (tests/test_train_memory.py), and it reproduces the
+126.7 GiB measured for a Llama-2-7B step on an H200 (docs/benchmarks.md). It is still a model: it catches a config
+that is off by a factor, it does not promise that one at 95% fits.
 """
 
 from __future__ import annotations
@@ -111,12 +113,16 @@ def _abstract_params(mc, param_dtype: str):
   return out
 
 
-# Calibrated against the compiled step's `memory_analysis()` (rise_jax.train.memory; tests/test_train_memory.py):
-# compute-dtype elements each layer keeps per token with no remat (norm inputs and outputs, q/k/v, the attention
-# output, the residual stream, the MLP's gate, up, silu and product) ...
-SAVED_PER_TOKEN_NONE = lambda d, qkv, f: 6 * d + 2 * qkv + 5 * f
-# ... and with `dots_with_no_batch_dims` (the weight matmuls' outputs: q, k, v, o, gate, up, down).
-SAVED_PER_TOKEN_DOTS = lambda d, qkv, f: 2 * d + qkv + 2 * f
+# Calibrated against the compiled step's `memory_analysis()` (rise_jax.train.memory; tests/test_train_memory.py).
+
+
+def _saved_per_token(remat: str, d: int, qkv: int, f: float) -> float:
+  """Compute-dtype elements one layer keeps per token: with no remat the norms' inputs and outputs, q/k/v, the
+  attention output, the residual stream, the MLP's gate, up, silu and product; with `dots_with_no_batch_dims` the
+  weight matmuls' outputs (q, k, v, o, gate, up, down); with `full` the layer input."""
+  return {"none": 6 * d + 2 * qkv + 5 * f, "full": d}.get(remat, 2 * d + qkv + 2 * f)
+
+
 ATTENTION_TRANSIENTS = 6   # float32 [rows, heads, block, length] arrays alive in the xla attention's backward
 # float32 [tokens, vocab chunk] arrays alive at the peak: the loss's one-chunk VJP keeps softmax - onehot (plus
 # part of a transient); the chunked loss recomputes each chunk's logits, their exponentials and gradient.
@@ -156,14 +162,14 @@ def train_estimate(config, mc, train_shape, platform: str) -> Estimate:
   d, f = mc.hidden_size, mc.intermediate_size / tensor
   heads = max(1, mc.num_heads // tensor)
   qkv = (heads + 2 * max(1, mc.num_kv_heads // tensor)) * mc.head_dim
-  layer_none = tokens * SAVED_PER_TOKEN_NONE(d, qkv, f) * c_bytes
+  layer_none = tokens * _saved_per_token("none", d, qkv, f) * c_bytes
   remat, scan = config.model.remat, config.model.scan_layers
   if remat == "none":
     est.activations = mc.num_layers * layer_none
     if not scan and c_bytes < p_bytes:                         # each layer's compute-dtype weight copy is kept
       est.activations += layer_params * c_bytes
   else:
-    kept = tokens * d * c_bytes if remat == "full" else tokens * SAVED_PER_TOKEN_DOTS(d, qkv, f) * c_bytes
+    kept = tokens * _saved_per_token(remat, d, qkv, f) * c_bytes
     est.activations = mc.num_layers * kept + layer_none       # + the layer being recomputed
     if not scan:                                               # recomputation keeps each layer's weight slices
       est.activations += layer_params * p_bytes
