@@ -123,7 +123,7 @@ def _saved_per_token(remat: str, d: int, qkv: int, f: float) -> float:
   return {"none": 6 * d + 2 * qkv + 5 * f, "full": d}.get(remat, 2 * d + qkv + 2 * f)
 
 
-ATTENTION_TRANSIENTS = 6   # float32 [rows, heads, block, length] arrays alive in the xla attention's backward
+ATTENTION_TRANSIENTS = 4.5  # float32 [rows, heads, block, length] arrays alive in the xla attention's backward
 # float32 [tokens, vocab chunk] arrays alive at the peak: the loss's one-chunk VJP keeps softmax - onehot (plus
 # part of a transient); the chunked loss recomputes each chunk's logits, their exponentials and gradient.
 LOGITS_ONE_CHUNK, LOGITS_CHUNKED = 1.5, 3
@@ -164,15 +164,17 @@ def train_estimate(config, mc, train_shape, platform: str) -> Estimate:
   qkv = (heads + 2 * max(1, mc.num_kv_heads // tensor)) * mc.head_dim
   layer_none = tokens * _saved_per_token("none", d, qkv, f) * c_bytes
   remat, scan = config.model.remat, config.model.scan_layers
+  stacked = mc.num_layers * tokens * _saved_per_token(remat, d, qkv, f) * c_bytes
   if remat == "none":
-    est.activations = mc.num_layers * layer_none
+    est.activations = stacked
     if not scan and c_bytes < p_bytes:                         # each layer's compute-dtype weight copy is kept
       est.activations += layer_params * c_bytes
   else:
-    kept = tokens * _saved_per_token(remat, d, qkv, f) * c_bytes
-    est.activations = mc.num_layers * kept + layer_none       # + the layer being recomputed
+    est.activations = stacked + layer_none                     # + the layer being recomputed
     if not scan:                                               # recomputation keeps each layer's weight slices
       est.activations += layer_params * p_bytes
+  if scan:  # measured: a layer scan's compiled peak holds its stacked residuals about twice (1.1B: +6 to +19 GiB)
+    est.activations += stacked
   backend = attention_lib.resolve(config.model.attention, config.model.dtype, mc.head_dim, platform)
   if backend == "xla":
     block = min(length, attention_lib.QUERY_BLOCK,
