@@ -4,8 +4,9 @@
 (`jax.ShapeDtypeStruct`), lowers and compiles `trainer.step`, and reads `memory_analysis()`. The compiled totals
 (arguments, outputs, donated aliases, temporaries) are set beside the program's own arrays: parameters and
 optimiser state per dtype (the state tree), one float32 gradient per parameter, and the residuals the backward
-saves for one micro-batch under the model's remat policy (`jax.ad_checkpoint.saved_residuals`), so the peak
+saves for one micro-batch under the model's remat policy (`jax.ad_checkpoint.print_saved_residuals`), so the peak
 reads as params + optimiser + gradients + saved activations + the rest (XLA's transients). Single device.
+The saved list is what the program asks for: XLA may fuse some of it away (then the rest is negative).
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def compile_step(trainer, rows: int, length: int, micro: int = 1):
 
 _RESIDUAL = re.compile(r"^(\w+)\[([\d,]*)\] (.*)$")   # "f32[8,1024,2048] output of dot_general from ..."
 _SOURCE = re.compile(r"from (\S+?):\d+(?::\d+)? \((\S+?)\)")
+_SHORT_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64", "i32": "int32",
+                 "i64": "int64", "u32": "uint32", "i8": "int8", "u8": "uint8", "bool": "bool"}
 
 
 def saved_residuals(trainer, rows: int, length: int) -> list[tuple[int, str, str]]:
@@ -123,14 +126,10 @@ def saved_residuals(trainer, rows: int, length: int) -> list[tuple[int, str, str
     m = _RESIDUAL.match(line)
     if m is None or m.group(3).startswith("from the argument"):
       continue
-    dtype = "bool" if m.group(1) == "bool" else jnp.dtype(_SHORT_DTYPES[m.group(1)]).name
+    dtype = _SHORT_DTYPES[m.group(1)]
     size = math.prod(int(n) for n in m.group(2).split(",") if n)
     found.append((size * jnp.dtype(dtype).itemsize, dtype, m.group(3)))
   return found
-
-
-_SHORT_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64", "i32": "int32",
-                 "i64": "int64", "u32": "uint32", "i8": "int8", "u8": "uint8", "bool": "bool"}
 
 
 def _source(description: str) -> str:
