@@ -51,6 +51,7 @@ class RecipeCfg:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
+  moments_dtype: str = "float32"
 
 
 def num_params(c: ModelConfig) -> int:
@@ -72,11 +73,13 @@ def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / min(times)
 
 
-def jax_step(c: ModelConfig, batch: int, seq: int, dtype: str, seed: int = 0):
-  """A rise_jax train step (one micro-batch, every target trained, weight 1) as a zero-argument callable."""
+def jax_step(c: ModelConfig, batch: int, seq: int, dtype: str, seed: int = 0, recipe: RecipeCfg | None = None,
+             **model_options):
+  """A rise_jax train step (one micro-batch, every target trained, weight 1) as a zero-argument callable.
+  `model_options`: attention, remat, scan_layers (build_model's)."""
   mesh = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  model = build_model(c, mesh=mesh, dtype=dtype, seed=seed)
-  tx, lr = optim.optimizer(RecipeCfg(), 1000)
+  model = build_model(c, mesh=mesh, dtype=dtype, seed=seed, **model_options)
+  tx, lr = optim.optimizer(recipe or RecipeCfg(), 1000)
   trainer = trainer_lib.Trainer(model, mesh, tx, lr)
   holder = {"state": trainer.initial_state(model, seed)}
   rng = np.random.default_rng(seed)
@@ -96,8 +99,9 @@ def jax_step(c: ModelConfig, batch: int, seq: int, dtype: str, seed: int = 0):
   return step, ids
 
 
-def torch_step(c: ModelConfig, ids: np.ndarray, bf16: bool):
-  """The same step in transformers + torch: Llama forward, per-example mean NLL, backward, AdamW."""
+def torch_step(c: ModelConfig, ids: np.ndarray, bf16: bool, device: str = "cpu"):
+  """The same step in transformers + torch: Llama forward, per-example mean NLL, backward, AdamW (fused on
+  CUDA; attention through torch's sdpa)."""
   import torch
   import transformers
   torch.manual_seed(0)
@@ -105,15 +109,17 @@ def torch_step(c: ModelConfig, ids: np.ndarray, bf16: bool):
                                  intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
                                  num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
                                  head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-                                 max_position_embeddings=max(4096, ids.shape[-1]), tie_word_embeddings=False)
-  model = transformers.LlamaForCausalLM(cfg).to(torch.float32)
+                                 max_position_embeddings=max(4096, ids.shape[-1]), tie_word_embeddings=False,
+                                 attn_implementation="sdpa")
+  model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=torch.float32)
   model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-  x = torch.tensor(ids[0, :, :-1], dtype=torch.long)
-  y = torch.tensor(ids[0, :, 1:], dtype=torch.long)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                          fused=device == "cuda")
+  x = torch.tensor(ids[0, :, :-1], dtype=torch.long, device=device)
+  y = torch.tensor(ids[0, :, 1:], dtype=torch.long, device=device)
 
   def step():
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
       logits = model(input_ids=x).logits
     nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
     loss = nll.view(y.shape).mean(-1).mean()

@@ -21,7 +21,7 @@ placeholder = config_dict.placeholder
 
 MODEL_SOURCES = ("preset", "hf")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 GRADERS = ("paper", "robust")
 IMPROVEMENTS = ("self", "teacher")
@@ -34,6 +34,7 @@ INIT_FROM = ("base", "previous")
 RISE_DATA = ("current", "accumulated")
 ON_OVERFLOW = ("raise", "report")
 ON_INDIVISIBLE = ("replicate", "raise")
+MOMENTS_DTYPES = ("float32", "bfloat16")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -51,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"              # compute dtype; norms, softmax and logits stay float32
   c.model.scan_layers = False
   c.model.remat = "none"
-  c.model.attention = "xla"              # xla | cudnn | splash
+  c.model.attention = "auto"             # auto (cudnn on GPUs, splash on TPUs, else xla) | xla | cudnn | splash
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = placeholder(str)    # defaults to model.hf_path when None
@@ -129,6 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.packing = False
   c.train.on_truncation = "report"       # report (count and skip) | raise
   c.train.allow_bf16_params = False
+  c.train.moments_dtype = "float32"      # Adam mu/nu storage; bfloat16 halves it (stochastic rounding)
   c.train.ckpt_every = 500
   c.train.keep = 2
   c.train.log_every = 10
@@ -250,6 +252,7 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(t.ckpt_every >= 1 and t.log_every >= 1, "train.ckpt_every", "intervals must be >= 1")
   _check(t.steps_per_call is None or t.steps_per_call >= 1, "train.steps_per_call", "must be None (auto) or >= 1")
   _one_of(config, "train.on_truncation", ("report", "raise"))
+  _one_of(config, "train.moments_dtype", MOMENTS_DTYPES)
   if require_training:
     _check(t.epochs is not None and t.epochs >= 1, "train.epochs", "is required (>= 1)")
     if config.model.param_dtype == "bfloat16":

@@ -130,10 +130,11 @@ def test_accumulation_equals_merged_batch(estimator):
   assert abs(np.mean(naive) - float(merged)) > 1e-2 * abs(float(merged))
 
 
+@pytest.mark.parametrize("vocab_chunk", [10, 64], ids=["4-chunks", "one-chunk"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_chunked_path_equals_reference(estimator):
-  """Hidden states + unembedding, vocab in chunks (37 = 4 chunks of 10, the last padded), equal the reference on
-  full logits: loss and gradients with respect to both inputs."""
+def test_chunked_path_equals_reference(estimator, vocab_chunk):
+  """Hidden states + unembedding, vocab in chunks (37 = 4 chunks of 10, the last padded; or one chunk, with its
+  own VJP), equal the reference on full logits: loss and gradients with respect to both inputs."""
   rng = np.random.default_rng(4)
   _, targets, mask, weights = _batch(4, vocab=37)
   hidden = jnp.asarray(rng.normal(size=mask.shape + (6,)), jnp.float32)
@@ -143,7 +144,7 @@ def test_chunked_path_equals_reference(estimator):
   a = L.token_weights(mask, weights, estimator)
   ref = jax.jit(jax.value_and_grad(lambda h, u: L.weighted_nll(h @ u, targets, mask, weights, estimator)[0], (0, 1)))
   got = jax.jit(jax.value_and_grad(
-      lambda h, u: L.chunked_weighted_nll(h, u, targets, a, z, vocab_chunk=10)[0], (0, 1)))
+      lambda h, u: L.chunked_weighted_nll(h, u, targets, a, z, vocab_chunk=vocab_chunk)[0], (0, 1)))
   (rl, (rh, ru)), (gl, (gh, gu)) = ref(hidden, unembed), got(hidden, unembed)
   np.testing.assert_allclose(float(gl), float(rl), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(gh), np.asarray(rh), rtol=1e-5, atol=1e-7)

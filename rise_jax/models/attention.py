@@ -20,11 +20,31 @@ import jax.numpy as jnp
 from jax import lax
 
 QUERY_BLOCK = 512          # most queries per block in the xla reference: scores are [block, keys], not [l, keys]
-SCORE_BUDGET = 1 << 27     # most float32 scores alive per block (512 MiB); larger batches get smaller blocks
-BACKENDS = ("xla", "cudnn", "splash")
+SCORE_BUDGET = 1 << 25     # most float32 scores per block (128 MiB): the backward holds ~6 such arrays at once
+BACKENDS = ("auto", "xla", "cudnn", "splash")
+CUDNN_MAX_HEAD_DIM = 128   # cuDNN flash attention: head_dim <= 128 (256 from Hopper on), a multiple of 8
 # The implementation `cudnn_attention` asks jax.nn.dot_product_attention for; tests on CPU switch it to "xla" to
 # check the argument mapping (causal + lengths + window) without a GPU.
 CUDNN_IMPLEMENTATION = "cudnn"
+
+
+def _platform() -> str:
+  """'cuda' on NVIDIA GPUs (where cuDNN is), otherwise jax's platform name ('gpu' on ROCm, 'tpu', 'cpu')."""
+  device = jax.devices()[0]
+  return "cuda" if device.platform == "gpu" and "NVIDIA" in device.device_kind else device.platform
+
+
+def resolve(requested: str, dtype, head_dim: int, platform: str | None = None) -> str:
+  """The backend `auto` stands for: cudnn on NVIDIA GPUs computing in bf16/fp16 with a head_dim cuDNN takes,
+  splash on TPUs, xla otherwise. Explicit choices pass through. Calls a fast path cannot express (a KV cache;
+  for cudnn also packing, and left padding) still take xla per call, in `Transformer.hidden`."""
+  if requested != "auto":
+    return requested
+  platform = _platform() if platform is None else platform
+  if (platform == "cuda" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+      and head_dim <= CUDNN_MAX_HEAD_DIM):
+    return "cudnn"
+  return "splash" if platform == "tpu" else "xla"
 
 
 def _visible(q_pos, k_pos, q_seg, k_seg, window):
@@ -55,6 +75,11 @@ def _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, window):
   return jnp.transpose(out.reshape(b, kv, g, l, d), (0, 3, 1, 2, 4))
 
 
+# Under differentiation a block keeps only its inputs and recomputes scores and probabilities in the backward
+# (what flash attention does): saved, they were ~5 float32 [b, heads, l, t] arrays per layer, most of a train step.
+_xla_block_remat = jax.checkpoint(_xla_block, static_argnums=(7,))
+
+
 def xla_attention(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, window=None, block=QUERY_BLOCK):
   """Reference attention. q [b, l, heads, d]; k, v [b, t, kv_heads, d] -> [b, l, heads, d].
 
@@ -66,7 +91,7 @@ def xla_attention(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, window=None, bl
   q = q.reshape(b, l, kv, h // kv, d)
   block = max(16, min(block, SCORE_BUDGET // (b * h * k.shape[1])))
   if l <= block:
-    out = _xla_block(q, k, v, q_pos, k_pos, q_seg, k_seg, window)
+    out = _xla_block_remat(q, k, v, q_pos, k_pos, q_seg, k_seg, window)
     return out.reshape(b, l, h, d)
   # Long inputs: one query block at a time (sequentially), so scores are [block, t], never [l, t].
   n = -(-l // block)
@@ -75,10 +100,10 @@ def xla_attention(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, window=None, bl
   qpb = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
   split = lambda x: jnp.moveaxis(x.reshape(b, n, block, *x.shape[2:]), 1, 0)
   if q_seg is None:
-    out = lax.map(lambda a: _xla_block(a[0], k, v, a[1], k_pos, None, None, window), (split(qb), split(qpb)))
+    out = lax.map(lambda a: _xla_block_remat(a[0], k, v, a[1], k_pos, None, None, window), (split(qb), split(qpb)))
   else:
     qsb = jnp.pad(q_seg, ((0, 0), (0, pad)), constant_values=-1)
-    out = lax.map(lambda a: _xla_block(a[0], k, v, a[1], k_pos, a[2], k_seg, window),
+    out = lax.map(lambda a: _xla_block_remat(a[0], k, v, a[1], k_pos, a[2], k_seg, window),
                   (split(qb), split(qpb), split(qsb)))
   out = jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)
   return out[:, :l]

@@ -5,10 +5,12 @@
     array's logical axes onto a `jax.sharding.AbstractMesh` of the documented shape with the training and sampling
     rules, and raises if any dimension does not divide its mesh axes (`on_indivisible="raise"`);
   * estimates per-device memory analytically for the training phase (parameters, gradients, Adam moments,
-    activations under the configured remat policy, logits) and the sampling phase (parameters in compute dtype
+    activations under the configured remat policy and attention backend, logits) and the sampling phase (parameters in compute dtype
     plus the KV cache), and raises when the larger exceeds the chip's HBM less a headroom for XLA temporaries.
-The estimate is a model, not a measurement: it is meant to catch a config that is off by a factor, not to promise
-that one at 95% fits.
+The training estimate (`train_estimate`) is calibrated against the compiled step's `memory_analysis()`
+(`rise_jax.train.memory`): within 15% at three sizes on CPU (tests/test_train_memory.py), and it reproduces the
+126.7 GiB measured for a Llama-2-7B step on an H200 (docs/benchmarks.md). It is still a model: it catches a config
+that is off by a factor, it does not promise that one at 95% fits.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ class Hardware:
   num_devices: int
   hbm_gib: float       # per device
   headroom: float = 0.85  # fraction of HBM the estimate may use; the rest is XLA scratch and fragmentation
+  platform: str = "cpu"   # what model.attention="auto" resolves against: "tpu", "cuda" (NVIDIA) or "cpu"
 
 
-TPU_V4_32 = Hardware("TPU v4-32 (16 chips, 32 GiB HBM each)", 16, 32.0)
-TPU_V5P_16 = Hardware("TPU v5p-16 (8 chips, 95 GiB HBM each)", 8, 95.0)
-GPU_8XA100_80 = Hardware("8x NVIDIA A100 80GB (one node)", 8, 80.0)
+TPU_V4_32 = Hardware("TPU v4-32 (16 chips, 32 GiB HBM each)", 16, 32.0, platform="tpu")
+TPU_V5P_16 = Hardware("TPU v5p-16 (8 chips, 95 GiB HBM each)", 8, 95.0, platform="tpu")
+GPU_8XA100_80 = Hardware("8x NVIDIA A100 80GB (one node)", 8, 80.0, platform="cuda")
 CPU_2_CORES = Hardware("CPU, 2 cores (no accelerator)", 1, 8.0)
 
 
@@ -110,6 +113,83 @@ def _abstract_params(mc, param_dtype: str):
   return out
 
 
+# Calibrated against the compiled step's `memory_analysis()` (rise_jax.train.memory; tests/test_train_memory.py).
+
+
+def _saved_per_token(remat: str, d: int, qkv: int, f: float) -> float:
+  """Compute-dtype elements one layer keeps per token: with no remat the norms' inputs and outputs, q/k/v, the
+  attention output, the residual stream, the MLP's gate, up, silu and product; with `dots_with_no_batch_dims` the
+  weight matmuls' outputs (q, k, v, o, gate, up, down); with `full` the layer input."""
+  return {"none": 6 * d + 2 * qkv + 5 * f, "full": d}.get(remat, 2 * d + qkv + 2 * f)
+
+
+ATTENTION_TRANSIENTS = 4.5  # float32 [rows, heads, block, length] arrays alive in the xla attention's backward
+# float32 [tokens, vocab chunk] arrays alive at the peak: the loss's one-chunk VJP keeps softmax - onehot (plus
+# part of a transient); the chunked loss recomputes each chunk's logits, their exponentials and gradient.
+LOGITS_ONE_CHUNK, LOGITS_CHUNKED = 1.5, 3
+
+
+def train_estimate(config, mc, train_shape, platform: str) -> Estimate:
+  """Per-device training memory of `config`'s model `mc` on a (data, fsdp, tensor) mesh of `platform` devices."""
+  from rise_jax import sharding
+  from rise_jax.models import attention as attention_lib
+  from rise_jax.train.trainer import LOGITS_BUDGET, VOCAB_CHUNK
+  train_mesh = abstract_mesh(train_shape)
+  est = Estimate(train_mesh=train_shape, sample_mesh=train_shape)
+  p_bytes = DTYPE_BYTES[config.model.param_dtype]
+  c_bytes = DTYPE_BYTES[config.model.dtype]
+  m_bytes = DTYPE_BYTES[config.train.moments_dtype]
+  layer_params = 0.0
+  for name, shape, axes in _abstract_params(mc, config.model.param_dtype):
+    est.num_params += math.prod(shape)
+    spec = sharding.logical_to_spec(axes, shape, train_mesh, sharding.TRAIN_RULES, "raise", f"train {name}")
+    elements = _sharded_bytes(shape, spec, train_mesh, 1)
+    est.params += elements * p_bytes
+    est.grads += elements * 4                                  # gradients accumulate in float32
+    est.optimizer += 2 * elements * m_bytes                    # Adam mu, nu
+    layer_params += elements if name.startswith("layers") else 0
+  t = config.train
+  if t.global_batch > t.micro_batch:
+    est.grads *= 2                                             # the accumulator beside one micro-batch's gradients
+  if m_bytes < 4:  # measured: the update widens bf16 moments to float32 as it goes (7B: +12 of 25 GiB of moments)
+    est.optimizer *= 1.5
+
+  # Activations for one micro-batch (gradient accumulation keeps only one alive).
+  batch_ways = train_shape[0] * train_shape[1]
+  if t.micro_batch % batch_ways:
+    raise ValueError(f"train.micro_batch {t.micro_batch} is not divisible by the data x fsdp mesh axes "
+                     f"({batch_ways}) of mesh.train {train_shape}")
+  rows, length, tensor = t.micro_batch // batch_ways, t.max_length, train_shape[2]
+  tokens = rows * length
+  d, f = mc.hidden_size, mc.intermediate_size / tensor
+  heads = max(1, mc.num_heads // tensor)
+  qkv = (heads + 2 * max(1, mc.num_kv_heads // tensor)) * mc.head_dim
+  layer_none = tokens * _saved_per_token("none", d, qkv, f) * c_bytes
+  remat, scan = config.model.remat, config.model.scan_layers
+  stacked = mc.num_layers * tokens * _saved_per_token(remat, d, qkv, f) * c_bytes
+  if remat == "none":
+    est.activations = stacked
+    if not scan and c_bytes < p_bytes:                         # each layer's compute-dtype weight copy is kept
+      est.activations += layer_params * c_bytes
+  else:
+    est.activations = stacked + layer_none                     # + the layer being recomputed
+    if not scan:                                               # recomputation keeps each layer's weight slices
+      est.activations += layer_params * p_bytes
+  if scan:  # measured: a layer scan's compiled peak holds its stacked residuals about twice (1.1B: +6 to +19 GiB)
+    est.activations += stacked
+  backend = attention_lib.resolve(config.model.attention, config.model.dtype, mc.head_dim, platform)
+  if backend == "xla":
+    block = min(length, attention_lib.QUERY_BLOCK,
+                max(16, attention_lib.SCORE_BUDGET // (rows * mc.num_heads * length)))
+    est.activations += ATTENTION_TRANSIENTS * rows * heads * block * length * 4
+  vocab = mc.vocab_size / tensor
+  if tokens * mc.vocab_size <= LOGITS_BUDGET:
+    est.logits = LOGITS_ONE_CHUNK * tokens * vocab * 4
+  else:
+    est.logits = LOGITS_CHUNKED * tokens * min(vocab, VOCAB_CHUNK) * 4
+  return est
+
+
 def check(config, hardware: Hardware) -> Estimate:
   """Raise ValueError naming the array (divisibility) or the budget (memory); return the estimate."""
   from rise_jax import sharding
@@ -117,40 +197,13 @@ def check(config, hardware: Hardware) -> Estimate:
   mc = _model_config(config)
   train_shape = sharding.resolve_mesh_shape(config.mesh.train, hardware.num_devices)
   sample_shape = sharding.resolve_mesh_shape(config.mesh.sample, hardware.num_devices)
-  train_mesh, sample_mesh = abstract_mesh(train_shape), abstract_mesh(sample_shape)
-  est = Estimate(train_mesh=train_shape, sample_mesh=sample_shape)
-  p_bytes = DTYPE_BYTES[config.model.param_dtype]
+  sample_mesh = abstract_mesh(sample_shape)
+  est = train_estimate(config, mc, train_shape, hardware.platform)
+  est.sample_mesh = sample_shape
   c_bytes = DTYPE_BYTES[config.model.dtype]
-
   for name, shape, axes in _abstract_params(mc, config.model.param_dtype):
-    est.num_params += math.prod(shape)
-    spec = sharding.logical_to_spec(axes, shape, train_mesh, sharding.TRAIN_RULES, "raise", f"train {name}")
-    one = _sharded_bytes(shape, spec, train_mesh, p_bytes)
-    est.params += one
-    est.grads += one
-    est.optimizer += 2 * _sharded_bytes(shape, spec, train_mesh, 4)  # Adam mu, nu in float32
     spec = sharding.logical_to_spec(axes, shape, sample_mesh, sharding.SAMPLE_RULES, "raise", f"sample {name}")
     est.sample_params += _sharded_bytes(shape, spec, sample_mesh, c_bytes)
-
-  # Training activations for one micro-batch (gradient accumulation keeps only one alive).
-  batch_ways = train_shape[0] * train_shape[1]
-  t = config.train
-  if t.micro_batch % batch_ways:
-    raise ValueError(f"train.micro_batch {t.micro_batch} is not divisible by the data x fsdp mesh axes "
-                     f"({batch_ways}) of mesh.train {train_shape}")
-  rows, length, tensor = t.micro_batch // batch_ways, t.max_length, train_shape[2]
-  d, f = mc.hidden_size, mc.intermediate_size
-  heads = max(1, mc.num_heads // tensor)
-  scores = rows * heads * length * length * 4 if config.model.attention == "xla" else 0
-  # One layer's live set while its backward runs: q/k/v/o projections, attention scores, the MLP's three tensors.
-  layer_working = rows * length * (4 * d + 3 * f / tensor) * c_bytes + 2 * scores
-  if config.model.remat == "none":
-    est.activations = mc.num_layers * layer_working
-  elif config.model.remat == "full":
-    est.activations = mc.num_layers * rows * length * d * c_bytes + layer_working
-  else:  # dots policies save the matmul outputs, not the attention probabilities
-    est.activations = mc.num_layers * rows * length * (4 * d + 3 * f / tensor) * c_bytes + layer_working
-  est.logits = 2 * rows * length * mc.vocab_size / tensor * 4  # float32 logits and their gradient
 
   # Sampling: the whole batch of rows (prompts x samples) holds a KV cache of max_cache_length slots.
   co = config.collect

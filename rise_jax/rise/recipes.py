@@ -35,7 +35,6 @@ def paper(*, name: str, preset: str, task: str, improvement: str, iterations: in
   c.model.dtype = "bfloat16"
   c.model.scan_layers = True
   c.model.remat = "full"
-  c.model.attention = "splash"    # TPU; use "cudnn" on GPUs (see docs/configs.md)
   c.tokenizer.chat_template = p.chat_template
   c.task.name = task
   c.task.prompt_set = "paper"
@@ -87,7 +86,6 @@ def gpu_8x80(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """One 8-GPU node: FSDP over 8 for training, tensor 2 x data 4 for sampling."""
   c.mesh.train = (1, 8, 1)
   c.mesh.sample = (4, 1, 2)
-  c.model.attention = "cudnn"
   c.train.micro_batch = 8
   c.sampling.batch_size = 32
   return c

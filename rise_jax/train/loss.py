@@ -127,7 +127,7 @@ def chunked_weighted_nll(hidden, unembedding, targets, weights, normalizer, *, v
   `weights` are the per-token a_t of `token_weights` (packing-aware) and `normalizer` the global-batch Z. The
   vocabulary is processed in equal chunks of at most `vocab_chunk` columns; with more than one chunk each is under
   `jax.checkpoint`, so neither the forward nor the backward holds more than one [tokens, chunk] float32 block
-  (a single chunk skips the recomputation). Returns (loss, sums) where `sums` are
+  (a single chunk is not recomputed: its custom VJP keeps one [tokens, vocab] float32 array, softmax - onehot). Returns (loss, sums) where `sums` are
   additive over micro-batches: the weighted count of argmax-correct targets and the total weight.
   """
   d, vocab = unembedding.shape
@@ -135,6 +135,9 @@ def chunked_weighted_nll(hidden, unembedding, targets, weights, normalizer, *, v
   t = targets.reshape(-1)
   a = weights.reshape(-1).astype(jnp.float32)
   num_chunks = -(-vocab // min(vocab_chunk, vocab))
+  if num_chunks == 1:
+    nll, correct = _one_chunk_nll(h, unembedding, t)
+    return _reduce(a, nll, correct, normalizer)
   chunk = -(-vocab // num_chunks)                                     # equal chunks: 32000 -> 4 x 8000, no tail
   padded = num_chunks * chunk
   w = jnp.pad(unembedding, ((0, 0), (0, padded - vocab))) if padded != vocab else unembedding
@@ -159,8 +162,42 @@ def chunked_weighted_nll(hidden, unembedding, targets, weights, normalizer, *, v
   init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
   starts = jnp.arange(num_chunks, dtype=t.dtype) * chunk
   (run_max, run_sum, tgt), _ = jax.lax.scan(body, init, (w, starts))
-  nll = run_max + jnp.log(run_sum) - tgt
+  return _reduce(a, run_max + jnp.log(run_sum) - tgt, tgt >= run_max, normalizer)
+
+
+def _reduce(a, nll, correct, normalizer):
   loss = jnp.sum(a * nll) / jnp.where(normalizer > 0, normalizer, 1.0)
-  correct = jax.lax.stop_gradient((tgt >= run_max).astype(jnp.float32))
+  correct = jax.lax.stop_gradient(correct.astype(jnp.float32))
   sums = {"correct_weight": jnp.sum(a * correct), "token_weight": jnp.sum(a)}
   return loss, sums
+
+
+def _one_chunk_logits(h, w):
+  return jnp.einsum("nd,dv->nv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _one_chunk_nll(h, w, t):
+  """(nll, argmax-correct) per token from the whole vocabulary at once."""
+  return _one_chunk_fwd(h, w, t)[0]
+
+
+def _one_chunk_fwd(h, w, t):
+  # The backward keeps one float32 [tokens, vocab] array, softmax - onehot, instead of autodiff's ~3 (the
+  # logits, their shifted exponentials, the take_along_axis operand).
+  logits = _one_chunk_logits(h, w)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  tgt = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+  dlogits = jnp.exp(logits - logz[:, None]) - jax.nn.one_hot(t, logits.shape[1], dtype=jnp.float32)
+  return (logz - tgt, tgt >= logits.max(-1)), (h, w, dlogits)
+
+
+def _one_chunk_bwd(res, cts):
+  h, w, dlogits = res
+  g = (cts[0][:, None] * dlogits).astype(h.dtype)
+  dh = jnp.einsum("nv,dv->nd", g, w.astype(h.dtype), preferred_element_type=jnp.float32).astype(h.dtype)
+  dw = jnp.einsum("nd,nv->dv", h, g, preferred_element_type=jnp.float32).astype(w.dtype)
+  return dh, dw, None
+
+
+_one_chunk_nll.defvjp(_one_chunk_fwd, _one_chunk_bwd)

@@ -90,6 +90,7 @@ class Trainer:
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                    nnx.to_pure_dict(params_state))
     abstract = jax.eval_shape(self._init, abstract_params, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    self.abstract_state = abstract  # shapes and dtypes only (rise_jax.train.memory compiles the step from it)
     opt_shardings = optax.tree_map_params(
         tx, lambda _, s: s, abstract.opt_state, self.param_shardings,
         transform_non_params=lambda _: self.replicated)
