@@ -9,11 +9,6 @@ examples of L +- 5 tokens (e.g. `64x25`, the redesigned toy's short prompts and 
 
     python benchmarks/train_loop.py                                   # toy, 64x25, 128x25; steps_per_call auto
     python benchmarks/train_loop.py --shapes toy --steps_per_call 1 4 16 --repeats 7
-    python benchmarks/train_loop.py --e2e --repeats 2     # whole train() calls, compilation included
-
-`--e2e` times whole `rise_jax.train.train(...)` calls on the toy boost data (1 epoch, configs/toy.py's train
-settings, no HF export) with steps_per_call=1 and auto, alternating: what the RISE loop's boost stage sees,
-compilation of every program included (each call builds a new Trainer, so nothing compiled is reused).
 """
 
 from __future__ import annotations
@@ -150,26 +145,6 @@ def toy_records(n: int) -> tuple[list[dict], str]:
   return records, build_toy_tokenizer(tempfile.mkdtemp(prefix="rise_jax_tok_") + "/toy")
 
 
-def bench_e2e(args) -> None:
-  from rise_jax.rise import recipes
-  from rise_jax.config import finalize
-  records, tokenizer_dir = toy_records(2000)
-  times = {1: [], None: []}
-  for _ in range(args.repeats):
-    for k in times:
-      c = recipes.toy()
-      c.tokenizer.path = tokenizer_dir
-      c.train.lr, c.train.epochs, c.train.steps_per_call = 2e-3, 1, k
-      out = tempfile.mkdtemp(prefix="rise_jax_e2e_")
-      t = time.perf_counter()
-      result = trainer_lib.train(finalize(c), records, out, export_hf=False)
-      times[k].append(time.perf_counter() - t)
-      print(f"  steps_per_call={k or 'auto'}: {times[k][-1]:.1f} s for {result.steps} steps, final loss "
-            f"{result.metrics[-1]['loss']:.4f}", flush=True)
-  a, b = statistics.median(times[1]), statistics.median(times[None])
-  print(f"[e2e toy boost, 1 epoch] steps_per_call=1 median {a:.1f} s, auto median {b:.1f} s, ratio {a / b:.2f}x")
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shapes", nargs="+", default=["toy", "64x25", "128x25"])
@@ -178,11 +153,8 @@ def main():
   parser.add_argument("--steps", type=int, default=64, help="steps per timed pass")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--log_every", type=int, default=50, help="configs/toy.py's")
-  parser.add_argument("--e2e", action="store_true", help="time whole train() calls instead (see above)")
   args = parser.parse_args()
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}, {jax.device_count()} device(s))")
-  if args.e2e:
-    return bench_e2e(args)
   for name in args.shapes:
     bench_shape(name, args)
 

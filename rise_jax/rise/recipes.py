@@ -132,6 +132,9 @@ def toy() -> ml_collections.ConfigDict:
   c.train.global_batch = 16              # per example seen, batch 16 learned fastest from scratch (docs/toy.md)
   c.train.micro_batch = 16
   c.train.max_length = 256
+  # Toy steps alternate padded lengths (32/64 for the boost, up to 256 for RISE data), so multi-step calls would
+  # compile up to log2(K) + 1 programs per length for a ~10-20% per-step gain (docs/benchmarks.md, training loop).
+  c.train.steps_per_call = 1
   c.train.ckpt_every = 10_000            # the toy stages take seconds; the final checkpoint is always written
   c.train.log_every = 200
   c.eval.turns = 5
