@@ -114,7 +114,7 @@ def toy() -> ml_collections.ConfigDict:
   c.task.grader = "robust"
   c.task.dev_size = 200
   c.task.test_size = 2000
-  c.task.train_size = 2000               # problems each iteration collects on
+  c.task.train_size = None               # each iteration collects on all 5,900 training problems
   c.sampling.temperature = 1.0
   c.sampling.max_new_tokens = 20         # a worked answer is at most 16 characters + end of turn
   c.sampling.max_cache_length = 256      # the turn-5 prompt of 20-token attempts (215 tokens) + 20 new tokens (docs/toy.md)
@@ -141,9 +141,13 @@ def toy() -> ml_collections.ConfigDict:
   c.eval.parallel_k = 5
   c.eval.window = None
   c.rise.iterations = 2
+  # Iteration 1 is distillation from the reference solutions, as the paper distils from GPT-3.5: the boosted
+  # model cannot read a history, so its attempts are independent first-turn samples (window 1) and, after up to
+  # three wrong ones, the reference answers turn 4. Filtering (criteria success) keeps only correct targets, at
+  # lr 1e-3 for 2 epochs. Iteration 2 is the paper's self-distillation (best-of-8, criteria all, exp(r/0.4)).
   c.rise.iteration_overrides = (
       "1:collect.improvement='teacher'", "1:collect.teacher.kind='reference'", "1:collect.window=1",
-      "1:collect.turns=4")
+      "1:collect.turns=4", "1:collect.criteria='success'", "1:train.epochs=2", "1:train.lr=1e-3")
   c.rise.boost = True
   c.rise.boost_data = "reference"
   c.rise.boost_lr = 2e-3
