@@ -461,9 +461,10 @@ def compute_accounting(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
   A turn's prefill is its logged `prefill_tokens` (only the new tokens when the KV cache is reused), else its
   `history_tokens` (a full re-prefill); its decode is `decode_tokens`, else the sum of the candidates' num_tokens
-  (teacher candidates without a count are counted in `candidates_with_unknown_tokens`).
+  (teacher candidates without a count are counted in `candidates_with_unknown_tokens`). `grader_errors`: samples
+  graded 0 because the grader raised (the runner's `grader_error` field).
   """
-  prefill = decode = samples = unknown = 0
+  prefill = decode = samples = unknown = grader_errors = 0
   per_turn_decode: collections.Counter[int] = collections.Counter()
   for r in records:
     for t in r["turns"]:
@@ -477,12 +478,13 @@ def compute_accounting(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
       decode += dec
       per_turn_decode[t["t"]] += dec
       samples += len(t["candidates"])
+      grader_errors += sum("grader_error" in c for c in t["candidates"])
   problems = len({r["problem_id"] for r in records})
   return {"episodes": len(records), "samples": samples, "prefill_tokens": prefill, "decode_tokens": decode,
           "prefill_tokens_per_problem": prefill / problems if problems else None,
           "decode_tokens_per_problem": decode / problems if problems else None,
           "decode_tokens_per_turn": [per_turn_decode[t] for t in sorted(per_turn_decode)],
-          "candidates_with_unknown_tokens": unknown}
+          "candidates_with_unknown_tokens": unknown, "grader_errors": grader_errors}
 
 
 def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = None,
