@@ -3,6 +3,7 @@ paper grader, and math-verify from a non-main thread. Real-data checks live in t
 
 import re
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -186,17 +187,22 @@ def test_math_robust_extracts_the_last_balanced_box():
 
 
 @pytest.mark.timeout(120)
-def test_math_verify_off_the_main_thread_uses_a_spawn_pool():
+def test_math_verify_off_the_main_thread_uses_a_spawn_pool(monkeypatch):
+  monkeypatch.setattr(verify, "VERIFY_TIMEOUT_S", 0.5)  # passed on to the worker with each call
   results = {}
 
   def work():
     results["equal"] = grade("math", "\\boxed{\\sqrt{2}/2}", "\\boxed{\\frac{\\sqrt{2}}{2}}", mode="robust")
     results["different"] = grade("math", "\\boxed{\\sqrt{2}}", "\\boxed{\\frac{\\sqrt{2}}{2}}", mode="robust")
+    start = time.monotonic()  # issue 16: a pathological answer is bounded by the deadline in the worker too
+    results["slow"] = grade("math", "\\boxed{10^{1000000000}}", "\\boxed{\\frac{\\sqrt{2}}{2}}", mode="robust")
+    results["slow_s"] = time.monotonic() - start
 
   thread = threading.Thread(target=work)
   thread.start()
   thread.join()
-  assert results == {"equal": 1.0, "different": 0.0}
+  assert results.pop("slow_s") < 3
+  assert results == {"equal": 1.0, "different": 0.0, "slow": 0.0}
   assert verify._pool is not None and verify._pool._mp_context.get_start_method() == "spawn"
 
 

@@ -66,16 +66,16 @@ def _math_verify():
 
 def _mark_slow(answer: str, what: str) -> None:
   _slow.add(answer)
-  logging.warning("math-verify: %s of %r ran past %.0f s; this answer is compared by Hendrycks is_equiv from now",
-                  what, answer[:80], VERIFY_TIMEOUT_S)
+  logging.warning("math-verify: %s of %r ran into its deadline; this answer is compared by Hendrycks is_equiv "
+                  "from now on", what, answer[:80])
 
 
 @functools.lru_cache(maxsize=65536)
-def _parse(answer: str) -> tuple:
+def _parse(answer: str, timeout_s: float) -> tuple:
   """math-verify's parse of one answer (cached: a gold is compared with many samples); () if it does not parse."""
   math_verify = _math_verify()
   try:
-    with deadline(VERIFY_TIMEOUT_S):
+    with deadline(timeout_s):
       return tuple(math_verify.parse(f"${answer}$", extraction_config=[math_verify.LatexExtractionConfig()],
                                      parsing_timeout=None))
   except DeadlineExceeded:
@@ -83,16 +83,16 @@ def _parse(answer: str) -> tuple:
     return ()
 
 
-def _equal_in_this_thread(gold: str, pred: str) -> bool | None:
+def _equal_in_this_thread(gold: str, pred: str, timeout_s: float) -> bool | None:
   """math-verify's verdict; None when a side is too long, slow or does not parse. A verify that runs into the
   deadline marks `pred` slow (graders pass the sample as `pred`, so a pathological sample never taints a gold)."""
   if any(len(x) > limits.MAX_VERIFY_CHARS or x in _slow for x in (gold, pred)):
     return None
-  gold_parsed, pred_parsed = _parse(gold), _parse(pred)
+  gold_parsed, pred_parsed = _parse(gold, timeout_s), _parse(pred, timeout_s)
   if not gold_parsed or not pred_parsed:
     return None
   try:
-    with deadline(VERIFY_TIMEOUT_S):
+    with deadline(timeout_s):
       return bool(_math_verify().verify(list(gold_parsed), list(pred_parsed), timeout_seconds=None))
   except DeadlineExceeded:
     _mark_slow(pred, "comparison")
@@ -119,9 +119,9 @@ def _drop_pool() -> None:
 def equal(gold: str, pred: str) -> bool | None:
   """math-verify equivalence of two answers with a working deadline from any thread; None = no verdict."""
   if threading.current_thread() is threading.main_thread():
-    return _equal_in_this_thread(gold, pred)
-  try:
-    return _spawn_pool().submit(_equal_in_this_thread, gold, pred).result()
+    return _equal_in_this_thread(gold, pred, VERIFY_TIMEOUT_S)
+  try:  # the deadline travels with the call: the worker process does not see this module's setting
+    return _spawn_pool().submit(_equal_in_this_thread, gold, pred, VERIFY_TIMEOUT_S).result()
   except concurrent.futures.process.BrokenProcessPool:
     _drop_pool()  # the worker died (killed, out of memory): the next call starts a fresh one
     logging.warning("math-verify worker died comparing %r with %r; no verdict", pred[:80], gold[:80])
