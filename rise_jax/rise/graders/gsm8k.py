@@ -2,11 +2,15 @@
 
 paper:  the last `boxed{([^}]+)}` of the response, commas removed, Python `int()` (so "+18" and " 18" parse,
         "18.0" and "\\$18" do not); unparsable -> -1. Gold: the first `####\\s*([-+]?\\d+(?:\\.\\d+)?)` of the
-        reference, so "#### 40,000" reads as 40 and can never be matched. 1 if the two floats are equal, else 0.
+        reference, so "#### 40,000" reads as 40 and can never be matched. 1 if the two floats are equal, else 0;
+        also 0 where float(answer) overflows (309+ digits), where the reference itself crashes.
 robust: rewards in {0, 1}. The last stated answer wins among balanced `\\boxed{...}` groups, "the answer is N",
         "answer: N" and "#### N". A number may carry a sign, thousands separators, decimals, a "\\$" / "$" sign,
         a `\\text{...}` wrapper, a unit ("18 dollars") or be a simple fraction; answers compare as exact
         rationals, so 18 == 18.0 == 18.00. The gold's separators are parsed. No arithmetic is ever evaluated.
+        A box holding another box is read through the inner one; a number over limits.MAX_NUMBER_DIGITS digits
+        is no number.
+Both modes read at most limits.MAX_TEXT_CHARS (the end of a longer text) and run in time linear in it.
 """
 
 from __future__ import annotations
