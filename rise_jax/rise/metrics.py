@@ -25,7 +25,8 @@ votes, `tie_break` picks: earliest = the cluster that appeared first, latest = t
 vote, random = a uniform choice seeded by (seed, problem, draw, k). The voted answer is the winning cluster's
 representative, and it is correct iff that candidate's logged reward == 1: the representative is the answer
 actually graded against the reference. Clusters whose members' rewards disagree (a non-transitive checker) are
-counted in `vote_inconsistent_clusters`.
+counted in `vote_inconsistent_clusters`. MATH robust equivalence calls math-verify, whose deadline an answer pays at
+most once (`graders.verify` remembers slow answers), so clustering k pathological answers costs <= k deadlines.
 
 Uncertainty: every metric is a ratio of per-problem sums (num_p / den_p; den_p = 1 for plain means), so one
 (B, P) matrix of bootstrap resampling counts over problems gives every 95% percentile interval with two matrix
