@@ -3,13 +3,14 @@ paper grader, and math-verify from a non-main thread. Real-data checks live in t
 
 import re
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rise_jax.rise import get_task, grade
-from rise_jax.rise.graders import hendrycks, latex
+from rise_jax.rise.graders import hendrycks, latex, verify
 from rise_jax.rise.graders import math as math_grader
 
 GOLD_18 = "Janet has 9 + 9 = <<9+9=18>>18 ducks.\n#### 18"
@@ -92,13 +93,20 @@ def _spec_gsm8k_paper(response: str, reference: str) -> float:
   return 1.0 if float(value) == gold else 0.0
 
 
-_pieces = st.sampled_from(["\\boxed{", "boxed{", "}", "18", "+", "-", ",", ".", "0", " ", "\\$", "x", "{", "7"])
+# 309 nines overflow the reference's float(); 4301 digits exceed its int()'s limit (issue 16).
+_pieces = st.sampled_from(["\\boxed{", "boxed{", "}", "18", "+", "-", ",", ".", "0", " ", "\\$", "x", "{", "7",
+                           "9" * 309, "9" * 4301, "_"])
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_pieces, max_size=12).map("".join), st.sampled_from(["#### 18", "#### -7", "#### 1,800", "#### 0"]))
 def test_gsm8k_paper_mode_matches_the_spec(response, reference):
-  assert grade("gsm8k", response, reference, mode="paper") == _spec_gsm8k_paper(response, reference)
+  """Equal to the reference wherever it returns a reward; its "wrong" reward (0) where it crashes."""
+  try:
+    expected = _spec_gsm8k_paper(response, reference)
+  except OverflowError:
+    expected = 0.0
+  assert grade("gsm8k", response, reference, mode="paper") == expected
 
 
 def test_gsm8k_reference_without_a_gold_is_an_error():
@@ -179,18 +187,23 @@ def test_math_robust_extracts_the_last_balanced_box():
 
 
 @pytest.mark.timeout(120)
-def test_math_verify_off_the_main_thread_uses_a_spawn_pool():
+def test_math_verify_off_the_main_thread_uses_a_spawn_pool(monkeypatch):
+  monkeypatch.setattr(verify, "VERIFY_TIMEOUT_S", 0.5)  # passed on to the worker with each call
   results = {}
 
   def work():
     results["equal"] = grade("math", "\\boxed{\\sqrt{2}/2}", "\\boxed{\\frac{\\sqrt{2}}{2}}", mode="robust")
     results["different"] = grade("math", "\\boxed{\\sqrt{2}}", "\\boxed{\\frac{\\sqrt{2}}{2}}", mode="robust")
+    start = time.monotonic()  # issue 16: a pathological answer is bounded by the deadline in the worker too
+    results["slow"] = grade("math", "\\boxed{10^{1000000000}}", "\\boxed{\\frac{\\sqrt{2}}{2}}", mode="robust")
+    results["slow_s"] = time.monotonic() - start
 
   thread = threading.Thread(target=work)
   thread.start()
   thread.join()
-  assert results == {"equal": 1.0, "different": 0.0}
-  assert math_grader._pool is not None and math_grader._pool._mp_context.get_start_method() == "spawn"
+  assert results.pop("slow_s") < 3
+  assert results == {"equal": 1.0, "different": 0.0, "slow": 0.0}
+  assert verify._pool is not None and verify._pool._mp_context.get_start_method() == "spawn"
 
 
 # -------------------------------------------------------------------------------------------------------- toy

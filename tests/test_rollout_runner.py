@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from rise_jax.rise import graders, rollout_log
+from rise_jax.rise import graders, metrics, rollout_log
 from rise_jax.rise.degenerate import degenerate_reason, is_degenerate
 from rise_jax.rise.policies import ScriptedPolicy, TurnSampling
 from rise_jax.rise.rollout import Protocol, run_episodes
@@ -216,6 +216,58 @@ def test_resume_skips_logged_problems_and_equals_uninterrupted(tmp_path):
   assert {r.key for r in again.requests} == {p.id for p in problems[2:]}
   key = lambda r: r["problem_id"]  # noqa: E731
   assert sorted(resumed, key=key) == sorted(full, key=key)
+
+
+class _RaisingToyTask(_ToyTask):
+  """The toy grader, except that it raises on samples containing "boom" (a grader bug)."""
+
+  def grade(self, response, reference, mode):
+    if "boom" in response:
+      raise OverflowError("int too large to convert to float")
+    return super().grade(response, reference, mode)
+
+
+def test_a_grader_error_is_a_counted_zero_reward_not_an_abort(tmp_path, caplog):
+  policy = _table_policy({(A.id, 1, 0): ["=7 boom", "=8"], (B.id, 1, 0): ["=5", "=4"]})
+  protocol = Protocol.sequential(1, samples=2, select="best_reward", sampling=SAMPLING)
+  header = rollout_log.make_header("cfg", "scripted", versions={}, git_commit="abc")
+  with caplog.at_level("WARNING"):
+    summary = run_episodes([A, B], policy, protocol, tmp_path / "log.jsonl", task=_RaisingToyTask(),
+                           prompts=_Prompts(), header=header, progress=False)
+  _, records, _ = rollout_log.read_rollouts(tmp_path / "log.jsonl")
+  a, b = sorted(records, key=lambda r: r["problem_id"])
+  boom, other = a["turns"][0]["candidates"]
+  assert (boom["reward"], boom["answer"]) == (0.0, None)
+  assert boom["grader_error"] == "OverflowError: int too large to convert to float"
+  assert "grader_error" not in other and other["reward"] == 0.0 and b["turns"][0]["candidates"][0]["reward"] == 1.0
+  assert summary.grader_errors == 1 and summary.episodes == 2
+  assert metrics.compute_accounting(records)["grader_errors"] == 1
+  assert any(A.id in r.getMessage() and "OverflowError" in r.getMessage() for r in caplog.records)
+
+
+class _Gsm8kTask:
+  name = "gsm8k"
+
+  def grade(self, response, reference, mode):
+    return graders.grade("gsm8k", response, reference, mode)
+
+  def extract_answer(self, response, mode):
+    return graders.get_grader("gsm8k").extract_answer(response, mode)
+
+
+def test_the_issues_gsm8k_sample_is_graded_in_both_modes(tmp_path):
+  """Issue 16: 309 nines in a box crashed paper grading and aborted the stage on every resume."""
+  problem = Problem(id="gsm8k/test/0", question="How many ducks?", reference="9 + 9 = 18\n#### 18")
+  texts = ["\\boxed{" + "9" * 309 + "}", "The answer is " + "9" * 309 + ".25"]
+  for mode in ("paper", "robust"):
+    policy = ScriptedPolicy(lambda request, j: texts[j])
+    protocol = Protocol.sequential(1, samples=2, sampling=SAMPLING, grader=mode)
+    header = rollout_log.make_header("cfg", "scripted", versions={}, git_commit="abc")
+    summary = run_episodes([problem], policy, protocol, tmp_path / f"{mode}.jsonl", task=_Gsm8kTask(),
+                           prompts=_Prompts(), header=header, progress=False)
+    _, (record,), _ = rollout_log.read_rollouts(tmp_path / f"{mode}.jsonl")
+    rewards = [c["reward"] for c in record["turns"][0]["candidates"]]
+    assert rewards == ([0.0, -1.0] if mode == "paper" else [0.0, 0.0]) and summary.grader_errors == 0
 
 
 def test_bad_inputs_fail_loudly(tmp_path):

@@ -25,7 +25,8 @@ votes, `tie_break` picks: earliest = the cluster that appeared first, latest = t
 vote, random = a uniform choice seeded by (seed, problem, draw, k). The voted answer is the winning cluster's
 representative, and it is correct iff that candidate's logged reward == 1: the representative is the answer
 actually graded against the reference. Clusters whose members' rewards disagree (a non-transitive checker) are
-counted in `vote_inconsistent_clusters`.
+counted in `vote_inconsistent_clusters`. MATH robust equivalence calls math-verify, whose deadline an answer pays at
+most once (`graders.verify` remembers slow answers), so clustering k pathological answers costs <= k deadlines.
 
 Uncertainty: every metric is a ratio of per-problem sums (num_p / den_p; den_p = 1 for plain means), so one
 (B, P) matrix of bootstrap resampling counts over problems gives every 95% percentile interval with two matrix
@@ -461,9 +462,10 @@ def compute_accounting(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
   A turn's prefill is its logged `prefill_tokens` (only the new tokens when the KV cache is reused), else its
   `history_tokens` (a full re-prefill); its decode is `decode_tokens`, else the sum of the candidates' num_tokens
-  (teacher candidates without a count are counted in `candidates_with_unknown_tokens`).
+  (teacher candidates without a count are counted in `candidates_with_unknown_tokens`). `grader_errors`: samples
+  graded 0 because the grader raised (the runner's `grader_error` field).
   """
-  prefill = decode = samples = unknown = 0
+  prefill = decode = samples = unknown = grader_errors = 0
   per_turn_decode: collections.Counter[int] = collections.Counter()
   for r in records:
     for t in r["turns"]:
@@ -477,12 +479,13 @@ def compute_accounting(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
       decode += dec
       per_turn_decode[t["t"]] += dec
       samples += len(t["candidates"])
+      grader_errors += sum("grader_error" in c for c in t["candidates"])
   problems = len({r["problem_id"] for r in records})
   return {"episodes": len(records), "samples": samples, "prefill_tokens": prefill, "decode_tokens": decode,
           "prefill_tokens_per_problem": prefill / problems if problems else None,
           "decode_tokens_per_problem": decode / problems if problems else None,
           "decode_tokens_per_turn": [per_turn_decode[t] for t in sorted(per_turn_decode)],
-          "candidates_with_unknown_tokens": unknown}
+          "candidates_with_unknown_tokens": unknown, "grader_errors": grader_errors}
 
 
 def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = None,

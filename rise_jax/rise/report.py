@@ -187,6 +187,10 @@ def _report_md(m: Mapping[str, Any], title: str, plots: Sequence[str]) -> str:
              c["candidates_with_unknown_tokens"]] for name, c in m["compute"].items()]
     lines += _table(["protocol", "episodes", "samples", "prefill tokens", "decode tokens", "prefill / problem",
                      "decode / problem", "samples w/o token count"], rows) + [""]
+    errors = {name: c.get("grader_errors", 0) for name, c in m["compute"].items()}
+    if any(errors.values()):
+      lines += ["**Grader errors:** " + ", ".join(f"{name} {n}" for name, n in errors.items() if n)
+                + " samples graded 0 because the grader raised (`grader_error` in the rollout log).", ""]
 
   if m.get("tie_fraction"):
     lines += ["## Majority votes", ""]

@@ -10,11 +10,16 @@ success) leaves the batch and its record is appended to the rollout log (contrac
 policy that keeps state (the sampler's KV caches) continues the remaining rows' conversations. On restart the
 runner skips problems already in the log; since every random stream is named by (seed, problem id, turn, resample
 round, sample, step), a resumed log holds exactly the records an uninterrupted run would have written.
+
+A grader that raises on a sample never stops the run (a deterministic resume would draw the same sample and stop
+again): the sample gets reward 0 and answer null, the error is kept in its `grader_error` field, counted in
+`RunSummary.grader_errors` and logged as a warning naming the problem.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any, Iterator, Sequence
 
@@ -98,6 +103,7 @@ class RunSummary:
   prefill_tokens: int = 0
   resamples: int = 0
   degenerate_kept: int = 0
+  grader_errors: int = 0  # samples graded 0 because the grader raised
   seconds: float = 0.0
 
   @property
@@ -160,6 +166,9 @@ def run_episodes(problems: Sequence[Any], policies: Policy | Sequence[Policy], p
       if bar is not None:
         bar.close()
     summary.seconds = time.perf_counter() - start
+    if summary.grader_errors:
+      logging.warning("%d sample(s) graded 0 because the grader raised: see their `grader_error` in %s",
+                      summary.grader_errors, log_path)
   finally:
     writer.close()
   return summary
@@ -184,6 +193,7 @@ def _run_chunk(problems, policies, protocol: Protocol, task, prompts, summary: R
       still_active = []
       for episode, view, (completion, candidates, tokens) in zip(active, views, completions):
         turn = _score_turn(episode, view, completion, candidates, tokens, t, policy, protocol, task, prompts)
+        summary.grader_errors += sum("grader_error" in c for c in turn["candidates"])
         episode.turns.append(turn)
         if episode.stop is None:
           episode.messages += [{"role": "assistant", "content": turn["candidates"][turn["chosen"]]["text"]},
@@ -257,7 +267,7 @@ def _score_turn(episode: _Episode, view, completion: Completion, candidates, tok
   problem = episode.problem
   logged = []
   for sample, resamples, reason in candidates:
-    logged.append(_candidate(sample, resamples, reason, task, problem.reference, protocol.grader))
+    logged.append(_candidate(sample, resamples, reason, task, problem, protocol.grader))
   rewards = [c["reward"] for c in logged]
   chosen = rewards.index(max(rewards)) if protocol.select == "best_reward" else 0
   if protocol.oracle and rewards[chosen] == 1.0:
@@ -279,21 +289,35 @@ def _score_turn(episode: _Episode, view, completion: Completion, candidates, tok
   }
 
 
-def _candidate(sample: Sample, resamples: int, reason: str | None, task, reference: str, grader: str) -> dict:
+def _candidate(sample: Sample, resamples: int, reason: str | None, task, problem, grader: str) -> dict:
+  answer, reward, error = _graded(task, sample.text, problem, grader)
   out = {
       "text": sample.text,
       "token_ids": None if sample.token_ids is None else [int(i) for i in sample.token_ids],
       "logprob_sum": None if sample.logprob_sum is None else float(sample.logprob_sum),
       "num_tokens": sample.num_tokens,
       "finish_reason": sample.finish_reason,
-      "answer": task.extract_answer(sample.text, grader),
-      "reward": float(task.grade(sample.text, reference, grader)),
+      "answer": answer,
+      "reward": reward,
       "resamples": resamples,
   }
+  if error is not None:
+    out["grader_error"] = error
   if reason is not None:  # still degenerate after the last resampling round: kept, flagged
     out["flagged_degenerate"] = True
     out["degenerate_reason"] = reason
   return out
+
+
+def _graded(task, text: str, problem, grader: str) -> tuple[str | None, float, str | None]:
+  """(answer, reward, error) of one sample; a grader exception is reward 0 with the error, never an abort."""
+  try:
+    return task.extract_answer(text, grader), float(task.grade(text, problem.reference, grader)), None
+  except Exception as e:  # noqa: BLE001 - any grader bug must cost one sample, not the run
+    error = f"{type(e).__name__}: {str(e)[:200]}"
+    logging.warning("grader error on problem %s (%s grading, %d-character sample): %s; reward 0", problem.id,
+                    grader, len(text), error)
+    return None, 0.0, error
 
 
 def _record(episode: _Episode, task, protocol: Protocol) -> dict[str, Any]:

@@ -4,74 +4,62 @@ paper:  the reference's one-level-nesting regex `boxed\\{((?:[^{}]|(?:{[^}]*}))*
         last match, then the reference's Hendrycks `is_equiv` (None vs None is True). Answers with two levels of
         braces (`\\frac{\\sqrt{3}}{2}`) are truncated before comparison, on both sides alike.
 robust: the last balanced-brace `\\boxed{}` of each side; equal when the texts are identical up to whitespace,
-        else when math-verify (`parse` + `verify`, per-call timeout) says so; when math-verify cannot parse a
-        side, the Hendrycks `is_equiv` decides. math-verify's timeout is SIGALRM-based and only works in the
-        main thread; called from any other thread the comparison runs in a one-process spawn-context pool
-        (never fork: the parent may have initialised JAX).
+        else when math-verify says so (`graders.verify`: one deadline per call, at most one timeout per distinct
+        answer, answers over limits.MAX_VERIFY_CHARS not sent); without its verdict, Hendrycks `is_equiv` decides.
+Both modes read at most limits.MAX_TEXT_CHARS (the end of a longer text) and run in time linear in it.
 """
 
 from __future__ import annotations
 
-import atexit
-import concurrent.futures
-import functools
-import multiprocessing
+import bisect
 import re
-import threading
 
-from rise_jax.rise.graders import hendrycks, latex
+from rise_jax.rise.graders import hendrycks, latex, limits, verify
 
-_PAPER_BOXED = re.compile(r"boxed\{((?:[^{}]|(?:{[^}]*}))*)\}")
-VERIFY_TIMEOUT_S = 5
-
-_pool: concurrent.futures.ProcessPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_CLOSE = re.compile(r"\}")
+_OPEN = re.compile(r"\{")
+# A '}' whose previous brace is a '}' too: the match ends at m.end().
+_CLOSE_AFTER_CLOSE = re.compile(r"\}[^{}]*+(?=\})")
 
 
 def paper_extract(text: str) -> str | None:
-  """The reference's `MATHEnv.extract_answer`: the last match of the one-level-nesting regex."""
-  matches = _PAPER_BOXED.findall(text)
-  return matches[-1] if matches else None
+  """The reference's `MATHEnv.extract_answer`: the last match of `boxed\\{((?:[^{}]|(?:{[^}]*}))*)\\}`, in linear time.
+
+  The regex backtracks (quadratic on an unclosed `\\boxed{` repeated), so its matches are computed from brace
+  positions: from a content start, plain characters are consumed until a brace; a '}' ends the match; a '{'
+  item runs to the next '}', after which the match ends at the first '}' whose previous brace is a '}' (every
+  '{' item in between again runs to the next '}'). No '}' ahead: no match, and the scan resumes one character on.
+  """
+  text = limits.clip(text)
+  first = text.find("boxed{")
+  if first < 0:
+    return None
+  closes = [m.start() for m in _CLOSE.finditer(text, first)]
+  opens = [m.start() for m in _OPEN.finditer(text, first)]
+  ends = [m.end() for m in _CLOSE_AFTER_CLOSE.finditer(text, first)]
+
+  def match_end(start: int) -> int | None:
+    j = bisect.bisect_left(closes, start)
+    if j == len(closes):
+      return None
+    k = bisect.bisect_left(opens, start)
+    if k == len(opens) or opens[k] > closes[j]:
+      return closes[j]
+    k = bisect.bisect_right(ends, closes[j])
+    return ends[k] if k < len(ends) else None
+
+  last, pos = None, 0
+  while (i := text.find("boxed{", pos)) >= 0:
+    end = match_end(i + 6)
+    if end is None:
+      pos = i + 1
+    else:
+      last, pos = (i + 6, end), end + 1
+  return None if last is None else text[last[0]:last[1]]
 
 
 def paper_grade(response: str, reference: str) -> float:
   return 1.0 if hendrycks.is_equiv(paper_extract(response), paper_extract(reference)) else 0.0
-
-
-@functools.lru_cache(maxsize=65536)
-def _parse(answer: str, timeout_s: int) -> tuple:
-  """math-verify's parse of one answer string (cached: a gold is compared with many samples)."""
-  import math_verify  # Imported late: sympy and the antlr parser cost seconds.
-
-  return tuple(math_verify.parse(f"${answer}$", extraction_config=[math_verify.LatexExtractionConfig()],
-                                 parsing_timeout=timeout_s))
-
-
-def _verify_in_this_thread(gold: str, pred: str, timeout_s: int) -> bool | None:
-  """math-verify's verdict on two answer strings; None when either side does not parse."""
-  import math_verify
-
-  gold_parsed, pred_parsed = _parse(gold, timeout_s), _parse(pred, timeout_s)
-  if not gold_parsed or not pred_parsed:
-    return None
-  return bool(math_verify.verify(list(gold_parsed), list(pred_parsed), timeout_seconds=timeout_s))
-
-
-def _spawn_pool() -> concurrent.futures.ProcessPoolExecutor:
-  global _pool
-  with _pool_lock:
-    if _pool is None:
-      _pool = concurrent.futures.ProcessPoolExecutor(max_workers=1,
-                                                     mp_context=multiprocessing.get_context("spawn"))
-      atexit.register(_pool.shutdown, cancel_futures=True)
-    return _pool
-
-
-def math_verify_equal(gold: str, pred: str, timeout_s: int = VERIFY_TIMEOUT_S) -> bool | None:
-  """math-verify equivalence with a working timeout from any thread (see the module docstring)."""
-  if threading.current_thread() is threading.main_thread():
-    return _verify_in_this_thread(gold, pred, timeout_s)
-  return _spawn_pool().submit(_verify_in_this_thread, gold, pred, timeout_s).result()
 
 
 def robust_equivalent(a: str | None, b: str | None) -> bool:
@@ -80,7 +68,7 @@ def robust_equivalent(a: str | None, b: str | None) -> bool:
     return False
   if a.split() == b.split():
     return True  # The same text up to whitespace runs: no need to parse.
-  verdict = math_verify_equal(b, a)
+  verdict = verify.equal(b, a)
   return hendrycks.is_equiv(a, b) if verdict is None else verdict
 
 

@@ -2,22 +2,35 @@
 
 A response "3*4=12,25+12=37" answers 37. paper mode mirrors the GSM8K reference's reward range (unparsable
 -> -1, wrong -> 0, right -> 1) so the reference's exp(r / tau) weights see all three values; robust mode gives
-0/1. The reference (the problem's worked scratchpad, or a bare integer) is read the same way.
+0/1. The reference (the problem's worked scratchpad, or a bare integer) is read the same way. A number longer
+than limits.MAX_NUMBER_DIGITS digits is unparsable; a longer text is read from its last limits.MAX_TEXT_CHARS.
 """
 
 from __future__ import annotations
 
 import re
 
-_ANSWER = re.compile(r"=\s*(-?\d+)")
+from rise_jax.rise.graders import limits
+
+_ANSWER = re.compile(r"=\s*+(-?\d+)")
+_INTEGER = re.compile(r"-?\d+")
+
+
+def _last_answer(text: str) -> str | None:
+  """The integer after the last '=' of `text`, canonical ('007' -> '7'); None if none or too long."""
+  matches = _ANSWER.findall(limits.clip(text))
+  return _integer(matches[-1]) if matches else None
+
+
+def _integer(digits: str) -> str | None:
+  return None if len(digits) - digits.startswith("-") > limits.MAX_NUMBER_DIGITS else str(int(digits))
 
 
 def parse(text: str) -> int | None:
-  matches = _ANSWER.findall(text)
-  if matches:
-    return int(matches[-1])
-  stripped = text.strip()
-  return int(stripped) if re.fullmatch(r"-?\d+", stripped) else None
+  answer = _last_answer(text)
+  if answer is None and _INTEGER.fullmatch(text.strip()):
+    answer = _integer(text.strip())
+  return None if answer is None else int(answer)
 
 
 def reference_answer(reference: str, mode: str = "robust") -> str:
@@ -30,8 +43,7 @@ def reference_answer(reference: str, mode: str = "robust") -> str:
 
 def extract_answer(response: str, mode: str) -> str | None:
   del mode
-  matches = _ANSWER.findall(response)
-  return str(int(matches[-1])) if matches else None
+  return _last_answer(response)
 
 
 def grade(response: str, reference: str, mode: str) -> float:
