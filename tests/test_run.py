@@ -21,7 +21,8 @@ from rise_jax.rise import loop, recipes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_STAGES = ["iter_0/collect", "iter_0/train", "iter_0/eval", "iter_1/collect", "iter_1/train", "iter_1/eval",
-                "iter_1/control/train", "iter_1/control/eval"]
+                "iter_1/control/train", "iter_1/control/eval", "iter_2/collect", "iter_2/train", "iter_2/eval",
+                "iter_2/control/train", "iter_2/control/eval"]
 
 
 @pytest.fixture(scope="session")
@@ -105,10 +106,20 @@ def test_smoke_run_end_to_end(smoke_run):
   summary = json.loads((out / "iter_1/collect/summary.json").read_text())
   assert summary["token_drift"]["measured"] > 0 and summary["weight_table"]["1.0"] == pytest.approx(12.182494)
   top = json.loads((out / "summary.json").read_text())
-  assert [r["iteration"] for r in top["compute"]] == [0, 1]
+  assert [r["iteration"] for r in top["compute"]] == [0, 1, 2]
   assert top["compute"][1]["decode_tokens"] > 0 and top["compute"][1]["train_tokens"] > 0
   assert (out / "accuracy_vs_turn.png").is_file() and (out / "summary.md").is_file()
   assert (out / "iter_1/train/hf/config.json").is_file()
+  # Iteration 1 distils from the reference solutions (learner attempts drawn without history); iteration 2 is
+  # self-distillation with the whole history, as rise.iteration_overrides says.
+  logs = {t: [json.loads(line) for line in (out / f"iter_{t}/collect/rollouts.jsonl").read_text().splitlines()[1:]]
+          for t in (1, 2)}
+  last = [r["turns"][-1] for r in logs[1] if len(r["turns"]) == 4]
+  assert last and all(t["policy"] == "teacher:reference" and t["candidates"][0]["reward"] == 1.0 for t in last)
+  assert all(t["window_applied"] for r in logs[1] for t in r["turns"][1:3])
+  assert {t["policy"] for r in logs[2] for t in r["turns"]} == {"learner@iter_1"}
+  assert not any(t["window_applied"] for r in logs[2] for t in r["turns"])
+  assert (out / "iter_1/train/validation.jsonl").exists() is False and (out / "iter_0/train/validation.jsonl").exists()
 
 
 def _digest(run_dir: pathlib.Path) -> dict[str, str]:
