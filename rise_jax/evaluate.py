@@ -27,7 +27,7 @@ import sys
 from typing import Any, Sequence
 
 from rise_jax import config as config_lib
-from rise_jax.rise.policies import Policy, SamplerPolicy, TurnSampling
+from rise_jax.rise.policies import Policy, TurnSampling
 from rise_jax.rise.rollout import Protocol, RunSummary, run_episodes
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,13 @@ def tokenizer_path(cfg, out_dir: pathlib.Path) -> str:
 def load_learner(cfg, out_dir: pathlib.Path, *, name: str = "learner") -> Policy:
   """The model of `cfg.model` behind a sampler, as a runner policy."""
   from rise_jax import chat, models, sharding
-  from rise_jax.sampling import Sampler
+  from rise_jax.rise.policies import sampler_policy
 
   tokenizer = chat.load_tokenizer(tokenizer_path(cfg, out_dir), chat_template=cfg.tokenizer.chat_template)
   mesh = sharding.make_mesh(tuple(cfg.mesh.sample))
   model = models.load_model(cfg.model, mesh=mesh, on_indivisible=cfg.mesh.on_indivisible, seed=cfg.seed)
   chat.check_vocab(tokenizer, model.config)
-  sampler = Sampler(model, tokenizer, max_cache_length=cfg.sampling.max_cache_length, mesh=mesh,
-                    on_overflow=cfg.sampling.on_overflow)
-  return SamplerPolicy(sampler, tokenizer, name=name)
+  return sampler_policy(cfg, model, tokenizer, mesh, name=name)
 
 
 def model_description(cfg) -> dict[str, Any]:

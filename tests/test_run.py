@@ -169,3 +169,16 @@ def test_help_exits_zero():
   proc = subprocess.run([sys.executable, "-m", "rise_jax.run", "--help"], cwd=REPO, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0 and "--config" in proc.stdout
+
+
+def test_loop_learner_honours_sampling_on_overflow(tmp_path):
+  """The loop's learner is built with `sampling.on_overflow` (it once got the sampler's default, "raise")."""
+  from rise_jax.config import finalize
+  from rise_jax.models.build import build_model
+  from rise_jax.rise import stages
+  from train_helpers import TINY
+
+  c = recipes.toy_smoke()
+  c.output_dir, c.sampling.on_overflow = str(tmp_path), "report"
+  policy = stages.Context(finalize(c), tmp_path).learner(build_model(TINY, seed=0), "learner")
+  assert policy.sampler.on_overflow == "report"

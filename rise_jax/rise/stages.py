@@ -85,11 +85,8 @@ class Context:
 
   def learner(self, model, name: str):
     """The model as a runner policy, through the sampler on the sampling mesh."""
-    from rise_jax.rise.policies import SamplerPolicy
-    from rise_jax.sampling import Sampler
-    c = self.config
-    sampler = Sampler(model, self.tokenizer, max_cache_length=c.sampling.max_cache_length, mesh=self.mesh("sample"))
-    return SamplerPolicy(sampler, self.tokenizer, name=name)
+    from rise_jax.rise.policies import sampler_policy
+    return sampler_policy(self.config, model, self.tokenizer, self.mesh("sample"), name=name)
 
   def teacher(self):
     """The improvement policy of distillation: a checkpoint through the sampler, or an OpenAI-compatible API."""
