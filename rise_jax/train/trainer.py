@@ -10,6 +10,7 @@ cannot change the estimator.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,6 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rise_jax import config as config_lib
+from rise_jax import rundir
 from rise_jax import sharding as sharding_lib
 from rise_jax.train import checkpoint as checkpoint_lib
 from rise_jax.train import data as data_lib
@@ -169,6 +171,7 @@ class TrainResult:
   metrics: list[dict[str, Any]]    # one record per step run by this call
   encode_report: data_lib.EncodeReport
   hf_dir: pathlib.Path | None
+  total_tokens: int = 0            # real input tokens of every step of the run, whichever call trained them
 
 
 def initialize_distributed(cfg) -> None:
@@ -195,9 +198,7 @@ class _MetricsSink:
     if path.exists():  # drop lines a killed run wrote past its last checkpoint: they will be rerun
       kept = [l for l in path.read_text().splitlines(keepends=True)
               if l.strip() and json.loads(l)["step"] <= resume_step]
-      tmp = path.with_suffix(".tmp")
-      tmp.write_text("".join(kept))
-      os.replace(tmp, path)
+      rundir.atomic_write_text(path, "".join(kept))
     try:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(path.parent / "tb"))
@@ -290,6 +291,28 @@ def _fingerprint(examples, cfg) -> str:
   return h.hexdigest()[:16]
 
 
+# The settings a resumed run must share with its checkpoint, beyond the data: the batch plan's and the
+# optimiser's (a resume with another lr would otherwise "train" on with the old run's state).
+RESUME_SETTINGS = ("global_batch", "micro_batch", "epochs", "max_length", "packing", "estimator", "lr",
+                   "warmup_ratio", "weight_decay", "max_grad_norm", "b1", "b2", "eps")
+
+
+def resume_settings(cfg) -> dict[str, Any]:
+  return {"seed": cfg.seed, **{f"train.{k}": cfg.train[k] for k in RESUME_SETTINGS}}
+
+
+def check_resume_settings(saved: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
+  """Refuse a checkpoint trained with other settings, naming each differing field (older checkpoints recorded
+  none: their data fingerprint is all there is to check)."""
+  if saved is None:
+    return
+  differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  if differ:
+    changes = ", ".join(f"{k} ({saved.get(k)!r} there, {current.get(k)!r} now)" for k in differ)
+    raise ValueError(f"{where} was trained with other settings; differing fields: {changes}. Use a fresh out_dir, "
+                     "or the original settings to resume.")
+
+
 def _stop_after_step(cfg) -> int | None:
   spec = cfg.debug.stop_after
   if spec and spec.startswith("train:"):
@@ -307,14 +330,21 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
   `cfg.debug.stop_after = "train:N"` SIGKILLs the process right after step N's checkpoint commits (a preemption
   at the worst moment, for resume tests).
   """
-  config_lib.validate(cfg, require_training=True)
-  initialize_distributed(cfg)
-  t = cfg.train
+  initialize_distributed(cfg)  # before anything asks jax for its devices
+  config_lib.validate(cfg, require_training=True, num_devices=jax.device_count())
   out_dir = pathlib.Path(out_dir)
+  records = _records(records_or_path)  # every record checked before the run directory is touched
+  # Process 0 writes the shared files, so it alone holds the directory's lock.
+  with rundir.RunLock(out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _train(cfg, records, out_dir, model, tokenizer, export_hf)
+
+
+def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: bool) -> TrainResult:
+  t = cfg.train
   out_dir.mkdir(parents=True, exist_ok=True)
   if tokenizer is None:
     tokenizer = _load_tokenizer(cfg)
-  examples, report = _examples(cfg, records_or_path, tokenizer, out_dir)
+  examples, report = _examples(cfg, records, tokenizer, out_dir)
 
   mesh = sharding_lib.make_mesh(cfg.mesh.train)
   row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -332,11 +362,13 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
   del model  # the state owns the parameters from here (the step donates them)
 
   fingerprint = _fingerprint(examples, cfg)
+  settings = resume_settings(cfg)
   ckpt = checkpoint_lib.Checkpointer(out_dir / "ckpt", every=t.ckpt_every, keep=t.keep)
   restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state))
   start, resumed_from = 0, None
   if restored is not None:
     start, state, meta = restored
+    check_resume_settings(meta.get("settings"), settings, f"{ckpt.directory}/{start}")
     if meta["fingerprint"] != fingerprint:
       raise ValueError(f"{ckpt.directory}/{start} was written for different data or batch settings "
                        f"(fingerprint {meta['fingerprint']} != {fingerprint}); use a fresh out_dir")
@@ -362,7 +394,8 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
       if done % t.log_every == 0 or save_due:
         logger.flush(ckpt)  # also the non-finite check: a bad state is never saved
       if save_due:
-        ckpt.save(done, state, {"step": done, "fingerprint": fingerprint, "total_steps": total}, force=True)
+        ckpt.save(done, state, {"step": done, "fingerprint": fingerprint, "total_steps": total,
+                                "settings": settings}, force=True)
       if stop_after is not None and done == stop_after:
         ckpt.wait()
         print(f"debug.stop_after: step {done} checkpoint committed; SIGKILL", flush=True)
@@ -378,7 +411,8 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
     from rise_jax.models.hf_io import save_hf_checkpoint
     hf_dir = out_dir / "hf"
     save_hf_checkpoint(trained, hf_dir, tokenizer=tokenizer, overwrite=True)  # ChatTokenizer.hf has the template
-  return TrainResult(out_dir, trained, total, resumed_from, logger.history, report, hf_dir)
+  total_tokens = sum(examples[i].length for s in steps for i in s.example_ids)
+  return TrainResult(out_dir, trained, total, resumed_from, logger.history, report, hf_dir, total_tokens)
 
 
 def _load_tokenizer(cfg):
@@ -389,15 +423,21 @@ def _load_tokenizer(cfg):
   return chat.load_tokenizer(path, cfg.tokenizer.chat_template)
 
 
-def _examples(cfg, records_or_path, tokenizer, out_dir: pathlib.Path):
-  """Validated, rendered examples (all or nothing: a malformed record fails before anything is written)."""
+def _records(records_or_path) -> list[data_lib.Record]:
+  """Validated records (all or nothing: a malformed record fails before anything is written)."""
+  source = os.fspath(records_or_path) if isinstance(records_or_path, os.PathLike) else records_or_path
+  records = data_lib.as_records(source)
+  data_lib.check_weights(records, source if isinstance(source, str) else "the training records")
+  return records
+
+
+def _examples(cfg, records, tokenizer, out_dir: pathlib.Path):
+  """Rendered examples of validated records; data_report.json says what tokenisation skipped."""
   t = cfg.train
-  records = data_lib.as_records(os.fspath(records_or_path) if isinstance(records_or_path, os.PathLike)
-                                else records_or_path)
   examples, report = data_lib.encode_records(records, tokenizer, t.max_length, t.on_truncation)
   log.info("training data: %s", report.summary())
   if jax.process_index() == 0:
-    _atomic_json(out_dir / "data_report.json", {"total": report.total, "kept": report.kept,
+    rundir.atomic_write_json(out_dir / "data_report.json", {"total": report.total, "kept": report.kept,
                                                  "skipped": report.skipped})
   if not examples:
     raise ValueError(f"no trainable examples: {report.summary()}")
@@ -409,8 +449,3 @@ def _progress(total: int, start: int):
   return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
               dynamic_ncols=True)
 
-
-def _atomic_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-  os.replace(tmp, path)
