@@ -122,6 +122,12 @@ class RunLock:
         holder = _read_holder(fd)
         os.close(fd)
         raise self._refuse(holder, "Wait for it to finish, or use another output_dir.") from None
+      except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+          os.close(fd)
+          raise
+        # A file system without flock: the pid/host check below is the only guard.
+        log.warning("%s: the file system does not support flock (%s); checking the lock's pid only", self.root, e)
       try:  # the holder may have released (unlinked) the file between our open and our flock: lock the new one
         if os.path.samestat(os.fstat(fd), os.stat(self.path)):
           break
