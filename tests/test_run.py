@@ -182,17 +182,18 @@ def test_help_exits_zero():
   assert proc.returncode == 0 and "--config" in proc.stdout
 
 
-def test_loop_learner_honours_sampling_on_overflow(tmp_path):
+def test_loop_learner_honours_sampling_on_overflow(tmp_path, monkeypatch):
   """The loop's learner is built with `sampling.on_overflow` (it once got the sampler's default, "raise")."""
+  import rise_jax.sampling
   from rise_jax.config import finalize
-  from rise_jax.models.build import build_model
   from rise_jax.rise import stages
-  from train_helpers import TINY
 
+  built = {}
+  monkeypatch.setattr(rise_jax.sampling, "Sampler", lambda model, tokenizer, **options: built.update(options))
   c = recipes.toy_smoke()
   c.output_dir, c.sampling.on_overflow = str(tmp_path), "report"
-  policy = stages.Context(finalize(c), tmp_path).learner(build_model(TINY, seed=0), "learner")
-  assert policy.sampler.on_overflow == "report"
+  stages.Context(finalize(c), tmp_path).learner(model=None, name="learner")
+  assert built["on_overflow"] == "report" and built["max_cache_length"] == c.sampling.max_cache_length
 
 
 def test_output_dir_spelling_and_moves_do_not_change_the_run(tmp_path, monkeypatch):
