@@ -160,12 +160,14 @@ def test_train_end_to_end_hf_export_and_resume(reference_run, tiny_model, toy_to
   assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
 
 
-def test_finished_run_refuses_other_optimiser_settings_naming_them(reference_run, tiny_model, toy_tokenizer):
+def test_finished_run_refuses_other_optimiser_settings_naming_them(reference_run, tiny_model, toy_tokenizer,
+                                                                   monkeypatch):
   """A finished out_dir given another lr is refused (it used to "train" 0 steps and re-export the old weights)."""
   cfg, data, result = reference_run
   other = tiny_config(pathlib.Path(cfg.tokenizer.path), result.out_dir, profile_steps=(1, 2), lr=5e-4,
                       warmup_ratio=0.1)
   before = (result.out_dir / "metrics.jsonl").read_bytes()
+  monkeypatch.setattr(trainer_lib, "Trainer", None)  # refused before any model work
   with pytest.raises(ValueError, match=r"ckpt/3 was trained with other settings; differing fields: "
                                        r"train\.lr \(0\.001 there, 0\.0005 now\), train\.warmup_ratio"):
     trainer_lib.train(other, data, result.out_dir, model=tiny_model, tokenizer=toy_tokenizer)

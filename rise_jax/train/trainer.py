@@ -341,6 +341,10 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
 
 def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: bool) -> TrainResult:
   t = cfg.train
+  settings = resume_settings(cfg)
+  latest = checkpoint_lib.latest_meta(out_dir / "ckpt")
+  if latest is not None:  # refused before the model is loaded (minutes at 7B)
+    check_resume_settings(latest[1].get("settings"), settings, f"{(out_dir / 'ckpt').absolute()}/{latest[0]}")
   out_dir.mkdir(parents=True, exist_ok=True)
   if tokenizer is None:
     tokenizer = _load_tokenizer(cfg)
@@ -362,13 +366,11 @@ def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: boo
   del model  # the state owns the parameters from here (the step donates them)
 
   fingerprint = _fingerprint(examples, cfg)
-  settings = resume_settings(cfg)
   ckpt = checkpoint_lib.Checkpointer(out_dir / "ckpt", every=t.ckpt_every, keep=t.keep)
   restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state))
   start, resumed_from = 0, None
   if restored is not None:
     start, state, meta = restored
-    check_resume_settings(meta.get("settings"), settings, f"{ckpt.directory}/{start}")
     if meta["fingerprint"] != fingerprint:
       raise ValueError(f"{ckpt.directory}/{start} was written for different data or batch settings "
                        f"(fingerprint {meta['fingerprint']} != {fingerprint}); use a fresh out_dir")
