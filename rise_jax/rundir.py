@@ -79,7 +79,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 # -- the lock ---------------------------------------------------------------------------------------------------
 
-def _alive(pid: int) -> bool:
+def _alive(pid: Any) -> bool:
+  if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    return False  # no usable pid (a hand-edited file): os.kill(0 or -1, ...) would address process groups
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -139,7 +141,7 @@ class RunLock:
       os.close(fd)
       raise self._refuse(holder, f"Its pid cannot be checked from {socket.gethostname()}: if that run is no "
                                  f"longer running, delete {self.path} and re-run.")
-    if holder and holder.get("pid") != os.getpid() and _alive(int(holder.get("pid", -1))):
+    if holder and holder.get("pid") != os.getpid() and _alive(holder.get("pid")):
       os.close(fd)  # alive but not holding the flock: a file system without flock, or a reused pid
       raise self._refuse(holder, f"If that process is not a run, delete {self.path} and re-run.")
     if holder:

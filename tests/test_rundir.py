@@ -55,11 +55,15 @@ def test_a_lock_held_by_another_process_refuses(tmp_path):
     assert json.loads((tmp_path / rundir.LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
-def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
-  _plant(tmp_path, pid=_dead_pid(), host=socket.gethostname())
+@pytest.mark.parametrize("pid", ["dead", -1, None])
+def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog, pid):
+  _plant(tmp_path, pid=_dead_pid() if pid == "dead" else pid, host=socket.gethostname())
   with rundir.RunLock(tmp_path):
     assert json.loads((tmp_path / rundir.LOCK_FILE).read_text())["pid"] == os.getpid()
   assert "which is no longer running" in caplog.text
+  (tmp_path / rundir.LOCK_FILE).write_bytes(b'{"pid": 12')  # torn by a kill mid-write: taken over as well
+  with rundir.RunLock(tmp_path):
+    pass
 
 
 def test_lock_naming_another_host_or_a_live_pid_is_refused_with_what_to_delete(tmp_path):
