@@ -61,7 +61,11 @@ class RunDir:
     ConfigMismatch naming the differing fields. Writes nothing, so a refused config leaves no trace."""
     if rundir.check_config(self.root, self.config) is None:
       return False
-    saved_hash = json.loads((self.root / "run.json").read_text()).get("config_hash")
+    run_json = self.root / "run.json"
+    if not run_json.is_file():
+      raise ConfigMismatch(f"{self.root} holds results but no run.json: it is not a RISE run directory (an "
+                           "evaluation's?). Use another output_dir.")
+    saved_hash = json.loads(run_json.read_text()).get("config_hash")
     if saved_hash != self.hash:
       raise ConfigMismatch(
           f"{self.root} was made under config hash {saved_hash}, this config's is {self.hash}, though config.json "
