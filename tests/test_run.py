@@ -88,13 +88,13 @@ def test_run_dir_refuses_another_config_naming_fields(tmp_path):
   with pytest.raises(loop.ConfigMismatch, match=r"differing fields: collect.tau, train.lr\."):
     loop.RunDir(tmp_path, finalize(b)).open()
   assert (tmp_path / "config.json").read_bytes() == config_before
-  (tmp_path / "run.json").unlink()  # e.g. rise_jax.run pointed at an evaluation's directory
-  with pytest.raises(loop.ConfigMismatch, match="not a RISE run directory"):
-    loop.RunDir(tmp_path, a).open()
   c = recipes.toy_smoke()
   c.debug.stop_after = "iter_1/train:1"
   loop.RunDir(tmp_path, finalize(c)).open()
   assert json.loads((tmp_path / "run.json").read_text())["config_hash"] == config_lib.config_hash(a)
+  (tmp_path / "run.json").unlink()  # e.g. rise_jax.run pointed at an evaluation's directory
+  with pytest.raises(loop.ConfigMismatch, match="not a RISE run directory"):
+    loop.RunDir(tmp_path, a).open()
 
 
 @pytest.mark.timeout(300)
