@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from typing import Any
 
 import ml_collections
@@ -35,6 +36,9 @@ RISE_DATA = ("current", "accumulated")
 ON_OVERFLOW = ("raise", "report")
 ON_INDIVISIBLE = ("replicate", "raise")
 MOMENTS_DTYPES = ("float32", "bfloat16")
+# The largest example weight training accepts: Adam's second moment grows like weight**2, and float32 overflows
+# at 3.4e38, so weights beyond this end a run in inf/nan instead of training.
+MAX_EXAMPLE_WEIGHT = 1e12
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -192,14 +196,40 @@ def _get(config, field: str):
   return node
 
 
+def _check_names(config) -> None:
+  """Names that must exist in a registry (preset, task) and local task files that must exist."""
+  from rise_jax.rise.tasks import TASKS, base  # local: the registries import the task and model code
+  if config.model.source == "preset":
+    from rise_jax.models.configs import PRESETS
+    _one_of(config, "model.preset", sorted(PRESETS))
+  _one_of(config, "task.name", sorted(TASKS))
+  if config.task.name != "toy":  # the toy task enumerates its problems and reads no source
+    for field in ("train_source", "test_source"):
+      source = config.task[field]
+      _check(source is None or not base.is_local(source) or os.path.isfile(source), f"task.{field}",
+             f"{source!r} is not a file (a local .jsonl, or a hub id 'owner/name[:config]')")
+
+
+def _check_mesh(config, num_devices: int) -> None:
+  from rise_jax.sharding import resolve_mesh_shape  # local: imports jax
+  for name in ("train", "sample"):
+    try:
+      resolve_mesh_shape(tuple(config.mesh[name]), num_devices)
+    except ValueError as e:
+      _check(False, f"mesh.{name}", str(e))
+
+
 def validate(config: ml_collections.ConfigDict, *, require_training: bool = False,
-             _per_iteration: bool = True) -> ml_collections.ConfigDict:
-  """Check every enum and range; raise ValueError naming the field. Returns the config for chaining."""
+             num_devices: int | None = None, _per_iteration: bool = True) -> ml_collections.ConfigDict:
+  """Check every enum, range, registry name and local task file; raise ValueError naming the field. With
+  `num_devices` (the commands pass jax.device_count()) the meshes must fit that many devices. Returns the config
+  for chaining."""
   _one_of(config, "model.source", MODEL_SOURCES)
   if config.model.source == "hf":
     _check(config.model.hf_path is not None, "model.hf_path", "required when model.source == 'hf'")
   else:
     _check(bool(config.model.preset), "model.preset", "required when model.source == 'preset'")
+  _check_names(config)
   _one_of(config, "model.param_dtype", DTYPES)
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.attention", ATTENTION_BACKENDS)
@@ -211,6 +241,8 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
            f"{shape}: each axis is a positive int or -1")
     _check(sum(d == -1 for d in shape) <= 1, f"mesh.{name}", f"{shape}: at most one -1 wildcard")
   _one_of(config, "mesh.on_indivisible", ON_INDIVISIBLE)
+  if num_devices is not None:
+    _check_mesh(config, num_devices)
   _check(config.task.dev_size >= 0, "task.dev_size", "must be >= 0")
   _one_of(config, "task.grader", GRADERS)
   s = config.sampling
@@ -236,6 +268,8 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _one_of(config, "collect.criteria", CRITERIA)
   _one_of(config, "collect.weighting", WEIGHTINGS)
   _check(co.tau > 0, "collect.tau", "must be > 0 (use collect.only_success for filtering)")
+  _check(co.weighting != "exp" or 1.0 / co.tau <= math.log(MAX_EXAMPLE_WEIGHT), "collect.tau",
+         f"{co.tau}: exp(1 / tau) exceeds the largest training weight, {MAX_EXAMPLE_WEIGHT:g}")
   _check(co.max_resample_rounds >= 0, "collect.max_resample_rounds", "must be >= 0")
   _check(co.window is None or co.window >= 1, "collect.window", "must be None (full history) or >= 1")
   t = config.train
@@ -283,7 +317,8 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
          "needs task.train_size (the number of fresh problems per iteration)")
   overrides = parse_overrides(r.iteration_overrides, r.iterations)
   for t in sorted(overrides) if _per_iteration else ():  # each iteration's own settings must be valid too
-    validate(for_iteration(config, t), require_training=require_training, _per_iteration=False)
+    validate(for_iteration(config, t), require_training=require_training, num_devices=num_devices,
+             _per_iteration=False)
   return config
 
 
@@ -339,11 +374,19 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def config_hash(config: ml_collections.ConfigDict, exclude: tuple[str, ...] = ("debug",)) -> str:
-  """Stable hash of the fields that change results (debug hooks excluded)."""
-  d = to_dict(config)
-  for key in exclude:
-    d.pop(key, None)
+# Fields that are not part of a run's identity: debug hooks, and where the run directory is (the same directory
+# spelled `/abs/x`, `./x` or `x/`, or moved, must resume).
+NOT_IDENTITY = ("debug", "output_dir")
+
+
+def identity(d: dict[str, Any]) -> dict[str, Any]:
+  """A config dict without the fields that do not change results (`NOT_IDENTITY`)."""
+  return {k: v for k, v in d.items() if k not in NOT_IDENTITY}
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """Stable hash of the fields that change results (`identity`)."""
+  d = identity(to_dict(config))
   return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import sys
 from typing import Any, Sequence
 
 from rise_jax import config as config_lib
-from rise_jax.rise.policies import Policy, SamplerPolicy, TurnSampling
+from rise_jax import rundir
+from rise_jax.rise.policies import Policy, TurnSampling
 from rise_jax.rise.rollout import Protocol, RunSummary, run_episodes
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,13 @@ def tokenizer_path(cfg, out_dir: pathlib.Path) -> str:
 def load_learner(cfg, out_dir: pathlib.Path, *, name: str = "learner") -> Policy:
   """The model of `cfg.model` behind a sampler, as a runner policy."""
   from rise_jax import chat, models, sharding
-  from rise_jax.sampling import Sampler
+  from rise_jax.rise.policies import sampler_policy
 
   tokenizer = chat.load_tokenizer(tokenizer_path(cfg, out_dir), chat_template=cfg.tokenizer.chat_template)
   mesh = sharding.make_mesh(tuple(cfg.mesh.sample))
   model = models.load_model(cfg.model, mesh=mesh, on_indivisible=cfg.mesh.on_indivisible, seed=cfg.seed)
   chat.check_vocab(tokenizer, model.config)
-  sampler = Sampler(model, tokenizer, max_cache_length=cfg.sampling.max_cache_length, mesh=mesh,
-                    on_overflow=cfg.sampling.on_overflow)
-  return SamplerPolicy(sampler, tokenizer, name=name)
+  return sampler_policy(cfg, model, tokenizer, mesh, name=name)
 
 
 def model_description(cfg) -> dict[str, Any]:
@@ -100,20 +98,36 @@ def evaluate(cfg, *, out_dir=None, policy: Policy | None = None, problems: Seque
   `cfg.model`'s description). problems: default the task's `eval.split` split ("test", capped by
   `task.test_size`, or "dev" for tuning).
   """
+  from rise_jax.rise.tasks import task_from_config
+
+  num_devices = None
+  if policy is None:  # the meshes must fit the devices the model will be loaded on
+    import jax
+    num_devices = jax.device_count()
+  config_lib.validate(cfg, num_devices=num_devices)
+  out = pathlib.Path(out_dir or cfg.output_dir)
+  task = task_from_config(cfg.task)
+  problems = list(task.load(cfg.eval.split) if problems is None else problems)
+  if not problems:
+    field = "task.test_source" if cfg.eval.split == "test" else "task.dev_size"
+    raise ValueError(f"config field {field}: the task's {cfg.eval.split} split has no problems to evaluate")
+  rundir.check_config(out, cfg)  # a changed config is refused before anything is written
+  with rundir.RunLock(out):
+    rundir.check_config(out, cfg)  # again, now that no other writer can be between the check and the write
+    rundir.atomic_write_json(out / rundir.CONFIG_FILE, config_lib.to_dict(cfg))
+    if policy is None:
+      policy = load_learner(cfg, out)
+    return _evaluate(cfg, out, task, problems, policy, model or model_description(cfg), progress)
+
+
+def _evaluate(cfg, out: pathlib.Path, task, problems: Sequence[Any], policy: Policy, model: Any,
+              progress: bool) -> dict[str, Any]:
+  """The protocols, logs, metrics and reports of `evaluate`, in a directory it has locked."""
   from rise_jax.rise import get_prompt_set
   from rise_jax.rise import metrics as metrics_lib
   from rise_jax.rise import report as report_lib
-  from rise_jax.rise.tasks import task_from_config
 
-  config_lib.validate(cfg)
-  out = pathlib.Path(out_dir or cfg.output_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  _write_json(out / "config.json", config_lib.to_dict(cfg))
-  task = task_from_config(cfg.task)
-  problems = list(task.load(cfg.eval.split) if problems is None else problems)
-  if policy is None:
-    policy = load_learner(cfg, out)
-  header = {"config_hash": config_lib.config_hash(cfg), "model": model or model_description(cfg)}
+  header = {"config_hash": config_lib.config_hash(cfg), "model": model}
   batch = cfg.sampling.batch_size
   throughput: dict[str, dict[str, float]] = {}
 
@@ -136,7 +150,7 @@ def evaluate(cfg, *, out_dir=None, policy: Policy | None = None, problems: Seque
     refine_dir.mkdir(exist_ok=True)
     run(sequential_protocol(cfg, prompt_set=SELF_REFINE_PROMPT_SET), SELF_REFINE_PROMPT_SET,
         refine_dir / sequential_log_name(0), "self_refine")
-  _write_json(out / "throughput.json", throughput)
+  rundir.atomic_write_json(out / "throughput.json", throughput)
 
   metrics = metrics_lib.metrics_from_logs(sequential_paths, out / PARALLEL_LOG, task, None, cfg.eval.tie_break,
                                           seed=cfg.seed)
@@ -187,10 +201,7 @@ def _append_sampling_section(report: pathlib.Path, sampling: dict[str, dict[str,
     for name, t in throughput.items():
       lines.append(f"| {name} | {t['episodes']} | {t['skipped']} | {t['seconds']:.1f} | {t['problems_per_s']:.3f} | "
                    f"{t['tokens_per_s']:.1f} |")
-  text = report.read_text() + "\n".join(lines) + "\n"
-  tmp = report.with_suffix(".md.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, report)
+  rundir.atomic_write_text(report, report.read_text() + "\n".join(lines) + "\n")
 
 
 def _throughput(summary: RunSummary) -> dict[str, float]:
@@ -198,12 +209,6 @@ def _throughput(summary: RunSummary) -> dict[str, float]:
           "problems_per_s": round(summary.problems_per_s, 4), "decode_tokens": summary.decode_tokens,
           "prefill_tokens": summary.prefill_tokens, "tokens_per_s": round(summary.tokens_per_s, 2),
           "resamples": summary.resamples, "degenerate_kept": summary.degenerate_kept}
-
-
-def _write_json(path: pathlib.Path, obj):
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
 
 
 def main(cfg) -> dict[str, Any]:
@@ -233,7 +238,8 @@ def cli(argv: Sequence[str] | None = None):
 
   def run(_):
     absl_logging.set_verbosity(absl_logging.INFO)
-    main(config.value)
+    with rundir.cli_errors("rise_jax.evaluate", config.value.output_dir):
+      main(config.value)
 
   app.run(run, argv=argv)
 

@@ -32,7 +32,8 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rise_jax.rise.loop import ConfigMismatch, StopRequested, run  # noqa: E402
+from rise_jax.rise.loop import StopRequested, run  # noqa: E402
+from rise_jax.rundir import cli_errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py).",
                                           lock_config=True)
@@ -57,13 +58,11 @@ def main(argv):
     raise app.UsageError("--config=configs/<experiment>.py is required")
   enable_compilation_cache()
   try:
-    summary = run(config)
+    with cli_errors("rise_jax.run", config.output_dir):  # refused directory: exit 2; disk full: exit 4
+      summary = run(config)
   except StopRequested as e:
     print(f"[rise_jax.run] {e}; re-run the same command to resume", flush=True)
     sys.exit(3)
-  except ConfigMismatch as e:
-    print(f"[rise_jax.run] {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
   print(summary["table_md"])
   for path in summary["plots"]:
     print(f"plot: {path}")

@@ -87,3 +87,41 @@ def test_iteration_overrides_apply_to_their_iteration_only_and_are_validated():
     c.lock()
     with pytest.raises(ValueError, match=needle):
       config_lib.validate(c)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("model.preset", "llama-9b", r"model\.preset: 'llama-9b' is not one of"),
+    ("task.name", "gsm8", r"task\.name: 'gsm8' is not one of"),
+    ("collect.tau", 0.03, r"collect\.tau: 0\.03: exp\(1 / tau\) exceeds"),
+])
+def test_validate_checks_registry_names_and_weight_range(field, value, needle):
+  c = _fresh()
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError, match=needle):
+    config_lib.validate(c)
+
+
+def test_validate_checks_local_task_files_and_the_mesh_against_the_devices(tmp_path):
+  c = _fresh()
+  c.task.name, c.task.test_source = "gsm8k", str(tmp_path / "test.jsonl")
+  with pytest.raises(ValueError, match=r"task\.test_source: '.*test\.jsonl' is not a file"):
+    config_lib.validate(c)
+  (tmp_path / "test.jsonl").write_text("{}\n")
+  c.task.train_source = "openai/gsm8k:main"  # a hub id is not checked here
+  config_lib.validate(c)
+  c.mesh.sample = (2, 1, 1)
+  config_lib.validate(c, num_devices=2)
+  with pytest.raises(ValueError, match=r"mesh\.sample: mesh shape \(2, 1, 1\) needs 2 devices, have 8"):
+    config_lib.validate(c, num_devices=8)
+  c.mesh.sample = (3, -1, 1)
+  with pytest.raises(ValueError, match=r"mesh\.sample: .*8 devices are not divisible by 3"):
+    config_lib.validate(c, num_devices=8)
+
+
+def test_config_hash_ignores_where_the_run_directory_is():
+  a, b = _fresh(), _fresh()
+  a.output_dir, b.output_dir = "/abs/runs/x", "./x/"
+  assert config_lib.config_hash(a) == config_lib.config_hash(b)
+  assert config_lib.diff_fields(config_lib.identity(config_lib.to_dict(a)),
+                                config_lib.identity(config_lib.to_dict(b))) == []

@@ -135,20 +135,25 @@ def test_resume_after_sigkill_equals_uninterrupted(uninterrupted, tmp_path, env)
   assert throughput["sequential"]["episodes"] == NUM_PROBLEMS - len(before)
 
 
-def test_evaluate_protocols_draws_and_self_refine_with_a_scripted_learner(tmp_path):
-  """The whole evaluate flow in-process (no model): which protocols run, on which prompts, into which files, and
-  the metrics they give, with a learner whose answers are known."""
+def _eval_toy_config(tmp_path):
+  """configs/eval_toy.py writing into tmp_path/run."""
   import importlib.util
-
-  from rise_jax import evaluate
-  from rise_jax.rise import get_prompt_set
-  from rise_jax.rise.policies import ScriptedPolicy
-
   spec = importlib.util.spec_from_file_location("eval_toy", REPO / "configs" / "eval_toy.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   cfg = module.get_config()
   cfg.output_dir = str(tmp_path / "run")
+  return cfg
+
+
+def test_evaluate_protocols_draws_and_self_refine_with_a_scripted_learner(tmp_path):
+  """The whole evaluate flow in-process (no model): which protocols run, on which prompts, into which files, and
+  the metrics they give, with a learner whose answers are known."""
+  from rise_jax import evaluate
+  from rise_jax.rise import get_prompt_set
+  from rise_jax.rise.policies import ScriptedPolicy
+
+  cfg = _eval_toy_config(tmp_path)
   cfg.task.test_size, cfg.eval.turns, cfg.eval.parallel_k, cfg.eval.draws = 4, 2, 3, 2
   cfg.eval.self_refine = True
   references = {}
@@ -214,17 +219,11 @@ def test_local_hf_checkpoint_on_local_data(tmp_path, shared_dir, llama2_tokenize
 
 def test_eval_split_dev_evaluates_the_dev_problems(tmp_path):
   """`eval.split="dev"` (for tuning) evaluates exactly the task's dev problems, which are disjoint from test."""
-  import importlib.util
-
   from rise_jax import evaluate
   from rise_jax.rise.policies import ScriptedPolicy
   from rise_jax.rise.tasks import task_from_config
 
-  spec = importlib.util.spec_from_file_location("eval_toy", REPO / "configs" / "eval_toy.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
-  cfg.output_dir = str(tmp_path / "run")
+  cfg = _eval_toy_config(tmp_path)
   cfg.task.dev_size, cfg.eval.turns, cfg.eval.parallel_k, cfg.eval.split = 6, 1, 1, "dev"
   task = task_from_config(cfg.task)
   dev, test = {p.id for p in task.load("dev")}, {p.id for p in task.load("test")}
@@ -233,3 +232,28 @@ def test_eval_split_dev_evaluates_the_dev_problems(tmp_path):
                     progress=False)
   _, records, _ = rollout_log.read_rollouts(tmp_path / "run" / "rollouts.jsonl")
   assert {r["problem_id"] for r in records} == dev
+
+
+def _files(root: pathlib.Path):
+  return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*")
+                if p.is_file())
+
+
+def test_changed_config_is_refused_before_anything_is_written(tmp_path):
+  """Logs sampled at temperature 1.0 are never left under a config.json saying 0.5."""
+  from rise_jax import evaluate, rundir
+  from rise_jax.rise.policies import ScriptedPolicy
+
+  cfg = _eval_toy_config(tmp_path)
+  cfg.task.test_size, cfg.eval.turns, cfg.eval.parallel_k = 2, 1, 1
+  learner = ScriptedPolicy(lambda request, j: "=0", name="scripted")
+  evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)
+  before = _files(tmp_path / "run")
+  cfg.sampling.temperature = 0.5
+  with pytest.raises(rundir.ConfigMismatch, match=r"differing fields: sampling\.temperature\."):
+    evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)
+  assert _files(tmp_path / "run") == before
+  with rundir.RunLock(tmp_path / "run"):  # a second writer is refused too, before it writes
+    cfg.sampling.temperature = 1.0
+    with pytest.raises(rundir.RunDirLocked, match="is in use by another run"):
+      evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)

@@ -321,6 +321,11 @@ def test_errors_name_the_tensor_or_field(tiny_llama_gqa_path, tmp_path):
   with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight has shape \(64, 64\).*\(32, 64\)"):
     load_hf_checkpoint(shape)
 
+  truncated = _copy(tiny_llama_gqa_path, tmp_path, "truncated")  # a copy or download cut short
+  (truncated / "model.safetensors").write_bytes((tiny_llama_gqa_path / "model.safetensors").read_bytes()[:100])
+  with pytest.raises(ValueError, match=rf"{truncated / 'model.safetensors'}: unreadable safetensors file"):
+    load_hf_checkpoint(truncated)
+
   rope = _copy(tiny_llama_gqa_path, tmp_path, "rope")
   _edit_config(rope, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
   with pytest.raises(ValueError, match="rope_type 'yarn'"):

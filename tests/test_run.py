@@ -81,12 +81,21 @@ def test_run_dir_refuses_another_config_naming_fields(tmp_path):
   b = recipes.toy_smoke()
   b.collect.tau, b.train.lr = 0.9, 5e-4
   b.debug.stop_after = "iter_1/train:1"  # debug fields do not count
+  loop.RunDir(tmp_path, finalize(b)).open()  # no results yet: nothing can be mislabelled, the new config is adopted
+  loop.RunDir(tmp_path, a).open()
+  (tmp_path / "iter_0" / "eval").mkdir(parents=True)
+  (tmp_path / "iter_0" / "eval" / "rollouts.jsonl").write_text("{}\n")
+  config_before = (tmp_path / "config.json").read_bytes()
   with pytest.raises(loop.ConfigMismatch, match=r"differing fields: collect.tau, train.lr\."):
     loop.RunDir(tmp_path, finalize(b)).open()
+  assert (tmp_path / "config.json").read_bytes() == config_before
   c = recipes.toy_smoke()
   c.debug.stop_after = "iter_1/train:1"
   loop.RunDir(tmp_path, finalize(c)).open()
   assert json.loads((tmp_path / "run.json").read_text())["config_hash"] == config_lib.config_hash(a)
+  (tmp_path / "run.json").unlink()  # e.g. rise_jax.run pointed at an evaluation's directory
+  with pytest.raises(loop.ConfigMismatch, match="not a RISE run directory"):
+    loop.RunDir(tmp_path, a).open()
 
 
 @pytest.mark.timeout(300)
@@ -174,9 +183,91 @@ def test_interrupted_run_resumes_to_identical_artifacts(smoke_run, tmp_path, xla
   mine, theirs = _digest(out), _digest(reference)
   assert sorted(mine) == sorted(theirs)
   assert {k for k in mine if mine[k] != theirs[k]} == set()
+  # The compute table counts every invocation's tokens, not only the last one's.
+  tokens = lambda run: [(r["decode_tokens"], r["train_tokens"])  # noqa: E731
+                        for r in json.loads((run / "summary.json").read_text())["compute"]]
+  assert tokens(out) == tokens(reference)
+  assert not list(out.rglob(".lock"))  # the killed invocations' locks were taken over, then released
 
 
 def test_help_exits_zero():
   proc = subprocess.run([sys.executable, "-m", "rise_jax.run", "--help"], cwd=REPO, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0 and "--config" in proc.stdout
+
+
+def test_loop_learner_honours_sampling_on_overflow(tmp_path, monkeypatch):
+  """The loop's learner is built with `sampling.on_overflow` (it once got the sampler's default, "raise")."""
+  import rise_jax.sampling
+  from rise_jax.config import finalize
+  from rise_jax.rise import stages
+
+  built = {}
+  monkeypatch.setattr(rise_jax.sampling, "Sampler", lambda model, tokenizer, **options: built.update(options))
+  c = recipes.toy_smoke()
+  c.output_dir, c.sampling.on_overflow = str(tmp_path), "report"
+  stages.Context(finalize(c), tmp_path).learner(model=None, name="learner")
+  assert built["on_overflow"] == "report" and built["max_cache_length"] == c.sampling.max_cache_length
+
+
+def test_output_dir_spelling_and_moves_do_not_change_the_run(tmp_path, monkeypatch):
+  """The same directory as absolute, ./x, x/, or moved elsewhere resumes (output_dir is not part of the identity)."""
+  from rise_jax.config import finalize
+
+  def opened(output_dir):
+    c = recipes.toy_smoke()
+    c.output_dir = output_dir
+    run_dir = loop.RunDir(output_dir, finalize(c))
+    run_dir.open()
+    return run_dir
+
+  monkeypatch.chdir(tmp_path)
+  first = opened(str(tmp_path / "x"))
+  (tmp_path / "x" / "iter_0" / "eval").mkdir(parents=True)
+  (tmp_path / "x" / "iter_0" / "eval" / "DONE").write_text("{}\n")  # results: a mismatch would be refused
+  for spelling in ("./x", "x/", "x"):
+    assert opened(spelling).hash == first.hash
+  (tmp_path / "x").rename(tmp_path / "moved")
+  assert opened(str(tmp_path / "moved")).done("iter_0/eval")
+
+
+def _smoke_config(tmp_path, **fields):
+  from rise_jax.config import finalize
+  c = recipes.toy_smoke()
+  c.output_dir = str(tmp_path / "run")
+  for dotted, value in fields.items():
+    section, name = dotted.split(".")
+    c[section][name] = value
+  return finalize(c)
+
+
+def test_run_refuses_a_locked_directory_at_once(tmp_path):
+  from rise_jax import rundir
+  cfg = _smoke_config(tmp_path)
+  with rundir.RunLock(tmp_path / "run"):
+    with pytest.raises(rundir.RunDirLocked, match=rf"{tmp_path / 'run'} is in use by another run \(pid {os.getpid()}"):
+      loop.run(cfg)
+  assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"task.name": "gsm8k", "task.train_source": "missing/train.jsonl"}, r"task\.train_source"),
+    ({"model.preset": "no-such-model"}, r"model\.preset"),
+    ({"task.name": "tyo"}, r"task\.name"),
+    ({"mesh.train": (3, 1, 1)}, r"mesh\.train"),
+])
+def test_config_problems_are_reported_before_the_run_directory_exists(tmp_path, fields, needle):
+  with pytest.raises(ValueError, match=needle):
+    loop.run(_smoke_config(tmp_path, **fields))
+  assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_train_file_fails_before_the_run_directory_exists(tmp_path):
+  train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+  train.write_text("")
+  test.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+  cfg = _smoke_config(tmp_path, **{"task.name": "gsm8k", "task.train_source": str(train),
+                                   "task.test_source": str(test), "task.dev_size": 0})
+  with pytest.raises(ValueError, match=rf"{train}: holds no records"):
+    loop.run(cfg)
+  assert not (tmp_path / "run").exists()

@@ -98,6 +98,12 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
     base.read_jsonl(str(path), ("problem", "solution"))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     get_task("math", test_source=str(tmp_path / "absent.jsonl")).load("test")
+  path.write_bytes(b'{"question": "q0", "answer": "#### 1"}\n{"question": "\xff", "answer": "#### 2"}\n')
+  with pytest.raises(ValueError, match=r"gsm\.jsonl:2: not valid UTF-8 \(byte 0xff at column 15\)"):
+    get_task("gsm8k", train_source=str(path), test_source=str(path), dev_size=0).load("test")
+  path.write_text("\n")
+  with pytest.raises(ValueError, match=r"gsm\.jsonl: holds no records \(an empty task file\)"):
+    get_task("gsm8k", train_source=str(path), test_source=str(path), dev_size=0).load("test")
 
 
 def test_problems_without_a_gradable_reference_are_counted_and_excluded(tmp_path, caplog):

@@ -24,6 +24,7 @@ def _write(tmp_path, lines):
     (json.dumps({**GOOD, "weight": -1.0}), 2, "'weight'"),
     ('{"id": "b", "weight": NaN, "messages": []}', 2, "'weight'"),
     ('{"id": "b", "weight": Infinity, "messages": []}', 2, "'weight'"),
+    (json.dumps({**GOOD, "id": "huge", "weight": 1e308}), 2, "'weight': must be finite and in [0, 1e+12]"),
     (json.dumps({**GOOD, "weight": "1"}), 2, "'weight'"),
     (json.dumps({k: v for k, v in GOOD.items() if k != "id"}), 2, "'id'"),
     (json.dumps({**GOOD, "messages": [{"role": "user", "content": "q", "train": True}]}), 2, "'messages[0].train'"),
@@ -33,6 +34,13 @@ def test_malformed_record_names_file_line_field(tmp_path, bad, where, field):
   with pytest.raises(D.RecordError) as e:
     D.read_records(path)
   assert f"{path}:{where}:" in str(e.value) and field in str(e.value)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+  path = tmp_path / "sft.jsonl"
+  path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"id": "caf\xe9"}\n')
+  with pytest.raises(D.RecordError, match=rf"{path}:2: not valid UTF-8 \(byte 0xe9 at column 12\)"):
+    D.read_records(path)
 
 
 def test_reads_good_records_and_in_memory_dicts(tmp_path):

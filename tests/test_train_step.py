@@ -145,8 +145,12 @@ def test_train_end_to_end_hf_export_and_resume(reference_run, tiny_model, toy_to
     theirs = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
+  partial = run / ".tmp-hfk3j_x9q2"  # what a kill in the middle of the HF export leaves beside hf/
+  (partial / "sub").mkdir(parents=True)
+  (partial / "sub" / "model.safetensors").write_bytes(b"half")
   again = trainer_lib.train(cfg, data, run, model=tiny_model, tokenizer=toy_tokenizer)
   assert again.resumed_from == 3 and again.metrics == []
+  assert not partial.exists() and again.total_tokens == result.total_tokens > 0
   np.testing.assert_array_equal(np.asarray(again.model.lm_head[...]), np.asarray(result.model.lm_head[...]))
 
   before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
@@ -155,6 +159,33 @@ def test_train_end_to_end_hf_export_and_resume(reference_run, tiny_model, toy_to
   with pytest.raises(data_lib.RecordError, match=f"{bad}:2: field 'weight'"):
     trainer_lib.train(cfg, bad, run, model=tiny_model, tokenizer=toy_tokenizer)
   assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
+def test_finished_run_refuses_other_optimiser_settings_naming_them(reference_run, tiny_model, toy_tokenizer,
+                                                                   monkeypatch):
+  """A finished out_dir given another lr is refused (it used to "train" 0 steps and re-export the old weights)."""
+  cfg, data, result = reference_run
+  other = tiny_config(pathlib.Path(cfg.tokenizer.path), result.out_dir, profile_steps=(1, 2), lr=5e-4,
+                      warmup_ratio=0.1)
+  before = (result.out_dir / "metrics.jsonl").read_bytes()
+  monkeypatch.setattr(trainer_lib, "Trainer", None)  # refused before any model work
+  with pytest.raises(ValueError, match=r"ckpt/3 was trained with other settings; differing fields: "
+                                       r"train\.lr \(0\.001 there, 0\.0005 now\), train\.warmup_ratio"):
+    trainer_lib.train(other, data, result.out_dir, model=tiny_model, tokenizer=toy_tokenizer)
+  assert (result.out_dir / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("weights, needle", [
+    ((1.0, 1e308), r":2: field 'weight': must be finite and in \[0, 1e\+12\]"),
+    ((0.0, 0.0), r": field 'weight': every one of the 2 records has weight 0"),
+])
+def test_absurd_or_all_zero_weights_fail_before_the_run_directory(tmp_path, toy_tokenizer_dir, weights, needle):
+  data = tmp_path / "sft.jsonl"
+  data.write_text("".join(json.dumps({**r, "weight": w}) + "\n"
+                          for r, w in zip(demo.demo_records(2, seed=0), weights)))
+  with pytest.raises(data_lib.RecordError, match=rf"{data}{needle}"):
+    trainer_lib.train(tiny_config(toy_tokenizer_dir, tmp_path / "run"), data, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
 
 
 WORKER = pathlib.Path(__file__).with_name("train_worker.py")

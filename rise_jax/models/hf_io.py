@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Callable, Iterator
@@ -91,7 +92,7 @@ class _TensorReader:
         if not os.path.isfile(fname):
           raise FileNotFoundError(f"{index} names {os.path.basename(fname)}, which is missing from {path}")
     elif os.path.isfile(single):
-      with safe_open(single, "numpy") as f:
+      with self._safe_open(single) as f:
         self.file_of = {name: single for name in f.keys()}
     else:
       raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE}")
@@ -114,10 +115,18 @@ class _TensorReader:
       handle.__exit__(None, None, None)
     self._handles.clear()
 
+  def _safe_open(self, fname: str):
+    """safe_open, its errors (a truncated or corrupt file: "incomplete metadata") naming the file."""
+    try:
+      return self._open(fname, "numpy")
+    except Exception as e:  # noqa: BLE001 - SafetensorError is not importable by a stable name
+      raise ValueError(f"{fname}: unreadable safetensors file, truncated or corrupt? ({type(e).__name__}: {e})") \
+          from None
+
   def _handle(self, name: str):
     fname = self.file_of[name]
     if fname not in self._handles:
-      self._handles[fname] = self._open(fname, "numpy").__enter__()
+      self._handles[fname] = self._safe_open(fname).__enter__()
     return self._handles[fname]
 
 
@@ -269,6 +278,20 @@ def _save_tokenizer(tokenizer: Any, chat_template: str | None, path: str) -> Non
   hf_tok.save_pretrained(path)
 
 
+def _tmp_prefix(path: str) -> str:
+  return ".tmp-" + os.path.basename(path)
+
+
+def _remove_partial_exports(path: str) -> None:
+  """Delete the half-built exports of `path` that a killed save left beside it (gigabytes at 7B). Safe: one
+  writer per run directory (rise_jax.rundir.RunLock), and only mkdtemp's names for this target match."""
+  parent, prefix = os.path.dirname(path), _tmp_prefix(path)
+  pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}")
+  for name in os.listdir(parent):
+    if pattern.fullmatch(name) and os.path.isdir(os.path.join(parent, name)):
+      shutil.rmtree(os.path.join(parent, name))
+
+
 def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: Any = None,
                        chat_template: str | None = None, *, max_shard_bytes: int = MAX_SHARD_BYTES,
                        overwrite: bool = False) -> str:
@@ -289,7 +312,9 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: A
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path), dir=os.path.dirname(path)) if writer else None
+  if writer:
+    _remove_partial_exports(path)
+  tmp = tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=os.path.dirname(path)) if writer else None
   try:
     if writer:
       hf_config = c.to_hf()

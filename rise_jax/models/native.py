@@ -20,6 +20,7 @@ from rise_jax import sharding as sharding_lib
 from rise_jax.models.build import abstract_model
 from rise_jax.models.configs import Llama3RopeScaling, ModelConfig
 from rise_jax.models.transformer import Transformer
+from rise_jax.rundir import atomic_write_text
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -48,10 +49,7 @@ def save_model(model: Transformer, path: str | os.PathLike) -> str:
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(path, PARAMS_DIR), nnx.state(model, nnx.Param))
   checkpointer.wait_until_finished()
-  tmp = os.path.join(path, CONFIG_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(config_to_json(model.config), f, indent=2)
-  os.replace(tmp, os.path.join(path, CONFIG_FILE))
+  atomic_write_text(os.path.join(path, CONFIG_FILE), json.dumps(config_to_json(model.config), indent=2))
   return path
 
 

@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
-import os
 import pathlib
 from typing import Any, Iterable, Sequence
 
 from rise_jax.rise.collect import SFT_SCHEMA, Conversion, ConversionOptions, weight_table
+from rise_jax.rundir import atomic_write_bytes, atomic_write_text
 
 DATA_FILE = "sft.jsonl"
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def write_records(records: Iterable[dict[str, Any]], path: pathlib.Path) -> str:
@@ -88,10 +78,10 @@ def weight_histogram(weights: Sequence[float], path: pathlib.Path, title: str) -
   ax.set_ylabel("examples")
   ax.set_title(title)
   fig.tight_layout()
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-  fig.savefig(tmp, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
+  atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_dataset(conversion: Conversion, out_dir: pathlib.Path, *, options: ConversionOptions,

@@ -15,16 +15,14 @@ import time
 from typing import Any, Callable
 
 from rise_jax import config as config_lib
+from rise_jax import rundir
+from rise_jax.rundir import ConfigMismatch  # noqa: F401 - raised by RunDir, caught by rise_jax.run
 
 RUN_SCHEMA = "rise_jax.run/1"
 
 
 class StopRequested(Exception):
   """Raised by the `debug.stop_after` hook; the run exits with status 3 and resumes on the next invocation."""
-
-
-class ConfigMismatch(RuntimeError):
-  """The run directory was made by a different config."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,17 +48,6 @@ class StopAfter:
     return self.units if self.stage == stage else None
 
 
-def atomic_write_json(path: pathlib.Path, obj: Any) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 class RunDir:
   """The run directory: config.json and run.json at the top, one directory per stage with its DONE marker."""
 
@@ -69,26 +56,35 @@ class RunDir:
     self.config = config
     self.hash = config_lib.config_hash(config)
 
+  def check(self) -> bool:
+    """Whether the directory holds results of this config (False: new, or nothing in it yet). Raises
+    ConfigMismatch naming the differing fields. Writes nothing, so a refused config leaves no trace."""
+    if rundir.check_config(self.root, self.config) is None:
+      return False
+    run_json = self.root / "run.json"
+    if not run_json.is_file():
+      raise ConfigMismatch(f"{self.root} holds results but no run.json: it is not a RISE run directory (an "
+                           "evaluation's?). Use another output_dir.")
+    saved_hash = json.loads(run_json.read_text()).get("config_hash")
+    if saved_hash != self.hash:
+      raise ConfigMismatch(
+          f"{self.root} was made under config hash {saved_hash}, this config's is {self.hash}, though config.json "
+          "names no differing field: the directory predates output_dir leaving the hash (docs/contract_changes.md) "
+          "or config.json was edited. Finish it with the code that made it, or use another output_dir.")
+    return True
+
   def open(self) -> None:
-    """Create the directory, or check that an existing one was made by the same config."""
-    path = self.root / "config.json"
-    current = config_lib.to_dict(self.config)
-    current.pop("debug", None)
-    if path.exists():
-      saved = json.loads(path.read_text())
-      saved_hash = json.loads((self.root / "run.json").read_text()).get("config_hash")
-      if saved_hash != self.hash:
-        fields = config_lib.diff_fields(saved, current)
-        raise ConfigMismatch(
-            f"{self.root} was made by a different config (hash {saved_hash} vs {self.hash}); differing fields: "
-            f"{', '.join(fields) or '(none in config.json: was it edited?)'}. Use another output_dir, or the "
-            "original config, to resume.")
+    """Check the directory (under the run's lock) and initialise it when it is new."""
+    if self.check():
       return
     self.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(self.root / "run.json", {
+    current = config_lib.to_dict(self.config)
+    current.pop("debug", None)
+    rundir.atomic_write_json(self.root / "run.json", {
         "schema": RUN_SCHEMA, "config_hash": self.hash, "versions": _versions(), "git_commit": _git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv})
-    atomic_write_json(path, current)  # written last: its presence means the directory is initialised
+    # written last: its presence means the directory is initialised
+    rundir.atomic_write_json(self.root / rundir.CONFIG_FILE, current)
 
   def stage_dir(self, stage: str) -> pathlib.Path:
     return self.root / stage
@@ -97,7 +93,7 @@ class RunDir:
     return (self.stage_dir(stage) / "DONE").exists()
 
   def mark_done(self, stage: str, info: dict[str, Any]) -> None:
-    atomic_write_json(self.stage_dir(stage) / "DONE", {"stage": stage, **info})
+    rundir.atomic_write_json(self.stage_dir(stage) / "DONE", {"stage": stage, **info})
 
   def info(self, stage: str) -> dict[str, Any]:
     return json.loads((self.stage_dir(stage) / "DONE").read_text())
@@ -176,25 +172,32 @@ def run(config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
   from rise_jax.rise import loop_report
   from rise_jax.rise import stages as stages_lib
 
-  config_lib.validate(config, require_training=True)
+  import jax
+
+  from rise_jax.train.trainer import initialize_distributed
+  initialize_distributed(config)  # before anything asks jax for its devices
+  config_lib.validate(config, require_training=True, num_devices=jax.device_count())
   stop = StopAfter.parse(config.debug.stop_after)
   run_dir = RunDir(config.output_dir, config)
-  run_dir.open()
   ctx = stages_lib.Context(config, run_dir.root)
-  start = time.perf_counter()
-  for stage in plan(config):
-    if run_dir.done(stage.name):
-      log(f"[rise_jax.run] {stage.name}: done (skipped)")
-      continue
-    log(f"[rise_jax.run] {stage.name}: running")
-    limit = stop.units_for(stage.name) if stop else None
-    t0 = time.perf_counter()
-    info = stages_lib.run_stage(ctx, stage, run_dir, limit=limit)
-    info["seconds"] = time.perf_counter() - t0
-    run_dir.mark_done(stage.name, info)
-    log(f"[rise_jax.run] {stage.name}: done in {info['seconds']:.1f} s")
-    if stop and stop.stage == stage.name and stop.units is None:
-      raise StopRequested(f"debug.stop_after={config.debug.stop_after}: stopped after {stage.name}")
-  summary = loop_report.write_summary(config, run_dir.root, plan(config))
+  ctx.preflight(plan(config))  # every input a later stage reads, checked before the directory is touched
+  run_dir.check()
+  with rundir.RunLock(run_dir.root):
+    run_dir.open()
+    start = time.perf_counter()
+    for stage in plan(config):
+      if run_dir.done(stage.name):
+        log(f"[rise_jax.run] {stage.name}: done (skipped)")
+        continue
+      log(f"[rise_jax.run] {stage.name}: running")
+      limit = stop.units_for(stage.name) if stop else None
+      t0 = time.perf_counter()
+      info = stages_lib.run_stage(ctx, stage, run_dir, limit=limit)
+      info["seconds"] = time.perf_counter() - t0
+      run_dir.mark_done(stage.name, info)
+      log(f"[rise_jax.run] {stage.name}: done in {info['seconds']:.1f} s")
+      if stop and stop.stage == stage.name and stop.units is None:
+        raise StopRequested(f"debug.stop_after={config.debug.stop_after}: stopped after {stage.name}")
+    summary = loop_report.write_summary(config, run_dir.root, plan(config))
   summary["wall_s_this_invocation"] = time.perf_counter() - start
   return summary

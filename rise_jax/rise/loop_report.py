@@ -13,7 +13,7 @@ import json
 import pathlib
 from typing import Any, Sequence
 
-from rise_jax.rise.dataset import atomic_write_text
+from rise_jax.rundir import atomic_write_text
 
 
 def model_label(stage: str, config) -> str:
@@ -43,28 +43,37 @@ def compute_table(stages: Sequence[Any], root: pathlib.Path) -> list[dict[str, A
       continue
     row = rows.setdefault(stage.iteration, {"iteration": stage.iteration, "collect_s": 0.0, "train_s": 0.0,
                                             "eval_s": 0.0, "decode_tokens": 0, "sampling_s": 0.0,
-                                            "train_tokens": 0})
+                                            "train_tokens": 0, "rate_tokens": 0})
     seconds = float(done.get("seconds", 0.0))
     if stage.kind in ("collect", "boost_data"):
       row["collect_s"] += seconds
-      row["decode_tokens"] += int(done.get("decode_tokens_this_run") or 0)
-      row["sampling_s"] += float(done.get("sampling_seconds_this_run") or 0.0)
+      _add_sampling(row, done, "sampling_seconds_this_run")
     elif stage.kind == "train":
       row["train_s"] += seconds
       row["train_tokens"] += int(done.get("tokens") or 0)
     else:
       row["eval_s"] += seconds
-      row["decode_tokens"] += int(done.get("decode_tokens_this_run") or 0)
-      row["sampling_s"] += float(done.get("eval_seconds_this_run") or 0.0)
+      _add_sampling(row, done, "eval_seconds_this_run")
   for row in rows.values():
-    row["tokens_per_s"] = row["decode_tokens"] / row["sampling_s"] if row["sampling_s"] > 0 else None
+    rate_tokens = row.pop("rate_tokens")
+    row["tokens_per_s"] = rate_tokens / row["sampling_s"] if row["sampling_s"] > 0 else None
   return [rows[k] for k in sorted(rows)]
+
+
+def _add_sampling(row: dict[str, Any], done: dict[str, Any], seconds_key: str) -> None:
+  """Decode tokens of the stage's whole log (a resumed stage sampled part of it in earlier invocations; DONE
+  markers older than that total have only this invocation's); tokens/s from this invocation's tokens and time."""
+  this_run = int(done.get("decode_tokens_this_run") or 0)
+  row["decode_tokens"] += int(done.get("decode_tokens", this_run) or 0)
+  row["rate_tokens"] += this_run
+  row["sampling_s"] += float(done.get(seconds_key) or 0.0)
 
 
 def compute_markdown(rows: Sequence[dict[str, Any]]) -> str:
   lines = ["## Compute per iteration", "",
-           "Seconds of each stage as run (a resumed stage counts its last invocation only); decode tokens and "
-           "tokens/s of the sampler in collection and evaluation; tokens seen by training.", "",
+           "Seconds of each stage as run (a resumed stage counts its last invocation only); decode tokens of "
+           "collection and evaluation (all invocations) and the sampler's tokens/s (last invocation); tokens seen "
+           "by training (all invocations).", "",
            "| iteration | collect s | train s | eval s | decode tokens | sampling tokens/s | train tokens |",
            "|---|---|---|---|---|---|---|"]
   for r in rows:

@@ -119,6 +119,15 @@ class ScriptedPolicy:
     self.released.extend(keys)
 
 
+def sampler_policy(config, model, tokenizer, mesh, *, name: str) -> "SamplerPolicy":
+  """`model` behind a `Sampler` set up by `config.sampling` (cache length, overflow policy): the one place both
+  `rise_jax.evaluate` and the RISE loop build their learner, so a sampling option cannot be honoured by one only."""
+  from rise_jax.sampling import Sampler  # local: the runner and teacher work without JAX
+  s = config.sampling
+  sampler = Sampler(model, tokenizer, max_cache_length=s.max_cache_length, mesh=mesh, on_overflow=s.on_overflow)
+  return SamplerPolicy(sampler, tokenizer, name=name)
+
+
 class ReferencePolicy:
   """The task's reference solutions as the teacher: distillation from ground truth (the toy's scratchpads).
 

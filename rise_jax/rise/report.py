@@ -13,35 +13,17 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Mapping, Sequence
 
 from rise_jax.rise import metrics as metrics_lib
+from rise_jax.rundir import atomic_write_bytes
 
 _PLOT_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
 
 
-# ------------------------------------------------------------------------------------------ atomic writes
-
-
-def _atomic_write_bytes(path: pathlib.Path, data: bytes):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def write_json(path: str | os.PathLike, obj: Any):
   """Atomically write `obj` as indented JSON (NaN refused: metrics use null for "no data")."""
-  _atomic_write_bytes(pathlib.Path(path), (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+  atomic_write_bytes(pathlib.Path(path), (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
 
 
 def _save_figure(fig, path: pathlib.Path):
@@ -50,7 +32,7 @@ def _save_figure(fig, path: pathlib.Path):
   FigureCanvasAgg(fig)
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-  _atomic_write_bytes(path, buffer.getvalue())
+  atomic_write_bytes(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------------------- formatting
@@ -299,7 +281,7 @@ def write_report(m: Mapping[str, Any], out_dir: str | os.PathLike, *, title: str
   for name, plot in figures:
     plot(m, out / name)
     written[name] = out / name
-  _atomic_write_bytes(out / "report.md", _report_md(m, title, [n for n, _ in figures]).encode())
+  atomic_write_bytes(out / "report.md", _report_md(m, title, [n for n, _ in figures]).encode())
   written["report.md"] = out / "report.md"
   return written
 
@@ -388,7 +370,7 @@ def write_summary(per_iteration_metrics: Mapping[str, Mapping[str, Any]], out_di
     _plot_iterations(rows, out / "accuracy_vs_turn.png")
     written["accuracy_vs_turn.png"] = out / "accuracy_vs_turn.png"
     lines += ["", "![accuracy_vs_turn.png](accuracy_vs_turn.png)"]
-  _atomic_write_bytes(written["summary.md"], ("\n".join(lines) + "\n").encode())
+  atomic_write_bytes(written["summary.md"], ("\n".join(lines) + "\n").encode())
   return written
 
 

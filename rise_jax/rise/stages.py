@@ -8,12 +8,12 @@ train stage that made it (`<stage>/hf`); the base model is the config's `model` 
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 from typing import Any
 
 from rise_jax import config as config_lib
+from rise_jax import rundir
 from rise_jax.rise import collect as collect_lib
 from rise_jax.rise import dataset as dataset_lib
 
@@ -32,6 +32,26 @@ class Context:
     self._tokenizer = None
     self._model_key: Any = ()
     self._model = None
+
+  def preflight(self, stages) -> None:
+    """Load every problem split and data file `stages` will read, so that a bad source fails before the run
+    directory is written, not at the first stage that reads it (hours in, after the base model's evaluation)."""
+    c = self.config
+    kinds = {s.kind for s in stages}
+    needed = {}
+    if kinds & {"collect", "boost_data"}:
+      needed["train"] = "task.train_source"
+    if "eval" in kinds:
+      needed[c.eval.split] = {"test": "task.test_source", "dev": "task.dev_size"}[c.eval.split]
+    for split, field in needed.items():
+      if not self.task.load(split):
+        raise ValueError(f"config field {field}: the task's {split} split has no problems to run")
+    if c.rise.fresh_problems:
+      for t in range(1, c.rise.iterations + 1):
+        self.train_problems(t)
+    if c.rise.boost and c.rise.boost_data not in (None, "reference"):
+      from rise_jax.train import data as train_data
+      train_data.read_records(c.rise.boost_data)  # errors name file, line and field
 
   # -- shared resources --------------------------------------------------------------------------------------
 
@@ -85,11 +105,8 @@ class Context:
 
   def learner(self, model, name: str):
     """The model as a runner policy, through the sampler on the sampling mesh."""
-    from rise_jax.rise.policies import SamplerPolicy
-    from rise_jax.sampling import Sampler
-    c = self.config
-    sampler = Sampler(model, self.tokenizer, max_cache_length=c.sampling.max_cache_length, mesh=self.mesh("sample"))
-    return SamplerPolicy(sampler, self.tokenizer, name=name)
+    from rise_jax.rise.policies import sampler_policy
+    return sampler_policy(self.config, model, self.tokenizer, self.mesh("sample"), name=name)
 
   def teacher(self, config, problems):
     """The improvement policy of distillation (config: the iteration's): the task's reference solutions, a
@@ -224,8 +241,8 @@ def collect(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None) ->
   log = _log_accounting(out_dir / "rollouts.jsonl", problems)
   info = _build(ctx, c, log["records"], out_dir, t)
   return {"episodes": len(log["records"]), "torn_lines": log["torn"], "tokens": log["accounting"],
-          "decode_tokens_this_run": run.decode_tokens, "sampling_seconds_this_run": seconds,
-          "tokens_per_s": run.tokens_per_s, **info}
+          "decode_tokens": log["accounting"]["decode_tokens"], "decode_tokens_this_run": run.decode_tokens,
+          "sampling_seconds_this_run": seconds, "tokens_per_s": run.tokens_per_s, **info}
 
 
 def _build(ctx: Context, c, records, out_dir: pathlib.Path, iteration: int) -> dict[str, Any]:
@@ -358,10 +375,12 @@ def _train_config(config, *, boost: bool, limit: int | None):
 
 
 def _train_result(result) -> dict[str, Any]:
-  """The trainer's numbers for the DONE marker: steps and tokens of this call, the last logged loss."""
+  """The trainer's numbers for the DONE marker: steps, tokens of the whole run and of this call, the last logged
+  loss."""
   history = result.metrics
   tokens = sum(int(m.get("tokens", 0)) for m in history)
-  return {"steps": result.steps, "resumed_from": result.resumed_from, "tokens": tokens,
+  return {"steps": result.steps, "resumed_from": result.resumed_from, "tokens": result.total_tokens,
+          "tokens_this_run": tokens,
           "final_loss": history[-1]["loss"] if history else None,
           "examples_kept": result.encode_report.kept, "examples_total": result.encode_report.total}
 
@@ -397,15 +416,17 @@ def evaluate(ctx: Context, stage, out_dir: pathlib.Path, *, limit: int | None) -
   metrics["model"] = name
   _write_metrics(metrics, out_dir)
   decode = sum(r.decode_tokens for r in runs)
+  logged = sum(c["decode_tokens"] for c in metrics.get("compute", {}).values())  # earlier invocations' too
   return {"model": name, "num_problems": metrics.get("num_problems"), "eval_seconds_this_run": seconds,
-          "decode_tokens_this_run": decode, "tokens_per_s": decode / seconds if seconds > 0 else 0.0,
+          "decode_tokens": logged, "decode_tokens_this_run": decode,
+          "tokens_per_s": decode / seconds if seconds > 0 else 0.0,
           **{k: metrics.get(k) for k in ("m1@t1", f"m{c.eval.parallel_k}@t1", f"m1@t{c.eval.turns}",
                                           f"p1@t{c.eval.turns}", f"p{c.eval.parallel_k}@t1")}}
 
 
 def _write_metrics(metrics: dict[str, Any], out_dir: pathlib.Path) -> None:
   """metrics.json, and report.md + plots through the metrics helper's report writer when it is available."""
-  dataset_lib.atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+  rundir.atomic_write_json(out_dir / "metrics.json", metrics)
   try:
     from rise_jax.rise import report
   except ImportError:

@@ -25,6 +25,7 @@ import urllib.request
 from typing import Any, Callable, Sequence
 
 from rise_jax.rise.policies import Completion, Request, Sample, TurnSampling
+from rise_jax.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,7 @@ class ChatCompletionsClient:
   def _cache_put(self, key: str, payload: dict[str, Any]):
     if self.cache_dir is None:
       return
-    path = self._cache_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
+    atomic_write_text(self._cache_path(key), json.dumps(payload))
 
 
 class OpenAIChatPolicy:

@@ -22,6 +22,7 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
   from rise_jax import config as config_lib
+  from rise_jax import rundir
   from rise_jax.train import demo, trainer
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<name>.py is required")
@@ -31,7 +32,9 @@ def main(argv):
     raise app.UsageError("no training data: pass --data or set --config.train.data_path")
   if cfg.train.demo_data:
     demo.ensure_demo_data(data, cfg.tokenizer.path)
-  result = trainer.train(cfg, data, _OUT.value or cfg.output_dir)
+  out_dir = _OUT.value or cfg.output_dir
+  with rundir.cli_errors("rise_jax.train", out_dir):  # refused directory: exit 2; disk full: exit 4
+    result = trainer.train(cfg, data, out_dir)
   last = result.metrics[-1] if result.metrics else {}
   print(f"trained {result.steps} steps (resumed from {result.resumed_from}); final loss "
         f"{last.get('loss', float('nan')):.4f}; {result.encode_report.summary()}; HF export: {result.hf_dir}")

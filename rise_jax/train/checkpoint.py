@@ -107,3 +107,21 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def latest_meta(directory: str | pathlib.Path) -> tuple[int, dict[str, Any]] | None:
+  """(step, meta) of the newest checkpoint whose meta reads, without touching its state (None: no checkpoint), so
+  a resume can be refused before the model is loaded."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    return None
+  manager = ocp.CheckpointManager(directory.absolute(), item_handlers={"meta": ocp.JsonCheckpointHandler()})
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return step, manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception:  # noqa: BLE001 - a torn step: restore_latest falls back past it too
+        continue
+    return None
+  finally:
+    manager.close()

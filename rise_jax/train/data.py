@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
+from rise_jax.config import MAX_EXAMPLE_WEIGHT
+from rise_jax.rise.tasks.base import decode_line
 from rise_jax.train import loss as loss_lib
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,9 @@ def parse_record(obj: Any, where: str) -> Record:
   weight = obj["weight"]
   if isinstance(weight, bool) or not isinstance(weight, (int, float)):
     _fail(where, "weight", f"must be a number, got {weight!r}")
-  if not math.isfinite(weight) or weight < 0:
-    _fail(where, "weight", f"must be finite and >= 0, got {weight!r}")
+  if not math.isfinite(weight) or not 0 <= weight <= MAX_EXAMPLE_WEIGHT:
+    _fail(where, "weight", f"must be finite and in [0, {MAX_EXAMPLE_WEIGHT:g}] (larger weights overflow float32 "
+          f"training state), got {weight!r} (record {obj['id']!r})")
   messages = obj["messages"]
   if not isinstance(messages, list) or not messages:
     _fail(where, "messages", "must be a non-empty list")
@@ -100,6 +103,13 @@ def parse_record(obj: Any, where: str) -> Record:
   if not any(m["role"] == "assistant" for m in messages):
     _fail(where, "messages", "has no assistant message to train")
   return Record(obj["id"], float(weight), tuple(messages), where)
+
+
+def check_weights(records: Sequence[Record], source: str) -> None:
+  """Every weight 0 trains nothing (loss 0, no update): an error, not a silent no-op."""
+  if records and not any(r.weight > 0 for r in records):
+    raise RecordError(f"{source}: field 'weight': every one of the {len(records)} records has weight 0, so "
+                      "training would change nothing")
 
 
 def _data_files(path: pathlib.Path) -> list[pathlib.Path]:
@@ -126,8 +136,12 @@ def read_records(path: str | pathlib.Path) -> list[Record]:
       for i, row in enumerate(datasets.Dataset.from_parquet(str(file))):
         records.append(parse_record(row, f"{file}:row {i}"))
       continue
-    with open(file, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
+    with open(file, "rb") as f:
+      for n, raw in enumerate(f, 1):
+        try:
+          line = decode_line(raw, file, n)
+        except ValueError as e:
+          raise RecordError(str(e)) from None
         if not line.strip():
           continue
         try:

@@ -13,6 +13,8 @@ import pathlib
 
 import numpy as np
 
+from rise_jax.rundir import atomic_write_text
+
 TAU = 0.4
 INSTRUCTION = "Compute. Example: 1+2*3"
 EXAMPLE_ANSWER = "2*3=6, 1+6=7. Answer: 7"
@@ -50,10 +52,7 @@ def ensure_demo_data(data_path: str | os.PathLike, tokenizer_path: str | os.Path
   """Write the demo records and the toy tokenizer where the config points, unless they already exist."""
   data_path = pathlib.Path(data_path)
   if not data_path.exists():
-    data_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = data_path.with_name(f".{data_path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in demo_records()))
-    os.replace(tmp, data_path)
+    atomic_write_text(data_path, "".join(json.dumps(r) + "\n" for r in demo_records()))
   if tokenizer_path is not None and not pathlib.Path(tokenizer_path).exists():
     from rise_jax.rise.tasks.toy import build_toy_tokenizer
     build_toy_tokenizer(tokenizer_path)

@@ -12,6 +12,7 @@ waiting) is comparable to the step itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,6 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rise_jax import config as config_lib
+from rise_jax import rundir
 from rise_jax import sharding as sharding_lib
 from rise_jax.train import checkpoint as checkpoint_lib
 from rise_jax.train import data as data_lib
@@ -204,6 +206,7 @@ class TrainResult:
   metrics: list[dict[str, Any]]    # one record per step run by this call
   encode_report: data_lib.EncodeReport
   hf_dir: pathlib.Path | None
+  total_tokens: int = 0            # real input tokens of every step of the run, whichever call trained them
   stopped_early_at: int | None = None  # the step where Validation.stop_at ended training (None: all steps ran)
 
 
@@ -231,9 +234,7 @@ class _MetricsSink:
     if path.exists():  # drop lines a killed run wrote past its last checkpoint: they will be rerun
       kept = [l for l in path.read_text().splitlines(keepends=True)
               if l.strip() and json.loads(l)["step"] <= resume_step]
-      tmp = path.with_suffix(".tmp")
-      tmp.write_text("".join(kept))
-      os.replace(tmp, path)
+      rundir.atomic_write_text(path, "".join(kept))
     try:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(path.parent / "tb"))
@@ -330,6 +331,28 @@ def _fingerprint(examples, cfg) -> str:
   return h.hexdigest()[:16]
 
 
+# The settings a resumed run must share with its checkpoint, beyond the data: the batch plan's and the
+# optimiser's (a resume with another lr would otherwise "train" on with the old run's state).
+RESUME_SETTINGS = ("global_batch", "micro_batch", "epochs", "max_length", "packing", "estimator", "lr",
+                   "warmup_ratio", "weight_decay", "max_grad_norm", "b1", "b2", "eps")
+
+
+def resume_settings(cfg) -> dict[str, Any]:
+  return {"seed": cfg.seed, **{f"train.{k}": cfg.train[k] for k in RESUME_SETTINGS}}
+
+
+def check_resume_settings(saved: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
+  """Refuse a checkpoint trained with other settings, naming each differing field (older checkpoints recorded
+  none: their data fingerprint is all there is to check)."""
+  if saved is None:
+    return
+  differ = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  if differ:
+    changes = ", ".join(f"{k} ({saved.get(k)!r} there, {current.get(k)!r} now)" for k in differ)
+    raise ValueError(f"{where} was trained with other settings; differing fields: {changes}. Use a fresh out_dir, "
+                     "or the original settings to resume.")
+
+
 def _stop_after_step(cfg) -> int | None:
   spec = cfg.debug.stop_after
   if spec and spec.startswith("train:"):
@@ -361,14 +384,25 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
   `cfg.debug.stop_after = "train:N"` SIGKILLs the process right after step N's checkpoint commits (a preemption
   at the worst moment, for resume tests). `validation`: held-out scoring every N steps, optionally stopping early.
   """
-  config_lib.validate(cfg, require_training=True)
-  initialize_distributed(cfg)
-  t = cfg.train
+  initialize_distributed(cfg)  # before anything asks jax for its devices
+  config_lib.validate(cfg, require_training=True, num_devices=jax.device_count())
   out_dir = pathlib.Path(out_dir)
+  records = _records(records_or_path)  # every record checked before the run directory is touched
+  # Process 0 writes the shared files, so it alone holds the directory's lock.
+  with rundir.RunLock(out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _train(cfg, records, out_dir, model, tokenizer, export_hf)
+
+
+def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: bool) -> TrainResult:
+  t = cfg.train
+  settings = resume_settings(cfg)
+  latest = checkpoint_lib.latest_meta(out_dir / "ckpt")
+  if latest is not None:  # refused before the model is loaded (minutes at 7B)
+    check_resume_settings(latest[1].get("settings"), settings, f"{(out_dir / 'ckpt').absolute()}/{latest[0]}")
   out_dir.mkdir(parents=True, exist_ok=True)
   if tokenizer is None:
     tokenizer = _load_tokenizer(cfg)
-  examples, report = _examples(cfg, records_or_path, tokenizer, out_dir)
+  examples, report = _examples(cfg, records, tokenizer, out_dir)
 
   mesh = sharding_lib.make_mesh(cfg.mesh.train)
   row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -433,7 +467,7 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
         logger.flush(ckpt)  # also the non-finite check: a bad state is never saved
       if save_due:
         ckpt.save(done, state, {"step": done, "fingerprint": fingerprint, "total_steps": total,
-                                "early_stop": stop_now}, force=True)
+                                "settings": settings, "early_stop": stop_now}, force=True)
       if stop_now:
         log.info("validation score %.4f >= %s at step %d of %d: training stops here", score, validation.stop_at,
                  done, total)
@@ -455,7 +489,9 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
     hf_dir = out_dir / "hf"
     save_hf_checkpoint(trained, hf_dir, tokenizer=tokenizer, overwrite=True)  # ChatTokenizer.hf has the template
   stopped_at = start if stopped_early else (done if stop_now else None)
-  return TrainResult(out_dir, trained, total, resumed_from, logger.history, report, hf_dir, stopped_at)
+  total_tokens = sum(examples[i].length for s in steps[:stopped_at or total] for i in s.example_ids)
+  return TrainResult(out_dir, trained, total, resumed_from, logger.history, report, hf_dir, total_tokens,
+                     stopped_at)
 
 
 class _ValidationLog:
@@ -466,7 +502,7 @@ class _ValidationLog:
     self.active = jax.process_index() == 0
     if self.active and path.exists():
       kept = [l for l in path.read_text().splitlines(keepends=True) if json.loads(l)["step"] <= resume_step]
-      _atomic_text(path, "".join(kept))
+      rundir.atomic_write_text(path, "".join(kept))
 
   def write(self, record: dict[str, Any]) -> None:
     if self.active:
@@ -483,15 +519,21 @@ def _load_tokenizer(cfg):
   return chat.load_tokenizer(path, cfg.tokenizer.chat_template)
 
 
-def _examples(cfg, records_or_path, tokenizer, out_dir: pathlib.Path):
-  """Validated, rendered examples (all or nothing: a malformed record fails before anything is written)."""
+def _records(records_or_path) -> list[data_lib.Record]:
+  """Validated records (all or nothing: a malformed record fails before anything is written)."""
+  source = os.fspath(records_or_path) if isinstance(records_or_path, os.PathLike) else records_or_path
+  records = data_lib.as_records(source)
+  data_lib.check_weights(records, source if isinstance(source, str) else "the training records")
+  return records
+
+
+def _examples(cfg, records, tokenizer, out_dir: pathlib.Path):
+  """Rendered examples of validated records; data_report.json says what tokenisation skipped."""
   t = cfg.train
-  records = data_lib.as_records(os.fspath(records_or_path) if isinstance(records_or_path, os.PathLike)
-                                else records_or_path)
   examples, report = data_lib.encode_records(records, tokenizer, t.max_length, t.on_truncation)
   log.info("training data: %s", report.summary())
   if jax.process_index() == 0:
-    _atomic_json(out_dir / "data_report.json", {"total": report.total, "kept": report.kept,
+    rundir.atomic_write_json(out_dir / "data_report.json", {"total": report.total, "kept": report.kept,
                                                  "skipped": report.skipped})
   if not examples:
     raise ValueError(f"no trainable examples: {report.summary()}")
@@ -503,12 +545,3 @@ def _progress(total: int, start: int):
   return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
               dynamic_ncols=True)
 
-
-def _atomic_json(path: pathlib.Path, obj) -> None:
-  _atomic_text(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
-def _atomic_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)

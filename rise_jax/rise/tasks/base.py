@@ -32,8 +32,9 @@ class Problem:
 def read_jsonl(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
   """Records of a jsonl file, each checked for `fields` (string values); errors name file, line and field."""
   records = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      line = decode_line(raw, path, line_no)
       if not line.strip():
         continue
       try:
@@ -49,7 +50,18 @@ def read_jsonl(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
           raise ValueError(f"{path}:{line_no}: field {field!r} must be a string, got "
                            f"{type(record[field]).__name__}")
       records.append(record)
+  if not records:
+    raise ValueError(f"{path}: holds no records (an empty task file)")
   return records
+
+
+def decode_line(raw: bytes, path, line_no: int) -> str:
+  """One line of a UTF-8 text file; an invalid byte is an error naming file, line and column."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}:{line_no}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") \
+        from None
 
 
 def is_local(source: str) -> bool:
