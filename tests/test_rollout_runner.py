@@ -278,7 +278,7 @@ def test_bad_inputs_fail_loudly(tmp_path):
   with pytest.raises(RuntimeError, match="answered 0 of 1"):
     _run(tmp_path, [A], short, Protocol.sequential(1), name="short.jsonl")
   with pytest.raises(ValueError, match="window"):
-    Protocol.sequential(3, window=1)
+    Protocol.sequential(3, window=0)
   with pytest.raises(ValueError, match="one turn"):
     Protocol(kind="parallel", turns=2, samples_per_turn=(1, 1), select="first", oracle=False, window=None,
              sampling=(SAMPLING, SAMPLING))

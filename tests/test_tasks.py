@@ -57,12 +57,15 @@ def test_shipped_prompt_sets_restate_the_question_and_never_leak_an_answer():
   assert get_prompt_set("toy").feedback(q) == "wrong, try again: 25+3*4"
 
 
-def test_toy_prompt_example_is_outside_the_toy_problem_space():
+def test_toy_prompt_opening_turns_carry_no_problem_or_answer():
   ps = get_prompt_set("toy")
   task = get_task("toy")
-  questions = {p.question for s in ("train", "dev", "test") for p in task.load(s)}
-  assert "12+10*3" in ps.instruction and "12+10*3" not in questions
-  assert grade("toy", ps.example_answer, "42", mode="paper") == 1.0
+  problems = [p for s in ("train", "dev", "test") for p in task.load(s)]
+  opening = ps.initial_messages("")[:2]
+  assert [m["content"] for m in opening] == ["go", "ok"]
+  assert not any(ch.isdigit() for m in opening for ch in m["content"])
+  assert ps.problem(problems[0].question) == problems[0].question
+  assert grade("toy", ps.feedback(problems[0].question), problems[0].reference, mode="robust") == 0.0
 
 
 def test_a_prompt_set_is_data(tmp_path):

@@ -117,7 +117,7 @@ def toy() -> ml_collections.ConfigDict:
   c.task.train_size = None               # each iteration collects on all 5,900 training problems
   c.sampling.temperature = 1.0
   c.sampling.max_new_tokens = 20         # a worked answer is at most 16 characters + end of turn
-  c.sampling.max_cache_length = 256      # the turn-5 prompt of 20-token attempts (215 tokens) + 20 new tokens (docs/toy.md)
+  c.sampling.max_cache_length = 256      # the turn-5 prompt of 20-token attempts (210 tokens) + 20 new (docs/toy.md)
   c.sampling.batch_size = 2000           # the whole test set per call: the CPU sampler is bound by per-step overhead
   c.collect.turns = 2
   c.collect.samples_per_turn = 1
