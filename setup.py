@@ -12,8 +12,9 @@ setup(
     packages=find_packages(include=["rise_jax", "rise_jax.*"]),
     package_data={"rise_jax": ["chat_templates/*.jinja", "rise/prompts/*.json"]},
     install_requires=[
-        # Ranges are the versions this project is tested with (see README "Tested versions").
-        "jax>=0.10,<0.11",
+        # Ranges are the versions this project is tested with (see README "Tested versions"); every module that
+        # rise_jax imports is listed (CI installs this list alone into a fresh virtualenv and imports them all).
+        "jax>=0.10,<0.13",
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
@@ -27,10 +28,14 @@ setup(
         "matplotlib>=3.8,<4",
         "math-verify[antlr4_13_2]>=0.8,<1",
         "absl-py>=2.0",
+        "jinja2>=3.1,<4",
+        "ml_dtypes>=0.5",
+        "tokenizers>=0.22,<1",
+        "tensorboardX>=2.6,<3",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "torch>=2.5", "nbclient>=0.10", "nbformat>=5.10",
-                 "ipykernel>=6", "hypothesis>=6", "scipy>=1.10", "tensorboardX>=2.6"],
+                 "ipykernel>=6", "hypothesis>=6", "scipy>=1.10"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },
