@@ -26,7 +26,7 @@ setup(
         "numpy>=2.0,<3",
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
-        "math-verify[antlr4_13_2]>=0.8,<1",
+        "math-verify[antlr4-13-2]>=0.8,<1",
         "absl-py>=2.0",
         "jinja2>=3.1,<4",
         "ml_dtypes>=0.5",

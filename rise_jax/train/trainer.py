@@ -184,7 +184,7 @@ def initialize_distributed(cfg) -> None:
 
 
 class _MetricsSink:
-  """metrics.jsonl (append, truncated to the resumed step), TensorBoard when installed, on process 0 only."""
+  """metrics.jsonl (append, truncated to the resumed step) and TensorBoard, on process 0 only."""
 
   def __init__(self, path: pathlib.Path, resume_step: int):
     self.path = path
@@ -198,11 +198,8 @@ class _MetricsSink:
       tmp = path.with_suffix(".tmp")
       tmp.write_text("".join(kept))
       os.replace(tmp, path)
-    try:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(path.parent / "tb"))
-    except ImportError:
-      log.info("tensorboardX not installed: metrics go to %s only", path)
+    from tensorboardX import SummaryWriter  # imported here: only process 0 of a training run pays for it
+    self.tb = SummaryWriter(str(path.parent / "tb"))
 
   def write(self, records: list[dict[str, Any]]):
     if not self.active:
