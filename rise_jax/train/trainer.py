@@ -18,7 +18,6 @@ import math
 import os
 import pathlib
 import signal
-import sys
 import time
 from typing import Any, Iterable
 
@@ -265,9 +264,9 @@ class _StepLogger:
     self.history.extend(records)
     self.progress.update(len(records))
     self.progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-    if jax.process_index() == 0:
-      self.progress.write(" | ".join([f"step {last['step']}/{self.total}"] +
-                                     [f"{k} {last[k]:.4g}" for k in self.FIELDS if k in last]), file=sys.stdout)
+    if jax.process_index() == 0:  # the log (and metrics.jsonl); the terminal has the progress bar's loss
+      log.info(" | ".join([f"step {last['step']}/{self.total}"] +
+                          [f"{k} {last[k]:.4g}" for k in self.FIELDS if k in last]))
     self.pending.clear()
 
   def close(self):
