@@ -215,11 +215,16 @@ class _MetricsSink:
             self.tb.add_scalar(f"train/{k}", v, r["step"])
       self.tb.flush()
 
+  def close(self):
+    if self.tb is not None:  # its writer thread must stop before interpreter shutdown (an error on Python 3.12)
+      self.tb.close()
+      self.tb = None
+
 
 class _StepLogger:
   """Holds each step's on-device metrics and, when told to flush (every `log_every` steps and before a save),
   fetches them in one transfer: checks the loss is finite, adds throughput, writes metrics.jsonl / TensorBoard /
-  a stdout line and advances the progress bar. Not fetching every step keeps dispatch asynchronous."""
+  a log line and advances the progress bar. Not fetching every step keeps dispatch asynchronous."""
 
   FIELDS = ("loss", "accuracy", "grad_norm", "lr", "sum_weights", "examples", "trained_tokens", "tokens_per_s",
             "tflops_per_s", "mfu")
@@ -271,6 +276,7 @@ class _StepLogger:
 
   def close(self):
     self.progress.close()
+    self.sink.close()
 
 
 def _fingerprint(examples, cfg) -> str:
