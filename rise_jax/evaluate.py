@@ -13,7 +13,7 @@ same command after a crash skips the problems already logged.
 
 Output directory (`output_dir`):
   config.json  rollouts.jsonl (sequential)  [rollouts_draw<d>.jsonl]  rollouts_parallel.jsonl  throughput.json
-  metrics.json  report.md  *.png  [self_refine/{rollouts.jsonl, metrics.json, report.md, *.png}]
+  metrics.json  report.md  *.png  [self_refine/{rollouts.jsonl, metrics.json, report.md, *.png}]  run.log (the full log)
 (`rollouts.jsonl` and `rollouts_parallel.jsonl` are the names the RISE loop uses in `iter_<T>/eval/`.)
 """
 
@@ -218,7 +218,6 @@ _HELP_FLAGS = ("--help", "-h", "--helpshort", "-?", "--helpfull")
 def cli(argv: Sequence[str] | None = None):
   """`python -m rise_jax.evaluate --config=configs/<name>.py [--config.<field>=<value> ...]`."""
   from absl import app, flags
-  from absl import logging as absl_logging
   from ml_collections import config_flags
 
   argv = list(sys.argv if argv is None else argv)
@@ -232,7 +231,9 @@ def cli(argv: Sequence[str] | None = None):
   flags.mark_flag_as_required("config")
 
   def run(_):
-    absl_logging.set_verbosity(absl_logging.INFO)
+    from rise_jax import logs
+    logs.setup()  # the terminal: progress, warnings, errors (--verbosity for more); the full log in output_dir
+    logs.to_file(config.value.output_dir)
     main(config.value)
 
   app.run(run, argv=argv)
