@@ -143,9 +143,9 @@ def _digest(run_dir: pathlib.Path) -> dict[str, str]:
     rel = str(path.relative_to(run_dir))
     if not path.is_file() or "/ckpt/" in rel or "/tb/" in rel or rel.startswith(("tokenizer", "run.json")):
       continue  # TensorBoard event files are named by time and host (their scalars are metrics.jsonl's)
-    if path.name in ("DONE", "summary.md", "report.md", "metrics.jsonl", "data_report.json") or \
+    if path.name in ("DONE", "summary.md", "report.md", "metrics.jsonl", "data_report.json", "run.log") or \
         path.suffix == ".png":
-      continue  # timings, or renderings of the JSON compared below
+      continue  # timings and logs, or renderings of the JSON compared below
     if path.suffix == ".jsonl" and "rollouts" in path.name:
       records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
       for r in records:
