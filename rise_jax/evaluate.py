@@ -13,7 +13,7 @@ same command after a crash skips the problems already logged.
 
 Output directory (`output_dir`):
   config.json  rollouts.jsonl (sequential)  [rollouts_draw<d>.jsonl]  rollouts_parallel.jsonl  throughput.json
-  metrics.json  report.md  *.png  [self_refine/{rollouts.jsonl, metrics.json, report.md, *.png}]
+  metrics.json  report.md  *.png  [self_refine/{rollouts.jsonl, metrics.json, report.md, *.png}]  run.log (the full log)
 (`rollouts.jsonl` and `rollouts_parallel.jsonl` are the names the RISE loop uses in `iter_<T>/eval/`.)
 """
 
@@ -91,7 +91,7 @@ def model_description(cfg) -> dict[str, Any]:
 
 
 def evaluate(cfg, *, out_dir=None, policy: Policy | None = None, problems: Sequence[Any] | None = None,
-             model: Any = None, progress: bool = True) -> dict[str, Any]:
+             model: Any = None, progress: bool = True, on_open=None) -> dict[str, Any]:
   """Run every protocol of `cfg.eval`, write logs, metrics and report under `out_dir`; return the metrics.
 
   policy: the learner (default: `cfg.model` behind a sampler); model: how the log header names it (default
@@ -114,6 +114,8 @@ def evaluate(cfg, *, out_dir=None, policy: Policy | None = None, problems: Seque
   rundir.check_config(out, cfg)  # a changed config is refused before anything is written
   with rundir.RunLock(out):
     rundir.check_config(out, cfg)  # again, now that no other writer can be between the check and the write
+    if on_open is not None:
+      on_open(out)  # the command line's run.log starts here: the directory is this config's
     rundir.atomic_write_json(out / rundir.CONFIG_FILE, config_lib.to_dict(cfg))
     if policy is None:
       policy = load_learner(cfg, out)
@@ -211,8 +213,8 @@ def _throughput(summary: RunSummary) -> dict[str, float]:
           "resamples": summary.resamples, "degenerate_kept": summary.degenerate_kept}
 
 
-def main(cfg) -> dict[str, Any]:
-  metrics = evaluate(cfg)
+def main(cfg, on_open=None) -> dict[str, Any]:
+  metrics = evaluate(cfg, on_open=on_open)
   print(json.dumps({k: v for k, v in metrics.items() if "@" in k and isinstance(v, float)}, indent=2))
   return metrics
 
@@ -223,7 +225,6 @@ _HELP_FLAGS = ("--help", "-h", "--helpshort", "-?", "--helpfull")
 def cli(argv: Sequence[str] | None = None):
   """`python -m rise_jax.evaluate --config=configs/<name>.py [--config.<field>=<value> ...]`."""
   from absl import app, flags
-  from absl import logging as absl_logging
   from ml_collections import config_flags
 
   argv = list(sys.argv if argv is None else argv)
@@ -237,9 +238,10 @@ def cli(argv: Sequence[str] | None = None):
   flags.mark_flag_as_required("config")
 
   def run(_):
-    absl_logging.set_verbosity(absl_logging.INFO)
+    from rise_jax import logs
+    logs.setup()  # the terminal: progress, warnings, errors (--verbosity for more); the full log in output_dir
     with rundir.cli_errors("rise_jax.evaluate", config.value.output_dir):
-      main(config.value)
+      main(config.value, on_open=logs.to_file)
 
   app.run(run, argv=argv)
 

@@ -32,6 +32,7 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from rise_jax import logs  # noqa: E402
 from rise_jax.rise.loop import StopRequested, run  # noqa: E402
 from rise_jax.rundir import cli_errors  # noqa: E402
 
@@ -56,18 +57,22 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config=configs/<experiment>.py is required")
+  logs.setup()
   enable_compilation_cache()
   try:
     with cli_errors("rise_jax.run", config.output_dir):  # refused directory: exit 2; disk full: exit 4
-      summary = run(config)
+      summary = run(config, log=logs.announce, on_open=logs.to_file)
   except StopRequested as e:
-    print(f"[rise_jax.run] {e}; re-run the same command to resume", flush=True)
+    logs.announce(f"[rise_jax.run] {e}; re-run the same command to resume")
+    logs.announce(f"wall time: {time.perf_counter() - _START:.1f} s")
     sys.exit(3)
   print(summary["table_md"])
   for path in summary["plots"]:
     print(f"plot: {path}")
-  print(f"summary: {pathlib.Path(config.output_dir) / 'summary.md'}")
-  print(f"wall time: {time.perf_counter() - _START:.1f} s", flush=True)
+  out = pathlib.Path(config.output_dir)
+  print(f"summary: {out / 'summary.md'}")
+  print(f"log: {out / logs.LOG_NAME}")
+  logs.announce(f"wall time: {time.perf_counter() - _START:.1f} s")
 
 
 def cli():

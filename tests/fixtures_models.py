@@ -19,11 +19,12 @@ TINY_MISTRAL = dict(TINY_LLAMA, num_key_value_heads=2, sliding_window=16,
                     rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 
 
-def _save(model_cls, config_cls, path: str | os.PathLike, seed: int, fields: dict) -> pathlib.Path:
-  import torch
+def _save(arch: str, path: str | os.PathLike, seed: int, fields: dict) -> pathlib.Path:
+  torch = pytest.importorskip("torch")  # absent in the Python 3.12 CI leg: tests needing these checkpoints skip
+  import transformers
   torch.manual_seed(seed)
-  config = config_cls(**fields)
-  model = model_cls(config).eval()
+  config = getattr(transformers, f"{arch}Config")(**fields)
+  model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
   path = pathlib.Path(path)
   model.save_pretrained(path)
   return path
@@ -31,20 +32,17 @@ def _save(model_cls, config_cls, path: str | os.PathLike, seed: int, fields: dic
 
 def save_tiny_llama(path: str | os.PathLike, seed: int = 0, **overrides) -> pathlib.Path:
   """A random LlamaForCausalLM saved to `path` (config fields overridable, e.g. num_key_value_heads=2)."""
-  import transformers
-  return _save(transformers.LlamaForCausalLM, transformers.LlamaConfig, path, seed, {**TINY_LLAMA, **overrides})
+  return _save("Llama", path, seed, {**TINY_LLAMA, **overrides})
 
 
 def save_tiny_mistral(path: str | os.PathLike, seed: int = 0, **overrides) -> pathlib.Path:
   """A random MistralForCausalLM (sliding window 16 unless overridden) saved to `path`."""
-  import transformers
-  return _save(transformers.MistralForCausalLM, transformers.MistralConfig, path, seed,
-               {**TINY_MISTRAL, **overrides})
+  return _save("Mistral", path, seed, {**TINY_MISTRAL, **overrides})
 
 
 def torch_model(path: str | os.PathLike):
   """The saved checkpoint loaded by transformers in float32 (the independent reference)."""
-  import torch
+  torch = pytest.importorskip("torch")
   import transformers
   return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
@@ -52,7 +50,7 @@ def torch_model(path: str | os.PathLike):
 def torch_logits(path_or_model, ids, attention_mask=None):
   """float32 logits of a checkpoint directory (or an already loaded transformers model)."""
   import numpy as np
-  import torch
+  torch = pytest.importorskip("torch")
   model = torch_model(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
   with torch.no_grad():
     mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,16 @@ def run_smoke(out_dir: pathlib.Path, cache: pathlib.Path, *overrides: str) -> su
   cmd = [sys.executable, "-m", "rise_jax.run", "--config=configs/toy_smoke.py", f"--config.output_dir={out_dir}",
          *overrides]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+
+
+_PROGRESS_BAR = re.compile(r"\d+%\|")  # a tqdm bar redraw: "train:  50%|#####     | 1/2 [...]"
+_ABSL_INFO = re.compile(r"^I\d{4} ", re.M)  # an absl-formatted INFO record: "I1130 22:53:57.354638 ..."
+
+
+def terminal_lines(proc: subprocess.CompletedProcess) -> list[str]:
+  """What a person sees on the terminal, progress bars aside: non-empty stdout and stderr lines."""
+  lines = (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
+  return [line for line in lines if line.strip() and not _PROGRESS_BAR.search(line)]
 
 
 @pytest.fixture(scope="session")
@@ -131,6 +142,19 @@ def test_smoke_run_end_to_end(smoke_run):
   assert (out / "iter_1/train/validation.jsonl").exists() is False and (out / "iter_0/train/validation.jsonl").exists()
 
 
+def test_smoke_run_terminal_is_quiet_and_the_log_file_has_everything(smoke_run):
+  out, proc = smoke_run
+  terminal = terminal_lines(proc)
+  # 8 stages x (start, finish) + the summary tables and paths; the INFO flood (orbax, absl) stays in the file.
+  assert len(terminal) < 100, "\n".join(terminal)
+  assert sum("[rise_jax.run] " in line for line in terminal) == 2 * len(SMOKE_STAGES)
+  assert not _ABSL_INFO.search(proc.stderr) and re.search(r"^wall time: \d+\.\d s$", proc.stdout, re.M)
+  log = (out / "run.log").read_text()
+  assert "[rise_jax.run] iter_1/control/eval: done in" in log and "wall time:" in log
+  assert len(_ABSL_INFO.findall(log)) > len(terminal)  # the INFO records the terminal did not show
+  assert "CheckpointManager" in log and re.search(r"step 4/4 \| loss ", log)  # orbax's and the trainer's
+
+
 def _digest(run_dir: pathlib.Path) -> dict[str, str]:
   """A hash of every result artifact, normalised for what legitimately differs between two runs: rollout-log
   headers (creation time), record order within a log (episodes finish in chunk order), paths and timings."""
@@ -139,9 +163,9 @@ def _digest(run_dir: pathlib.Path) -> dict[str, str]:
     rel = str(path.relative_to(run_dir))
     if not path.is_file() or "/ckpt/" in rel or "/tb/" in rel or rel.startswith(("tokenizer", "run.json")):
       continue  # TensorBoard event files are named by time and host (their scalars are metrics.jsonl's)
-    if path.name in ("DONE", "summary.md", "report.md", "metrics.jsonl", "data_report.json") or \
+    if path.name in ("DONE", "summary.md", "report.md", "metrics.jsonl", "data_report.json", "run.log") or \
         path.suffix == ".png":
-      continue  # timings, or renderings of the JSON compared below
+      continue  # timings and logs, or renderings of the JSON compared below
     if path.suffix == ".jsonl" and "rollouts" in path.name:
       records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
       for r in records:
@@ -173,13 +197,16 @@ def test_interrupted_run_resumes_to_identical_artifacts(smoke_run, tmp_path, xla
   proc = run_smoke(out, xla_cache, "--config.debug.stop_after=iter_1/train:2")  # SIGKILL after step 2's ckpt
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert (out / "iter_1/collect/DONE").exists() and not (out / "iter_1/train/DONE").exists()
-  proc = run_smoke(out, xla_cache, "--config.debug.stop_after=iter_1/eval:done")  # between stages
+  proc = run_smoke(out, xla_cache, "--config.debug.stop_after=iter_1/eval:done", "--verbosity=0")  # between stages
   assert proc.returncode == 3, proc.stderr[-3000:]
+  assert _ABSL_INFO.search(proc.stderr)  # absl's own --verbosity flag brings the INFO records back
   assert json.loads((out / "iter_1/train/DONE").read_text())["resumed_from"] == 2
   assert (out / "iter_1/eval/DONE").exists() and not (out / "iter_1/control/train/DONE").exists()
   proc = run_smoke(out, xla_cache)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "iter_0/train: done (skipped)" in proc.stdout
+  log = (out / "run.log").read_text()  # every invocation appended to the same log
+  assert log.count("re-run the same command to resume") == 2 and "iter_0/train: done (skipped)" in log
   mine, theirs = _digest(out), _digest(reference)
   assert sorted(mine) == sorted(theirs)
   assert {k for k in mine if mine[k] != theirs[k]} == set()

@@ -40,7 +40,7 @@ def samplers(checkpoints):
 
 def hf_generate(path, prompts, max_new, eos=None):
   """transformers greedy generate on a left-padded batch; per row the new ids (cut after eos when given)."""
-  import torch
+  torch = pytest.importorskip("torch")
   model = torch_model(path)
   width = max(map(len, prompts))
   ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])

@@ -12,7 +12,7 @@ import pytest
 
 from rise_jax.train import trainer
 
-event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+from tensorboardX.proto import event_pb2  # a dependency of rise_jax (install_requires)
 
 
 def _scalars(tb_dir: pathlib.Path) -> dict[tuple[str, int], float]:

@@ -167,8 +167,10 @@ def data_stages(config, iteration: int) -> list[str]:
   return [f"iter_{t}/collect" for t in range(first, iteration + 1)]
 
 
-def run(config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Run (or resume) every stage of `config`; returns the final summary."""
+def run(config, *, log: Callable[[str], None] = print,
+        on_open: Callable[[pathlib.Path], Any] | None = None) -> dict[str, Any]:
+  """Run (or resume) every stage of `config`; returns the final summary. `on_open(run_dir)` is called once the
+  run directory is known to be this config's (the command line starts its log file there)."""
   from rise_jax.rise import loop_report
   from rise_jax.rise import stages as stages_lib
 
@@ -184,6 +186,8 @@ def run(config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
   run_dir.check()
   with rundir.RunLock(run_dir.root):
     run_dir.open()
+    if on_open is not None:
+      on_open(run_dir.root)
     start = time.perf_counter()
     for stage in plan(config):
       if run_dir.done(stage.name):

@@ -21,7 +21,6 @@ import math
 import os
 import pathlib
 import signal
-import sys
 import time
 from typing import Any, Iterable, Sequence
 
@@ -223,7 +222,7 @@ def initialize_distributed(cfg) -> None:
 
 
 class _MetricsSink:
-  """metrics.jsonl (append, truncated to the resumed step), TensorBoard when installed, on process 0 only."""
+  """metrics.jsonl (append, truncated to the resumed step) and TensorBoard, on process 0 only."""
 
   def __init__(self, path: pathlib.Path, resume_step: int):
     self.path = path
@@ -235,11 +234,8 @@ class _MetricsSink:
       kept = [l for l in path.read_text().splitlines(keepends=True)
               if l.strip() and json.loads(l)["step"] <= resume_step]
       rundir.atomic_write_text(path, "".join(kept))
-    try:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(path.parent / "tb"))
-    except ImportError:
-      log.info("tensorboardX not installed: metrics go to %s only", path)
+    from tensorboardX import SummaryWriter  # imported here: only process 0 of a training run pays for it
+    self.tb = SummaryWriter(str(path.parent / "tb"))
 
   def write(self, records: list[dict[str, Any]]):
     if not self.active:
@@ -256,11 +252,16 @@ class _MetricsSink:
             self.tb.add_scalar(f"train/{k}", v, r["step"])
       self.tb.flush()
 
+  def close(self):
+    if self.tb is not None:  # its writer thread must stop before interpreter shutdown (an error on Python 3.12)
+      self.tb.close()
+      self.tb = None
+
 
 class _StepLogger:
   """Holds each device call's on-device metrics (stacked over its steps) and, when told to flush (every
   `log_every` steps and before a save), fetches them in one transfer: checks the loss is finite, adds
-  throughput, writes metrics.jsonl / TensorBoard / a stdout line and advances the progress bar. Not fetching
+  throughput, writes metrics.jsonl / TensorBoard / a log line and advances the progress bar. Not fetching
   every call keeps dispatch asynchronous."""
 
   FIELDS = ("loss", "accuracy", "grad_norm", "lr", "sum_weights", "examples", "trained_tokens", "tokens_per_s",
@@ -309,13 +310,14 @@ class _StepLogger:
     self.history.extend(records)
     self.progress.update(len(records))
     self.progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-    if jax.process_index() == 0:
-      self.progress.write(" | ".join([f"step {last['step']}/{self.total}"] +
-                                     [f"{k} {last[k]:.4g}" for k in self.FIELDS if k in last]), file=sys.stdout)
+    if jax.process_index() == 0:  # the log (and metrics.jsonl); the terminal has the progress bar's loss
+      log.info(" | ".join([f"step {last['step']}/{self.total}"] +
+                          [f"{k} {last[k]:.4g}" for k in self.FIELDS if k in last]))
     self.pending.clear()
 
   def close(self):
     self.progress.close()
+    self.sink.close()
 
 
 def _fingerprint(examples, cfg) -> str:
