@@ -27,14 +27,17 @@ class _Prompts:
     return f"Wrong. Again: {question}"
 
 
-class _ToyTask:
-  name = "toy"
+class _GraderTask:
+  """The runner's view of a task: its name, grading and answer extraction through the real graders."""
+
+  def __init__(self, name="toy"):
+    self.name = name
 
   def grade(self, response, reference, mode):
-    return graders.grade("toy", response, reference, mode)
+    return graders.grade(self.name, response, reference, mode)
 
   def extract_answer(self, response, mode):
-    return graders.get_grader("toy").extract_answer(response, mode)
+    return graders.get_grader(self.name).extract_answer(response, mode)
 
 
 A = Problem(id="toy/test/0", question="3+4", reference="3+4=7")
@@ -52,7 +55,7 @@ def _table_policy(table, name="learner"):
 def _run(tmp_path, problems, policy, protocol, name="log.jsonl", batch_size=8):
   path = tmp_path / name
   header = rollout_log.make_header("cfg", "scripted", versions={}, git_commit="abc")
-  summary = run_episodes(problems, policy, protocol, path, task=_ToyTask(), prompts=_Prompts(), header=header,
+  summary = run_episodes(problems, policy, protocol, path, task=_GraderTask(), prompts=_Prompts(), header=header,
                          batch_size=batch_size, progress=False)
   _, records, torn = rollout_log.read_rollouts(path)
   assert torn == 0
@@ -218,7 +221,7 @@ def test_resume_skips_logged_problems_and_equals_uninterrupted(tmp_path):
   assert sorted(resumed, key=key) == sorted(full, key=key)
 
 
-class _RaisingToyTask(_ToyTask):
+class _RaisingToyTask(_GraderTask):
   """The toy grader, except that it raises on samples containing "boom" (a grader bug)."""
 
   def grade(self, response, reference, mode):
@@ -245,16 +248,6 @@ def test_a_grader_error_is_a_counted_zero_reward_not_an_abort(tmp_path, caplog):
   assert any(A.id in r.getMessage() and "OverflowError" in r.getMessage() for r in caplog.records)
 
 
-class _Gsm8kTask:
-  name = "gsm8k"
-
-  def grade(self, response, reference, mode):
-    return graders.grade("gsm8k", response, reference, mode)
-
-  def extract_answer(self, response, mode):
-    return graders.get_grader("gsm8k").extract_answer(response, mode)
-
-
 def test_the_issues_gsm8k_sample_is_graded_in_both_modes(tmp_path):
   """Issue 16: 309 nines in a box crashed paper grading and aborted the stage on every resume."""
   problem = Problem(id="gsm8k/test/0", question="How many ducks?", reference="9 + 9 = 18\n#### 18")
@@ -263,7 +256,7 @@ def test_the_issues_gsm8k_sample_is_graded_in_both_modes(tmp_path):
     policy = ScriptedPolicy(lambda request, j: texts[j])
     protocol = Protocol.sequential(1, samples=2, sampling=SAMPLING, grader=mode)
     header = rollout_log.make_header("cfg", "scripted", versions={}, git_commit="abc")
-    summary = run_episodes([problem], policy, protocol, tmp_path / f"{mode}.jsonl", task=_Gsm8kTask(),
+    summary = run_episodes([problem], policy, protocol, tmp_path / f"{mode}.jsonl", task=_GraderTask("gsm8k"),
                            prompts=_Prompts(), header=header, progress=False)
     _, (record,), _ = rollout_log.read_rollouts(tmp_path / f"{mode}.jsonl")
     rewards = [c["reward"] for c in record["turns"][0]["candidates"]]
@@ -345,7 +338,7 @@ def test_window_seen_by_the_sampler_on_rendered_ids(tmp_path, toy_tokenizer):
   prompts = get_prompt_set("toy")
   header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")
   protocol = Protocol.sequential(4, window=3, sampling=SAMPLING, grader="robust", seed=3)
-  run_episodes([A], policy, protocol, tmp_path / "w.jsonl", task=_ToyTask(), prompts=prompts, header=header,
+  run_episodes([A], policy, protocol, tmp_path / "w.jsonl", task=_GraderTask(), prompts=prompts, header=header,
                progress=False)
   head = ("<s>", "<|user|>", prompts.instruction, "<|end|>", "<|assistant|>", prompts.example_answer, "</s>",
           "<|user|>", prompts.problem("3+4"), "<|end|>")
@@ -378,7 +371,7 @@ def test_sampler_policy_continues_the_chosen_candidates_cache(tmp_path, toy_toke
   policy = SamplerPolicy(spy, toy_tokenizer)
   header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")
   protocol = Protocol.sequential(2, samples=3, select="best_reward", sampling=SAMPLING, grader="robust")
-  run_episodes([A], policy, protocol, tmp_path / "c.jsonl", task=_ToyTask(), prompts=get_prompt_set("toy"),
+  run_episodes([A], policy, protocol, tmp_path / "c.jsonl", task=_GraderTask(), prompts=get_prompt_set("toy"),
                header=header, progress=False)
   assert spy.histories[0] == [None]
   (turn1_prompt,), (turn2_prompt,) = spy.calls[0][0], spy.calls[1][0]
@@ -402,7 +395,7 @@ def test_sampler_policy_without_cache_reuse_prefills_everything(tmp_path, toy_to
   spy = _SpySampler(toy_tokenizer)
   header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")
   run_episodes([A], SamplerPolicy(spy, toy_tokenizer, reuse_cache=False), Protocol.sequential(3, sampling=SAMPLING),
-               tmp_path / "n.jsonl", task=_ToyTask(), prompts=get_prompt_set("toy"), header=header, progress=False)
+               tmp_path / "n.jsonl", task=_GraderTask(), prompts=get_prompt_set("toy"), header=header, progress=False)
   assert spy.histories == [[None]] * 3
   _, (record,), _ = rollout_log.read_rollouts(tmp_path / "n.jsonl")
   assert all(t["prefill_tokens"] == t["history_tokens"] for t in record["turns"])

@@ -392,10 +392,11 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
   records = _records(records_or_path)  # every record checked before the run directory is touched
   # Process 0 writes the shared files, so it alone holds the directory's lock.
   with rundir.RunLock(out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
-    return _train(cfg, records, out_dir, model, tokenizer, export_hf)
+    return _train(cfg, records, out_dir, model, tokenizer, export_hf, validation)
 
 
-def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: bool) -> TrainResult:
+def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: bool,
+           validation: Validation | None) -> TrainResult:
   t = cfg.train
   settings = resume_settings(cfg)
   latest = checkpoint_lib.latest_meta(out_dir / "ckpt")
