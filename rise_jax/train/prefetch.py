@@ -25,9 +25,16 @@ class _Failed:
 
 
 def prefetch(items: Sequence[T], produce: Callable[[T], R], depth: int = 2) -> Iterator[R]:
-  """Yield `produce(item)` for each item in order, computed on a thread up to `depth` items ahead."""
-  if depth < 1:
-    raise ValueError(f"depth must be >= 1, got {depth}")
+  """Yield `produce(item)` for each item in order, computed on a thread up to `depth` items ahead (depth 0: on
+  the caller's thread, when it is produced)."""
+  if depth < 0:
+    raise ValueError(f"depth must be >= 0, got {depth}")
+  if depth == 0:
+    return (produce(item) for item in items)
+  return _threaded(items, produce, depth)
+
+
+def _threaded(items: Sequence[T], produce: Callable[[T], R], depth: int) -> Iterator[R]:
   ready: queue.Queue = queue.Queue(maxsize=depth)
   stop = threading.Event()
 

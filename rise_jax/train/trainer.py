@@ -447,8 +447,11 @@ def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: boo
   done, stop_now = start, False
   validation_log = _ValidationLog(out_dir / "validation.jsonl", start) if validation else None
   log.info("%d steps in %d device calls (at most %d steps per call)", total - start, len(calls), per_call)
+  # Several processes assemble global arrays on the main thread: a background thread's cross-process transfers
+  # racing the step's collectives stalled a host (a heartbeat timeout in 1 of ~4 two-process runs).
   batches = prefetch_lib.prefetch(calls, lambda c: trainer.call_batch([steps[i] for i in c], examples,
-                                                                      t.estimator))
+                                                                      t.estimator),
+                                  depth=2 if jax.process_count() == 1 else 0)
   try:
     for call, (batch, normalizers, stats) in zip(calls, batches):
       if profile is not None and call.start == profile[0]:
