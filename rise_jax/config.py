@@ -313,6 +313,8 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
          "must be None or >= 1")
   _check(r.boost_stop_accuracy is None or (r.boost_validate_every is not None and 0 < r.boost_stop_accuracy <= 1),
          "rise.boost_stop_accuracy", "must be None, or in (0, 1] with rise.boost_validate_every set")
+  _check(r.boost_validate_every is None or config.task.dev_size > 0, "rise.boost_validate_every",
+         "validates on the dev split: needs task.dev_size > 0")
   _check(not r.fresh_problems or config.task.train_size is not None, "rise.fresh_problems",
          "needs task.train_size (the number of fresh problems per iteration)")
   overrides = parse_overrides(r.iteration_overrides, r.iterations)

@@ -125,3 +125,12 @@ def test_config_hash_ignores_where_the_run_directory_is():
   assert config_lib.config_hash(a) == config_lib.config_hash(b)
   assert config_lib.diff_fields(config_lib.identity(config_lib.to_dict(a)),
                                 config_lib.identity(config_lib.to_dict(b))) == []
+
+
+def test_boost_validation_needs_a_dev_split_before_any_work():
+  from rise_jax.rise import recipes
+  c = recipes.toy()
+  c.task.dev_size = 0
+  c.lock()
+  with pytest.raises(ValueError, match=r"rise\.boost_validate_every: validates on the dev split"):
+    config_lib.validate(c)

@@ -296,7 +296,8 @@ def test_an_empty_train_file_fails_before_the_run_directory_exists(tmp_path):
   train.write_text("")
   test.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
   cfg = _smoke_config(tmp_path, **{"task.name": "gsm8k", "task.train_source": str(train),
-                                   "task.test_source": str(test), "task.dev_size": 0})
+                                   "task.test_source": str(test), "task.dev_size": 0,
+                                   "rise.boost_validate_every": None, "rise.boost_stop_accuracy": None})
   with pytest.raises(ValueError, match=rf"{train}: holds no records"):
     loop.run(cfg)
   assert not (tmp_path / "run").exists()
