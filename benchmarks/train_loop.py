@@ -1,14 +1,15 @@
-"""Training-loop throughput on the toy model: one optimiser step per device call (the loop before
-`train.steps_per_call`) vs several steps per call with prefetched host batches (the loop `train()` runs now).
+"""Training-loop throughput on the toy model: one optimiser step per device call with power-of-two padded
+lengths (the loop before `train.steps_per_call` and `train.buckets_per_octave`) vs the loop `train()` runs now:
+K steps per call with prefetched host batches, and steps padded to one of B lengths per octave.
 
 Both loops build their batches from the same plan and fetch metrics once per `--log_every` steps; they run
 interleaved (old pass, new pass, old pass, ...) in one process so machine noise hits both alike, and the medians
-of examples/s and their ratio are printed per shape. Shapes: `toy` is today's toy boost (the task's reference
-records: 49-token prompt + worked answer, batch 16, steps padded to 64 or 128); `BxL` is a batch of B synthetic
-examples of L +- 5 tokens (e.g. `64x25`, the redesigned toy's short prompts and answers).
+of examples/s and their ratio are printed per shape. Shapes: `toy` is the toy boost (configs/toy.py: the task's
+reference answers after the two-character opening turns, 28-34 tokens, batch 16); `BxL` is a batch of B synthetic
+examples of L +- 5 tokens.
 
     python benchmarks/train_loop.py                                   # toy, 64x25, 128x25; steps_per_call auto
-    python benchmarks/train_loop.py --shapes toy --steps_per_call 1 4 16 --repeats 7
+    python benchmarks/train_loop.py --shapes toy --steps_per_call 1 8 --buckets_per_octave 1 4 --repeats 7
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ class Loops:
     config = get_preset("toy-llama").config
     self.mesh = sharding_lib.make_mesh((1, -1, 1))
     self.examples, self.log_every = examples, log_every
-    self.plan = data_lib.plan([e.length for e in examples], epochs=1, seed=0, global_batch=batch,
-                              micro_batch=batch, row_multiple=self.mesh.shape["fsdp"], max_length=320,
-                              packing=False)
+    # One plan per padding rule: the same examples in the same steps, only the padded length differs.
+    self.plans = {b: data_lib.plan([e.length for e in examples], epochs=1, seed=0, global_batch=batch,
+                                   micro_batch=batch, row_multiple=self.mesh.shape["fsdp"], max_length=320,
+                                   packing=False, buckets_per_octave=b) for b in (1, 2, 4, 8)}
+    self.plan = self.plans[1]
     model = build_model(config, mesh=self.mesh, seed=0)
     tx, lr = optim.optimizer(RECIPE, len(self.plan))
     self.trainer = trainer_lib.Trainer(model, self.mesh, tx, lr)
@@ -87,11 +90,13 @@ class Loops:
     jax.block_until_ready(self.state)
     return examples
 
-  def new(self, steps: int, per_call: int) -> int:
-    """`per_call` steps per call from prefetched, stacked batches (what train() runs)."""
-    calls = data_lib.chunk_plan(self.plan[:steps], 0, per_call, boundaries=[])
+  def new(self, steps: int, per_call: int, per_octave: int = 1) -> int:
+    """`per_call` steps per call from prefetched, stacked batches padded to `per_octave` lengths per octave (what
+    train() runs)."""
+    plan = self.plans[per_octave]
+    calls = data_lib.chunk_plan(plan[:steps], 0, per_call, boundaries=[])
     pending, examples = [], 0
-    batches = prefetch_lib.prefetch(calls, lambda c: self.trainer.call_batch([self.plan[i] for i in c],
+    batches = prefetch_lib.prefetch(calls, lambda c: self.trainer.call_batch([plan[i] for i in c],
                                                                               self.examples, "sample_mean"))
     with jax.set_mesh(self.mesh):
       for call, (batch, normalizers, stats) in zip(calls, batches):
@@ -116,11 +121,17 @@ def bench_shape(name: str, args) -> None:
   lengths = sorted({s.length for s in loops.plan})
   ks = [trainer_lib.steps_per_call(k, loops.config, batch, max(lengths)) for k in args.steps_per_call]
   fns = {"old (1 step/call)": loops.old}
-  fns.update({f"new ({k} steps/call)": (lambda steps, k=k: loops.new(steps, k)) for k in ks})
+  fns.update({f"new ({k} steps/call, {b}/oct)": (lambda steps, k=k, b=b: loops.new(steps, k, b))
+              for k in ks for b in args.buckets_per_octave})
+  for b in args.buckets_per_octave:
+    plan = loops.plans[b][:args.steps]
+    padded = sum(s.length * batch for s in plan) / sum(examples[i].length for s in plan for i in s.example_ids)
+    print(f"[{name}] {b} length(s) per octave: padded / real tokens {padded:.2f}, lengths "
+          f"{sorted({s.length for s in plan})}")
   t0 = time.perf_counter()
   for fn in fns.values():  # compiles every program and length on the warm-up pass
     fn(args.steps)
-  print(f"\n[{name}] batch {batch}, padded lengths {lengths}, {args.steps} steps per pass; warm-up (compiles) "
+  print(f"\n[{name}] batch {batch}, old padded lengths {lengths}, {args.steps} steps per pass; warm-up (compiles) "
         f"{time.perf_counter() - t0:.1f} s", flush=True)
   rates = {k: [] for k in fns}
   for _ in range(args.repeats):
@@ -131,7 +142,7 @@ def bench_shape(name: str, args) -> None:
   base = statistics.median(rates["old (1 step/call)"])
   for label, r in rates.items():
     med = statistics.median(r)
-    print(f"  {label:22s} {med:8.0f} examples/s  {1e3 * batch / med:7.1f} ms/step  ratio {med / base:.2f}x  "
+    print(f"  {label:30s} {med:8.0f} examples/s  {1e3 * batch / med:7.1f} ms/step  ratio {med / base:.2f}x  "
           f"(per pass: {', '.join(f'{x:.0f}' for x in r)})", flush=True)
 
 
@@ -150,6 +161,8 @@ def main():
   parser.add_argument("--shapes", nargs="+", default=["toy", "64x25", "128x25"])
   parser.add_argument("--steps_per_call", nargs="+", type=lambda s: None if s == "auto" else int(s),
                       default=[None], help="values for the new loop ('auto' = the trainer's default)")
+  parser.add_argument("--buckets_per_octave", nargs="+", type=int, default=[1, 4],
+                      help="padded lengths per octave for the new loop (the old loop: 1, powers of two)")
   parser.add_argument("--steps", type=int, default=64, help="steps per timed pass")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--log_every", type=int, default=50, help="configs/toy.py's")

@@ -112,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.collect.dedupe = True
   c.collect.single_turn = False          # strip history: the paper's single-turn SFT control
   c.collect.max_resample_rounds = 3
+  c.collect.oracle = True                # True: an episode stops at its first success (Algorithm 1); False: the
+                                         # failure message follows right answers too, as at test time without an
+                                         # oracle, so the data shows a right answer kept after it (all K turns run)
   c.collect.window = placeholder(int)    # history the policies see: None = all (Algorithm 1); 1 = the problem only,
                                          # so attempts are independent first-turn samples (a model that cannot read
                                          # a history yet); the training records keep the whole history either way
@@ -132,6 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.epochs = placeholder(int)      # required: validate() refuses None when training runs
   c.train.max_length = 2048
   c.train.packing = False
+  c.train.buckets_per_octave = 1         # padded step lengths per octave (1: powers of two); more = less padding, more compiles
   c.train.on_truncation = "report"       # report (count and skip) | raise
   c.train.allow_bf16_params = False
   c.train.moments_dtype = "float32"      # Adam mu/nu storage; bfloat16 halves it (stochastic rounding)
@@ -282,6 +286,7 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(t.global_batch % t.micro_batch == 0, "train.micro_batch",
          f"must divide train.global_batch ({t.micro_batch} vs {t.global_batch})")
   _check(t.max_length >= 8, "train.max_length", "must be >= 8")
+  _check(t.buckets_per_octave in (1, 2, 4, 8), "train.buckets_per_octave", "must be 1, 2, 4 or 8")
   _check(t.keep >= 2, "train.keep", "keep at least 2 checkpoints (a torn latest one falls back)")
   _check(t.ckpt_every >= 1 and t.log_every >= 1, "train.ckpt_every", "intervals must be >= 1")
   _check(t.steps_per_call is None or t.steps_per_call >= 1, "train.steps_per_call", "must be None (auto) or >= 1")

@@ -5,7 +5,9 @@ The prompt set and problems here are written inside the test, so expected messag
 rewards are the toy grader's paper mode (unparsable -1, wrong 0, right 1), worked out by hand below.
 """
 
+import dataclasses
 import json
+import math
 
 import pytest
 
@@ -422,3 +424,33 @@ def test_collection_with_window_one_and_the_reference_teacher(tmp_path):
                       {"role": "assistant", "content": "3+4=7", "train": True}]
   with pytest.raises(KeyError, match="no reference solution for problem 'toy/test/9'"):
     teacher.sample([type(learner.requests[0])(key="toy/test/9", messages=tuple(head), n=1, turn=1)], SAMPLING, 0)
+
+
+def test_collection_without_oracle_keeps_a_right_answer_after_the_failure_message(tmp_path):
+  # collect.oracle=False (stages.collection_protocol): a right first answer is followed by the failure message, as
+  # at test time without an oracle, and best-of-N at turn 2 yields a record that keeps the right answer after it.
+  from rise_jax.rise import collect, recipes, stages
+  c = recipes.toy()
+  c.collect.oracle = False
+  c.collect.improvement_samples = 2
+  protocol = stages.collection_protocol(c)
+  assert protocol.oracle is False and protocol.turns == 2
+  answers = {1: ["3+4=7"], 2: ["3+4=6", "3+4=7"]}  # turn 2: a wrong and a right candidate
+  learner = ScriptedPolicy(lambda request, j: answers[request.turn][j])
+  _, records = _run(tmp_path, [A], learner, dataclasses.replace(protocol, sampling=(SAMPLING, SAMPLING)))
+  assert [t["candidates"][t["chosen"]]["text"] for t in records[0]["turns"]] == ["3+4=7", "3+4=7"]
+  head = _Prompts().initial_messages(A.question)
+  conv = collect.convert_rollouts(records, lambda pid: head, collect.ConversionOptions(criteria="all", dedupe=False))
+  assert len(conv.records) == 2  # the prefixes ending at turns 1 and 2
+  last = max(conv.records, key=lambda r: len(r["messages"]))
+  assert last["messages"][len(head):] == [{"role": "assistant", "content": "3+4=7"},
+                                          {"role": "user", "content": "Wrong. Again: 3+4"},
+                                          {"role": "assistant", "content": "3+4=7", "train": True}]
+  assert last["weight"] == pytest.approx(math.exp(1 / 0.4))
+  # The reference's dedupe drops a repeated answer, so keeping one needs collect.dedupe=False.
+  assert len(collect.convert_rollouts(records, lambda pid: head, collect.ConversionOptions(dedupe=True)).records) == 1
+  # The default (Algorithm 1) stops at the first success: one turn, one record.
+  c.collect.oracle = True
+  _, records = _run(tmp_path, [A], learner, dataclasses.replace(stages.collection_protocol(c), sampling=(SAMPLING,) * 2),
+                    name="oracle.jsonl")
+  assert len(records[0]["turns"]) == 1

@@ -91,6 +91,32 @@ def test_plan_covers_every_example_once_per_epoch(packing):
     assert len(s.example_ids) <= 8
 
 
+@pytest.mark.parametrize("per_octave", [1, 2, 4, 8])
+def test_bucket_length_is_the_smallest_grid_length_that_fits(per_octave):
+  """Against the grid written out: per octave (2^k, 2^(k+1)], lengths 2^k + j 2^k / per_octave (multiples of 8,
+  at least 16), capped at max_length; 1 per octave is the power-of-two rule."""
+  grid = [16]
+  for k in range(4, 11):
+    spacing = max(2 ** k // per_octave, 8)
+    grid += [2 ** k + spacing * j for j in range(1, 2 ** k // spacing + 1)]
+  for n in range(1, 1025):
+    want = min(g for g in grid if g >= n)
+    assert D.bucket_length(n, 2048, per_octave) == want, n
+    assert D.bucket_length(n, 100, per_octave) == min(want, 100)
+  if per_octave == 1:
+    assert [D.bucket_length(n, 2048) for n in (1, 17, 33, 65, 129)] == [16, 32, 64, 128, 256]
+  # The padding a step pays is bounded: < 2x with powers of two, < 1 + 1/per_octave above the floor.
+  assert max(D.bucket_length(n, 4096, per_octave) / n for n in range(64, 2049)) <= 1 + 1 / per_octave + 1e-9
+
+
+def test_plan_pads_each_step_to_its_bucket():
+  lengths = [33] * 16 + [166] * 16
+  for per_octave, want in ((1, {64, 256}), (4, {40, 192})):
+    steps = D.plan(lengths, epochs=1, seed=0, global_batch=16, micro_batch=16, row_multiple=1, max_length=256,
+                   packing=False, buckets_per_octave=per_octave)
+    assert {s.length for s in steps} == want
+
+
 def test_packed_batch_weights_equal_unpacked_estimator():
   """Materialised packed rows give the same loss weights per example as one example per row."""
   examples = _examples([5, 9, 4, 7, 3, 6])

@@ -186,6 +186,9 @@ def episode_examples(record: Mapping[str, Any], initial_messages: list[dict[str,
   if not isinstance(problem_id, str):
     raise ValueError(f"{where}: field 'problem_id' must be a string")
   grader = (record.get("protocol") or {}).get("grader")
+  # With an oracle the episode ended at its first success (the reference never continues past one); collected
+  # without one (collect.oracle=False), a right answer is followed by the failure message and the episode goes on.
+  stops_at_success = (record.get("protocol") or {}).get("oracle", True)
   out, history = [], []
   for i, action in enumerate(actions):
     for criteria in CRITERIA:
@@ -206,7 +209,7 @@ def episode_examples(record: Mapping[str, Any], initial_messages: list[dict[str,
       key = repr(action.reward)
       stats.examples_per_reward[key] = stats.examples_per_reward.get(key, 0) + 1
       stats.examples_per_turn[str(i + 1)] = stats.examples_per_turn.get(str(i + 1), 0) + 1
-    if action.reward == 1.0:  # the reference never continues an episode past a success
+    if action.reward == 1.0 and stops_at_success:
       break
     if i + 1 < len(actions):
       history += [{"role": "assistant", "content": action.text}, {"role": "user", "content": action.feedback}]

@@ -132,6 +132,9 @@ def toy() -> ml_collections.ConfigDict:
   c.train.global_batch = 16              # per example seen, batch 16 learned fastest from scratch (docs/toy.md)
   c.train.micro_batch = 16
   c.train.max_length = 256
+  # Examples are 28-34 tokens (boost) and up to 166 (a 4-turn history): powers of two would pad 69% of the
+  # tokens (33 -> 64, 166 -> 256); 4 lengths per octave pad ~15% for a few more compiled steps (docs/toy.md).
+  c.train.buckets_per_octave = 4
   # Toy steps alternate padded lengths (32/64 for the boost, up to 256 for RISE data), so multi-step calls would
   # compile up to log2(K) + 1 programs per length for a ~10-20% per-step gain (docs/benchmarks.md, training loop).
   c.train.steps_per_call = 1

@@ -210,13 +210,14 @@ def turn_sampling(config, teacher: bool = False):
 
 def collection_protocol(config):
   """Algorithm 1: turns 1..K-1 from the learner, turn K the improvement turn; best reward continues; stop at
-  the first success (an oracle, as the reference's collection does)."""
+  the first success (an oracle, as the reference's collection does), or with `collect.oracle=False` run all K
+  turns with the failure message after every one, the condition the model meets at test time without an oracle."""
   from rise_jax.rise.rollout import Protocol
   co = config.collect
   learner = turn_sampling(config)
   last = turn_sampling(config, teacher=co.improvement == "teacher")
   samples = (co.samples_per_turn,) * (co.turns - 1) + (co.improvement_samples,)
-  return Protocol.sequential(co.turns, samples=samples, select="best_reward", oracle=True, window=co.window,
+  return Protocol.sequential(co.turns, samples=samples, select="best_reward", oracle=co.oracle, window=co.window,
                              sampling=(learner,) * (co.turns - 1) + (last,), grader=config.task.grader,
                              prompt_set=config.task.prompt_set, seed=config.seed,
                              max_resample_rounds=co.max_resample_rounds)

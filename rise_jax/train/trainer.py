@@ -411,7 +411,7 @@ def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: boo
   row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
   steps = data_lib.plan([e.length for e in examples], epochs=t.epochs, seed=cfg.seed,
                         global_batch=t.global_batch, micro_batch=t.micro_batch, row_multiple=row_multiple,
-                        max_length=t.max_length, packing=t.packing)
+                        max_length=t.max_length, packing=t.packing, buckets_per_octave=t.buckets_per_octave)
   total = len(steps)
   if model is None:
     from rise_jax.models import load_model
