@@ -3,8 +3,9 @@
     python experiments/toy_seeds.py                      # seeds 0 1 2 -> runs/toy_seed<S>/, table into docs/toy.md
     python experiments/toy_seeds.py --seeds 0 --no-docs  # one seed, table printed only
 
-Each seed is one `python -m rise_jax.run` (so a seed that was interrupted resumes). Then, per seed, the boosted
-model is evaluated once more sequentially with all history dropped (every turn sees only the opening messages):
+Each seed is one `python -m rise_jax.run` (so a seed that was interrupted resumes). The run evaluates the boost and
+the last iteration (`rise.evaluate="final"`, inside the time budget); this script then evaluates the intermediate
+iterations and controls through the run's own eval stage. Then, per seed, the boosted model is evaluated once more sequentially with all history dropped (every turn sees only the opening messages):
 such a run is parallel sampling in disguise and must reproduce the parallel numbers (the sanity check). The
 table reports mean +- sd over seeds of m1@t1, m5@t1, m1@t5, p1@t5, p5@t1 and the conditional accuracies, the
 uniform guesser's chance p1@t5, and the sanity check.
@@ -26,8 +27,10 @@ BEGIN, END = "<!-- toy_seeds:begin -->", "<!-- toy_seeds:end -->"
 MODELS = [("iter_0/eval", "boost"),
           ("iter_1/eval", "RISE iteration 1 (distillation: reference solutions)"),
           ("iter_1/control/eval", "single-turn control 1"),
-          ("iter_2/eval", "RISE iteration 2 (self-distillation, best-of-8)"),
-          ("iter_2/control/eval", "single-turn control 2")]
+          ("iter_2/eval", "RISE iteration 2 (self-distillation, best-of-8, no oracle)"),
+          ("iter_2/control/eval", "single-turn control 2"),
+          ("iter_3/eval", "RISE iteration 3 (self-distillation, best-of-8, no oracle)"),
+          ("iter_3/control/eval", "single-turn control 3")]
 METRICS = ["m1@t1", "m5@t1", "m1@t5", "p1@t5", "p5@t1"]
 
 
@@ -54,18 +57,40 @@ class _DropHistory:
     self.inner.release(keys)
 
 
+def _context(run_dir: pathlib.Path):
+  """The run's config (from its config.json) and a stage context over its directory."""
+  import ml_collections
+
+  from rise_jax.rise import stages as stages_lib
+  config = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
+  config.mesh.train, config.mesh.sample = tuple(config.mesh.train), tuple(config.mesh.sample)
+  return config, stages_lib.Context(config, run_dir)
+
+
+def intermediate_evals(run_dir: pathlib.Path) -> None:
+  """Evaluate the models a `rise.evaluate="final"` run left unevaluated, through the run's own eval stage (same
+  seeds, same directories as `rise.evaluate="all"` would use), after the timed run."""
+  from rise_jax.rise import loop
+  from rise_jax.rise import stages as stages_lib
+  config, ctx = _context(run_dir)
+  for t in range(1, config.rise.iterations + 1):
+    for control in (False, True) if config.rise.single_turn_control else (False,):
+      stage = loop.Stage(f"iter_{t}/control/eval" if control else f"iter_{t}/eval", "eval", t, control=control)
+      out = run_dir / stage.name
+      if (out / "metrics.json").exists():
+        continue
+      print(f"[toy_seeds] {run_dir.name}: evaluating {stage.name} after the run", flush=True)
+      out.mkdir(parents=True, exist_ok=True)
+      stages_lib.evaluate(ctx, stage, out, limit=None)
+
+
 def history_dropped_eval(run_dir: pathlib.Path) -> dict:
   """Sequential evaluation of the boosted model with every turn's history dropped (metrics dict)."""
   out = run_dir / "iter_0" / "eval_no_history"
   if (out / "metrics.json").exists():
     return json.loads((out / "metrics.json").read_text())
-  import ml_collections
-
   from rise_jax.rise import loop, metrics, rollout
-  from rise_jax.rise import stages as stages_lib
-  config = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
-  config.mesh.train, config.mesh.sample = tuple(config.mesh.train), tuple(config.mesh.sample)
-  ctx = stages_lib.Context(config, run_dir)
+  config, ctx = _context(run_dir)
   model = ctx.model(loop.model_stage(config, 0))
   policy = _DropHistory(ctx.learner(model, "boost@iter_0"))
   protocol = rollout.Protocol.sequential(config.eval.turns, select="first", sampling=ctx.turn_sampling(),
@@ -95,13 +120,14 @@ def _ms(values) -> str:
 
 def table(runs: dict[int, pathlib.Path], walls: dict[int, float], sanity_seeds=None) -> str:
   seeds = sorted(runs)
+  models = [(stage, label) for stage, label in MODELS if all((runs[s] / stage / "metrics.json").exists() for s in seeds)]
   load = {(s, stage): json.loads((runs[s] / stage / "metrics.json").read_text()) for s in seeds
-          for stage, _ in MODELS}
+          for stage, _ in models}
   stopped = [json.loads((runs[s] / "iter_0/train/DONE").read_text()).get("stopped_early_at") for s in seeds]
   lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± sd over seeds, in % of the 2,000 test problems. The boost "
            f"stopped at step {', '.join(map(str, stopped))} (first dev validation >= rise.boost_stop_accuracy).", "",
            "| model | " + " | ".join(METRICS) + " | p1@t5 − m1@t1 | m1@t5 − m5@t1 |", "|---|" + "---|" * 7]
-  for stage, label in MODELS:
+  for stage, label in models:
     cells = [_ms([load[s, stage][k] for s in seeds]) for k in METRICS]
     cells.append(_ms([load[s, stage]["p1@t5"] - load[s, stage]["m1@t1"] for s in seeds]))
     cells.append(_ms([load[s, stage]["m1@t5"] - load[s, stage]["m5@t1"] for s in seeds]))
@@ -110,7 +136,7 @@ def table(runs: dict[int, pathlib.Path], walls: dict[int, float], sanity_seeds=N
             "Turn-to-turn behaviour without oracle (turn 1 -> turn 2; mean ± sd over seeds, %):", "",
             "| model | acc. at t2 given t1 wrong | fresh sample on the same problems | acc. at t2 given t1 right "
             "| answer repeats previous turn |", "|---|---|---|---|---|"]
-  for stage, label in MODELS:
+  for stage, label in models:
     row = [_ms([load[s, stage][k][0] for s in seeds])
            for k in ("acc_given_wrong", "fresh_acc_given_wrong", "acc_given_right", "repeat_rate")]
     lines.append(f"| {label} | " + " | ".join(row) + " |")
@@ -142,6 +168,7 @@ def main():
   for seed in args.seeds:
     runs[seed] = (REPO / args.out / f"toy_seed{seed}").resolve()
     walls[seed] = run_seed(seed, runs[seed], args.overrides)
+    intermediate_evals(runs[seed])
   text = table(runs, walls, args.sanity_seeds)
   print(text)
   (REPO / args.out / "toy_seeds.md").write_text(text + "\n")

@@ -33,6 +33,7 @@ ESTIMATORS = ("sample_mean", "token_mean", "self_normalised")
 TIE_BREAKS = ("earliest", "latest", "random")
 INIT_FROM = ("base", "previous")
 RISE_DATA = ("current", "accumulated")
+RISE_EVALUATE = ("all", "final")
 ON_OVERFLOW = ("raise", "report")
 ON_INDIVISIBLE = ("replicate", "raise")
 MOMENTS_DTYPES = ("float32", "bfloat16")
@@ -162,6 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rise.init_from = "base"              # base | previous
   c.rise.data = "current"                # current | accumulated
   c.rise.single_turn_control = False     # also train the history-stripped control on the same data
+  c.rise.evaluate = "all"                # all: every iteration's model (and control) | final: the base/boost and the
+                                         # last iteration's only (intermediate models can be evaluated later)
   c.rise.boost_lr = placeholder(float)   # boost stage learning rate; None = train.lr (RISE loop)
   c.rise.boost_epochs = placeholder(int)  # boost stage epochs; None = train.epochs (RISE loop)
   c.rise.boost_size = placeholder(int)   # boost stage problems: the first this many training problems; None = all
@@ -311,6 +314,7 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(r.iterations >= 0, "rise.iterations", "must be >= 0")
   _one_of(config, "rise.init_from", INIT_FROM)
   _one_of(config, "rise.data", RISE_DATA)
+  _one_of(config, "rise.evaluate", RISE_EVALUATE)
   _check(r.boost_lr is None or r.boost_lr > 0, "rise.boost_lr", "must be None or > 0")
   _check(r.boost_epochs is None or r.boost_epochs >= 1, "rise.boost_epochs", "must be None or >= 1")
   _check(r.boost_size is None or r.boost_size >= 1, "rise.boost_size", "must be None or >= 1")

@@ -63,6 +63,9 @@ def test_ablation_variants_change_exactly_their_fields():
       c = recipes.toy_ablation(ablation, variant)
       changed = set(config_lib.diff_fields(base, config_lib.to_dict(c))) - {"name", "output_dir"}
       named = {f for f, v in modifier.fields.items() if config_lib.to_dict(recipes.toy()) != _with(f, v)}
+      if c.rise.iterations < recipes.toy().rise.iterations:  # fewer iterations drop the later ones' settings
+        named.add("rise.iteration_overrides")
+        assert all(int(o.split(":")[0]) <= c.rise.iterations for o in c.rise.iteration_overrides)
       assert changed == named, (ablation, variant, changed, named)
       assert c.output_dir == f"runs/toy_{ablation}_{variant}"
 

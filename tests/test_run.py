@@ -60,8 +60,11 @@ def smoke_run(tmp_path_factory, xla_cache):
 
 def test_plan_lists_every_stage_of_the_smoke_config():
   assert [s.name for s in loop.plan(recipes.toy_smoke())] == SMOKE_STAGES
+  # The default evaluates the boost and the last iteration (and its control) only.
+  assert [s.name for s in loop.plan(recipes.toy()) if s.kind == "eval"] == [
+      "iter_0/eval", "iter_3/eval", "iter_3/control/eval"]
   c = recipes.toy()
-  c.rise.iterations, c.rise.boost, c.rise.single_turn_control = 2, False, False
+  c.rise.iterations, c.rise.boost, c.rise.single_turn_control, c.rise.evaluate = 2, False, False, "all"
   c.rise.data, c.rise.init_from = "accumulated", "previous"
   assert [s.name for s in loop.plan(c)] == ["iter_0/eval", "iter_1/collect", "iter_1/train", "iter_1/eval",
                                             "iter_2/collect", "iter_2/train", "iter_2/eval"]

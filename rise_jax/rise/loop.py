@@ -128,18 +128,19 @@ class Stage:
 
 
 def plan(config) -> list[Stage]:
-  """Every stage of the run, in order."""
+  """Every stage of the run, in order (rise.evaluate="final": no evaluation of intermediate iterations)."""
   r = config.rise
+  evaluated = lambda t: r.evaluate == "all" or t in (0, r.iterations)
   stages = []
   if r.boost:
     stages += [Stage("iter_0/collect", "boost_data", 0), Stage("iter_0/train", "train", 0)]
   stages.append(Stage("iter_0/eval", "eval", 0))
   for t in range(1, r.iterations + 1):
-    stages += [Stage(f"iter_{t}/collect", "collect", t), Stage(f"iter_{t}/train", "train", t),
-               Stage(f"iter_{t}/eval", "eval", t)]
+    stages += [Stage(f"iter_{t}/collect", "collect", t), Stage(f"iter_{t}/train", "train", t)]
+    stages += [Stage(f"iter_{t}/eval", "eval", t)] if evaluated(t) else []
     if r.single_turn_control:
-      stages += [Stage(f"iter_{t}/control/train", "train", t, control=True),
-                 Stage(f"iter_{t}/control/eval", "eval", t, control=True)]
+      stages += [Stage(f"iter_{t}/control/train", "train", t, control=True)]
+      stages += [Stage(f"iter_{t}/control/eval", "eval", t, control=True)] if evaluated(t) else []
   return stages
 
 
