@@ -9,7 +9,7 @@ measured results: docs/toy.md.
 """
 
 from rise_jax.config import finalize
-from rise_jax.rise import capacity, recipes
+from rise_jax.pipeline import capacity, recipes
 
 HARDWARE = capacity.CPU_2_CORES
 

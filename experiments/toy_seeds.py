@@ -61,8 +61,10 @@ def history_dropped_eval(run_dir: pathlib.Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
   import ml_collections
 
-  from rise_jax.rise import loop, metrics, rollout
-  from rise_jax.rise import stages as stages_lib
+  from rise_jax.pipeline import loop
+  from rise_jax.rise import metrics
+  from rise_jax.rollout import runner as rollout
+  from rise_jax.pipeline import stages as stages_lib
   config = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
   config.mesh.train, config.mesh.sample = tuple(config.mesh.train), tuple(config.mesh.sample)
   ctx = stages_lib.Context(config, run_dir)

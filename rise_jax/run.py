@@ -33,8 +33,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from rise_jax import logs  # noqa: E402
-from rise_jax.rise.loop import StopRequested, run  # noqa: E402
-from rise_jax.rundir import cli_errors  # noqa: E402
+from rise_jax.pipeline.loop import run  # noqa: E402
+from rise_jax.pipeline.plan import StopRequested  # noqa: E402
+from rise_jax.files import cli_errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py).",
                                           lock_config=True)

@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from rise_jax.rise import collect
-from rise_jax.rise.collect import ConversionOptions, convert_rollouts
+from rise_jax.rise import algorithm as collect
+from rise_jax.rise.conversion import ConversionOptions, convert_rollouts
 
 W1 = 12.182493960703473   # exp(1 / 0.4)
 WM1 = 0.0820849986238988  # exp(-1 / 0.4)
@@ -206,13 +206,13 @@ def test_written_dataset_reads_back_through_the_trainer_and_errors_name_file_and
 
 
 def test_collection_protocol_is_algorithm_1():
-  from rise_jax.rise import recipes, stages
+  from rise_jax.pipeline import recipes
   c = recipes.toy()
   c.collect.turns, c.collect.samples_per_turn, c.collect.improvement_samples = 3, 2, 16
-  p = stages.collection_protocol(c)
+  p = collect.collection_protocol(c)
   assert (p.kind, p.turns, p.samples_per_turn, p.select, p.oracle, p.window) == (
       "sequential", 3, (2, 2, 16), "best_reward", True, None)
   c.collect.improvement = "teacher"
   c.collect.teacher.temperature, c.collect.teacher.max_tokens = 0.7, 300
-  p = stages.collection_protocol(c)
+  p = collect.collection_protocol(c)
   assert [(s.temperature, s.max_new_tokens) for s in p.sampling] == [(1.0, 20), (1.0, 20), (0.7, 300)]

@@ -9,11 +9,13 @@ import json
 
 import pytest
 
-from rise_jax.rise import graders, metrics, rollout_log
-from rise_jax.rise.degenerate import degenerate_reason, is_degenerate
-from rise_jax.rise.policies import ScriptedPolicy, TurnSampling
-from rise_jax.rise.rollout import Protocol, run_episodes
-from rise_jax.rise.tasks.base import Problem
+from rise_jax.tasks import graders
+from rise_jax.rise import metrics
+from rise_jax.rollout import log as rollout_log
+from rise_jax.rollout.degenerate import degenerate_reason, is_degenerate
+from rise_jax.rollout.policies import ScriptedPolicy, TurnSampling
+from rise_jax.rollout.runner import Protocol, run_episodes
+from rise_jax.tasks.base import Problem
 
 INSTR, EXAMPLE = "Solve. Example: 1+1", "1+1=2"
 
@@ -325,13 +327,13 @@ class _SpySampler:
 @pytest.fixture(scope="module")
 def toy_tokenizer(tmp_path_factory):
   from rise_jax import chat
-  from rise_jax.rise.tasks import build_toy_tokenizer
+  from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
   return chat.load_tokenizer(build_toy_tokenizer(tmp_path_factory.mktemp("tok") / "toy"), chat_template="toy")
 
 
 def test_window_seen_by_the_sampler_on_rendered_ids(tmp_path, toy_tokenizer):
-  from rise_jax.rise import get_prompt_set
-  from rise_jax.rise.policies import SamplerPolicy, sample_uid
+  from rise_jax.tasks.prompts import get_prompt_set
+  from rise_jax.rollout.policies import SamplerPolicy, sample_uid
 
   spy = _SpySampler(toy_tokenizer)
   policy = SamplerPolicy(spy, toy_tokenizer)
@@ -363,8 +365,8 @@ def test_window_seen_by_the_sampler_on_rendered_ids(tmp_path, toy_tokenizer):
 
 
 def test_sampler_policy_continues_the_chosen_candidates_cache(tmp_path, toy_tokenizer):
-  from rise_jax.rise import get_prompt_set
-  from rise_jax.rise.policies import SamplerPolicy
+  from rise_jax.tasks.prompts import get_prompt_set
+  from rise_jax.rollout.policies import SamplerPolicy
 
   # Call 1 (turn 1): samples "=8", "=7" (right), "=7"; best_reward continues sample 1 into turn 2 (no oracle).
   spy = _SpySampler(toy_tokenizer, answer=lambda call, j: ["=8", "=7", "=7"][j] if call == 1 else f"={j}")
@@ -389,8 +391,8 @@ def test_sampler_policy_continues_the_chosen_candidates_cache(tmp_path, toy_toke
 
 
 def test_sampler_policy_without_cache_reuse_prefills_everything(tmp_path, toy_tokenizer):
-  from rise_jax.rise import get_prompt_set
-  from rise_jax.rise.policies import SamplerPolicy
+  from rise_jax.tasks.prompts import get_prompt_set
+  from rise_jax.rollout.policies import SamplerPolicy
 
   spy = _SpySampler(toy_tokenizer)
   header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")
@@ -404,8 +406,8 @@ def test_sampler_policy_without_cache_reuse_prefills_everything(tmp_path, toy_to
 def test_collection_with_window_one_and_the_reference_teacher(tmp_path):
   # Algorithm 1 for a learner that cannot read a history yet: every learner attempt sees only the head (an
   # independent first-turn sample), the reference solution is the last turn, and the record keeps the history.
-  from rise_jax.rise import collect
-  from rise_jax.rise.policies import ReferencePolicy
+  from rise_jax.rise import conversion as collect
+  from rise_jax.rollout.policies import ReferencePolicy
   learner = ScriptedPolicy(lambda request, j: {1: "3+4=8", 2: "3+4=6"}[request.turn])
   teacher = ReferencePolicy({A.id: A.reference, B.id: B.reference})
   protocol = Protocol.sequential(3, select="best_reward", oracle=True, window=1, sampling=SAMPLING, grader="robust")

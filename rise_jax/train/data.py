@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from rise_jax.config import MAX_EXAMPLE_WEIGHT
-from rise_jax.rise.tasks.base import decode_line
+from rise_jax.tasks.base import decode_line
 from rise_jax.train import loss as loss_lib
 
 log = logging.getLogger(__name__)

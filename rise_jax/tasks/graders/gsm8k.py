@@ -19,7 +19,7 @@ import bisect
 import re
 from fractions import Fraction
 
-from rise_jax.rise.graders import latex, limits
+from rise_jax.tasks.graders import latex, limits
 
 _PAPER_BOXED = re.compile(r"boxed{([^}]+)}")
 _PAPER_GOLD = re.compile(r"####\s*([-+]?\d+(?:\.\d+)?)")

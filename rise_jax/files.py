@@ -1,4 +1,5 @@
-"""Run-directory primitives shared by `rise_jax.run`, `rise_jax.evaluate` and `rise_jax.train`.
+"""File primitives every layer that writes uses (the one copy of each; the run directory's own rules, DONE markers
+and config refusal, are `rise_jax.pipeline.rundir`).
 
 - `atomic_write_bytes` / `atomic_write_text` / `atomic_write_json`: written beside the target, fsynced, renamed,
   so a reader (or a resumed run) sees the old file or the new one, never part of one.
@@ -6,8 +7,6 @@
   exclusive `flock`; a second writer fails at once naming the holder. A lock left by a dead process (same host,
   pid gone: a SIGKILL skips every cleanup) is taken over; one naming another host is refused (its pid cannot be
   checked from here), and the message says which file to delete if that run is gone.
-- `check_config`: a directory that holds results refuses a config with another identity (`config.identity`),
-  naming the differing fields, before anything is written; one without results yet adopts the new config.
 - `cli_errors`: how the commands end on these errors and on a full disk: one clear message, last.
 """
 
@@ -26,25 +25,15 @@ import sys
 import tempfile
 from typing import Any, Iterator
 
-from rise_jax import config as config_lib
-
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
-# Top-level entries that are bookkeeping, not results: the config itself, the run record, the lock, and the toy
-# tokenizer (a pure function of the code).
-BOOKKEEPING = frozenset({CONFIG_FILE, "run.json", LOCK_FILE, "tokenizer"})
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_EXIT = 4
 
 
 class RunDirError(RuntimeError):
   """A run directory cannot be used as asked; the message says why and what to do."""
-
-
-class ConfigMismatch(RunDirError):
-  """The run directory holds results made by a different config."""
 
 
 class RunDirLocked(RunDirError):
@@ -168,36 +157,6 @@ class RunLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
-
-
-# -- the config a directory was made by -------------------------------------------------------------------------
-
-def holds_results(root: pathlib.Path) -> bool:
-  """Whether any file besides the bookkeeping (config, run record, lock, toy tokenizer) exists under root."""
-  for entry in root.iterdir():
-    if entry.name in BOOKKEEPING:
-      continue
-    if entry.is_file() or any(p.is_file() for p in entry.rglob("*")):
-      return True
-  return False
-
-
-def check_config(root: str | os.PathLike, config) -> dict[str, Any] | None:
-  """The config saved in `root` when its results must be resumed under it; None when `root` has no config or no
-  results yet (the caller writes `config`'s). Raises ConfigMismatch naming the differing fields. Writes nothing."""
-  root = pathlib.Path(root)
-  path = root / CONFIG_FILE
-  if not path.is_file():
-    return None
-  saved = json.loads(path.read_text(encoding="utf-8"))
-  fields = config_lib.diff_fields(config_lib.identity(saved), config_lib.identity(config_lib.to_dict(config)))
-  if not fields:
-    return saved
-  if not holds_results(root):
-    log.warning("%s: no results yet; adopting the new config (differing fields: %s)", root, ", ".join(fields))
-    return None
-  raise ConfigMismatch(f"{root} holds results made by a different config; differing fields: {', '.join(fields)}. "
-                       "Use another output_dir, or the original config, to resume.")
 
 
 # -- how a command ends -----------------------------------------------------------------------------------------

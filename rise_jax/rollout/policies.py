@@ -1,10 +1,10 @@
 """Policies: whatever answers a turn of a RISE episode, behind one small protocol.
 
-The episode runner (`rise_jax.rise.rollout`) asks a policy for `n` responses to each of a batch of
+The episode runner (`rise_jax.rollout.runner`) asks a policy for `n` responses to each of a batch of
 conversations (`Request`s) and gets `Completion`s back. Three kinds implement it:
 - `SamplerPolicy`: the learner (or a teacher checkpoint) through `rise_jax.sampling.Sampler`, batched, keeping each
   conversation's KV cache across turns;
-- `rise_jax.rise.teacher.OpenAIChatPolicy`: a chat-completions endpoint (GPT-3.5 in the paper);
+- `rise_jax.rollout.teacher.OpenAIChatPolicy`: a chat-completions endpoint (GPT-3.5 in the paper);
 - `ScriptedPolicy`: a function from request to text, for tests and for replaying known answers.
 
 Randomness: a request's stream (the protocol kind), key (the problem id), turn and resample round name its random
@@ -117,15 +117,6 @@ class ScriptedPolicy:
 
   def release(self, keys: Sequence[str]) -> None:
     self.released.extend(keys)
-
-
-def sampler_policy(config, model, tokenizer, mesh, *, name: str) -> "SamplerPolicy":
-  """`model` behind a `Sampler` set up by `config.sampling` (cache length, overflow policy): the one place both
-  `rise_jax.evaluate` and the RISE loop build their learner, so a sampling option cannot be honoured by one only."""
-  from rise_jax.sampling import Sampler  # local: the runner and teacher work without JAX
-  s = config.sampling
-  sampler = Sampler(model, tokenizer, max_cache_length=s.max_cache_length, mesh=mesh, on_overflow=s.on_overflow)
-  return SamplerPolicy(sampler, tokenizer, name=name)
 
 
 class ReferencePolicy:

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 
-from rise_jax.rise.graders import limits
+from rise_jax.tasks.graders import limits
 
 VERIFY_TIMEOUT_S = 5.0
 _RETRY_S = 0.1

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rise_jax.rise.tasks.base import SPLITS, Problem, Task, read_jsonl, split_dev
-from rise_jax.rise.tasks.gsm8k import GSM8KTask
-from rise_jax.rise.tasks.math import MATHTask
-from rise_jax.rise.tasks.toy import ToyTask, build_toy_tokenizer
+from rise_jax.tasks.base import SPLITS, Problem, Task, read_jsonl, split_dev
+from rise_jax.tasks.gsm8k import GSM8KTask
+from rise_jax.tasks.math import MATHTask
+from rise_jax.tasks.toy import ToyTask
 
 TASKS: dict[str, type[Task]] = {"gsm8k": GSM8KTask, "math": MATHTask, "toy": ToyTask}
 
@@ -30,5 +30,5 @@ def task_from_config(task_config) -> Task:
   return get_task(task_config.name, **kwargs)
 
 
-__all__ = ["SPLITS", "TASKS", "GSM8KTask", "MATHTask", "Problem", "Task", "ToyTask", "build_toy_tokenizer",
+__all__ = ["SPLITS", "TASKS", "GSM8KTask", "MATHTask", "Problem", "Task", "ToyTask",
            "get_task", "read_jsonl", "split_dev", "task_from_config"]

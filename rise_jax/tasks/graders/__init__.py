@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import types
 
-from rise_jax.rise.graders import gsm8k, math, toy
+from rise_jax.tasks.graders import gsm8k, math, toy
 
 MODES = ("paper", "robust")
 GRADERS: dict[str, types.ModuleType] = {"gsm8k": gsm8k, "math": math, "toy": toy}

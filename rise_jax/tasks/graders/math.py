@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import re
 
-from rise_jax.rise.graders import hendrycks, latex, limits, verify
+from rise_jax.tasks.graders import hendrycks, latex, limits, verify
 
 _CLOSE = re.compile(r"\}")
 _OPEN = re.compile(r"\{")

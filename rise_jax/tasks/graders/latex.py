@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from rise_jax.rise.graders import limits
+from rise_jax.tasks.graders import limits
 
 # `\boxed{` (a braced group), and `\boxed 5`: whitespace ending in a space, then a token (neither '{' nor '$').
 _BRACED = re.compile(r"\\(?:boxed|fbox)\s*\{")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from rise_jax.rise.graders import limits
+from rise_jax.tasks.graders import limits
 
 _ANSWER = re.compile(r"=\s*+(-?\d+)")
 _INTEGER = re.compile(r"-?\d+")

@@ -24,8 +24,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Sequence
 
-from rise_jax.rise.policies import Completion, Request, Sample, TurnSampling
-from rise_jax.rundir import atomic_write_text
+from rise_jax.rollout.policies import Completion, Request, Sample, TurnSampling
+from rise_jax.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,5 @@
-"""The one multi-turn episode runner: RISE's data collection (Algorithm 1) and its evaluation (Algorithm 2).
-
-Both algorithms are the same loop with different settings (`Protocol`): how many turns, how many samples per turn,
+"""The one multi-turn episode runner. RISE's data collection (Algorithm 1) and its evaluation (Algorithm 2) are
+this loop with different settings (`rise_jax.rollout.protocol.Protocol`, built by `rise_jax.rise.algorithm`): how many turns, how many samples per turn,
 which candidate continues (`best_reward`, first on ties, for collection; `first` for evaluation), whether an oracle
 stops a row at its first correct answer, the history window, and per-turn sampling parameters. A parallel
 baseline (k first-turn samples) is the same loop with one turn and k samples.
@@ -24,75 +23,10 @@ import time
 from typing import Any, Iterator, Sequence
 
 from rise_jax import chat
-from rise_jax.rise import rollout_log
-from rise_jax.rise.degenerate import degenerate_reason
-from rise_jax.rise.policies import Completion, Policy, Request, Sample, TurnSampling
-
-KINDS = ("sequential", "parallel")
-SELECTIONS = ("first", "best_reward")
-
-
-@dataclasses.dataclass(frozen=True)
-class Protocol:
-  """What an episode is. Sequences (`samples_per_turn`, `sampling`) have one entry per turn."""
-  kind: str
-  turns: int
-  samples_per_turn: tuple[int, ...]
-  select: str
-  oracle: bool
-  window: int | None
-  sampling: tuple[TurnSampling, ...]
-  grader: str = "paper"
-  prompt_set: str = "paper"
-  seed: int = 0
-  max_resample_rounds: int = 3
-
-  def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f"Protocol.kind {self.kind!r} is not one of {KINDS}")
-    if self.select not in SELECTIONS:
-      raise ValueError(f"Protocol.select {self.select!r} is not one of {SELECTIONS}")
-    if self.turns < 1:
-      raise ValueError(f"Protocol.turns must be >= 1, got {self.turns}")
-    if len(self.samples_per_turn) != self.turns or len(self.sampling) != self.turns:
-      raise ValueError(f"Protocol: samples_per_turn ({len(self.samples_per_turn)}) and sampling "
-                       f"({len(self.sampling)}) need one entry per turn ({self.turns})")
-    if any(n < 1 for n in self.samples_per_turn):
-      raise ValueError(f"Protocol.samples_per_turn must be >= 1, got {self.samples_per_turn}")
-    if self.window is not None and self.window < 1:
-      raise ValueError(f"Protocol.window must be None or >= 1, got {self.window}")
-    if self.kind == "parallel" and self.turns != 1:
-      raise ValueError("a parallel protocol has exactly one turn (k samples of it)")
-    if self.max_resample_rounds < 0:
-      raise ValueError(f"Protocol.max_resample_rounds must be >= 0, got {self.max_resample_rounds}")
-
-  @classmethod
-  def sequential(cls, turns: int, *, samples: int | Sequence[int] = 1, select: str = "first",
-                 oracle: bool = False, window: int | None = None,
-                 sampling: TurnSampling | Sequence[TurnSampling] = TurnSampling(), **kwargs) -> Protocol:
-    return cls(kind="sequential", turns=turns, samples_per_turn=_per_turn(samples, turns, "samples"),
-               select=select, oracle=oracle, window=window, sampling=_per_turn(sampling, turns, "sampling"),
-               **kwargs)
-
-  @classmethod
-  def parallel(cls, k: int, *, sampling: TurnSampling = TurnSampling(), **kwargs) -> Protocol:
-    return cls(kind="parallel", turns=1, samples_per_turn=(k,), select="first", oracle=False, window=None,
-               sampling=(sampling,), **kwargs)
-
-  def log_dict(self) -> dict[str, Any]:
-    """`record["protocol"]` (contracts §3, plus turns / samples / resample rounds)."""
-    return {"kind": self.kind, "oracle": self.oracle, "window": self.window, "grader": self.grader,
-            "prompt_set": self.prompt_set, "select": self.select, "seed": self.seed, "turns": self.turns,
-            "samples_per_turn": list(self.samples_per_turn), "max_resample_rounds": self.max_resample_rounds}
-
-
-def _per_turn(value, turns: int, what: str) -> tuple:
-  if isinstance(value, (list, tuple)):
-    if len(value) != turns:
-      raise ValueError(f"{what}: {len(value)} entries for {turns} turns")
-    return tuple(value)
-  return (value,) * turns
-
+from rise_jax.rollout import log as rollout_log
+from rise_jax.rollout.degenerate import degenerate_reason
+from rise_jax.rollout.policies import Completion, Policy, Request, Sample, TurnSampling
+from rise_jax.rollout.protocol import Protocol
 
 @dataclasses.dataclass
 class RunSummary:
@@ -148,6 +82,12 @@ def run_episodes(problems: Sequence[Any], policies: Policy | Sequence[Policy], p
   writer = rollout_log.RolloutWriter(log_path, header)
   summary = RunSummary()
   try:
+    stale = sorted(writer.existing_seeds() - {protocol.seed})
+    if stale:  # a resumed log must hold what one uninterrupted run would have drawn
+      raise rollout_log.RolloutLogError(
+          f"{log_path}: field 'protocol.seed': the log holds episodes drawn with seed {stale}, this protocol's seed is "
+          f"{protocol.seed} (rise_jax.rollout/2 changed rise_jax.evaluate's seeds, docs/contract_changes.md); use "
+          "another output_dir")
     done = set(writer.existing_ids())
     todo = [p for p in problems if p.id not in done]
     summary.skipped = len(problems) - len(todo)

@@ -6,7 +6,7 @@ Default source: the hub's `openai/gsm8k` (config `main`) for both splits; any lo
 
 from __future__ import annotations
 
-from rise_jax.rise.tasks import base
+from rise_jax.tasks import base
 
 HUB_SOURCE = "openai/gsm8k:main"
 FIELDS = ("question", "answer")

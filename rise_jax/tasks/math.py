@@ -8,7 +8,7 @@ jsonl records need `problem` and `solution`; `level` and `type` are kept in `Pro
 
 from __future__ import annotations
 
-from rise_jax.rise.tasks import base
+from rise_jax.tasks import base
 
 SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
             "prealgebra", "precalculus")

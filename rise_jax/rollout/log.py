@@ -1,4 +1,4 @@
-"""The rollout log (`rise_jax.rollout/1`, contracts.md §3): write, resume, read and validate episode records.
+"""The rollout log (`rise_jax.rollout/2`, docs/contracts.md §3): write, resume, read and validate episode records.
 
 A log is jsonl: one header line, then one record per episode, appended and flushed one at a time so that a
 crash loses at most the episode being written. A crash mid-write leaves a *torn* last line (no trailing newline,
@@ -17,22 +17,23 @@ from __future__ import annotations
 
 import collections
 import datetime
-import importlib.metadata
 import json
 import math
 import os
 import pathlib
-import subprocess
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
-SCHEMA = "rise_jax.rollout/1"
+from rise_jax import provenance
+from rise_jax.rollout.protocol import KINDS, SELECTIONS
+
+# /2 (issue 13): same record format as /1; rise_jax.evaluate's seeds changed to the one evaluation seed rule
+# (rise.algorithm.eval_seed), so a /1 log of rise_jax.evaluate holds samples /2 code would not draw. Both are read.
+SCHEMA = "rise_jax.rollout/2"
+READABLE_SCHEMAS = ("rise_jax.rollout/1", SCHEMA)
 HEADER_FIELDS = ("schema", "config_hash", "versions", "git_commit", "model", "created")
-PROTOCOL_KINDS = ("sequential", "parallel")
-SELECTS = ("first", "best_reward")
 FINISH_REASONS = ("stop", "length", "cache_full")
 STOPS = ("max_turns", "oracle_success")
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens")
-_VERSIONED_PACKAGES = ("rise_jax", "jax", "jaxlib", "flax", "numpy", "transformers")
 
 
 class RolloutLogError(ValueError):
@@ -83,7 +84,7 @@ def validate_header(header: Any, where: str) -> dict:
   """Check a header line; returns it. `where` is e.g. "runs/x/rollouts.jsonl:1"."""
   if not isinstance(header, dict):
     raise RolloutLogError(f"{where}: header must be a JSON object, got {type(header).__name__}")
-  _require(header, "schema", where, "", lambda s: s == SCHEMA, repr(SCHEMA))
+  _require(header, "schema", where, "", lambda s: s in READABLE_SCHEMAS, f"one of {READABLE_SCHEMAS}")
   _require(header, "config_hash", where, "", _is_str, "a string")
   _require(header, "versions", where, "", lambda v: isinstance(v, dict), "an object")
   _require(header, "git_commit", where, "", _is_opt(_is_str), "a string or null")
@@ -148,12 +149,12 @@ def validate_record(record: Any, where: str) -> dict:
   _require(record, "task", where, "", _is_str, "a string")
   _require(record, "reference", where, "", _is_str, "a string")
   protocol = _require(record, "protocol", where, "", lambda p: isinstance(p, dict), "an object")
-  kind = _require(protocol, "kind", where, "protocol.", _one_of(PROTOCOL_KINDS), f"one of {list(PROTOCOL_KINDS)}")
+  kind = _require(protocol, "kind", where, "protocol.", _one_of(KINDS), f"one of {list(KINDS)}")
   oracle = _require(protocol, "oracle", where, "protocol.", lambda x: isinstance(x, bool), "a bool")
   _require(protocol, "window", where, "protocol.", _is_opt(lambda w: _is_int(w) and w >= 1), "an int >= 1 or null")
   _require(protocol, "grader", where, "protocol.", _is_str, "a string")
   _require(protocol, "prompt_set", where, "protocol.", _is_str, "a string")
-  _require(protocol, "select", where, "protocol.", _one_of(SELECTS), f"one of {list(SELECTS)}")
+  _require(protocol, "select", where, "protocol.", _one_of(SELECTIONS), f"one of {list(SELECTIONS)}")
   _require(protocol, "seed", where, "protocol.", _is_int, "an int")
   turns = _require(record, "turns", where, "", lambda t: isinstance(t, list) and t, "a non-empty list")
   for i, turn in enumerate(turns):
@@ -227,35 +228,14 @@ def read_rollouts(path: str | os.PathLike, *, validate: bool = True) -> tuple[di
 # -------------------------------------------------------------------------------------------------- writing
 
 
-def package_versions(packages: Iterable[str] = _VERSIONED_PACKAGES) -> dict[str, str | None]:
-  """Installed versions of the packages that change results (without importing them)."""
-  out = {}
-  for name in packages:
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      out[name] = None
-  return out
-
-
-def current_git_commit(repo_dir: str | os.PathLike | None = None) -> str | None:
-  """HEAD of the checkout holding rise_jax, or None outside a git checkout."""
-  repo_dir = repo_dir or pathlib.Path(__file__).resolve().parent
-  try:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10)
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
 def make_header(config_hash: str, model: Any, *, versions: dict | None = None,
                 git_commit: str | None = None) -> dict:
   """A complete header; versions and git commit are filled in from the environment when not given."""
   return {
       "schema": SCHEMA,
       "config_hash": config_hash,
-      "versions": package_versions() if versions is None else versions,
-      "git_commit": current_git_commit() if git_commit is None else git_commit,
+      "versions": provenance.package_versions() if versions is None else versions,
+      "git_commit": provenance.git_commit() if git_commit is None else git_commit,
       "model": model,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
@@ -283,6 +263,7 @@ class RolloutWriter:
     self.header = validate_header(header, f"{self.path} (header to write)")
     self._fsync = fsync
     self._counts: collections.Counter[str] = collections.Counter()
+    self._seeds: set[int] = set()
     self.num_torn_lines = 0
     if self.path.exists() and self.path.stat().st_size > 0 and not self._only_a_torn_header():
       self._open_for_resume()
@@ -315,6 +296,7 @@ class RolloutWriter:
           f"refusing to append under config {self.header['config_hash']}")
     self.header = existing
     self._counts.update(r["problem_id"] for r in records)
+    self._seeds.update(r["protocol"]["seed"] for r in records)
     self._file = open(self.path, "r+b")
     self._file.truncate(intact)
     self._file.seek(intact)
@@ -332,6 +314,10 @@ class RolloutWriter:
     """Problem ids with at least one record in the file (from before this writer or written by it)."""
     return frozenset(self._counts)
 
+  def existing_seeds(self) -> frozenset[int]:
+    """The protocol seeds of the records already in the file (the runner refuses to mix seeds in one log)."""
+    return frozenset(self._seeds)
+
   def count(self, problem_id: str) -> int:
     """Records for `problem_id` (several when a protocol runs independent draws of the same problem)."""
     return self._counts[problem_id]
@@ -346,6 +332,9 @@ class RolloutWriter:
       validate_record(record, f"{self.path}:{len(self) + 2} (record to write)")
     self._write_line(record)
     self._counts[record["problem_id"]] += 1
+    seed = (record.get("protocol") or {}).get("seed")
+    if seed is not None:
+      self._seeds.add(seed)
 
   def _write_line(self, obj: Mapping[str, Any]):
     line = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"

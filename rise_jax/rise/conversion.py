@@ -1,15 +1,10 @@
-"""RISE data collection (Algorithm 1) and its conversion into weighted training records.
+"""Rollouts -> weighted training records (`rise_jax.sft/1`, docs/contracts.md §4): the second half of Algorithm 1.
 
-Two halves:
-  * `collect(...)` runs the episode runner with the collection protocol (the learner for turns 1..K-1, the
-    improvement policy - best-of-N from the learner or a teacher - at turn K, `select="best_reward"`, stop at the
-    first success) and writes `rollouts.jsonl` (contracts.md §3).
-  * `convert_rollouts(...)` turns rollout records into `rise_jax.sft/1` records (contracts.md §4). It is a pure
-    function of the records, so a dataset can be rebuilt offline from a log with different options.
-
-Conversion follows the reference's `workflow_convert.py` (cmu-mind/RISE): each episode's chosen actions
-a_1..a_n with rewards r_1..r_n give prefixes [instruction, example answer, question, a_1, f_1, ..., a_i]; only
-a_i is trained. Differences from the reference, deliberate:
+Follows the reference's `workflow_convert.py` (cmu-mind/RISE): each episode's chosen actions a_1..a_n with
+rewards r_1..r_n give prefixes [instruction, example answer, x, a_1, f_1, ..., a_i]; only a_i is trained, with
+weight w = exp(r_i / tau). Which prefixes survive, the dedupe and the weights are `rise_jax.rise.algorithm`'s rules;
+this module applies them to logged episodes. It is a pure function of the records, so a dataset can be rebuilt
+offline from a log with different options. Differences from the reference, deliberate:
   * the trained text is the sampled text itself; the reference `.strip()`s it when deduplicating, which makes the
     trained tokens differ from the sampled ones. Duplicates are still detected on stripped text.
   * nothing is dropped silently: every removed action and skipped episode is counted in `ConversionStats`.
@@ -20,11 +15,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
+
+from rise_jax.rise.algorithm import CRITERIA, WEIGHTINGS, dedupe_actions, example_weight, keep_prefix
 
 SFT_SCHEMA = "rise_jax.sft/1"
-CRITERIA = ("all", "better", "best", "success")
-WEIGHTINGS = ("exp", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,27 +47,6 @@ class ConversionOptions:
     return cls(criteria=co.criteria, dedupe=co.dedupe, only_success=co.only_success, weighting=co.weighting,
                tau=co.tau, single_turn=co.single_turn if single_turn is None else single_turn,
                iteration=iteration)
-
-
-def example_weight(reward: float, weighting: str = "exp", tau: float = 0.4) -> float:
-  """Reward-weighted regression weight: exp(r / tau) (the reference), or 1 for plain SFT."""
-  if weighting == "uniform":
-    return 1.0
-  return math.exp(reward / tau)
-
-
-def keep_prefix(rewards: Sequence[float], i: int, criteria: str) -> bool:
-  """Whether the prefix ending at action i (0-based, after dedupe) is kept under `criteria` (rise.md)."""
-  r = rewards[i]
-  if criteria == "success":
-    return r == 1.0
-  if i == 0 or criteria == "all":
-    return True
-  if criteria == "better":
-    return r > rewards[i - 1]
-  if criteria == "best":
-    return all(r >= rewards[j] for j in range(i))
-  raise ValueError(f"criteria {criteria!r} is not one of {CRITERIA}")
 
 
 @dataclasses.dataclass
@@ -142,25 +116,6 @@ def episode_actions(record: Mapping[str, Any], where: str = "record") -> list[Ac
   return actions
 
 
-def dedupe_actions(actions: list[Action]) -> tuple[list[Action], int, int]:
-  """Drop empty actions and repeats of an earlier action (compared stripped), each with the feedback after it.
-
-  As in the reference, removing action i also removes feedback f_i, so a later kept action follows the feedback
-  of the previous *kept* action: the history of every later prefix changes. Returns (kept, duplicates, empties).
-  """
-  seen, kept, duplicates, empties = set(), [], 0, 0
-  for action in actions:
-    key = action.text.strip()
-    if not key:
-      empties += 1
-    elif key in seen:
-      duplicates += 1
-    else:
-      seen.add(key)
-      kept.append(action)
-  return kept, duplicates, empties
-
-
 def _source(action: Action) -> str:
   n = action.num_candidates
   return f"{action.policy}:best_of_{n}" if n > 1 else action.policy
@@ -217,7 +172,7 @@ def episode_examples(record: Mapping[str, Any], initial_messages: list[dict[str,
 def convert_rollouts(records: Iterable[Mapping[str, Any]],
                      initial_messages: Callable[[str], list[dict[str, str]]],
                      options: ConversionOptions, source: str = "rollouts") -> Conversion:
-  """Convert rollout records (contracts.md §3) into training records (§4).
+  """Convert rollout records (docs/contracts.md §3) into training records (§4).
 
   `initial_messages(problem_id)` gives the prompt set's opening messages (instruction + worked example, its
   answer, the problem turn) for that problem. Record order is preserved; shuffling is the trainer's job.
@@ -233,16 +188,6 @@ def convert_rollouts(records: Iterable[Mapping[str, Any]],
       out.append(example)
       ids.append(token_ids)
   return Conversion(records=out, sampled_ids=ids, stats=stats)
-
-
-def reward_range(task: str, grader: str) -> tuple[float, ...]:
-  """Reward values the grader can emit: the reference's GSM8K grader gives -1 for an unparsable answer."""
-  return (-1.0, 0.0, 1.0) if grader == "paper" and task == "gsm8k" else (0.0, 1.0)
-
-
-def weight_table(rewards: Iterable[float], weighting: str, tau: float) -> dict[str, float]:
-  """reward -> weight, for the summary (keys as strings for JSON)."""
-  return {repr(float(r)): example_weight(float(r), weighting, tau) for r in sorted(set(rewards))}
 
 
 def reward_counter(records: Iterable[Mapping[str, Any]]) -> collections.Counter:

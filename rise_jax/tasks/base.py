@@ -15,7 +15,7 @@ import os
 import random
 from typing import Any, Iterable, Sequence
 
-from rise_jax.rise import graders
+from rise_jax.tasks import graders
 
 SPLITS = ("train", "dev", "test")
 DEV_SEED = 0

@@ -13,7 +13,7 @@ import json
 import pathlib
 from typing import Any, Sequence
 
-from rise_jax.rundir import atomic_write_text
+from rise_jax.files import atomic_write_text
 
 
 def model_label(stage: str, config) -> str:
