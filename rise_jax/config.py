@@ -328,6 +328,25 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   return config
 
 
+# Fields a command does not use but a user could expect it to follow: setting one is an error naming the field,
+# never silently ignored (tests/test_config_fields.py checks every command's reads against the source).
+NOT_HONOURED = {
+    "run": {"train.data_path": "the RISE loop trains on the data it collects; it is `rise_jax.train`'s input",
+            "train.demo_data": "the RISE loop trains on the data it collects; it is `rise_jax.train`'s option"},
+    "evaluate": {"distributed.initialize": "rise_jax.evaluate runs on one host; multi-host runs go through "
+                                           "rise_jax.run"},
+}
+
+
+def check_command(config: ml_collections.ConfigDict, command: str) -> ml_collections.ConfigDict:
+  """Refuse a field `command` would silently ignore (`NOT_HONOURED`): a value other than the default is an
+  error naming the field. Returns the config for chaining."""
+  defaults = base_config()
+  for field, why in NOT_HONOURED.get(command, {}).items():
+    _check(_get(config, field) == _get(defaults, field), field, f"rise_jax.{command} does not read it ({why})")
+  return config
+
+
 OVERRIDABLE = ("collect", "train")
 
 

@@ -1,7 +1,7 @@
 """`python -m rise_jax.run --config=configs/<experiment>.py`: RISE end to end, resumably.
 
 The run is a fixed list of stages (`plan`), each writing into its own directory of the run directory
-(contracts.md §6) and finished by an atomic `DONE` marker written last:
+(docs/contracts.md §6) and finished by an atomic `DONE` marker written last:
 
     iter_0/collect   boost data (only with rise.boost): given SFT records, the task's reference solutions, or
                      correct samples of the improvement policy

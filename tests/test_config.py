@@ -1,4 +1,4 @@
-"""The config tree (contracts.md §1): locked against typos, validated with errors that name the field."""
+"""The config tree (docs/contracts.md §1): locked against typos, validated with errors that name the field."""
 
 import pytest
 

@@ -58,6 +58,7 @@ def evaluate_config(cfg, *, out_dir=None, policy=None, problems: Sequence[Any] |
     import jax
     num_devices = jax.device_count()
   config_lib.validate(cfg, num_devices=num_devices)
+  config_lib.check_command(cfg, "evaluate")
   out = pathlib.Path(out_dir or cfg.output_dir)
   res = Resources(cfg, out)
   problems = list(res.eval_problems() if problems is None else problems)

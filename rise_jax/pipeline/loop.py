@@ -28,6 +28,7 @@ def run(config, *, log: Callable[[str], None] = print,
   from rise_jax.train.trainer import initialize_distributed
   initialize_distributed(config)  # before anything asks jax for its devices
   config_lib.validate(config, require_training=True, num_devices=jax.device_count())
+  config_lib.check_command(config, "run")
   stop = StopAfter.parse(config.debug.stop_after)
   run_dir = RunDir(config.output_dir, config)
   res = Resources(config, run_dir.root)

@@ -86,7 +86,7 @@ class RunDir:
     if saved_hash != self.hash:
       raise ConfigMismatch(
           f"{self.root} was made under config hash {saved_hash}, this config's is {self.hash}, though config.json "
-          "names no differing field: the directory predates output_dir leaving the hash (docs/contract_changes.md) "
+          "names no differing field: the directory predates output_dir leaving the hash (docs/contracts.md) "
           "or config.json was edited. Finish it with the code that made it, or use another output_dir.")
     return True
 

@@ -6,8 +6,6 @@ and `report`. Problems live in `rise_jax.tasks`, the episode engine in `rise_jax
 
 # Kept for one release (issue 13 moved tasks, graders and prompt sets to `rise_jax.tasks`): old callers'
 # `from rise_jax.rise import grade, get_task, get_prompt_set` keeps working. Importing it imports no JAX.
-from rise_jax.tasks import Problem, Task, get_task
-from rise_jax.tasks.graders import grade
-from rise_jax.tasks.prompts import PromptSet, get_prompt_set
+from rise_jax.tasks import Problem, PromptSet, Task, get_prompt_set, get_task, grade
 
 __all__ = ["Problem", "PromptSet", "Task", "get_prompt_set", "get_task", "grade"]

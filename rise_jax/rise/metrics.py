@@ -501,7 +501,7 @@ def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = Non
   grader: the grading mode; None = as logged.
   turns: the sequential turn budget (default: protocol.turns when logged, else the longest episode).
   sources: {"sequential": path, "parallel": path} for the `sources` map; "<records>" when absent.
-  Returns the contracts §7 keys plus the documented extras (docs/contract_changes.md, "§7").
+  Returns the contracts §7 keys plus the documented extras (docs/contracts.md, "§7").
   """
   if tie_break not in TIE_BREAKS:
     raise ValueError(f"tie_break {tie_break!r} is not one of {TIE_BREAKS}")

@@ -86,7 +86,7 @@ def run_episodes(problems: Sequence[Any], policies: Policy | Sequence[Policy], p
     if stale:  # a resumed log must hold what one uninterrupted run would have drawn
       raise rollout_log.RolloutLogError(
           f"{log_path}: field 'protocol.seed': the log holds episodes drawn with seed {stale}, this protocol's seed is "
-          f"{protocol.seed} (rise_jax.rollout/2 changed rise_jax.evaluate's seeds, docs/contract_changes.md); use "
+          f"{protocol.seed} (rise_jax.rollout/2 changed rise_jax.evaluate's seeds, docs/contracts.md); use "
           "another output_dir")
     done = set(writer.existing_ids())
     todo = [p for p in problems if p.id not in done]

@@ -1,12 +1,16 @@
-"""Tasks by name: `get_task("gsm8k" | "math" | "toy", **source_kwargs) -> Task`."""
+"""What a problem is and how it is graded: tasks by name (`get_task("gsm8k" | "math" | "toy", **source_kwargs) ->
+Task`), their graders (`grade(task, response, reference, mode)`) and prompt sets (`get_prompt_set(name)`).
+Importing it imports neither JAX nor math-verify."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rise_jax.tasks.base import SPLITS, Problem, Task, read_jsonl, split_dev
+from rise_jax.tasks.graders import grade
 from rise_jax.tasks.gsm8k import GSM8KTask
 from rise_jax.tasks.math import MATHTask
+from rise_jax.tasks.prompts import PromptSet, get_prompt_set
 from rise_jax.tasks.toy import ToyTask
 
 TASKS: dict[str, type[Task]] = {"gsm8k": GSM8KTask, "math": MATHTask, "toy": ToyTask}
@@ -30,5 +34,5 @@ def task_from_config(task_config) -> Task:
   return get_task(task_config.name, **kwargs)
 
 
-__all__ = ["SPLITS", "TASKS", "GSM8KTask", "MATHTask", "Problem", "Task", "ToyTask",
-           "get_task", "read_jsonl", "split_dev", "task_from_config"]
+__all__ = ["SPLITS", "TASKS", "GSM8KTask", "MATHTask", "Problem", "PromptSet", "Task", "ToyTask", "get_prompt_set",
+           "get_task", "grade", "read_jsonl", "split_dev", "task_from_config"]

@@ -1,6 +1,6 @@
 """python -m rise_jax.train --config=configs/<name>.py [--config.train.lr=...]: train on sft/1 records.
 
-Writes under the config's output_dir (contracts.md §6 layout for one training stage): ckpt/, metrics.jsonl,
+Writes under the config's output_dir (docs/contracts.md §6 layout for one training stage): ckpt/, metrics.jsonl,
 data_report.json and the HF export hf/. Re-running the same command resumes from the newest checkpoint.
 """
 

@@ -68,7 +68,7 @@ def _fail(where: str, field: str, msg: str):
 
 
 def parse_record(obj: Any, where: str) -> Record:
-  """Validate one decoded record (contracts.md §4)."""
+  """Validate one decoded record (docs/contracts.md §4)."""
   if not isinstance(obj, Mapping):
     raise RecordError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
   for field in ("id", "weight", "messages"):
