@@ -18,7 +18,7 @@ from rise_jax import chat, models
 from rise_jax.tasks.prompts import get_prompt_set
 from rise_jax.rollout import log as rollout_log
 from rise_jax.rollout.policies import SamplerPolicy, TurnSampling
-from rise_jax.rollout.runner import Protocol, run_episodes
+from rise_jax.rollout import Protocol, run_episodes
 from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
 from rise_jax.tasks import get_task
 from rise_jax.sampling import Sampler

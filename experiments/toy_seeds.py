@@ -61,23 +61,24 @@ def history_dropped_eval(run_dir: pathlib.Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
   import ml_collections
 
-  from rise_jax.pipeline import loop
-  from rise_jax.rise import metrics
-  from rise_jax.rollout import runner as rollout
-  from rise_jax.pipeline import stages as stages_lib
+  from rise_jax.pipeline import plan
+  from rise_jax.pipeline.resources import Resources
+  from rise_jax.rise import algorithm, metrics
+  from rise_jax.rollout import runner
+  from rise_jax.rollout.protocol import Protocol
   config = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
   config.mesh.train, config.mesh.sample = tuple(config.mesh.train), tuple(config.mesh.sample)
-  ctx = stages_lib.Context(config, run_dir)
-  model = ctx.model(loop.model_stage(config, 0))
-  policy = _DropHistory(ctx.learner(model, "boost@iter_0"))
-  protocol = rollout.Protocol.sequential(config.eval.turns, select="first", sampling=ctx.turn_sampling(),
-                                         grader=config.task.grader, prompt_set=config.task.prompt_set,
-                                         seed=config.seed + 3)
+  res = Resources(config, run_dir)
+  model = res.model(plan.model_stage(config, 0))
+  policy = _DropHistory(res.learner(model, "boost@iter_0"))
+  protocol = Protocol.sequential(config.eval.turns, select="first", sampling=algorithm.turn_sampling(config),
+                                 grader=config.task.grader, prompt_set=config.task.prompt_set,
+                                 seed=config.seed + 3)
   out.mkdir(parents=True, exist_ok=True)
-  rollout.run_episodes(ctx.task.load("test"), policy, protocol, out / "rollouts.jsonl", task=ctx.task,
-                       prompts=ctx.prompts, header=ctx.header(policy.name),
-                       batch_size=config.sampling.batch_size, desc="eval boost, history dropped")
-  m = metrics.metrics_from_logs(out / "rollouts.jsonl", None, task=ctx.task, seed=config.seed)
+  runner.run_episodes(res.task.load("test"), policy, protocol, out / "rollouts.jsonl", task=res.task,
+                      prompts=res.prompts, header=res.header(policy.name),
+                      batch_size=config.sampling.batch_size, desc="eval boost, history dropped")
+  m = metrics.metrics_from_logs(out / "rollouts.jsonl", None, task=res.task, seed=config.seed)
   (out / "metrics.json").write_text(json.dumps(m, indent=2, sort_keys=True))
   return m
 
