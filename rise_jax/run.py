@@ -1,4 +1,5 @@
-"""`python -m rise_jax.run --config=configs/<experiment>.py`: RISE end to end, resumably.
+"""`python -m rise_jax.run --config=configs/<experiment>.py`: RISE end to end, resumably (a thin command line
+over `rise_jax.pipeline.loop`).
 
 The run is a fixed list of stages (`plan`), each writing into its own directory of the run directory
 (docs/contracts.md §6) and finished by an atomic `DONE` marker written last:
@@ -9,7 +10,8 @@ The run is a fixed list of stages (`plan`), each writing into its own directory 
     iter_0/eval      the starting model (base, or base + boost)
     iter_T/collect   Algorithm 1 with the newest model -> rollouts.jsonl, data/ (D_T), control/data/
     iter_T/train     reward-weighted training from the base or from iteration T-1, on D_T or D_1..D_T
-    iter_T/eval      sequential (5 turns) and parallel (k samples) evaluation
+    iter_T/eval      Algorithm 2: sequential (eval.turns, eval.draws) and parallel (k samples), optional Self-Refine:
+                     the one evaluation stage `rise_jax.evaluate` runs too (`rise_jax.pipeline.evaluation`)
     iter_T/control/train, iter_T/control/eval   (rise.single_turn_control) the same data, history stripped
 
 Re-running the same command skips every stage with a `DONE` marker and resumes the first one without it (the

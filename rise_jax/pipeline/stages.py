@@ -17,7 +17,8 @@ from rise_jax.pipeline import evaluation
 from rise_jax.pipeline import plan as plan_lib
 from rise_jax.pipeline.plan import Stage
 from rise_jax.pipeline.resources import Resources
-from rise_jax.rise import algorithm, conversion as conversion_lib
+from rise_jax.rise import algorithm
+from rise_jax.rise import conversion as conversion_lib
 from rise_jax.rise import dataset as dataset_lib
 
 

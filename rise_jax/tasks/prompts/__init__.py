@@ -1,4 +1,4 @@
-"""Prompt sets as data: `get_prompt_set(name)` reads `rise_jax/rise/prompts/<name>.json` (or any JSON file path).
+"""Prompt sets as data: `get_prompt_set(name)` reads `rise_jax/tasks/prompts/<name>.json` (or any JSON file path).
 
 A set holds the opening turns (an instruction with a worked example as the first user turn, the example's answer
 as the first assistant turn), the template of the turn that poses the problem, and the template of the feedback
