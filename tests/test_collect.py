@@ -216,3 +216,22 @@ def test_collection_protocol_is_algorithm_1():
   c.collect.teacher.temperature, c.collect.teacher.max_tokens = 0.7, 300
   p = collect.collection_protocol(c)
   assert [(s.temperature, s.max_new_tokens) for s in p.sampling] == [(1.0, 20), (1.0, 20), (0.7, 300)]
+
+
+def test_evaluation_protocols_are_algorithm_2_with_one_seed_rule():
+  """Draw d samples with seed + 1 + 2d and the parallel run with seed + 2 (what rise_jax.run always drew at
+  draws = 1), whichever command evaluates; Self-Refine is draw 0 under its own prompt set."""
+  from rise_jax.pipeline import recipes
+  c = recipes.toy()
+  c.seed, c.eval.turns, c.eval.parallel_k, c.eval.draws, c.eval.self_refine, c.eval.window = 7, 4, 3, 3, True, 2
+  runs = collect.evaluation_protocols(c)
+  assert list(runs) == ["sequential", "sequential_draw1", "sequential_draw2", "parallel", "self_refine"]
+  assert {name: p.seed for name, p in runs.items()} == {
+      "sequential": 8, "sequential_draw1": 10, "sequential_draw2": 12, "parallel": 9, "self_refine": 8}
+  seq, par, refine = runs["sequential"], runs["parallel"], runs["self_refine"]
+  assert (seq.kind, seq.turns, seq.samples_per_turn, seq.select, seq.oracle, seq.window) == (
+      "sequential", 4, (1, 1, 1, 1), "first", False, 2)
+  assert (par.kind, par.turns, par.samples_per_turn) == ("parallel", 1, (3,))
+  assert (refine.prompt_set, seq.prompt_set) == ("self_refine", c.task.prompt_set)
+  c.eval.draws, c.eval.self_refine = 1, False
+  assert list(collect.evaluation_protocols(c)) == ["sequential", "parallel"]
