@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["rise_jax", "rise_jax.*"]),
-    package_data={"rise_jax": ["chat_templates/*.jinja", "rise/prompts/*.json"]},
+    package_data={"rise_jax": ["chat_templates/*.jinja", "tasks/prompts/*.json"]},
     install_requires=[
         # Ranges are the versions this project is tested with (see README "Tested versions"); every module that
         # rise_jax imports is listed (CI installs this list alone into a fresh virtualenv and imports them all).

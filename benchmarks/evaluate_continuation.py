@@ -15,10 +15,12 @@ import tempfile
 import time
 
 from rise_jax import chat, models
-from rise_jax.rise import get_prompt_set, rollout_log
-from rise_jax.rise.policies import SamplerPolicy, TurnSampling
-from rise_jax.rise.rollout import Protocol, run_episodes
-from rise_jax.rise.tasks import build_toy_tokenizer, get_task
+from rise_jax.tasks.prompts import get_prompt_set
+from rise_jax.rollout import log as rollout_log
+from rise_jax.rollout.policies import SamplerPolicy, TurnSampling
+from rise_jax.rollout import Protocol, run_episodes
+from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
+from rise_jax.tasks import get_task
 from rise_jax.sampling import Sampler
 
 

@@ -17,7 +17,7 @@ _ONE_CALL = """
 import sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from grader_inputs import LONG
-from rise_jax.rise import grade
+from rise_jax.tasks.graders import grade
 grade("math", "\\\\boxed{1}", "\\\\boxed{2}", "robust")  # sympy / math-verify imported outside the timing
 start = time.perf_counter()
 try:

@@ -21,8 +21,9 @@ from rise_jax import chat
 from rise_jax.models import hf_io
 from rise_jax.models.build import build_model
 from rise_jax.models.configs import get_preset
-from rise_jax.rise import get_prompt_set
-from rise_jax.rise.tasks import build_toy_tokenizer, get_task
+from rise_jax.tasks.prompts import get_prompt_set
+from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
+from rise_jax.tasks import get_task
 from rise_jax.sampling import Sampler, SamplingParams
 from rise_jax.sampling import sampler as sampler_lib
 

@@ -148,8 +148,9 @@ def bench_shape(name: str, args) -> None:
 
 def toy_records(n: int) -> tuple[list[dict], str]:
   """Today's toy boost records and a toy tokenizer directory."""
-  from rise_jax.rise.prompts import get_prompt_set
-  from rise_jax.rise.tasks.toy import ToyTask, build_toy_tokenizer
+  from rise_jax.tasks.prompts import get_prompt_set
+  from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
+  from rise_jax.tasks.toy import ToyTask
   prompts = get_prompt_set("toy")
   records = [{"id": p.id, "weight": 1.0, "messages": prompts.initial_messages(p.question) + [
       {"role": "assistant", "content": p.reference, "train": True}]} for p in ToyTask().load("train")[:n]]

@@ -2,11 +2,11 @@
 
     python -m rise_jax.run --config=configs/ablation_iterations.py:<variant>      (default: 1)
 
-Variants: rise_jax.rise.recipes.ABLATIONS["iterations"]; experiments/ablations.py runs them all and writes the table.
+Variants: rise_jax.pipeline.recipes.ABLATIONS["iterations"]; experiments/ablations.py runs them all and writes the table.
 """
 
 from rise_jax.config import finalize
-from rise_jax.rise import capacity, recipes
+from rise_jax.pipeline import capacity, recipes
 
 HARDWARE = capacity.CPU_2_CORES
 

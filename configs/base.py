@@ -1,4 +1,4 @@
-"""The base config tree (contracts.md §1). Every experiment file starts from `rise_jax.config.base_config()`.
+"""The base config tree (docs/contracts.md §1). Every experiment file starts from `rise_jax.config.base_config()`.
 
     python -m rise_jax.run --config=configs/base.py --config.task.name=toy
 """

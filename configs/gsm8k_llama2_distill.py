@@ -10,7 +10,7 @@ sampler call. The teacher is an OpenAI-compatible endpoint (OPENAI_API_KEY in th
 """
 
 from rise_jax.config import finalize
-from rise_jax.rise import capacity, recipes
+from rise_jax.pipeline import capacity, recipes
 
 HARDWARE = capacity.TPU_V4_32
 

@@ -9,7 +9,7 @@ Checkpoint meta-llama/Meta-Llama-3-8B-Instruct, chat template `llama3`. Sized fo
 """
 
 from rise_jax.config import finalize
-from rise_jax.rise import capacity, recipes
+from rise_jax.pipeline import capacity, recipes
 
 HARDWARE = capacity.TPU_V5P_16
 

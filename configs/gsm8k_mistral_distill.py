@@ -8,7 +8,7 @@ Checkpoint mistralai/Mistral-7B-Instruct-v0.2, chat template `mistral`. Sized fo
 """
 
 from rise_jax.config import finalize
-from rise_jax.rise import capacity, recipes
+from rise_jax.pipeline import capacity, recipes
 
 HARDWARE = capacity.TPU_V4_32
 

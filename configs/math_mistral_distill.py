@@ -9,7 +9,7 @@ EleutherAI/hendrycks_math; evaluation on the paper's 1,000-problem test subset (
 """
 
 from rise_jax.config import finalize
-from rise_jax.rise import capacity, recipes
+from rise_jax.pipeline import capacity, recipes
 
 HARDWARE = capacity.TPU_V4_32
 

@@ -9,7 +9,7 @@ samples = 128 cached rows).
 """
 
 from rise_jax.config import finalize
-from rise_jax.rise import capacity, recipes
+from rise_jax.pipeline import capacity, recipes
 
 HARDWARE = capacity.GPU_8XA100_80
 

@@ -9,7 +9,7 @@ turns (with and without oracle) and with 5 parallel samples. Design and measured
 """
 
 from rise_jax.config import finalize
-from rise_jax.rise import capacity, recipes
+from rise_jax.pipeline import capacity, recipes
 
 HARDWARE = capacity.CPU_2_CORES
 

@@ -4,7 +4,7 @@
 """
 
 from rise_jax.config import finalize
-from rise_jax.rise import capacity, recipes
+from rise_jax.pipeline import capacity, recipes
 
 HARDWARE = capacity.CPU_2_CORES
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 
 def main():
-  from rise_jax.rise import recipes
+  from rise_jax.pipeline import recipes
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("ablation", choices=sorted(recipes.ABLATIONS))
   parser.add_argument("--seed", type=int, default=0)

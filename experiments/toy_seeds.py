@@ -57,31 +57,30 @@ class _DropHistory:
     self.inner.release(keys)
 
 
-def _context(run_dir: pathlib.Path):
-  """The run's config (from its config.json) and a stage context over its directory."""
+def _resources(run_dir: pathlib.Path):
+  """The run's config (from its config.json) and the pipeline's resources over its directory."""
   import ml_collections
 
-  from rise_jax.rise import stages as stages_lib
+  from rise_jax.pipeline.resources import Resources
   config = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
   config.mesh.train, config.mesh.sample = tuple(config.mesh.train), tuple(config.mesh.sample)
-  return config, stages_lib.Context(config, run_dir)
+  return config, Resources(config, run_dir)
 
 
 def intermediate_evals(run_dir: pathlib.Path) -> None:
   """Evaluate the models a `rise.evaluate="final"` run left unevaluated, through the run's own eval stage (same
   seeds, same directories as `rise.evaluate="all"` would use), after the timed run."""
-  from rise_jax.rise import loop
-  from rise_jax.rise import stages as stages_lib
-  config, ctx = _context(run_dir)
+  from rise_jax.pipeline import plan, stages
+  config, res = _resources(run_dir)
   for t in range(1, config.rise.iterations + 1):
     for control in (False, True) if config.rise.single_turn_control else (False,):
-      stage = loop.Stage(f"iter_{t}/control/eval" if control else f"iter_{t}/eval", "eval", t, control=control)
+      stage = plan.Stage(f"iter_{t}/control/eval" if control else f"iter_{t}/eval", "eval", t, control=control)
       out = run_dir / stage.name
       if (out / "metrics.json").exists():
         continue
       print(f"[toy_seeds] {run_dir.name}: evaluating {stage.name} after the run", flush=True)
       out.mkdir(parents=True, exist_ok=True)
-      stages_lib.evaluate(ctx, stage, out, limit=None)
+      stages.evaluate(res, stage, out, limit=None)
 
 
 def history_dropped_eval(run_dir: pathlib.Path) -> dict:
@@ -89,18 +88,21 @@ def history_dropped_eval(run_dir: pathlib.Path) -> dict:
   out = run_dir / "iter_0" / "eval_no_history"
   if (out / "metrics.json").exists():
     return json.loads((out / "metrics.json").read_text())
-  from rise_jax.rise import loop, metrics, rollout
-  config, ctx = _context(run_dir)
-  model = ctx.model(loop.model_stage(config, 0))
-  policy = _DropHistory(ctx.learner(model, "boost@iter_0"))
-  protocol = rollout.Protocol.sequential(config.eval.turns, select="first", sampling=ctx.turn_sampling(),
-                                         grader=config.task.grader, prompt_set=config.task.prompt_set,
-                                         seed=config.seed + 3)
+  from rise_jax.pipeline import plan
+  from rise_jax.rise import algorithm, metrics
+  from rise_jax.rollout import runner
+  from rise_jax.rollout.protocol import Protocol
+  config, res = _resources(run_dir)
+  model = res.model(plan.model_stage(config, 0))
+  policy = _DropHistory(res.learner(model, "boost@iter_0"))
+  protocol = Protocol.sequential(config.eval.turns, select="first", sampling=algorithm.turn_sampling(config),
+                                 grader=config.task.grader, prompt_set=config.task.prompt_set,
+                                 seed=config.seed + 3)
   out.mkdir(parents=True, exist_ok=True)
-  rollout.run_episodes(ctx.task.load("test"), policy, protocol, out / "rollouts.jsonl", task=ctx.task,
-                       prompts=ctx.prompts, header=ctx.header(policy.name),
-                       batch_size=config.sampling.batch_size, desc="eval boost, history dropped")
-  m = metrics.metrics_from_logs(out / "rollouts.jsonl", None, task=ctx.task, seed=config.seed)
+  runner.run_episodes(res.task.load("test"), policy, protocol, out / "rollouts.jsonl", task=res.task,
+                      prompts=res.prompts, header=res.header(policy.name),
+                      batch_size=config.sampling.batch_size, desc="eval boost, history dropped")
+  m = metrics.metrics_from_logs(out / "rollouts.jsonl", None, task=res.task, seed=config.seed)
   (out / "metrics.json").write_text(json.dumps(m, indent=2, sort_keys=True))
   return m
 

@@ -1,4 +1,4 @@
-"""The config tree every rise_jax command reads (contracts.md §1).
+"""The config tree every rise_jax command reads (docs/contracts.md §1).
 
 `base_config()` returns the full tree with the reference recipe's defaults; experiment files under `configs/`
 start from it and override fields. `validate(config)` checks enums and ranges and is called by every command
@@ -18,13 +18,15 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from rise_jax.tasks.graders import MODES as GRADERS
+
 placeholder = config_dict.placeholder
 
+# Each enum is defined once: here when config is the lowest module that needs it (the modules above import it
+# from here), else where it is owned below (graders' modes; attention backends and remat policies, read in
+# validate() from rise_jax.models so that importing config imports no JAX).
 MODEL_SOURCES = ("preset", "hf")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-GRADERS = ("paper", "robust")
 IMPROVEMENTS = ("self", "teacher")
 TEACHER_KINDS = ("model", "openai", "reference")
 CRITERIA = ("all", "better", "best", "success")
@@ -205,7 +207,7 @@ def _get(config, field: str):
 
 def _check_names(config) -> None:
   """Names that must exist in a registry (preset, task) and local task files that must exist."""
-  from rise_jax.rise.tasks import TASKS, base  # local: the registries import the task and model code
+  from rise_jax.tasks import TASKS, base  # local: the registries import the task and model code
   if config.model.source == "preset":
     from rise_jax.models.configs import PRESETS
     _one_of(config, "model.preset", sorted(PRESETS))
@@ -239,8 +241,10 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check_names(config)
   _one_of(config, "model.param_dtype", DTYPES)
   _one_of(config, "model.dtype", DTYPES)
-  _one_of(config, "model.attention", ATTENTION_BACKENDS)
-  _one_of(config, "model.remat", REMAT_POLICIES)
+  from rise_jax.models.attention import BACKENDS  # local: imports jax
+  from rise_jax.models.transformer import REMAT_POLICIES
+  _one_of(config, "model.attention", BACKENDS)
+  _one_of(config, "model.remat", ("none", *REMAT_POLICIES))
   for name in ("train", "sample"):
     shape = tuple(config.mesh[name])
     _check(len(shape) == 3, f"mesh.{name}", f"{shape} must be (data, fsdp, tensor)")
@@ -330,6 +334,25 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   for t in sorted(overrides) if _per_iteration else ():  # each iteration's own settings must be valid too
     validate(for_iteration(config, t), require_training=require_training, num_devices=num_devices,
              _per_iteration=False)
+  return config
+
+
+# Fields a command does not use but a user could expect it to follow: setting one is an error naming the field,
+# never silently ignored (tests/test_config_fields.py checks every command's reads against the source).
+NOT_HONOURED = {
+    "run": {"train.data_path": "the RISE loop trains on the data it collects; it is `rise_jax.train`'s input",
+            "train.demo_data": "the RISE loop trains on the data it collects; it is `rise_jax.train`'s option"},
+    "evaluate": {"distributed.initialize": "rise_jax.evaluate runs on one host; multi-host runs go through "
+                                           "rise_jax.run"},
+}
+
+
+def check_command(config: ml_collections.ConfigDict, command: str) -> ml_collections.ConfigDict:
+  """Refuse a field `command` would silently ignore (`NOT_HONOURED`): a value other than the default is an
+  error naming the field. Returns the config for chaining."""
+  defaults = base_config()
+  for field, why in NOT_HONOURED.get(command, {}).items():
+    _check(_get(config, field) == _get(defaults, field), field, f"rise_jax.{command} does not read it ({why})")
   return config
 
 

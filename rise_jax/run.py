@@ -1,7 +1,8 @@
-"""`python -m rise_jax.run --config=configs/<experiment>.py`: RISE end to end, resumably.
+"""`python -m rise_jax.run --config=configs/<experiment>.py`: RISE end to end, resumably (a thin command line
+over `rise_jax.pipeline.loop`).
 
 The run is a fixed list of stages (`plan`), each writing into its own directory of the run directory
-(contracts.md §6) and finished by an atomic `DONE` marker written last:
+(docs/contracts.md §6) and finished by an atomic `DONE` marker written last:
 
     iter_0/collect   boost data (only with rise.boost): given SFT records, the task's reference solutions, or
                      correct samples of the improvement policy
@@ -9,7 +10,8 @@ The run is a fixed list of stages (`plan`), each writing into its own directory 
     iter_0/eval      the starting model (base, or base + boost)
     iter_T/collect   Algorithm 1 with the newest model -> rollouts.jsonl, data/ (D_T), control/data/
     iter_T/train     reward-weighted training from the base or from iteration T-1, on D_T or D_1..D_T
-    iter_T/eval      sequential (5 turns) and parallel (k samples) evaluation
+    iter_T/eval      Algorithm 2: sequential (eval.turns, eval.draws) and parallel (k samples), optional Self-Refine:
+                     the one evaluation stage `rise_jax.evaluate` runs too (`rise_jax.pipeline.evaluation`)
     iter_T/control/train, iter_T/control/eval   (rise.single_turn_control) the same data, history stripped
 
 Re-running the same command skips every stage with a `DONE` marker and resumes the first one without it (the
@@ -33,8 +35,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from rise_jax import logs  # noqa: E402
-from rise_jax.rise.loop import StopRequested, run  # noqa: E402
-from rise_jax.rundir import cli_errors  # noqa: E402
+from rise_jax.pipeline.loop import run  # noqa: E402
+from rise_jax.pipeline.plan import StopRequested  # noqa: E402
+from rise_jax.files import cli_errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py).",
                                           lock_config=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from rise_jax.rise import rollout_log
+from rise_jax.rollout import log as rollout_log
 
 
 def candidate(answer: str | None, reward: float, *, num_tokens: int = 3, teacher: bool = False,

@@ -289,8 +289,8 @@ def test_toy_vocabulary_and_ids(toy_dir):
 
 def test_tasks_toy_tokenizer_renders_the_toy_format(tmp_path):
   """The toy tokenizer the tasks part ships (built separately) against the brief's ids and format."""
-  from rise_jax.rise.tasks import toy
-  tok = chat.load_tokenizer(toy.build_toy_tokenizer(tmp_path / "toy"))
+  from rise_jax.chat import toy_tokenizer
+  tok = chat.load_tokenizer(toy_tokenizer.build_toy_tokenizer(tmp_path / "toy"))
   assert (tok.chat_template_name, tok.vocab_size, tok.pad_token_id, tok.bos_token_id, tok.eos_token_ids) == (
       "toy", 103, 0, 1, (2,))
   dialog = [{"role": "user", "content": "7*8=?"}, {"role": "assistant", "content": "7*8=56"},

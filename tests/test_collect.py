@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from rise_jax.rise import collect
-from rise_jax.rise.collect import ConversionOptions, convert_rollouts
+from rise_jax.rise import algorithm as collect
+from rise_jax.rise.conversion import ConversionOptions, convert_rollouts
 
 W1 = 12.182493960703473   # exp(1 / 0.4)
 WM1 = 0.0820849986238988  # exp(-1 / 0.4)
@@ -206,13 +206,32 @@ def test_written_dataset_reads_back_through_the_trainer_and_errors_name_file_and
 
 
 def test_collection_protocol_is_algorithm_1():
-  from rise_jax.rise import recipes, stages
+  from rise_jax.pipeline import recipes
   c = recipes.toy()
   c.collect.turns, c.collect.samples_per_turn, c.collect.improvement_samples = 3, 2, 16
-  p = stages.collection_protocol(c)
+  p = collect.collection_protocol(c)
   assert (p.kind, p.turns, p.samples_per_turn, p.select, p.oracle, p.window) == (
       "sequential", 3, (2, 2, 16), "best_reward", True, None)
   c.collect.improvement = "teacher"
   c.collect.teacher.temperature, c.collect.teacher.max_tokens = 0.7, 300
-  p = stages.collection_protocol(c)
+  p = collect.collection_protocol(c)
   assert [(s.temperature, s.max_new_tokens) for s in p.sampling] == [(1.0, 20), (1.0, 20), (0.7, 300)]
+
+
+def test_evaluation_protocols_are_algorithm_2_with_one_seed_rule():
+  """Draw d samples with seed + 1 + 2d and the parallel run with seed + 2 (what rise_jax.run always drew at
+  draws = 1), whichever command evaluates; Self-Refine is draw 0 under its own prompt set."""
+  from rise_jax.pipeline import recipes
+  c = recipes.toy()
+  c.seed, c.eval.turns, c.eval.parallel_k, c.eval.draws, c.eval.self_refine, c.eval.window = 7, 4, 3, 3, True, 2
+  runs = collect.evaluation_protocols(c)
+  assert list(runs) == ["sequential", "sequential_draw1", "sequential_draw2", "parallel", "self_refine"]
+  assert {name: p.seed for name, p in runs.items()} == {
+      "sequential": 8, "sequential_draw1": 10, "sequential_draw2": 12, "parallel": 9, "self_refine": 8}
+  seq, par, refine = runs["sequential"], runs["parallel"], runs["self_refine"]
+  assert (seq.kind, seq.turns, seq.samples_per_turn, seq.select, seq.oracle, seq.window) == (
+      "sequential", 4, (1, 1, 1, 1), "first", False, 2)
+  assert (par.kind, par.turns, par.samples_per_turn) == ("parallel", 1, (3,))
+  assert (refine.prompt_set, seq.prompt_set) == ("self_refine", c.task.prompt_set)
+  c.eval.draws, c.eval.self_refine = 1, False
+  assert list(collect.evaluation_protocols(c)) == ["sequential", "parallel"]

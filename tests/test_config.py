@@ -1,4 +1,4 @@
-"""The config tree (contracts.md §1): locked against typos, validated with errors that name the field."""
+"""The config tree (docs/contracts.md §1): locked against typos, validated with errors that name the field."""
 
 import pytest
 
@@ -66,7 +66,7 @@ def test_config_hash_ignores_debug_and_diff_names_changed_fields():
 
 
 def test_iteration_overrides_apply_to_their_iteration_only_and_are_validated():
-  from rise_jax.rise import recipes
+  from rise_jax.pipeline import recipes
   c = recipes.toy()
   c.rise.iterations = 2
   c.rise.iteration_overrides = ("1:collect.improvement=teacher", "1:collect.teacher.kind='reference'",
@@ -128,7 +128,7 @@ def test_config_hash_ignores_where_the_run_directory_is():
 
 
 def test_boost_validation_needs_a_dev_split_before_any_work():
-  from rise_jax.rise import recipes
+  from rise_jax.pipeline import recipes
   c = recipes.toy()
   c.task.dev_size = 0
   c.lock()

@@ -11,7 +11,7 @@ import pathlib
 import pytest
 
 from rise_jax import config as config_lib
-from rise_jax.rise import capacity, recipes
+from rise_jax.pipeline import capacity, recipes
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 REAL_SCALE = ["gsm8k_llama2_distill", "gsm8k_mistral_distill", "math_mistral_distill", "math_mistral_self",

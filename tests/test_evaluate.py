@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from rise_jax.rise import rollout_log
+from rise_jax.rollout import log as rollout_log
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROBLEMS, TURNS, K = 6, 3, 3
@@ -97,6 +97,12 @@ def test_end_to_end_log_report_and_metrics(uninterrupted):
                                                           for c in t["candidates"])
 
 
+def _pop_logprob_sums(records) -> list[float]:
+  """Take the candidates' log-prob sums out of the records: float32 sums depend on the batch a row was sampled in
+  (a resumed chunk holds fewer rows; tests/test_run.py rounds them for the same reason), the tokens do not."""
+  return [c.pop("logprob_sum") for r in records for t in r["turns"] for c in t["candidates"]]
+
+
 @pytest.mark.timeout(300)
 def test_resume_after_sigkill_equals_uninterrupted(uninterrupted, tmp_path, env):
   out = tmp_path / "run"
@@ -128,7 +134,10 @@ def test_resume_after_sigkill_equals_uninterrupted(uninterrupted, tmp_path, env)
     _, want, _ = rollout_log.read_rollouts(uninterrupted / name)
     assert torn == 0
     key = lambda r: r["problem_id"]  # noqa: E731
-    assert sorted(got, key=key) == sorted(want, key=key), name
+    got, want = sorted(got, key=key), sorted(want, key=key)
+    got_sums, want_sums = _pop_logprob_sums(got), _pop_logprob_sums(want)
+    assert got == want, name  # every token, text, reward and count exactly
+    assert got_sums == pytest.approx(want_sums, rel=1e-6), name
   # The resumed process skipped what was already logged and ran the rest.
   throughput = json.loads((out / "throughput.json").read_text())
   assert throughput["sequential"]["skipped"] == len(before)
@@ -150,8 +159,8 @@ def test_evaluate_protocols_draws_and_self_refine_with_a_scripted_learner(tmp_pa
   """The whole evaluate flow in-process (no model): which protocols run, on which prompts, into which files, and
   the metrics they give, with a learner whose answers are known."""
   from rise_jax import evaluate
-  from rise_jax.rise import get_prompt_set
-  from rise_jax.rise.policies import ScriptedPolicy
+  from rise_jax.tasks.prompts import get_prompt_set
+  from rise_jax.rollout.policies import ScriptedPolicy
 
   cfg = _eval_toy_config(tmp_path)
   cfg.task.test_size, cfg.eval.turns, cfg.eval.parallel_k, cfg.eval.draws = 4, 2, 3, 2
@@ -166,7 +175,7 @@ def test_evaluate_protocols_draws_and_self_refine_with_a_scripted_learner(tmp_pa
       return f"={right}" if j == 1 else "=0"      # one right sample of three; the vote picks "0"
     return "=0" if request.turn == 1 else f"={right}"  # sequential: wrong, then right
 
-  from rise_jax.rise.tasks import task_from_config
+  from rise_jax.tasks import task_from_config
   references.update({p.id: p.reference for p in task_from_config(cfg.task).load("test")})
   learner = ScriptedPolicy(respond, name="scripted")
   metrics = evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)
@@ -177,9 +186,10 @@ def test_evaluate_protocols_draws_and_self_refine_with_a_scripted_learner(tmp_pa
     _, records, _ = rollout_log.read_rollouts(out / name)
     assert len(records) == 4, name
     seeds[name] = {(r["protocol"]["kind"], r["protocol"]["prompt_set"], r["protocol"]["seed"]) for r in records}
-  assert seeds == {"rollouts.jsonl": {("sequential", "toy", 0)}, "rollouts_draw1.jsonl": {("sequential", "toy", 1)},
-                   "rollouts_parallel.jsonl": {("parallel", "toy", 0)},
-                   "self_refine/rollouts.jsonl": {("sequential", "self_refine", 0)}}
+  # The one evaluation seed rule (rise.algorithm.eval_seed, the RISE loop's): draw d seed + 1 + 2d, parallel seed + 2.
+  assert seeds == {"rollouts.jsonl": {("sequential", "toy", 1)}, "rollouts_draw1.jsonl": {("sequential", "toy", 3)},
+                   "rollouts_parallel.jsonl": {("parallel", "toy", 2)},
+                   "self_refine/rollouts.jsonl": {("sequential", "self_refine", 1)}}
   # Sequential: wrong then right, no oracle; majority over turns ties 1-1 and `earliest` picks the wrong one.
   assert metrics["m1@t1"] == 0.0 and metrics["p1@t2"] == 1.0 and metrics["m1@t2"] == 0.0
   assert metrics["per_turn_accuracy"] == [0.0, 1.0]
@@ -220,8 +230,8 @@ def test_local_hf_checkpoint_on_local_data(tmp_path, shared_dir, llama2_tokenize
 def test_eval_split_dev_evaluates_the_dev_problems(tmp_path):
   """`eval.split="dev"` (for tuning) evaluates exactly the task's dev problems, which are disjoint from test."""
   from rise_jax import evaluate
-  from rise_jax.rise.policies import ScriptedPolicy
-  from rise_jax.rise.tasks import task_from_config
+  from rise_jax.rollout.policies import ScriptedPolicy
+  from rise_jax.tasks import task_from_config
 
   cfg = _eval_toy_config(tmp_path)
   cfg.task.dev_size, cfg.eval.turns, cfg.eval.parallel_k, cfg.eval.split = 6, 1, 1, "dev"
@@ -241,8 +251,10 @@ def _files(root: pathlib.Path):
 
 def test_changed_config_is_refused_before_anything_is_written(tmp_path):
   """Logs sampled at temperature 1.0 are never left under a config.json saying 0.5."""
-  from rise_jax import evaluate, rundir
-  from rise_jax.rise.policies import ScriptedPolicy
+  from rise_jax import evaluate
+  from rise_jax import files
+  from rise_jax.pipeline import rundir
+  from rise_jax.rollout.policies import ScriptedPolicy
 
   cfg = _eval_toy_config(tmp_path)
   cfg.task.test_size, cfg.eval.turns, cfg.eval.parallel_k = 2, 1, 1
@@ -253,7 +265,7 @@ def test_changed_config_is_refused_before_anything_is_written(tmp_path):
   with pytest.raises(rundir.ConfigMismatch, match=r"differing fields: sampling\.temperature\."):
     evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)
   assert _files(tmp_path / "run") == before
-  with rundir.RunLock(tmp_path / "run"):  # a second writer is refused too, before it writes
+  with files.RunLock(tmp_path / "run"):  # a second writer is refused too, before it writes
     cfg.sampling.temperature = 1.0
-    with pytest.raises(rundir.RunDirLocked, match="is in use by another run"):
+    with pytest.raises(files.RunDirLocked, match="is in use by another run"):
       evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rise_jax.rise import get_task, grade
-from rise_jax.rise.graders import hendrycks, latex, verify
-from rise_jax.rise.graders import math as math_grader
+from rise_jax.tasks import get_task
+from rise_jax.tasks.graders import grade
+from rise_jax.tasks.graders import hendrycks, latex, verify
+from rise_jax.tasks.graders import math as math_grader
 
 GOLD_18 = "Janet has 9 + 9 = <<9+9=18>>18 ducks.\n#### 18"
 

@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from rise_jax.rise import grade
-from rise_jax.rise.graders import latex, verify
-from rise_jax.rise.graders import math as math_grader
+from rise_jax.tasks.graders import grade
+from rise_jax.tasks.graders import latex, verify
+from rise_jax.tasks.graders import math as math_grader
 
 
 def _read(path):

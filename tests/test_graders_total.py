@@ -20,9 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rise_jax.rise import get_task, grade
-from rise_jax.rise.graders import gsm8k, latex, limits, toy, verify
-from rise_jax.rise.graders import math as math_grader
+from rise_jax.tasks import get_task
+from rise_jax.tasks.graders import grade
+from rise_jax.tasks.graders import gsm8k, latex, limits, toy, verify
+from rise_jax.tasks.graders import math as math_grader
 from rise_jax.rise.metrics import AnswerClusters
 from tests.grader_inputs import LONG, MB, SLOW_MATH_ANSWERS
 

@@ -465,7 +465,7 @@ def test_per_problem_tables_keep_the_sequential_m1_at_t1():
 
 
 def test_with_the_real_math_task_clusters_equivalent_latex():
-  from rise_jax.rise import get_task
+  from rise_jax.tasks import get_task
   math_task = get_task("math")
   # \frac{1}{2}, 0.5 and \dfrac12 are one answer under robust grading (math-verify), three under paper's
   # string equality; 3 (twice) wins only when they are split.

@@ -382,7 +382,7 @@ def test_export_tied_with_chat_tokenizer(tiny_llama_tied_path, tmp_path):
   """A tied model exported with rise_jax's ChatTokenizer: transformers loads model, tokenizer and template."""
   import transformers
   from rise_jax.chat import load_tokenizer
-  from rise_jax.rise.tasks.toy import build_toy_tokenizer
+  from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
   model = load_hf_checkpoint(tiny_llama_tied_path)
   tok = load_tokenizer(build_toy_tokenizer(tmp_path / "toy_tok"), chat_template="toy")
   out = save_hf_checkpoint(model, tmp_path / "tied", tokenizer=tok)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from rise_jax.rise import rollout_log
-from rise_jax.rise.rollout_log import RolloutLogError, RolloutWriter, read_rollouts, validate_record
+from rise_jax.rollout import log as rollout_log
+from rise_jax.rollout.log import RolloutLogError, RolloutWriter, read_rollouts, validate_record
 
 import rollout_builders as rb
 
@@ -27,7 +27,7 @@ def test_round_trip_keeps_header_and_records(tmp_path):
   assert records == _records()
   lines = path.read_bytes().split(b"\n")
   assert len(lines) == 5 and lines[-1] == b""  # header + 3 records, each newline-terminated
-  assert json.loads(lines[0])["schema"] == "rise_jax.rollout/1"
+  assert json.loads(lines[0])["schema"] == "rise_jax.rollout/2"
 
 
 def test_header_has_contract_fields():

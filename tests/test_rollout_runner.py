@@ -11,11 +11,13 @@ import math
 
 import pytest
 
-from rise_jax.rise import graders, metrics, rollout_log
-from rise_jax.rise.degenerate import degenerate_reason, is_degenerate
-from rise_jax.rise.policies import ScriptedPolicy, TurnSampling
-from rise_jax.rise.rollout import Protocol, run_episodes
-from rise_jax.rise.tasks.base import Problem
+from rise_jax.tasks import graders
+from rise_jax.rise import metrics
+from rise_jax.rollout import log as rollout_log
+from rise_jax.rollout.degenerate import degenerate_reason, is_degenerate
+from rise_jax.rollout.policies import ScriptedPolicy, TurnSampling
+from rise_jax.rollout.runner import Protocol, run_episodes
+from rise_jax.tasks.base import Problem
 
 INSTR, EXAMPLE = "Solve. Example: 1+1", "1+1=2"
 
@@ -327,13 +329,13 @@ class _SpySampler:
 @pytest.fixture(scope="module")
 def toy_tokenizer(tmp_path_factory):
   from rise_jax import chat
-  from rise_jax.rise.tasks import build_toy_tokenizer
+  from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
   return chat.load_tokenizer(build_toy_tokenizer(tmp_path_factory.mktemp("tok") / "toy"), chat_template="toy")
 
 
 def test_window_seen_by_the_sampler_on_rendered_ids(tmp_path, toy_tokenizer):
-  from rise_jax.rise import get_prompt_set
-  from rise_jax.rise.policies import SamplerPolicy, sample_uid
+  from rise_jax.tasks.prompts import get_prompt_set
+  from rise_jax.rollout.policies import SamplerPolicy, sample_uid
 
   spy = _SpySampler(toy_tokenizer)
   policy = SamplerPolicy(spy, toy_tokenizer)
@@ -365,8 +367,8 @@ def test_window_seen_by_the_sampler_on_rendered_ids(tmp_path, toy_tokenizer):
 
 
 def test_sampler_policy_continues_the_chosen_candidates_cache(tmp_path, toy_tokenizer):
-  from rise_jax.rise import get_prompt_set
-  from rise_jax.rise.policies import SamplerPolicy
+  from rise_jax.tasks.prompts import get_prompt_set
+  from rise_jax.rollout.policies import SamplerPolicy
 
   # Call 1 (turn 1): samples "=8", "=7" (right), "=7"; best_reward continues sample 1 into turn 2 (no oracle).
   spy = _SpySampler(toy_tokenizer, answer=lambda call, j: ["=8", "=7", "=7"][j] if call == 1 else f"={j}")
@@ -391,8 +393,8 @@ def test_sampler_policy_continues_the_chosen_candidates_cache(tmp_path, toy_toke
 
 
 def test_sampler_policy_without_cache_reuse_prefills_everything(tmp_path, toy_tokenizer):
-  from rise_jax.rise import get_prompt_set
-  from rise_jax.rise.policies import SamplerPolicy
+  from rise_jax.tasks.prompts import get_prompt_set
+  from rise_jax.rollout.policies import SamplerPolicy
 
   spy = _SpySampler(toy_tokenizer)
   header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")
@@ -406,8 +408,8 @@ def test_sampler_policy_without_cache_reuse_prefills_everything(tmp_path, toy_to
 def test_collection_with_window_one_and_the_reference_teacher(tmp_path):
   # Algorithm 1 for a learner that cannot read a history yet: every learner attempt sees only the head (an
   # independent first-turn sample), the reference solution is the last turn, and the record keeps the history.
-  from rise_jax.rise import collect
-  from rise_jax.rise.policies import ReferencePolicy
+  from rise_jax.rise import conversion as collect
+  from rise_jax.rollout.policies import ReferencePolicy
   learner = ScriptedPolicy(lambda request, j: {1: "3+4=8", 2: "3+4=6"}[request.turn])
   teacher = ReferencePolicy({A.id: A.reference, B.id: B.reference})
   protocol = Protocol.sequential(3, select="best_reward", oracle=True, window=1, sampling=SAMPLING, grader="robust")
@@ -427,20 +429,21 @@ def test_collection_with_window_one_and_the_reference_teacher(tmp_path):
 
 
 def test_collection_without_oracle_keeps_a_right_answer_after_the_failure_message(tmp_path):
-  # collect.oracle=False (stages.collection_protocol): a right first answer is followed by the failure message, as
+  # collect.oracle=False (algorithm.collection_protocol): a right first answer is followed by the failure message, as
   # at test time without an oracle, and best-of-N at turn 2 yields a record that keeps the right answer after it.
-  from rise_jax.rise import collect, recipes, stages
+  from rise_jax.pipeline import recipes
+  from rise_jax.rise import algorithm, conversion
   c = recipes.toy()
   c.collect.oracle = False
   c.collect.improvement_samples = 2
-  protocol = stages.collection_protocol(c)
+  protocol = algorithm.collection_protocol(c)
   assert protocol.oracle is False and protocol.turns == 2
   answers = {1: ["3+4=7"], 2: ["3+4=6", "3+4=7"]}  # turn 2: a wrong and a right candidate
   learner = ScriptedPolicy(lambda request, j: answers[request.turn][j])
   _, records = _run(tmp_path, [A], learner, dataclasses.replace(protocol, sampling=(SAMPLING, SAMPLING)))
   assert [t["candidates"][t["chosen"]]["text"] for t in records[0]["turns"]] == ["3+4=7", "3+4=7"]
   head = _Prompts().initial_messages(A.question)
-  conv = collect.convert_rollouts(records, lambda pid: head, collect.ConversionOptions(criteria="all", dedupe=False))
+  conv = conversion.convert_rollouts(records, lambda pid: head, conversion.ConversionOptions(criteria="all", dedupe=False))
   assert len(conv.records) == 2  # the prefixes ending at turns 1 and 2
   last = max(conv.records, key=lambda r: len(r["messages"]))
   assert last["messages"][len(head):] == [{"role": "assistant", "content": "3+4=7"},
@@ -448,9 +451,9 @@ def test_collection_without_oracle_keeps_a_right_answer_after_the_failure_messag
                                           {"role": "assistant", "content": "3+4=7", "train": True}]
   assert last["weight"] == pytest.approx(math.exp(1 / 0.4))
   # The reference's dedupe drops a repeated answer, so keeping one needs collect.dedupe=False.
-  assert len(collect.convert_rollouts(records, lambda pid: head, collect.ConversionOptions(dedupe=True)).records) == 1
+  assert len(conversion.convert_rollouts(records, lambda pid: head, conversion.ConversionOptions(dedupe=True)).records) == 1
   # The default (Algorithm 1) stops at the first success: one turn, one record.
   c.collect.oracle = True
-  _, records = _run(tmp_path, [A], learner, dataclasses.replace(stages.collection_protocol(c), sampling=(SAMPLING,) * 2),
+  _, records = _run(tmp_path, [A], learner, dataclasses.replace(algorithm.collection_protocol(c), sampling=(SAMPLING,) * 2),
                     name="oracle.jsonl")
   assert len(records[0]["turns"]) == 1

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from rise_jax.rise.teacher import ChatCompletionsClient, OpenAIChatPolicy, TeacherError
-from rise_jax.rise.policies import Request, TurnSampling
+from rise_jax.rollout.teacher import ChatCompletionsClient, OpenAIChatPolicy, TeacherError
+from rise_jax.rollout.policies import Request, TurnSampling
 
 
 class _Server:
@@ -140,9 +140,11 @@ def test_policy_sends_one_request_per_sample_and_logs_usage(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_teacher_serves_the_last_turn_of_an_episode(tmp_path):
-  from rise_jax.rise import get_prompt_set, get_task, rollout_log
-  from rise_jax.rise.policies import ScriptedPolicy
-  from rise_jax.rise.rollout import Protocol, run_episodes
+  from rise_jax.tasks.prompts import get_prompt_set
+  from rise_jax.tasks import get_task
+  from rise_jax.rollout import log as rollout_log
+  from rise_jax.rollout.policies import ScriptedPolicy
+  from rise_jax.rollout.runner import Protocol, run_episodes
 
   task = get_task("toy", test_size=3, dev_size=0)
   problems = task.load("test")

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from rise_jax import config as config_lib
-from rise_jax.rise import loop, recipes
+from rise_jax.pipeline import loop, plan, recipes, rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_STAGES = ["iter_0/collect", "iter_0/train", "iter_0/eval", "iter_1/collect", "iter_1/train", "iter_1/eval",
@@ -59,57 +59,57 @@ def smoke_run(tmp_path_factory, xla_cache):
 
 
 def test_plan_lists_every_stage_of_the_smoke_config():
-  assert [s.name for s in loop.plan(recipes.toy_smoke())] == SMOKE_STAGES
+  assert [s.name for s in plan.plan(recipes.toy_smoke())] == SMOKE_STAGES
   # The default evaluates the boost and the last iteration (and its control) only.
-  assert [s.name for s in loop.plan(recipes.toy()) if s.kind == "eval"] == [
+  assert [s.name for s in plan.plan(recipes.toy()) if s.kind == "eval"] == [
       "iter_0/eval", "iter_3/eval", "iter_3/control/eval"]
   c = recipes.toy()
   c.rise.iterations, c.rise.boost, c.rise.single_turn_control, c.rise.evaluate = 2, False, False, "all"
   c.rise.data, c.rise.init_from = "accumulated", "previous"
-  assert [s.name for s in loop.plan(c)] == ["iter_0/eval", "iter_1/collect", "iter_1/train", "iter_1/eval",
+  assert [s.name for s in plan.plan(c)] == ["iter_0/eval", "iter_1/collect", "iter_1/train", "iter_1/eval",
                                             "iter_2/collect", "iter_2/train", "iter_2/eval"]
-  assert loop.init_stage(c, 2) == "iter_1/train" and loop.init_stage(c, 1) is None
-  assert loop.data_stages(c, 2) == ["iter_1/collect", "iter_2/collect"]
+  assert plan.init_stage(c, 2) == "iter_1/train" and plan.init_stage(c, 1) is None
+  assert plan.data_stages(c, 2) == ["iter_1/collect", "iter_2/collect"]
   c.rise.init_from, c.rise.data = "base", "current"
-  assert loop.init_stage(c, 2) is None and loop.data_stages(c, 2) == ["iter_2/collect"]
+  assert plan.init_stage(c, 2) is None and plan.data_stages(c, 2) == ["iter_2/collect"]
 
 
 @pytest.mark.parametrize("text, parsed", [("iter_1/collect:5", ("iter_1/collect", 5)),
                                           ("iter_1/control/eval:done", ("iter_1/control/eval", None))])
 def test_stop_after_parses(text, parsed):
-  stop = loop.StopAfter.parse(text)
+  stop = plan.StopAfter.parse(text)
   assert (stop.stage, stop.units) == parsed
 
 
 @pytest.mark.parametrize("bad", ["collect", "iter_1/train:x", ":3"])
 def test_stop_after_rejects_malformed(bad):
   with pytest.raises(ValueError, match="debug.stop_after"):
-    loop.StopAfter.parse(bad)
+    plan.StopAfter.parse(bad)
 
 
 def test_run_dir_refuses_another_config_naming_fields(tmp_path):
   from rise_jax.config import finalize
   a = finalize(recipes.toy_smoke())
-  loop.RunDir(tmp_path, a).open()
-  loop.RunDir(tmp_path, a).open()  # the same config resumes
+  rundir.RunDir(tmp_path, a).open()
+  rundir.RunDir(tmp_path, a).open()  # the same config resumes
   b = recipes.toy_smoke()
   b.collect.tau, b.train.lr = 0.9, 5e-4
   b.debug.stop_after = "iter_1/train:1"  # debug fields do not count
-  loop.RunDir(tmp_path, finalize(b)).open()  # no results yet: nothing can be mislabelled, the new config is adopted
-  loop.RunDir(tmp_path, a).open()
+  rundir.RunDir(tmp_path, finalize(b)).open()  # no results yet: nothing can be mislabelled, the new config is adopted
+  rundir.RunDir(tmp_path, a).open()
   (tmp_path / "iter_0" / "eval").mkdir(parents=True)
   (tmp_path / "iter_0" / "eval" / "rollouts.jsonl").write_text("{}\n")
   config_before = (tmp_path / "config.json").read_bytes()
-  with pytest.raises(loop.ConfigMismatch, match=r"differing fields: collect.tau, train.lr\."):
-    loop.RunDir(tmp_path, finalize(b)).open()
+  with pytest.raises(rundir.ConfigMismatch, match=r"differing fields: collect.tau, train.lr\."):
+    rundir.RunDir(tmp_path, finalize(b)).open()
   assert (tmp_path / "config.json").read_bytes() == config_before
   c = recipes.toy_smoke()
   c.debug.stop_after = "iter_1/train:1"
-  loop.RunDir(tmp_path, finalize(c)).open()
+  rundir.RunDir(tmp_path, finalize(c)).open()
   assert json.loads((tmp_path / "run.json").read_text())["config_hash"] == config_lib.config_hash(a)
   (tmp_path / "run.json").unlink()  # e.g. rise_jax.run pointed at an evaluation's directory
-  with pytest.raises(loop.ConfigMismatch, match="not a RISE run directory"):
-    loop.RunDir(tmp_path, a).open()
+  with pytest.raises(rundir.ConfigMismatch, match="not a RISE run directory"):
+    rundir.RunDir(tmp_path, a).open()
 
 
 @pytest.mark.timeout(300)
@@ -167,7 +167,8 @@ def _digest(run_dir: pathlib.Path) -> dict[str, str]:
     rel = str(path.relative_to(run_dir))
     if not path.is_file() or "/ckpt/" in rel or "/tb/" in rel or rel.startswith(("tokenizer", "run.json")):
       continue  # TensorBoard event files are named by time and host (their scalars are metrics.jsonl's)
-    if path.name in ("DONE", "summary.md", "report.md", "metrics.jsonl", "data_report.json", "run.log") or \
+    if path.name in ("DONE", "summary.md", "report.md", "metrics.jsonl", "data_report.json", "run.log",
+                     "throughput.json") or \
         path.suffix == ".png":
       continue  # timings and logs, or renderings of the JSON compared below
     if path.suffix == ".jsonl" and "rollouts" in path.name:
@@ -182,7 +183,7 @@ def _digest(run_dir: pathlib.Path) -> dict[str, str]:
       out[rel] = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     elif path.suffix == ".json":
       obj = json.loads(path.read_text())
-      for key in ("sources", "compute", "created", "num_torn_lines", "output_dir"):
+      for key in ("sources", "compute", "created", "num_torn_lines", "output_dir", "throughput"):
         obj.pop(key, None) if isinstance(obj, dict) else None
       out[rel] = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
     else:
@@ -232,13 +233,13 @@ def test_loop_learner_honours_sampling_on_overflow(tmp_path, monkeypatch):
   """The loop's learner is built with `sampling.on_overflow` (it once got the sampler's default, "raise")."""
   import rise_jax.sampling
   from rise_jax.config import finalize
-  from rise_jax.rise import stages
+  from rise_jax.pipeline.resources import Resources
 
   built = {}
   monkeypatch.setattr(rise_jax.sampling, "Sampler", lambda model, tokenizer, **options: built.update(options))
   c = recipes.toy_smoke()
   c.output_dir, c.sampling.on_overflow = str(tmp_path), "report"
-  stages.Context(finalize(c), tmp_path).learner(model=None, name="learner")
+  Resources(finalize(c), tmp_path).learner(model=None, name="learner")
   assert built["on_overflow"] == "report" and built["max_cache_length"] == c.sampling.max_cache_length
 
 
@@ -249,7 +250,7 @@ def test_output_dir_spelling_and_moves_do_not_change_the_run(tmp_path, monkeypat
   def opened(output_dir):
     c = recipes.toy_smoke()
     c.output_dir = output_dir
-    run_dir = loop.RunDir(output_dir, finalize(c))
+    run_dir = rundir.RunDir(output_dir, finalize(c))
     run_dir.open()
     return run_dir
 
@@ -274,10 +275,10 @@ def _smoke_config(tmp_path, **fields):
 
 
 def test_run_refuses_a_locked_directory_at_once(tmp_path):
-  from rise_jax import rundir
+  from rise_jax import files
   cfg = _smoke_config(tmp_path)
-  with rundir.RunLock(tmp_path / "run"):
-    with pytest.raises(rundir.RunDirLocked, match=rf"{tmp_path / 'run'} is in use by another run \(pid {os.getpid()}"):
+  with files.RunLock(tmp_path / "run"):
+    with pytest.raises(files.RunDirLocked, match=rf"{tmp_path / 'run'} is in use by another run \(pid {os.getpid()}"):
       loop.run(cfg)
   assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from rise_jax import rundir
+from rise_jax import files as rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_second_writer_fails_at_once_naming_the_holder_and_the_lock_is_released_
 
 
 def test_a_lock_held_by_another_process_refuses(tmp_path):
-  holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from rise_jax import rundir; "
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from rise_jax import files as rundir; "
                              "rundir.RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)",
                              str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
   try:
@@ -92,10 +92,11 @@ def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeyp
 
 DISK_FULL_SCRIPT = r"""
 import errno, logging, sys
-from rise_jax import evaluate, rundir
+from rise_jax import evaluate
+from rise_jax import files as rundir
 from rise_jax.config import base_config
-from rise_jax.rise import rollout_log
-from rise_jax.rise.policies import ScriptedPolicy
+from rise_jax.rollout import log as rollout_log
+from rise_jax.rollout.policies import ScriptedPolicy
 
 def full(self, obj):  # the disk fills while the rollout log is being written
   raise OSError(errno.ENOSPC, "No space left on device")

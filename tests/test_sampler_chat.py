@@ -5,7 +5,7 @@ import pytest
 
 from rise_jax.chat import load_tokenizer
 from rise_jax.models import load_hf_checkpoint
-from rise_jax.rise.tasks.toy import build_toy_tokenizer
+from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
 from rise_jax.sampling import Sampler, SamplingParams
 from tests.fixtures_models import save_tiny_llama
 

@@ -5,9 +5,12 @@ import random
 
 import pytest
 
-from rise_jax.rise import get_prompt_set, get_task, grade
-from rise_jax.rise.prompts import load_prompt_set
-from rise_jax.rise.tasks import base, toy
+from rise_jax.tasks.prompts import get_prompt_set
+from rise_jax.tasks import get_task
+from rise_jax.tasks.graders import grade
+from rise_jax.tasks.prompts import load_prompt_set
+from rise_jax.chat import toy_tokenizer
+from rise_jax.tasks import base, toy
 
 # The RISE reference's strings (cmu-mind/RISE utils/template.py and environments/*.py), typed out from the source.
 PAPER_INSTRUCTION = (
@@ -207,8 +210,8 @@ def test_toy_problems_answers_and_answer_space():
 def test_toy_tokenizer_ids_roundtrip_and_chat_template(tmp_path):
   import transformers
 
-  path = toy.build_toy_tokenizer(tmp_path / "tok")
-  assert toy.build_toy_tokenizer(tmp_path / "tok") == path  # idempotent on resume
+  path = toy_tokenizer.build_toy_tokenizer(tmp_path / "tok")
+  assert toy_tokenizer.build_toy_tokenizer(tmp_path / "tok") == path  # idempotent on resume
   hf = transformers.AutoTokenizer.from_pretrained(path)
   specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
   assert hf.convert_tokens_to_ids(specials) == list(range(7))
@@ -232,7 +235,7 @@ def test_toy_tokenizer_loads_through_rise_jax_chat(tmp_path):
   chat = pytest.importorskip("rise_jax.chat")
   if not hasattr(chat, "load_tokenizer"):
     pytest.skip("rise_jax.chat.load_tokenizer has not landed")
-  tok = chat.load_tokenizer(toy.build_toy_tokenizer(tmp_path / "tok"), chat_template="toy")
+  tok = chat.load_tokenizer(toy_tokenizer.build_toy_tokenizer(tmp_path / "tok"), chat_template="toy")
   assert (tok.bos_token_id, tok.pad_token_id, tok.vocab_size) == (1, 0, 103)
   assert 2 in tok.eos_token_ids
   assert tok.decode(tok.encode("7+8*9")) == "7+8*9"

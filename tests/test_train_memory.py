@@ -13,7 +13,7 @@ from rise_jax import config as config_lib
 from rise_jax.models import attention as attention_lib
 from rise_jax.models import configs as model_configs
 from rise_jax.models.transformer import Transformer
-from rise_jax.rise import capacity
+from rise_jax.pipeline import capacity
 from rise_jax.train import memory, optim
 
 TOY = model_configs.PRESETS["toy-llama"].config

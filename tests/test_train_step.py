@@ -28,7 +28,7 @@ from train_helpers import TINY, optim_cfg, tiny_config
 
 @pytest.fixture(scope="session")
 def toy_tokenizer_dir(tmp_path_factory):
-  from rise_jax.rise.tasks.toy import build_toy_tokenizer
+  from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
   return pathlib.Path(build_toy_tokenizer(tmp_path_factory.mktemp("tok") / "toy"))
 
 

@@ -2,7 +2,8 @@
 
 The sampler, the trainer and the evaluator all render through here, so training and sampling contexts cannot
 drift. Public API: load_tokenizer, ChatTokenizer, check_vocab, render, RenderedChat, train_arrays,
-truncate_history, window, continuation_ids, register_template, get_template.
+truncate_history, window, continuation_ids, register_template, get_template, build_toy_tokenizer (the toy
+task's char-level vocabulary), tokenizer_from_config (the one resolution rule: tokenizer.path, model.hf_path, toy).
 """
 
 from rise_jax.chat.rendering import (RenderedChat, SpanAlignmentError, TruncationError, continuation_ids, render,
@@ -11,10 +12,13 @@ from rise_jax.chat.rendering import (RenderedChat, SpanAlignmentError, Truncatio
 from rise_jax.chat.templates import (ChatTemplateError, TemplateSpec, get_template, register_template,
                                      shipped_templates)
 from rise_jax.chat.tokenizer import ChatTokenizer, TokenizerLoadError, check_vocab, load_tokenizer
+from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
+from rise_jax.chat.from_config import tokenizer_from_config, tokenizer_path
 
 __all__ = [
     "ChatTemplateError", "ChatTokenizer", "RenderedChat", "SpanAlignmentError", "TemplateSpec",
-    "TokenizerLoadError", "TruncationError", "check_vocab", "continuation_ids", "get_template",
-    "load_tokenizer", "register_template", "render", "rendered_length", "shipped_templates", "train_arrays",
-    "trained_message_indices", "truncate_history", "window",
+    "TokenizerLoadError", "TruncationError", "build_toy_tokenizer", "check_vocab", "continuation_ids",
+    "get_template", "load_tokenizer", "register_template", "render", "rendered_length", "shipped_templates",
+    "tokenizer_from_config", "tokenizer_path", "train_arrays", "trained_message_indices", "truncate_history",
+    "window",
 ]

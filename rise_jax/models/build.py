@@ -1,4 +1,4 @@
-"""Build a Transformer straight into its sharding: random init (`build_model`), or from config (`load_model`).
+"""Build a Transformer straight into its sharding: random init (`build_model`); `models.load` loads from config.
 
 State is never materialised on one device first: `nnx.eval_shape` gives the abstract model, `rise_jax.sharding`
 gives each parameter's NamedSharding from its logical axes, and a jitted init writes every leaf into its shard.
@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rise_jax import sharding as sharding_lib
-from rise_jax.models.configs import ModelConfig, get_preset
+from rise_jax.models.configs import ModelConfig
 from rise_jax.models.transformer import Transformer
 
 
@@ -40,18 +40,3 @@ def build_model(config: ModelConfig, *, mesh: Mesh | None = None, param_dtype: A
   with sharding_lib.use_mesh(mesh, rules):
     state = jax.jit(init, out_shardings=shardings)()
   return nnx.merge(graphdef, state)
-
-
-def load_model(model_cfg, mesh: Mesh | None = None, rules=sharding_lib.TRAIN_RULES,
-               on_indivisible: str = "replicate", seed: int = 0) -> Transformer:
-  """The model a config's `model` section names: a random preset, or an HF checkpoint directory."""
-  options = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, attention=model_cfg.attention,
-                 scan_layers=model_cfg.scan_layers, remat=model_cfg.remat)
-  if model_cfg.source == "preset":
-    return build_model(get_preset(model_cfg.preset).config, mesh=mesh, rules=rules,
-                       on_indivisible=on_indivisible, seed=seed, **options)
-  if model_cfg.source == "hf":
-    from rise_jax.models.hf_io import load_hf_checkpoint
-    return load_hf_checkpoint(model_cfg.hf_path, dtype=options.pop("param_dtype"), mesh=mesh, rules=rules,
-                              on_indivisible=on_indivisible, compute_dtype=options.pop("dtype"), **options)
-  raise ValueError(f"model.source: {model_cfg.source!r} is not one of ('preset', 'hf')")

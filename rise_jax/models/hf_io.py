@@ -284,7 +284,7 @@ def _tmp_prefix(path: str) -> str:
 
 def _remove_partial_exports(path: str) -> None:
   """Delete the half-built exports of `path` that a killed save left beside it (gigabytes at 7B). Safe: one
-  writer per run directory (rise_jax.rundir.RunLock), and only mkdtemp's names for this target match."""
+  writer per run directory (rise_jax.files.RunLock), and only mkdtemp's names for this target match."""
   parent, prefix = os.path.dirname(path), _tmp_prefix(path)
   pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}")
   for name in os.listdir(parent):

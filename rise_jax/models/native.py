@@ -20,7 +20,7 @@ from rise_jax import sharding as sharding_lib
 from rise_jax.models.build import abstract_model
 from rise_jax.models.configs import Llama3RopeScaling, ModelConfig
 from rise_jax.models.transformer import Transformer
-from rise_jax.rundir import atomic_write_text
+from rise_jax.files import atomic_write_text
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"

@@ -1,4 +1,4 @@
-"""The Llama 2 / Llama 3 / Mistral decoder in Flax NNX, with an explicit KV cache (contracts.md §5).
+"""The Llama 2 / Llama 3 / Mistral decoder in Flax NNX, with an explicit KV cache (docs/contracts.md §5).
 
 Layout choices: head-explicit einsum weights (`q: [embed, heads, head_dim]`, `o: [heads, head_dim, embed]`),
 every per-layer weight stacked over a leading `layers` axis (so `scan_layers` only changes how the forward

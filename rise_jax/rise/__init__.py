@@ -1,12 +1,11 @@
-"""RISE proper: tasks and their graders, prompt sets, and (in sibling modules) the episode runner, collection,
-metrics and reports.
-
-Public entry points here: `grade(task, response, reference, mode="robust")`, `get_task(name, **kwargs)`,
-`get_prompt_set(name)`. Importing this package imports neither JAX nor math-verify.
+"""RISE proper, the paper and nothing else: `algorithm` (Algorithms 1 and 2: protocols, seed rule, criteria,
+dedupe, exp(r / tau) weights, iteration schedule), `dataset` (rollouts -> weighted training records), `metrics`
+and `report`. Problems live in `rise_jax.tasks`, the episode engine in `rise_jax.rollout`, the run in
+`rise_jax.pipeline` (docs/architecture.md).
 """
 
-from rise_jax.rise.graders import grade
-from rise_jax.rise.prompts import PromptSet, get_prompt_set
-from rise_jax.rise.tasks import Problem, Task, get_task
+# Kept for one release (issue 13 moved tasks, graders and prompt sets to `rise_jax.tasks`): old callers'
+# `from rise_jax.rise import grade, get_task, get_prompt_set` keeps working. Importing it imports no JAX.
+from rise_jax.tasks import Problem, PromptSet, Task, get_prompt_set, get_task, grade
 
 __all__ = ["Problem", "PromptSet", "Task", "get_prompt_set", "get_task", "grade"]

@@ -1,7 +1,7 @@
 """Write one iteration's training set (`rise_jax.sft/1`) with its manifest, summary and weight histogram.
 
-Layout under a collection directory (contracts.md §6, `iter_<T>/collect/`):
-  data/sft.jsonl        one training record per line (contracts.md §4)
+Layout under a collection directory (docs/contracts.md §6, `iter_<T>/collect/`):
+  data/sft.jsonl        one training record per line (docs/contracts.md §4)
   data/manifest.json    schema, dataset version (the iteration), record count, sha256 of sft.jsonl, options
   summary.json / .md    counts per criterion and per reward, the weight table over the grader's reward range,
                         dedupe / only_success removals, token drift
@@ -18,8 +18,9 @@ import json
 import pathlib
 from typing import Any, Iterable, Sequence
 
-from rise_jax.rise.collect import SFT_SCHEMA, Conversion, ConversionOptions, weight_table
-from rise_jax.rundir import atomic_write_bytes, atomic_write_text
+from rise_jax.files import atomic_write_bytes, atomic_write_text
+from rise_jax.rise.algorithm import weight_table
+from rise_jax.rise.conversion import SFT_SCHEMA, Conversion, ConversionOptions
 
 DATA_FILE = "sft.jsonl"
 

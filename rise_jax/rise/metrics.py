@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-TIE_BREAKS = ("earliest", "latest", "random")
+from rise_jax.config import TIE_BREAKS
+
 TRANSITIONS = ("c->c", "c->i", "i->c", "i->i")
 DEFAULT_NUM_BOOTSTRAP = 2000
 
@@ -500,7 +501,7 @@ def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = Non
   grader: the grading mode; None = as logged.
   turns: the sequential turn budget (default: protocol.turns when logged, else the longest episode).
   sources: {"sequential": path, "parallel": path} for the `sources` map; "<records>" when absent.
-  Returns the contracts §7 keys plus the documented extras (docs/contract_changes.md, "§7").
+  Returns the contracts §7 keys plus the documented extras (docs/contracts.md, "§7").
   """
   if tie_break not in TIE_BREAKS:
     raise ValueError(f"tie_break {tie_break!r} is not one of {TIE_BREAKS}")
@@ -637,7 +638,7 @@ def metrics_from_logs(sequential_paths=None, parallel_path=None, task=None, grad
                       tie_break: str = "earliest", **kwargs) -> dict[str, Any]:
   """compute_metrics over rollout log files: one sequential log or a list of them (one per independent draw),
   and a parallel log. Torn last lines are ignored and counted per file in `num_torn_lines`."""
-  from rise_jax.rise import rollout_log  # local: metrics over in-memory records need no file layer
+  from rise_jax.rollout import log as rollout_log  # local: metrics over in-memory records need no file layer
 
   if sequential_paths is not None and isinstance(sequential_paths, (str, os.PathLike)):
     sequential_paths = [sequential_paths]

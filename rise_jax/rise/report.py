@@ -15,8 +15,9 @@ import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
+from rise_jax.config import TIE_BREAKS
 from rise_jax.rise import metrics as metrics_lib
-from rise_jax.rundir import atomic_write_bytes
+from rise_jax.files import atomic_write_bytes
 
 _PLOT_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
 
@@ -397,14 +398,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--out", required=True, help="directory for metrics.json, report.md and the plots")
   parser.add_argument("--grader", default=None, choices=("paper", "robust"),
                       help="re-grade under this mode (default: as logged)")
-  parser.add_argument("--tie_break", default="earliest", choices=metrics_lib.TIE_BREAKS)
+  parser.add_argument("--tie_break", default="earliest", choices=TIE_BREAKS)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--num_bootstrap", type=int, default=metrics_lib.DEFAULT_NUM_BOOTSTRAP)
   parser.add_argument("--title", default="RISE evaluation")
   args = parser.parse_args(argv)
   if not args.sequential and args.parallel is None:
     parser.error("give --sequential and/or --parallel")
-  from rise_jax.rise import get_task, rollout_log
+  from rise_jax.tasks import get_task
+  from rise_jax.rollout import log as rollout_log
 
   first = args.sequential[0] if args.sequential else args.parallel
   _, records, _ = rollout_log.read_rollouts(first)

@@ -54,6 +54,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rise_jax import sharding as sharding_lib
+from rise_jax.config import ON_OVERFLOW
 from rise_jax.models.transformer import CACHE_AXES, KVCache, init_cache
 from rise_jax.sampling import loop
 from rise_jax.sampling import select
@@ -161,8 +162,8 @@ class Sampler:
       generation_config: a checkpoint directory or generation_config.json whose eos ids join the default stop
         ids; by default the tokenizer's directory is searched.
     """
-    if on_overflow not in ("raise", "report"):
-      raise ValueError(f"Sampler.on_overflow: {on_overflow!r} is not one of ('raise', 'report')")
+    if on_overflow not in ON_OVERFLOW:
+      raise ValueError(f"Sampler.on_overflow: {on_overflow!r} is not one of {ON_OVERFLOW}")
     if prefill_chunk < MIN_CHUNK or prefill_chunk & (prefill_chunk - 1):
       raise ValueError(f"Sampler.prefill_chunk: must be a power of two >= {MIN_CHUNK}, got {prefill_chunk}")
     self.model_config = model.config

@@ -1,6 +1,6 @@
 """python -m rise_jax.train --config=configs/<name>.py [--config.train.lr=...]: train on sft/1 records.
 
-Writes under the config's output_dir (contracts.md §6 layout for one training stage): ckpt/, metrics.jsonl,
+Writes under the config's output_dir (docs/contracts.md §6 layout for one training stage): ckpt/, metrics.jsonl,
 data_report.json and the HF export hf/. Re-running the same command resumes from the newest checkpoint.
 """
 
@@ -22,7 +22,7 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
   from rise_jax import config as config_lib
-  from rise_jax import rundir
+  from rise_jax import files
   from rise_jax.train import demo, trainer
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<name>.py is required")
@@ -33,7 +33,7 @@ def main(argv):
   if cfg.train.demo_data:
     demo.ensure_demo_data(data, cfg.tokenizer.path)
   out_dir = _OUT.value or cfg.output_dir
-  with rundir.cli_errors("rise_jax.train", out_dir):  # refused directory: exit 2; disk full: exit 4
+  with files.cli_errors("rise_jax.train", out_dir):  # refused directory: exit 2; disk full: exit 4
     result = trainer.train(cfg, data, out_dir)
   last = result.metrics[-1] if result.metrics else {}
   print(f"trained {result.steps} steps (resumed from {result.resumed_from}); final loss "

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from rise_jax.config import MAX_EXAMPLE_WEIGHT
-from rise_jax.rise.tasks.base import decode_line
+from rise_jax.tasks.base import decode_line
 from rise_jax.train import loss as loss_lib
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _fail(where: str, field: str, msg: str):
 
 
 def parse_record(obj: Any, where: str) -> Record:
-  """Validate one decoded record (contracts.md §4)."""
+  """Validate one decoded record (docs/contracts.md §4)."""
   if not isinstance(obj, Mapping):
     raise RecordError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
   for field in ("id", "weight", "messages"):

@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from rise_jax.rundir import atomic_write_text
+from rise_jax.files import atomic_write_text
 
 TAU = 0.4
 INSTRUCTION = "Compute. Example: 1+2*3"
@@ -54,5 +54,5 @@ def ensure_demo_data(data_path: str | os.PathLike, tokenizer_path: str | os.Path
   if not data_path.exists():
     atomic_write_text(data_path, "".join(json.dumps(r) + "\n" for r in demo_records()))
   if tokenizer_path is not None and not pathlib.Path(tokenizer_path).exists():
-    from rise_jax.rise.tasks.toy import build_toy_tokenizer
+    from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
     build_toy_tokenizer(tokenizer_path)

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ESTIMATORS = ("sample_mean", "token_mean", "self_normalised")
+from rise_jax.config import ESTIMATORS
+
 
 
 def _check_estimator(estimator: str):

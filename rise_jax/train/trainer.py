@@ -32,8 +32,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rise_jax import chat
 from rise_jax import config as config_lib
-from rise_jax import rundir
+from rise_jax import files
 from rise_jax import sharding as sharding_lib
 from rise_jax.train import checkpoint as checkpoint_lib
 from rise_jax.train import data as data_lib
@@ -233,7 +234,7 @@ class _MetricsSink:
     if path.exists():  # drop lines a killed run wrote past its last checkpoint: they will be rerun
       kept = [l for l in path.read_text().splitlines(keepends=True)
               if l.strip() and json.loads(l)["step"] <= resume_step]
-      rundir.atomic_write_text(path, "".join(kept))
+      files.atomic_write_text(path, "".join(kept))
     from tensorboardX import SummaryWriter  # imported here: only process 0 of a training run pays for it
     self.tb = SummaryWriter(str(path.parent / "tb"))
 
@@ -391,7 +392,7 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
   out_dir = pathlib.Path(out_dir)
   records = _records(records_or_path)  # every record checked before the run directory is touched
   # Process 0 writes the shared files, so it alone holds the directory's lock.
-  with rundir.RunLock(out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+  with files.RunLock(out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
     return _train(cfg, records, out_dir, model, tokenizer, export_hf, validation)
 
 
@@ -404,7 +405,7 @@ def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: boo
     check_resume_settings(latest[1].get("settings"), settings, f"{(out_dir / 'ckpt').absolute()}/{latest[0]}")
   out_dir.mkdir(parents=True, exist_ok=True)
   if tokenizer is None:
-    tokenizer = _load_tokenizer(cfg)
+    tokenizer = chat.tokenizer_from_config(cfg)  # the one rule; no toy build here: the RISE loop passes its own
   examples, report = _examples(cfg, records, tokenizer, out_dir)
 
   mesh = sharding_lib.make_mesh(cfg.mesh.train)
@@ -508,21 +509,13 @@ class _ValidationLog:
     self.active = jax.process_index() == 0
     if self.active and path.exists():
       kept = [l for l in path.read_text().splitlines(keepends=True) if json.loads(l)["step"] <= resume_step]
-      rundir.atomic_write_text(path, "".join(kept))
+      files.atomic_write_text(path, "".join(kept))
 
   def write(self, record: dict[str, Any]) -> None:
     if self.active:
       with open(self.path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
       log.info("validation at step %d: %.4f", record["step"], record["score"])
-
-
-def _load_tokenizer(cfg):
-  from rise_jax import chat
-  path = cfg.tokenizer.path or cfg.model.hf_path
-  if path is None:
-    raise ValueError("config field tokenizer.path: required to render the training conversations")
-  return chat.load_tokenizer(path, cfg.tokenizer.chat_template)
 
 
 def _records(records_or_path) -> list[data_lib.Record]:
@@ -539,7 +532,7 @@ def _examples(cfg, records, tokenizer, out_dir: pathlib.Path):
   examples, report = data_lib.encode_records(records, tokenizer, t.max_length, t.on_truncation)
   log.info("training data: %s", report.summary())
   if jax.process_index() == 0:
-    rundir.atomic_write_json(out_dir / "data_report.json", {"total": report.total, "kept": report.kept,
+    files.atomic_write_json(out_dir / "data_report.json", {"total": report.total, "kept": report.kept,
                                                  "skipped": report.skipped})
   if not examples:
     raise ValueError(f"no trainable examples: {report.summary()}")

@@ -1,0 +1,27 @@
+"""The one tokenizer resolution rule every command follows (the RISE loop, `rise_jax.evaluate`, the trainer)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from rise_jax.chat.tokenizer import ChatTokenizer, load_tokenizer
+from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
+
+
+def tokenizer_path(cfg, build_dir: str | os.PathLike | None = None) -> str:
+  """`tokenizer.path`; else the HF checkpoint's own (`model.source = "hf"`); else, for the toy task, the toy
+  tokenizer built under `<build_dir>/tokenizer` (a pure function of the code: a resumed run rebuilds it
+  identically). Anything else has no tokenizer and is an error naming the field."""
+  if cfg.tokenizer.path is not None:
+    return cfg.tokenizer.path
+  if cfg.model.source == "hf":
+    return cfg.model.hf_path
+  if cfg.task.name == "toy" and build_dir is not None:
+    return build_toy_tokenizer(pathlib.Path(build_dir) / "tokenizer")
+  raise ValueError("config field tokenizer.path: required (a preset model on a non-toy task has no tokenizer)")
+
+
+def tokenizer_from_config(cfg, build_dir: str | os.PathLike | None = None) -> ChatTokenizer:
+  """The tokenizer of `tokenizer_path`, with `tokenizer.chat_template`."""
+  return load_tokenizer(tokenizer_path(cfg, build_dir), cfg.tokenizer.chat_template)

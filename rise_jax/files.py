@@ -1,0 +1,193 @@
+"""File primitives every layer that writes uses (the one copy of each; the run directory's own rules, DONE markers
+and config refusal, are `rise_jax.pipeline.rundir`).
+
+- `atomic_write_bytes` / `atomic_write_text` / `atomic_write_json`: written beside the target, fsynced, renamed,
+  so a reader (or a resumed run) sees the old file or the new one, never part of one.
+- `RunLock`: one writer per run directory. `<dir>/.lock` holds the writer's pid, host and start time under an
+  exclusive `flock`; a second writer fails at once naming the holder. A lock left by a dead process (same host,
+  pid gone: a SIGKILL skips every cleanup) is taken over; one naming another host is refused (its pid cannot be
+  checked from here), and the message says which file to delete if that run is gone.
+- `cli_errors`: how the commands end on these errors and on a full disk: one clear message, last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import pathlib
+import socket
+import sys
+import tempfile
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_EXIT = 4
+
+
+class RunDirError(RuntimeError):
+  """A run directory cannot be used as asked; the message says why and what to do."""
+
+
+class RunDirLocked(RunDirError):
+  """Another process is writing into the run directory."""
+
+
+# -- atomic writes ----------------------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# -- the lock ---------------------------------------------------------------------------------------------------
+
+def _alive(pid: Any) -> bool:
+  if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    return False  # no usable pid (a hand-edited file): os.kill(0 or -1, ...) would address process groups
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's live process
+    return True
+  return True
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+  os.lseek(fd, 0, os.SEEK_SET)
+  data = os.read(fd, 4096)
+  try:
+    holder = json.loads(data) if data.strip() else None
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return None  # torn by a kill while it was being written: nobody can hold it
+  return holder if isinstance(holder, dict) else None
+
+
+class RunLock:
+  """The exclusive writer lock of one run directory (a context manager; released on exit, exceptions included)."""
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = pathlib.Path(root)
+    self.path = self.root / LOCK_FILE
+    self._fd: int | None = None
+
+  def _refuse(self, holder: dict[str, Any] | None, hint: str) -> RunDirLocked:
+    who = "an unknown process" if not holder else (
+        f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}")
+    return RunDirLocked(f"{self.root} is in use by another run ({who}; lock file {self.path}). {hint}")
+
+  def acquire(self) -> "RunLock":
+    self.root.mkdir(parents=True, exist_ok=True)
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise self._refuse(holder, "Wait for it to finish, or use another output_dir.") from None
+      except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+          os.close(fd)
+          raise
+        # A file system without flock: the pid/host check below is the only guard.
+        log.warning("%s: the file system does not support flock (%s); checking the lock's pid only", self.root, e)
+      try:  # the holder may have released (unlinked) the file between our open and our flock: lock the new one
+        if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+          break
+      except FileNotFoundError:
+        pass
+      os.close(fd)
+    holder = _read_holder(fd)
+    if holder and holder.get("host") != socket.gethostname():
+      os.close(fd)
+      raise self._refuse(holder, f"Its pid cannot be checked from {socket.gethostname()}: if that run is no "
+                                 f"longer running, delete {self.path} and re-run.")
+    if holder and holder.get("pid") != os.getpid() and _alive(holder.get("pid")):
+      os.close(fd)  # alive but not holding the flock: a file system without flock, or a reused pid
+      raise self._refuse(holder, f"If that process is not a run, delete {self.path} and re-run.")
+    if holder:
+      log.warning("%s: taking over the lock of pid %s (started %s), which is no longer running", self.root,
+                  holder.get("pid"), holder.get("started"))
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,
+          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(self.path)  # while still locked: a waiter that opened this file sees it is gone and retries
+    os.close(self._fd)
+    self._fd = None
+
+  def __enter__(self) -> "RunLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+# -- how a command ends -----------------------------------------------------------------------------------------
+
+def _disk_full(exc: BaseException | None) -> OSError | None:
+  """The ENOSPC / EDQUOT error behind `exc` (libraries wrap it), if any."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+      return exc
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+@contextlib.contextmanager
+def cli_errors(command: str, output_dir: str | os.PathLike) -> Iterator[None]:
+  """A run-directory error ends the command with its message (exit 2). A full disk ends it with one line, last,
+  and no interpreter teardown (whose background writers would bury it under their own failures): exit 4."""
+  try:
+    yield
+  except RunDirError as e:
+    print(f"[{command}] {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except Exception as e:  # noqa: BLE001 - only a full disk is handled here; the rest propagates unchanged
+    full = _disk_full(e)
+    if full is None:
+      raise
+    where = f" while writing {full.filename}" if full.filename else ""
+    sys.stdout.flush()
+    print(f"[{command}] disk full ({errno.errorcode[full.errno]}: {full.strerror}){where}. Free space under "
+          f"{os.path.abspath(output_dir)} and re-run the same command: finished work is kept and the run resumes.",
+          file=sys.stderr, flush=True)
+    os._exit(DISK_FULL_EXIT)

@@ -1,0 +1,185 @@
+"""Config -> objects: the one place that turns a config into what stages work with (task, prompt set, tokenizer,
+meshes, models, learner and teacher policies, problem slices, log headers). The RISE loop and `rise_jax.evaluate`
+both build their objects here, so an option cannot be honoured by one command and ignored by the other.
+
+Everything is built lazily and once; the last model is kept so consecutive stages on one model (train -> eval) load
+it once. A model passes between stages as the HF export of the train stage that made it (`<stage>/hf`); the base
+model is the config's `model` section.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from rise_jax import config as config_lib
+from rise_jax.pipeline.plan import StopRequested
+
+
+class Resources:
+  """What every stage of one run shares: config, task, prompt set, tokenizer, meshes, and the last model."""
+
+  def __init__(self, config, root: str | pathlib.Path):
+    from rise_jax.tasks import task_from_config
+    from rise_jax.tasks.prompts import get_prompt_set
+    self.config = config
+    self.root = pathlib.Path(root)
+    self.task = task_from_config(config.task)
+    self.prompts = get_prompt_set(config.task.prompt_set)
+    self.config_hash = config_lib.config_hash(config)
+    self._tokenizer = None
+    self._model_key: Any = ()
+    self._model = None
+
+  def preflight(self, stages) -> None:
+    """Load every problem split and data file `stages` will read, so that a bad source fails before the run
+    directory is written, not at the first stage that reads it (hours in, after the base model's evaluation)."""
+    c = self.config
+    kinds = {s.kind for s in stages}
+    needed = {}
+    if kinds & {"collect", "boost_data"}:
+      needed["train"] = "task.train_source"
+    if "eval" in kinds:
+      needed[c.eval.split] = eval_split_field(c)
+    for split, field in needed.items():
+      if not self.task.load(split):
+        raise ValueError(f"config field {field}: the task's {split} split has no problems to run")
+    if c.rise.fresh_problems:
+      for t in range(1, c.rise.iterations + 1):
+        self.train_problems(t)
+    if c.rise.boost and c.rise.boost_data not in (None, "reference"):
+      from rise_jax.train import data as train_data
+      train_data.read_records(c.rise.boost_data)  # errors name file, line and field
+
+  # -- tokenizer, meshes, models, policies -----------------------------------------------------------------------
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      from rise_jax import chat
+      self._tokenizer = chat.tokenizer_from_config(self.config, self.root)
+    return self._tokenizer
+
+  def mesh(self, kind: str):
+    """The training or sampling mesh over all devices (the trainer builds the same training mesh)."""
+    from rise_jax import sharding
+    return sharding.make_mesh(tuple(self.config.mesh[kind]))
+
+  def model(self, train_stage: str | None, mesh: str = "train"):
+    """The model exported by `train_stage` (None: the config's base model) on the `mesh` mesh, kept for the next
+    stage that asks for the same one. Callers that train it get a fresh copy (`load_model`)."""
+    key = (train_stage, mesh)
+    if self._model_key != key:
+      self._model, self._model_key = None, ()
+      self._model = self.load_model(train_stage, mesh)
+      self._model_key = key
+    return self._model
+
+  def load_model(self, train_stage: str | None, mesh: str = "train"):
+    from rise_jax import models
+    c = self.config
+    on = self.mesh(mesh)
+    if train_stage is None:
+      return models.load_model(c.model, mesh=on, on_indivisible=c.mesh.on_indivisible, seed=c.seed)
+    path = self.root / train_stage / "hf"
+    if not path.is_dir():
+      raise FileNotFoundError(f"{path}: the model of stage {train_stage} is missing (was its directory edited?)")
+    return models.load_hf_checkpoint(path, dtype=c.model.param_dtype, mesh=on, compute_dtype=c.model.dtype,
+                                     attention=c.model.attention, scan_layers=c.model.scan_layers,
+                                     remat=c.model.remat, on_indivisible=c.mesh.on_indivisible)
+
+  def forget_model(self):
+    self._model, self._model_key = None, ()
+
+  def learner(self, model, name: str):
+    """`model` as a runner policy: a `Sampler` set up by `sampling` (cache length, overflow policy) on the
+    sampling mesh. Every learner of every command is built here."""
+    from rise_jax import chat
+    from rise_jax.rollout.policies import SamplerPolicy
+    from rise_jax.sampling import Sampler
+    s = self.config.sampling
+    if model is not None:
+      chat.check_vocab(self.tokenizer, model.config)
+    sampler = Sampler(model, self.tokenizer, max_cache_length=s.max_cache_length, mesh=self.mesh("sample"),
+                      on_overflow=s.on_overflow)
+    return SamplerPolicy(sampler, self.tokenizer, name=name)
+
+  def teacher(self, config, problems):
+    """The improvement policy of distillation (config: the iteration's): the task's reference solutions, a
+    checkpoint through the sampler, or an OpenAI-compatible API."""
+    t = config.collect.teacher
+    if t.kind == "reference":
+      from rise_jax.rollout.policies import ReferencePolicy
+      return ReferencePolicy({p.id: p.reference for p in problems})
+    if t.kind == "model":
+      from rise_jax import models
+      model = models.load_hf_checkpoint(t.path, dtype=config.model.dtype, mesh=self.mesh("train"))
+      return self.learner(model, name=f"teacher:{pathlib.Path(t.path).name}")
+    from rise_jax.rollout.teacher import OpenAIChatPolicy
+    return OpenAIChatPolicy(base_url=t.base_url, model=t.model, cache_dir=self.root / "teacher_cache")
+
+  def header(self, model: Any) -> dict[str, Any]:
+    """A rollout log's header: this config's hash and how it names the model."""
+    from rise_jax.rollout import log as rollout_log
+    return rollout_log.make_header(self.config_hash, model)
+
+  def episodes(self, problems, policies, protocol, log_path: pathlib.Path, header, *, limit: int | None = None,
+               what: str = "", desc: str | None = None, progress: bool = True):
+    """`run_episodes` over `problems` (the first `limit` of them when the `debug.stop_after` hook asks, then
+    StopRequested)."""
+    from rise_jax.rollout import runner
+    from rise_jax.tasks.prompts import get_prompt_set
+    todo = problems if limit is None else problems[:limit]
+    # The protocol names its prompt set (the Self-Refine baseline uses its own), so the log says what was run.
+    prompts = self.prompts if protocol.prompt_set == self.config.task.prompt_set else get_prompt_set(protocol.prompt_set)
+    summary = runner.run_episodes(todo, policies, protocol, log_path, task=self.task, prompts=prompts,
+                                  batch_size=self.config.sampling.batch_size, header=header, desc=desc,
+                                  progress=progress)
+    if limit is not None and len(todo) < len(problems):
+      raise StopRequested(f"debug.stop_after: stopped {what} after {limit} of {len(problems)} units")
+    return summary
+
+  # -- problem slices --------------------------------------------------------------------------------------------
+
+  def eval_problems(self):
+    """The problems evaluation runs on: the `eval.split` split ("test", capped by task.test_size; "dev" for
+    tuning)."""
+    problems = self.task.load(self.config.eval.split)
+    if not problems:
+      raise ValueError(f"config field {eval_split_field(self.config)}: the task's {self.config.eval.split} split "
+                       "has no problems to evaluate")
+    return problems
+
+  def boost_problems(self):
+    """The boost stage's problems: the first rise.boost_size training problems (dev excluded), all by default,
+    whatever task.train_size (the RISE collection cap) says."""
+    problems = self.all_train_problems()
+    size = self.config.rise.boost_size
+    return problems if size is None else problems[:size]
+
+  def all_train_problems(self):
+    """Every training problem (dev excluded), whatever task.train_size says."""
+    import ml_collections
+
+    from rise_jax.tasks import task_from_config
+    uncapped = ml_collections.ConfigDict(config_lib.to_dict(self.config)["task"])
+    uncapped.train_size = None
+    return task_from_config(uncapped).load("train")
+
+  def train_problems(self, iteration: int):
+    """The problems RISE iteration T collects on: the first task.train_size training problems, or with
+    rise.fresh_problems the T-th disjoint slice of that many (iterative vs one-shot at equal data, Fig. 6c)."""
+    c = self.config
+    if not c.rise.fresh_problems:
+      return self.task.load("train")
+    full = self.all_train_problems()
+    size, lo = c.task.train_size, (iteration - 1) * c.task.train_size
+    if lo + size > len(full):
+      raise ValueError(f"config field task.train_size: {size} fresh problems for iteration {iteration} exceed "
+                       f"the {len(full)} training problems")
+    return full[lo:lo + size]
+
+
+def eval_split_field(config) -> str:
+  """The config field that decides how many problems the `eval.split` split has."""
+  return {"test": "task.test_source", "dev": "task.dev_size"}[config.eval.split]

@@ -1,0 +1,117 @@
+"""A run directory's rules (docs/contracts.md §6): which config made it, which stages are done.
+
+- `check_config`: a directory that holds results refuses a config with another identity (`config.identity`),
+  naming the differing fields, before anything is written; one without results yet adopts the new config.
+  `rise_jax.evaluate`'s output directory and the RISE loop's both follow it.
+- `RunDir`: the RISE loop's directory: `config.json` and `run.json` (schema, versions, git commit, config hash) at
+  the top, one directory per stage finished by an atomic `DONE` marker written last.
+Writing goes through `rise_jax.files` (atomic writes, the one-writer lock).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+from rise_jax import config as config_lib
+from rise_jax import files, provenance
+from rise_jax.files import LOCK_FILE, RunDirError
+
+log = logging.getLogger(__name__)
+
+RUN_SCHEMA = "rise_jax.run/1"
+CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
+DONE_FILE = "DONE"
+# Top-level entries that are bookkeeping, not results: the config itself, the run record, the lock, and the toy
+# tokenizer (a pure function of the code).
+BOOKKEEPING = frozenset({CONFIG_FILE, RUN_FILE, LOCK_FILE, "tokenizer"})
+
+
+class ConfigMismatch(RunDirError):
+  """The run directory holds results made by a different config."""
+
+
+def holds_results(root: pathlib.Path) -> bool:
+  """Whether any file besides the bookkeeping (config, run record, lock, toy tokenizer) exists under root."""
+  for entry in root.iterdir():
+    if entry.name in BOOKKEEPING:
+      continue
+    if entry.is_file() or any(p.is_file() for p in entry.rglob("*")):
+      return True
+  return False
+
+
+def check_config(root: str | os.PathLike, config) -> dict[str, Any] | None:
+  """The config saved in `root` when its results must be resumed under it; None when `root` has no config or no
+  results yet (the caller writes `config`'s). Raises ConfigMismatch naming the differing fields. Writes nothing."""
+  root = pathlib.Path(root)
+  path = root / CONFIG_FILE
+  if not path.is_file():
+    return None
+  saved = json.loads(path.read_text(encoding="utf-8"))
+  fields = config_lib.diff_fields(config_lib.identity(saved), config_lib.identity(config_lib.to_dict(config)))
+  if not fields:
+    return saved
+  if not holds_results(root):
+    log.warning("%s: no results yet; adopting the new config (differing fields: %s)", root, ", ".join(fields))
+    return None
+  raise ConfigMismatch(f"{root} holds results made by a different config; differing fields: {', '.join(fields)}. "
+                       "Use another output_dir, or the original config, to resume.")
+
+
+class RunDir:
+  """The RISE loop's run directory: config.json and run.json at the top, one directory per stage with its DONE."""
+
+  def __init__(self, root: str | os.PathLike, config):
+    self.root = pathlib.Path(root)
+    self.config = config
+    self.hash = config_lib.config_hash(config)
+
+  def check(self) -> bool:
+    """Whether the directory holds results of this config (False: new, or nothing in it yet). Raises
+    ConfigMismatch naming the differing fields. Writes nothing, so a refused config leaves no trace."""
+    if check_config(self.root, self.config) is None:
+      return False
+    run_json = self.root / RUN_FILE
+    if not run_json.is_file():
+      raise ConfigMismatch(f"{self.root} holds results but no run.json: it is not a RISE run directory (an "
+                           "evaluation's?). Use another output_dir.")
+    saved_hash = json.loads(run_json.read_text()).get("config_hash")
+    if saved_hash != self.hash:
+      raise ConfigMismatch(
+          f"{self.root} was made under config hash {saved_hash}, this config's is {self.hash}, though config.json "
+          "names no differing field: the directory predates output_dir leaving the hash (docs/contracts.md) "
+          "or config.json was edited. Finish it with the code that made it, or use another output_dir.")
+    return True
+
+  def open(self) -> None:
+    """Check the directory (under the run's lock) and initialise it when it is new."""
+    if self.check():
+      return
+    self.root.mkdir(parents=True, exist_ok=True)
+    current = config_lib.to_dict(self.config)
+    current.pop("debug", None)
+    files.atomic_write_json(self.root / RUN_FILE, {
+        "schema": RUN_SCHEMA, "config_hash": self.hash, "versions": provenance.package_versions(),
+        "git_commit": provenance.git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "argv": sys.argv})
+    # written last: its presence means the directory is initialised
+    files.atomic_write_json(self.root / CONFIG_FILE, current)
+
+  def stage_dir(self, stage: str) -> pathlib.Path:
+    return self.root / stage
+
+  def done(self, stage: str) -> bool:
+    return (self.stage_dir(stage) / DONE_FILE).exists()
+
+  def mark_done(self, stage: str, info: dict[str, Any]) -> None:
+    files.atomic_write_json(self.stage_dir(stage) / DONE_FILE, {"stage": stage, **info})
+
+  def info(self, stage: str) -> dict[str, Any]:
+    return json.loads((self.stage_dir(stage) / DONE_FILE).read_text())

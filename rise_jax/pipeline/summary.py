@@ -1,0 +1,107 @@
+"""The final summary of a RISE run: every evaluated model in the paper's Table 1 layout (through
+`rise_jax.rise.report.write_summary`: intervals, paired differences, accuracy_vs_turn.png), plus what only the
+loop knows: the generated tokens, tokens/s and the wall-clock split between collection, training and evaluation of
+each iteration.
+
+Reads only the run directory (each eval stage's metrics.json, each stage's DONE marker), so it can be rebuilt at
+any time; `rise_jax.run` rewrites it at the end of every invocation.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Sequence
+
+from rise_jax.files import atomic_write_text
+
+
+def model_label(stage: str, config) -> str:
+  """Row name of an eval stage's model in the tables."""
+  if stage == "iter_0/eval":
+    return "iter_0 (base + boost)" if config.rise.boost else "iter_0 (base)"
+  it = stage.split("/")[0]
+  return f"{it} single-turn control" if "/control/" in stage else f"{it} RISE"
+
+
+def headline(config) -> list[str]:
+  """Table 1 columns: m1@t1, mk@t1 (sample-matched parallel), m1@tk, p1@tk (oracle), pk@t1."""
+  k, t = config.eval.parallel_k, config.eval.turns
+  return ["m1@t1", f"m{k}@t1", f"m1@t{t}", f"p1@t{t}", f"p{k}@t1"]
+
+
+def _load(path: pathlib.Path) -> dict[str, Any] | None:
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def compute_table(stages: Sequence[Any], root: pathlib.Path) -> list[dict[str, Any]]:
+  """Per iteration: seconds in collection / training / evaluation, decode tokens and sampling tokens/s."""
+  rows: dict[int, dict[str, Any]] = {}
+  for stage in stages:
+    done = _load(root / stage.name / "DONE")
+    if done is None:
+      continue
+    row = rows.setdefault(stage.iteration, {"iteration": stage.iteration, "collect_s": 0.0, "train_s": 0.0,
+                                            "eval_s": 0.0, "decode_tokens": 0, "sampling_s": 0.0,
+                                            "train_tokens": 0, "rate_tokens": 0})
+    seconds = float(done.get("seconds", 0.0))
+    if stage.kind in ("collect", "boost_data"):
+      row["collect_s"] += seconds
+      _add_sampling(row, done, "sampling_seconds_this_run")
+    elif stage.kind == "train":
+      row["train_s"] += seconds
+      row["train_tokens"] += int(done.get("tokens") or 0)
+    else:
+      row["eval_s"] += seconds
+      _add_sampling(row, done, "eval_seconds_this_run")
+  for row in rows.values():
+    rate_tokens = row.pop("rate_tokens")
+    row["tokens_per_s"] = rate_tokens / row["sampling_s"] if row["sampling_s"] > 0 else None
+  return [rows[k] for k in sorted(rows)]
+
+
+def _add_sampling(row: dict[str, Any], done: dict[str, Any], seconds_key: str) -> None:
+  """Decode tokens of the stage's whole log (a resumed stage sampled part of it in earlier invocations; DONE
+  markers older than that total have only this invocation's); tokens/s from this invocation's tokens and time."""
+  this_run = int(done.get("decode_tokens_this_run") or 0)
+  row["decode_tokens"] += int(done.get("decode_tokens", this_run) or 0)
+  row["rate_tokens"] += this_run
+  row["sampling_s"] += float(done.get(seconds_key) or 0.0)
+
+
+def compute_markdown(rows: Sequence[dict[str, Any]]) -> str:
+  lines = ["## Compute per iteration", "",
+           "Seconds of each stage as run (a resumed stage counts its last invocation only); decode tokens of "
+           "collection and evaluation (all invocations) and the sampler's tokens/s (last invocation); tokens seen "
+           "by training (all invocations).", "",
+           "| iteration | collect s | train s | eval s | decode tokens | sampling tokens/s | train tokens |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    tps = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
+    lines.append(f"| {r['iteration']} | {r['collect_s']:.1f} | {r['train_s']:.1f} | {r['eval_s']:.1f} | "
+                 f"{r['decode_tokens']} | {tps} | {r['train_tokens']} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_summary(config, root: pathlib.Path, stages: Sequence[Any]) -> dict[str, Any]:
+  """summary.md / summary.json / accuracy_vs_turn.png at the top of the run directory; returns the summary."""
+  from rise_jax.rise import report
+  root = pathlib.Path(root)
+  rows = {}
+  for stage in stages:
+    if stage.kind == "eval" and (root / stage.name / "DONE").exists():
+      rows[model_label(stage.name, config)] = _load(root / stage.name / "metrics.json")
+  compute = compute_table(stages, root)
+  written = {}
+  if rows:
+    written = report.write_summary(rows, root, title=f"{config.name}: RISE", seed=config.seed)
+  summary = _load(root / "summary.json") if rows else {}
+  summary["compute"] = compute
+  summary["headline"] = headline(config)
+  atomic_write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+  md = (root / "summary.md").read_text() if rows else f"# {config.name}: RISE\n"
+  md = md.rstrip("\n") + "\n\n" + compute_markdown(compute)
+  atomic_write_text(root / "summary.md", md)
+  summary["table_md"] = md
+  summary["plots"] = [str(p) for name, p in written.items() if name.endswith(".png")]
+  return summary

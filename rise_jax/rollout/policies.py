@@ -1,0 +1,219 @@
+"""Policies: whatever answers a turn of a RISE episode, behind one small protocol.
+
+The episode runner (`rise_jax.rollout.runner`) asks a policy for `n` responses to each of a batch of
+conversations (`Request`s) and gets `Completion`s back. Three kinds implement it:
+- `SamplerPolicy`: the learner (or a teacher checkpoint) through `rise_jax.sampling.Sampler`, batched, keeping each
+  conversation's KV cache across turns;
+- `rise_jax.rollout.teacher.OpenAIChatPolicy`: a chat-completions endpoint (GPT-3.5 in the paper);
+- `ScriptedPolicy`: a function from request to text, for tests and for replaying known answers.
+
+Randomness: a request's stream (the protocol kind), key (the problem id), turn and resample round name its random
+stream (`sample_uid`), so a sample never depends on which other problems share its batch, a resumed run redraws
+exactly what an uninterrupted one drew, and a parallel run's samples are independent of a sequential run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from rise_jax import chat
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnSampling:
+  """Sampling parameters of one turn, as logged in `turns[t].sampling` (contracts §3)."""
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  max_new_tokens: int = 1000
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """`n` responses wanted for one conversation at one turn.
+
+  key: stable id of the conversation (the problem id); with `turn` and `round` it names the random stream.
+  messages: the history the policy sees (already windowed), ending with a user message.
+  round: 0 for the first draw; r >= 1 for the r-th resampling of degenerate samples.
+  stream: names the protocol drawing (the runner passes its kind), so that a parallel run's first-turn samples
+    are independent of a sequential run's first turn on the same prompt and seed.
+  """
+  key: str
+  messages: tuple[dict[str, str], ...]
+  n: int
+  turn: int
+  round: int = 0
+  stream: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  text: str
+  finish_reason: str                      # stop | length | cache_full
+  num_tokens: int
+  token_ids: tuple[int, ...] | None = None  # None for an HTTP teacher
+  logprob_sum: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """A policy's answer to one `Request`.
+
+  history_tokens: length of the rendered prompt; prefill_tokens: how many of those were actually run through the
+  model this time (fewer when a cached conversation was continued; None when unknown, e.g. an HTTP teacher).
+  """
+  samples: tuple[Sample, ...]
+  history_tokens: int
+  prefill_tokens: int | None = None
+
+
+@runtime_checkable
+class Policy(Protocol):
+  name: str   # logged as turns[t].policy, e.g. "learner@iter_1", "teacher:gpt-3.5-turbo"
+
+  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+    """One `Completion` per request, in order, each with exactly `request.n` samples."""
+
+  def release(self, keys: Sequence[str]) -> None:
+    """The conversations `keys` are over: drop any state (KV caches) held for them."""
+
+
+def sample_uid(key: str, turn: int, round_: int = 0, stream: str = "") -> int:
+  """A stable 31-bit id for (stream, conversation, turn, resample round): the sampler's per-prompt random stream."""
+  digest = hashlib.blake2b(f"{stream}\x1f{key}\x1f{turn}\x1f{round_}".encode(), digest_size=8).digest()
+  return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class ScriptedPolicy:
+  """Answers from a function `respond(request, sample_index) -> text`; records every request it saw.
+
+  "Tokens" are whitespace-separated words (history and response lengths), and `token_ids` is None.
+  """
+
+  def __init__(self, respond: Callable[[Request, int], str], name: str = "scripted", finish_reason: str = "stop"):
+    self.name = name
+    self._respond = respond
+    self._finish_reason = finish_reason
+    self.requests: list[Request] = []
+    self.released: list[str] = []
+
+  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+    del sampling, seed  # a script is deterministic by construction
+    out = []
+    for request in requests:
+      self.requests.append(request)
+      history_tokens = sum(len(m["content"].split()) for m in request.messages)
+      texts = [self._respond(request, j) for j in range(request.n)]
+      samples = tuple(Sample(text=t, finish_reason=self._finish_reason, num_tokens=len(t.split())) for t in texts)
+      out.append(Completion(samples=samples, history_tokens=history_tokens, prefill_tokens=history_tokens))
+    return out
+
+  def release(self, keys: Sequence[str]) -> None:
+    self.released.extend(keys)
+
+
+class ReferencePolicy:
+  """The task's reference solutions as the teacher: distillation from ground truth (the toy's scratchpads).
+
+  Every sample of a request is the problem's reference text, whatever the history; `references` maps the
+  conversation key (the problem id) to it. A key without a reference is an error naming it. Tokens are counted
+  as whitespace-separated words, as for a scripted policy: the text was never sampled, so it has no token ids.
+  """
+
+  def __init__(self, references: dict[str, str], name: str = "teacher:reference"):
+    self.name = name
+    self._references = references
+
+  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+    del sampling, seed  # the reference is fixed
+    out = []
+    for request in requests:
+      if request.key not in self._references:
+        raise KeyError(f"{self.name}: no reference solution for problem {request.key!r}")
+      text = self._references[request.key]
+      history_tokens = sum(len(m["content"].split()) for m in request.messages)
+      sample = Sample(text=text, finish_reason="stop", num_tokens=len(text.split()))
+      out.append(Completion(samples=(sample,) * request.n, history_tokens=history_tokens, prefill_tokens=0))
+    return out
+
+  def release(self, keys: Sequence[str]) -> None:
+    del keys  # stateless
+
+
+class SamplerPolicy:
+  """The learner (or a teacher checkpoint) through `rise_jax.sampling.Sampler`, continuing cached conversations.
+
+  Conversations are rendered here through the chat template (`rise_jax.chat.render`), so the ids the model sees
+  are exactly the template's, and handed to the sampler as token ids with per-request random streams
+  (`sample_uid`). After each call the policy holds every sample's `Conversation` (its KV-cache row) per key; the
+  next request for that key continues the held conversation sharing the longest prefix with the new prompt —
+  the candidate the runner chose — so only the appended feedback turn is prefilled. A windowed history breaks the
+  prefix; the sampler then re-prefills from the first differing token. Requests wanting different numbers of
+  samples go in separate sampler calls. `reuse_cache=False` prefills every turn's whole history (what the reference
+  does; kept for the benchmark that measures the difference).
+  """
+
+  def __init__(self, sampler, tokenizer, *, name: str = "learner", stop_token_ids=None, reuse_cache: bool = True):
+    self.sampler = sampler
+    self.tokenizer = tokenizer
+    self.name = name
+    self.stop_token_ids = stop_token_ids
+    self.reuse_cache = reuse_cache
+    self._held: dict[str, list[Any]] = {}
+
+  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+    from rise_jax.sampling.params import SamplingParams  # local: the runner and teacher work without JAX
+
+    prompts = [list(chat.render(self.tokenizer, list(r.messages), add_generation_prompt=True).ids)
+               for r in requests]
+    history = [self._best_held(r.key, ids) for r, ids in zip(requests, prompts)]
+    out: list[Completion | None] = [None] * len(requests)
+    for n in sorted({r.n for r in requests}):
+      rows = [i for i, r in enumerate(requests) if r.n == n]
+      params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                              top_p=sampling.top_p, top_k=sampling.top_k, n=n, stop_token_ids=self.stop_token_ids)
+      uids = [sample_uid(requests[i].key, requests[i].turn, requests[i].round, requests[i].stream) for i in rows]
+      results = self.sampler.generate([prompts[i] for i in rows], params, seed=seed, prompt_ids=uids,
+                                      history=[history[i][0] for i in rows])
+      for i, samples in zip(rows, results):
+        request = requests[i]
+        conversations = [s.conversation for s in samples if getattr(s, "conversation", None) is not None]
+        if request.round == 0:  # a new turn: the previous turn's conversations are no longer continued
+          self._held[request.key] = conversations
+        else:                   # resamples of this turn: any of its candidates may be chosen
+          self._held.setdefault(request.key, []).extend(conversations)
+        out[i] = Completion(samples=tuple(_from_sampler(s) for s in samples), history_tokens=len(prompts[i]),
+                            prefill_tokens=len(prompts[i]) - history[i][1])
+    return out
+
+  def _best_held(self, key: str, ids: list[int]) -> tuple[Any, int]:
+    """(held conversation sharing the longest prefix with `ids`, or None; cached tokens it lets us skip)."""
+    best, best_reuse = None, 0
+    if not self.reuse_cache:
+      return best, best_reuse
+    for conversation in self._held.get(key, ()):
+      held = conversation.token_ids
+      common = next((k for k, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+      # As the sampler: at most what is cached, and the last prompt token is always fed again for its logits.
+      reuse = min(common, conversation.cached, len(ids) - 1)
+      if reuse > best_reuse:
+        best, best_reuse = conversation, reuse
+    return best, best_reuse
+
+  def release(self, keys: Sequence[str]) -> None:
+    for key in keys:
+      self._held.pop(key, None)
+
+
+def _from_sampler(s) -> Sample:
+  token_ids = tuple(int(t) for t in s.token_ids)
+  logprob_sum = float(np.sum(s.logprobs, dtype=np.float64)) if s.logprobs is not None else None
+  return Sample(text=s.text, finish_reason=s.finish_reason, num_tokens=len(token_ids), token_ids=token_ids,
+                logprob_sum=logprob_sum)

@@ -1,0 +1,266 @@
+"""The one multi-turn episode runner. RISE's data collection (Algorithm 1) and its evaluation (Algorithm 2) are
+this loop with different settings (`rise_jax.rollout.protocol.Protocol`, built by `rise_jax.rise.algorithm`): how many turns, how many samples per turn,
+which candidate continues (`best_reward`, first on ties, for collection; `first` for evaluation), whether an oracle
+stops a row at its first correct answer, the history window, and per-turn sampling parameters. A parallel
+baseline (k first-turn samples) is the same loop with one turn and k samples.
+
+Problems run in chunks of `batch_size` rows, one policy call per turn for the whole chunk; a row that stops (oracle
+success) leaves the batch and its record is appended to the rollout log (contracts §3) and flushed at once. A
+policy that keeps state (the sampler's KV caches) continues the remaining rows' conversations. On restart the
+runner skips problems already in the log; since every random stream is named by (seed, problem id, turn, resample
+round, sample, step), a resumed log holds exactly the records an uninterrupted run would have written.
+
+A grader that raises on a sample never stops the run (a deterministic resume would draw the same sample and stop
+again): the sample gets reward 0 and answer null, the error is kept in its `grader_error` field, counted in
+`RunSummary.grader_errors` and logged as a warning naming the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Iterator, Sequence
+
+from rise_jax import chat
+from rise_jax.rollout import log as rollout_log
+from rise_jax.rollout.degenerate import degenerate_reason
+from rise_jax.rollout.policies import Completion, Policy, Request, Sample, TurnSampling
+from rise_jax.rollout.protocol import Protocol
+
+@dataclasses.dataclass
+class RunSummary:
+  """What a `run_episodes` call did (this call only; problems found in the log are `skipped`)."""
+  episodes: int = 0
+  skipped: int = 0
+  decode_tokens: int = 0
+  prefill_tokens: int = 0
+  resamples: int = 0
+  degenerate_kept: int = 0
+  grader_errors: int = 0  # samples graded 0 because the grader raised
+  seconds: float = 0.0
+
+  @property
+  def problems_per_s(self) -> float:
+    return self.episodes / self.seconds if self.seconds > 0 else 0.0
+
+  @property
+  def tokens_per_s(self) -> float:
+    return self.decode_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclasses.dataclass
+class _Episode:
+  problem: Any
+  messages: list[dict[str, str]]
+  turns: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  stop: str | None = None
+
+
+def run_episodes(problems: Sequence[Any], policies: Policy | Sequence[Policy], protocol: Protocol,
+                 log_path, *, task, prompts, header: dict[str, Any], batch_size: int = 32,
+                 progress: bool = True, desc: str | None = None) -> RunSummary:
+  """Run `protocol` on every problem not yet in the log at `log_path`, appending one record per episode.
+
+  policies: one policy for all turns, or `policies[t]` for turn t+1 (e.g. the teacher at the last turn).
+  task: grades and extracts answers (`task.grade(text, reference, mode)`, `task.extract_answer(text, mode)`).
+  prompts: the prompt set (`initial_messages(question)`, `feedback(question)`).
+  header: the log's header line (`rollout_log.make_header(config_hash, model)`); a log written under another
+    config hash is refused rather than resumed.
+  """
+  if not isinstance(policies, (list, tuple)):
+    policies = [policies] * protocol.turns
+  if len(policies) != protocol.turns:
+    raise ValueError(f"{len(policies)} policies for {protocol.turns} turns")
+  ids = [p.id for p in problems]
+  if len(set(ids)) != len(ids):
+    dup = next(i for i in ids if ids.count(i) > 1)
+    raise ValueError(f"problem id {dup!r} appears more than once: the log is keyed by problem id")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+  writer = rollout_log.RolloutWriter(log_path, header)
+  summary = RunSummary()
+  try:
+    stale = sorted(writer.existing_seeds() - {protocol.seed})
+    if stale:  # a resumed log must hold what one uninterrupted run would have drawn
+      raise rollout_log.RolloutLogError(
+          f"{log_path}: field 'protocol.seed': the log holds episodes drawn with seed {stale}, this protocol's seed is "
+          f"{protocol.seed} (rise_jax.rollout/2 changed rise_jax.evaluate's seeds, docs/contracts.md); use "
+          "another output_dir")
+    done = set(writer.existing_ids())
+    todo = [p for p in problems if p.id not in done]
+    summary.skipped = len(problems) - len(todo)
+    start = time.perf_counter()
+    bar = _progress_bar(len(problems), summary.skipped, desc or f"{protocol.kind} x{protocol.turns}", progress)
+    try:
+      for lo in range(0, len(todo), batch_size):
+        for record in _run_chunk(todo[lo:lo + batch_size], policies, protocol, task, prompts, summary):
+          writer.write(record)
+          summary.episodes += 1
+          summary.seconds = time.perf_counter() - start
+          if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{summary.tokens_per_s:.1f} tok/s", refresh=False)
+    finally:
+      if bar is not None:
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    if summary.grader_errors:
+      logging.warning("%d sample(s) graded 0 because the grader raised: see their `grader_error` in %s",
+                      summary.grader_errors, log_path)
+  finally:
+    writer.close()
+  return summary
+
+
+def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, desc=desc, unit="problem", dynamic_ncols=True)
+
+
+def _run_chunk(problems, policies, protocol: Protocol, task, prompts, summary: RunSummary) -> Iterator[dict]:
+  """Run a chunk of episodes turn by turn; yield each record as soon as its episode stops."""
+  active = [_Episode(problem=p, messages=list(prompts.initial_messages(p.question))) for p in problems]
+  distinct_policies = list({id(q): q for q in policies}.values())
+  try:
+    for t in range(1, protocol.turns + 1):
+      policy = policies[t - 1]
+      views = [chat.window(e.messages, protocol.window) if protocol.window else list(e.messages) for e in active]
+      completions = _sample_turn(policy, active, views, t, protocol, summary)
+      still_active = []
+      for episode, view, (completion, candidates, tokens) in zip(active, views, completions):
+        turn = _score_turn(episode, view, completion, candidates, tokens, t, policy, protocol, task, prompts)
+        summary.grader_errors += sum("grader_error" in c for c in turn["candidates"])
+        episode.turns.append(turn)
+        if episode.stop is None:
+          episode.messages += [{"role": "assistant", "content": turn["candidates"][turn["chosen"]]["text"]},
+                               {"role": "user", "content": turn["feedback"]}]
+          still_active.append(episode)
+        else:
+          yield _record(episode, task, protocol)
+      finished = [e.problem.id for e in active if e.stop is not None]
+      if finished:
+        for holder in distinct_policies:
+          holder.release(finished)
+      active = still_active
+  finally:
+    if active:  # an exception (or a closed generator) leaves rows behind: free their state
+      for holder in distinct_policies:
+        holder.release([e.problem.id for e in active])
+
+
+def _sample_turn(policy: Policy, episodes, views, t: int, protocol: Protocol, summary: RunSummary):
+  """Sample turn t for every row; resample degenerate samples up to `max_resample_rounds` times.
+
+  Returns, per row, (first-round Completion, candidates, tokens): candidates are [Sample, resample round, degenerate
+  reason or None]; tokens are (prefill, decode) counts of the row's turn, resampling included.
+  """
+  n = protocol.samples_per_turn[t - 1]
+  sampling = protocol.sampling[t - 1]
+  requests = [Request(key=e.problem.id, messages=tuple(v), n=n, turn=t, stream=protocol.kind)
+              for e, v in zip(episodes, views)]
+  completions = _checked_sample(policy, requests, sampling, protocol.seed)
+  tokens = [_tokens(c) for c in completions]
+  rows = [[[s, 0, degenerate_reason(s.text)] for s in c.samples] for c in completions]
+  for round_ in range(1, protocol.max_resample_rounds + 1):
+    redo = [(i, [j for j, cand in enumerate(row) if cand[2] is not None]) for i, row in enumerate(rows)]
+    redo = [(i, js) for i, js in redo if js]
+    if not redo:
+      break
+    # The r-th resampling of a row draws len(js) fresh samples from its own random stream (key, turn, r).
+    again = [dataclasses.replace(requests[i], n=len(js), round=round_) for i, js in redo]
+    fresh = _checked_sample(policy, again, sampling, protocol.seed)
+    for (i, js), completion in zip(redo, fresh):
+      tokens[i] = tuple(a + b for a, b in zip(tokens[i], _tokens(completion)))
+      for j, sample in zip(js, completion.samples):
+        rows[i][j] = [sample, round_, degenerate_reason(sample.text)]
+      summary.resamples += len(js)
+  summary.degenerate_kept += sum(cand[2] is not None for row in rows for cand in row)
+  summary.prefill_tokens += sum(p for p, _ in tokens)
+  summary.decode_tokens += sum(d for _, d in tokens)
+  return list(zip(completions, rows, tokens))
+
+
+def _checked_sample(policy: Policy, requests: list[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+  completions = policy.sample(requests, sampling, seed)
+  if len(completions) != len(requests):
+    raise RuntimeError(f"policy {policy.name!r} answered {len(completions)} of {len(requests)} requests")
+  for request, completion in zip(requests, completions):
+    if len(completion.samples) != request.n:
+      raise RuntimeError(f"policy {policy.name!r} gave {len(completion.samples)} samples for {request.key!r} "
+                         f"turn {request.turn}, {request.n} requested")
+  return completions
+
+
+def _tokens(c: Completion) -> tuple[int, int]:
+  """(prefill, decode) tokens of one completion; a policy that cannot tell what it prefilled re-prefilled all."""
+  prefill = c.history_tokens if c.prefill_tokens is None else c.prefill_tokens
+  return prefill, sum(s.num_tokens for s in c.samples)
+
+
+def _score_turn(episode: _Episode, view, completion: Completion, candidates, tokens: tuple[int, int], t: int,
+                policy: Policy, protocol: Protocol, task, prompts) -> dict[str, Any]:
+  """Grade every candidate, pick the continuing one, decide whether the episode stops; the turn's log entry."""
+  problem = episode.problem
+  logged = []
+  for sample, resamples, reason in candidates:
+    logged.append(_candidate(sample, resamples, reason, task, problem, protocol.grader))
+  rewards = [c["reward"] for c in logged]
+  chosen = rewards.index(max(rewards)) if protocol.select == "best_reward" else 0
+  if protocol.oracle and rewards[chosen] == 1.0:
+    episode.stop = "oracle_success"
+  elif t == protocol.turns:
+    episode.stop = "max_turns"
+  return {
+      "t": t,
+      "policy": policy.name,
+      "history_tokens": completion.history_tokens,
+      "prefill_tokens": tokens[0],
+      "decode_tokens": tokens[1],
+      "window_applied": len(view) != len(episode.messages),
+      "sampling": protocol.sampling[t - 1].to_dict(),
+      "candidates": logged,
+      "chosen": chosen,
+      # Without an oracle the failure message follows every turn, whatever the true reward.
+      "feedback": None if episode.stop is not None else prompts.feedback(problem.question),
+  }
+
+
+def _candidate(sample: Sample, resamples: int, reason: str | None, task, problem, grader: str) -> dict:
+  answer, reward, error = _graded(task, sample.text, problem, grader)
+  out = {
+      "text": sample.text,
+      "token_ids": None if sample.token_ids is None else [int(i) for i in sample.token_ids],
+      "logprob_sum": None if sample.logprob_sum is None else float(sample.logprob_sum),
+      "num_tokens": sample.num_tokens,
+      "finish_reason": sample.finish_reason,
+      "answer": answer,
+      "reward": reward,
+      "resamples": resamples,
+  }
+  if error is not None:
+    out["grader_error"] = error
+  if reason is not None:  # still degenerate after the last resampling round: kept, flagged
+    out["flagged_degenerate"] = True
+    out["degenerate_reason"] = reason
+  return out
+
+
+def _graded(task, text: str, problem, grader: str) -> tuple[str | None, float, str | None]:
+  """(answer, reward, error) of one sample; a grader exception is reward 0 with the error, never an abort."""
+  try:
+    return task.extract_answer(text, grader), float(task.grade(text, problem.reference, grader)), None
+  except Exception as e:  # noqa: BLE001 - any grader bug must cost one sample, not the run
+    error = f"{type(e).__name__}: {str(e)[:200]}"
+    logging.warning("grader error on problem %s (%s grading, %d-character sample): %s; reward 0", problem.id,
+                    grader, len(text), error)
+    return None, 0.0, error
+
+
+def _record(episode: _Episode, task, protocol: Protocol) -> dict[str, Any]:
+  p = episode.problem
+  return {"problem_id": p.id, "task": task.name, "reference": p.reference, "question": p.question,
+          "protocol": protocol.log_dict(), "turns": episode.turns, "stop": episode.stop}
