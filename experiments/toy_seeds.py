@@ -27,9 +27,9 @@ BEGIN, END = "<!-- toy_seeds:begin -->", "<!-- toy_seeds:end -->"
 MODELS = [("iter_0/eval", "boost"),
           ("iter_1/eval", "RISE iteration 1 (distillation: reference solutions)"),
           ("iter_1/control/eval", "single-turn control 1"),
-          ("iter_2/eval", "RISE iteration 2 (self-distillation, best-of-8, no oracle)"),
+          ("iter_2/eval", "RISE iteration 2 (self-distillation, best-of-4, no oracle)"),
           ("iter_2/control/eval", "single-turn control 2"),
-          ("iter_3/eval", "RISE iteration 3 (self-distillation, best-of-8, no oracle)"),
+          ("iter_3/eval", "RISE iteration 3 (self-distillation, best-of-4, no oracle)"),
           ("iter_3/control/eval", "single-turn control 3")]
 METRICS = ["m1@t1", "m5@t1", "m1@t5", "p1@t5", "p5@t1"]
 
