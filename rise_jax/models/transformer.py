@@ -115,6 +115,27 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
   return (x * weight.astype(jnp.float32)).astype(dtype)
 
 
+# The two halves of a decoder layer around attention, shared by the full-sequence forward (`hidden`) and the
+# one-token decode (`rise_jax.models.decode`): one definition of the layer's math for training and sampling.
+def attention_inputs(x: jax.Array, w: dict, positions: jax.Array, inv_freq: np.ndarray, eps: float,
+                     dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Rotated q [b, l, heads, d] and k, v [b, l, kv_heads, d] from the residual stream x [b, l, embed]."""
+  h = rms_norm(x, w["attn_norm"], eps, dtype)
+  q = jnp.einsum("bld,dhk->blhk", h, w["q_proj"].astype(dtype))
+  k = jnp.einsum("bld,dhk->blhk", h, w["k_proj"].astype(dtype))
+  v = jnp.einsum("bld,dhk->blhk", h, w["v_proj"].astype(dtype))
+  return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def layer_output(x: jax.Array, attended: jax.Array, w: dict, eps: float, dtype) -> jax.Array:
+  """The residual stream after the output projection of `attended` [b, l, heads, d] and the MLP."""
+  x = x + jnp.einsum("blhk,hkd->bld", attended, w["o_proj"].astype(dtype))
+  h = rms_norm(x, w["mlp_norm"], eps, dtype)
+  gate = jnp.einsum("bld,df->blf", h, w["gate_proj"].astype(dtype))
+  up = jnp.einsum("bld,df->blf", h, w["up_proj"].astype(dtype))
+  return x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, w["down_proj"].astype(dtype))
+
+
 def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
   """Write new [b, l, ...] into cache [b, t, ...] at per-row slot start[b]."""
   return jax.vmap(lambda c, n, i: lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(cache, new, start)
@@ -216,22 +237,13 @@ class Transformer(nnx.Module):
       return attention_lib.xla_attention(q, k, v, positions, k_pos, segment_ids, segment_ids, c.sliding_window)
 
     def layer(x, w, kv):
-      h = rms_norm(x, w["attn_norm"], c.rms_norm_eps, self.dtype)
-      q = jnp.einsum("bld,dhk->blhk", h, w["q_proj"].astype(self.dtype))
-      k = jnp.einsum("bld,dhk->blhk", h, w["k_proj"].astype(self.dtype))
-      v = jnp.einsum("bld,dhk->blhk", h, w["v_proj"].astype(self.dtype))
-      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+      q, k, v = attention_inputs(x, w, positions, inv_freq, c.rms_norm_eps, self.dtype)
       if kv is not None:
         k = _write_rows(kv[0], k.astype(kv[0].dtype), cache.end_index)
         v = _write_rows(kv[1], v.astype(kv[1].dtype), cache.end_index)
         kv = (k, v)
         k, v = k.astype(self.dtype), v.astype(self.dtype)
-      out = attend(q, k, v)
-      x = x + jnp.einsum("blhk,hkd->bld", out, w["o_proj"].astype(self.dtype))
-      h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps, self.dtype)
-      gate = jnp.einsum("bld,df->blf", h, w["gate_proj"].astype(self.dtype))
-      up = jnp.einsum("bld,df->blf", h, w["up_proj"].astype(self.dtype))
-      x = x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, w["down_proj"].astype(self.dtype))
+      x = layer_output(x, attend(q, k, v), w, c.rms_norm_eps, self.dtype)
       return constrain(x, ACTIVATION_AXES), kv
 
     if self.remat != "none":
@@ -254,4 +266,5 @@ class Transformer(nnx.Module):
     return h, new_cache
 
 
-__all__ = ["KVCache", "Transformer", "init_cache", "cache_shardings", "rope_inv_freq", "apply_rope", "rms_norm"]
+__all__ = ["KVCache", "Transformer", "init_cache", "cache_shardings", "rope_inv_freq", "apply_rope", "rms_norm",
+           "attention_inputs", "layer_output"]

@@ -13,8 +13,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from rise_jax.models import decode as decode_lib
 from rise_jax.models.transformer import KVCache
-from rise_jax.sampling import decode_step
 from rise_jax.sampling import select
 
 RUNNING, STOP, LENGTH, CACHE_FULL = 0, 1, 2, 3
@@ -48,7 +48,7 @@ class DecodeState:
   tokens: jax.Array             # [batch, max_tokens] int32
   logprobs: jax.Array           # [batch, max_tokens] float32, raw log-softmax at the chosen token
   sampling_logprobs: jax.Array  # [batch, max_tokens] float32
-  cache: KVCache
+  cache: decode_lib.DecodeCache  # the decode layout while the loop runs
   keys: jax.Array               # [batch] typed keys of (seed, uid, sample index)
   rows: RowParams
 
@@ -119,7 +119,7 @@ def decode(model, cache: KVCache, last_hidden: jax.Array, keys: jax.Array, rows:
   """Sample up to `rows.max_new` tokens per active row (buffers sized `max_tokens`, a static bucket).
 
   The first token comes from the prefill's last hidden state; each loop step feeds every running row's newest
-  token at its own position (`decode_step.decode_hidden`) and samples the next. Finished rows write an empty
+  token at its own position (`rise_jax.models.decode.decode_hidden`) and samples the next. Finished rows write an empty
   slot and keep their end_index, so their cache ends exactly after their last fed token.
   """
   batch = active.shape[0]
@@ -127,18 +127,18 @@ def decode(model, cache: KVCache, last_hidden: jax.Array, keys: jax.Array, rows:
       step=jnp.zeros((), jnp.int32), done=~active, finish=jnp.full((batch,), RUNNING, jnp.int32),
       last_token=jnp.zeros((batch,), jnp.int32), tokens=jnp.zeros((batch, max_tokens), jnp.int32),
       logprobs=jnp.zeros((batch, max_tokens), jnp.float32),
-      sampling_logprobs=jnp.zeros((batch, max_tokens), jnp.float32), cache=decode_step.to_decode_layout(cache),
+      sampling_logprobs=jnp.zeros((batch, max_tokens), jnp.float32), cache=decode_lib.DecodeCache.from_kv(cache),
       keys=keys, rows=rows)
   state = _record(state, model.unembed(last_hidden), state.cache, vocab_limit)
 
   def cond(state: DecodeState):
     return (state.step < max_tokens) & ~jnp.all(state.done)
 
-  layers = decode_step.split_layers(model)
+  layers = decode_lib.layer_weights(model)
 
   def body(state: DecodeState):
-    hidden, cache = decode_step.decode_hidden(model, state.last_token, ~state.done, state.cache, layers)
+    hidden, cache = decode_lib.decode_hidden(model, state.last_token, ~state.done, state.cache, layers)
     return _record(state, model.unembed(hidden), cache, vocab_limit)
 
   state = jax.lax.while_loop(cond, body, state)
-  return state.replace(cache=decode_step.from_decode_layout(state.cache))
+  return state.replace(cache=state.cache.to_kv())

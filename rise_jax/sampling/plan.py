@@ -73,7 +73,7 @@ def memory_at(model_config, mesh, batch: int, history_tokens: int, n: int, *, pa
 
   While the prompt cache is forked into `n` sample rows both exist, so a prompt costs `n + 1` rows when n > 1.
   Sampling weights are sharded over `tensor` only (no FSDP: they are gathered once, not per token), and the
-  decode loop holds a second, per-layer copy of the layer weights while it runs (`decode_step.split_layers`);
+  decode loop holds a second, per-layer copy of the layer weights while it runs (`rise_jax.models.decode.layer_weights`);
   kv heads shard over `tensor` when it divides them.
   """
   batch_shards, tensor = _mesh_axes(mesh)
