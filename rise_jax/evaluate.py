@@ -53,7 +53,8 @@ def cli(argv: Sequence[str] | None = None):
   flags.mark_flag_as_required("config")
 
   def run(_):
-    from rise_jax import logs
+    from rise_jax import compile_cache, logs
+    compile_cache.enable()
     logs.setup()  # the terminal: progress, warnings, errors (--verbosity for more); the full log in output_dir
     with files.cli_errors("rise_jax.evaluate", config.value.output_dir):
       main(config.value, on_open=logs.to_file)

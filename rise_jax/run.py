@@ -27,31 +27,19 @@ import time
 
 _START = time.perf_counter()  # the printed wall time includes imports and compilation
 
-import os  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rise_jax import logs  # noqa: E402
+from rise_jax import compile_cache, logs  # noqa: E402
 from rise_jax.pipeline.loop import run  # noqa: E402
 from rise_jax.pipeline.plan import StopRequested  # noqa: E402
 from rise_jax.files import cli_errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py).",
                                           lock_config=True)
-
-
-def enable_compilation_cache() -> None:
-  """Keep compiled XLA programs on disk. Every stage builds fresh jitted closures (a new sampler, a new trainer)
-  for shapes an earlier stage already compiled; the persistent cache turns those recompiles into lookups, within
-  a run and across resumed invocations. JAX_COMPILATION_CACHE_DIR (and JAX's other cache variables) override."""
-  import jax
-  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/rise_jax/xla"))
-  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def main(argv):
@@ -61,7 +49,7 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config=configs/<experiment>.py is required")
   logs.setup()
-  enable_compilation_cache()
+  compile_cache.enable()
   try:
     with cli_errors("rise_jax.run", config.output_dir):  # refused directory: exit 2; disk full: exit 4
       summary = run(config, log=logs.announce, on_open=logs.to_file)

@@ -21,12 +21,14 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+  from rise_jax import compile_cache
   from rise_jax import config as config_lib
   from rise_jax import files
   from rise_jax.train import demo, trainer
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<name>.py is required")
   cfg = config_lib.validate(_CONFIG.value, require_training=True)
+  compile_cache.enable()
   data = _DATA.value or cfg.train.data_path
   if data is None:
     raise app.UsageError("no training data: pass --data or set --config.train.data_path")
