@@ -46,6 +46,60 @@ def split_layers(model) -> list[dict[str, jax.Array]]:
   return [{name: value[i] for name, value in stacked.items()} for i in range(model.config.num_layers)]
 
 
+def attend_one_query(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array, dtype,
+                     head_major: bool) -> jax.Array:
+  """Attention of one query per row: q [b, kv_heads, groups, d], visible [b, t] -> [b, kv_heads, groups, d].
+
+  keys / values are [b, kv_heads, t, d] (`head_major`, the contiguous decode layout) or [b, t, kv_heads, d] (the
+  paged pool's gathered blocks). Multiply-and-reduce streams the cache once; as a batched dot it was 2-3x slower
+  on CPU. A row with no visible key returns zeros.
+  """
+  q = q.astype(jnp.float32)
+  if head_major:
+    scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None].astype(jnp.float32), axis=-1)  # [b, kv, g, t]
+    key_axis, shown = 3, visible[:, None, None, :]
+  else:
+    scores = jnp.sum(q[:, None] * keys[:, :, :, None].astype(jnp.float32), axis=-1)  # [b, t, kv, g]
+    key_axis, shown = 1, visible[:, :, None, None]
+  scores = jnp.where(shown, scores * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=key_axis)
+  probs = jnp.where(visible.any(-1)[:, None, None, None], probs, 0.0)
+  if head_major:
+    return jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=-2).astype(dtype)
+  return jnp.sum(probs[..., None] * values[:, :, :, None].astype(jnp.float32), axis=1).astype(dtype)
+
+
+def decode_layers(model, tokens: jax.Array, position: jax.Array, layers: list[dict[str, jax.Array]], kv: list,
+                  attend) -> tuple[jax.Array, list]:
+  """The single-token layer stack shared by the contiguous and the paged (rollout engine) caches.
+
+  `tokens[b]` sits at `position[b]`; `attend(q, k, v, kv[i])` -> (out [b, kv_heads, groups, d], new kv[i]) writes
+  the new key/value into layer i's cache and attends over it (q, k already rotated). Returns the final normed
+  hidden states [b, d] (float32) and the per-layer caches.
+  """
+  c = model.config
+  dtype = model.dtype
+  batch = tokens.shape[0]
+  inv_freq = rope_inv_freq(c)
+  groups = c.num_heads // c.num_kv_heads
+  rope = lambda x: apply_rope(x[:, None], position[:, None], inv_freq)[:, 0]
+  x = jnp.take(model.embedder[...], tokens, axis=0).astype(dtype)
+  kv = list(kv)
+  for i, w in enumerate(layers):
+    w = {name: value.astype(dtype) for name, value in w.items()}
+    h = rms_norm(x, w["attn_norm"], c.rms_norm_eps, dtype)
+    q = rope(jnp.einsum("bd,dhk->bhk", h, w["q_proj"]))
+    k = rope(jnp.einsum("bd,dhk->bhk", h, w["k_proj"]))
+    v = jnp.einsum("bd,dhk->bhk", h, w["v_proj"])
+    out, kv[i] = attend(q.reshape(batch, c.num_kv_heads, groups, c.head_dim), k, v, kv[i])
+    x = x + jnp.einsum("bhk,hkd->bd", out.reshape(batch, c.num_heads, c.head_dim), w["o_proj"])
+    h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps, dtype)
+    gate = jnp.einsum("bd,df->bf", h, w["gate_proj"])
+    up = jnp.einsum("bd,df->bf", h, w["up_proj"])
+    x = x + jnp.einsum("bf,fd->bd", jax.nn.silu(gate) * up, w["down_proj"])
+  return rms_norm(x, model.final_norm[...], c.rms_norm_eps, jnp.float32), kv
+
+
 def decode_hidden(model, tokens: jax.Array, active: jax.Array, cache: KVCache,
                   layers: list[dict[str, jax.Array]]) -> tuple[jax.Array, KVCache]:
   """Feed `tokens[b]` at position `cache.end_index[b]` (slot == position) for active rows.
@@ -55,46 +109,21 @@ def decode_hidden(model, tokens: jax.Array, active: jax.Array, cache: KVCache,
   """
   c = model.config
   dtype = model.dtype
-  batch = tokens.shape[0]
-  rows = jnp.arange(batch)
+  rows = jnp.arange(tokens.shape[0])
   slot = cache.end_index
   position = jnp.where(active, slot, -1)
   k_pos = cache.positions.at[rows, slot].set(position)
   visible = (k_pos >= 0) & (k_pos <= position[:, None])
   if c.sliding_window is not None:
     visible &= position[:, None] - k_pos < c.sliding_window
-  inv_freq = rope_inv_freq(c)
-  groups = c.num_heads // c.num_kv_heads
-  rope = lambda x: apply_rope(x[:, None], position[:, None], inv_freq)[:, 0]
 
-  x = jnp.take(model.embedder[...], tokens, axis=0).astype(dtype)
-
-  def layer(x, k_cache, v_cache, w):
-    w = {name: value.astype(dtype) for name, value in w.items()}
-    h = rms_norm(x, w["attn_norm"], c.rms_norm_eps, dtype)
-    q = rope(jnp.einsum("bd,dhk->bhk", h, w["q_proj"]))
-    k = rope(jnp.einsum("bd,dhk->bhk", h, w["k_proj"]))
-    v = jnp.einsum("bd,dhk->bhk", h, w["v_proj"])
+  def attend(q, k, v, layer_cache):
+    k_cache, v_cache = layer_cache
     k_cache = k_cache.at[rows, :, slot].set(k.astype(k_cache.dtype))
     v_cache = v_cache.at[rows, :, slot].set(v.astype(v_cache.dtype))
-    q = q.reshape(batch, c.num_kv_heads, groups, c.head_dim).astype(jnp.float32)
-    # One query per row: multiply-and-reduce reads the cache once; as a batched dot it was 2-3x slower on CPU.
-    scores = jnp.sum(q[:, :, :, None, :] * k_cache[:, :, None].astype(jnp.float32), axis=-1)
-    scores = jnp.where(visible[:, None, None, :], scores * c.head_dim ** -0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(visible.any(-1)[:, None, None, None], probs, 0.0)
-    out = jnp.sum(probs[..., None] * v_cache[:, :, None].astype(jnp.float32), axis=-2).astype(dtype)
-    out = out.reshape(batch, c.num_heads, c.head_dim)
-    x = x + jnp.einsum("bhk,hkd->bd", out, w["o_proj"])
-    h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps, dtype)
-    gate = jnp.einsum("bd,df->bf", h, w["gate_proj"])
-    up = jnp.einsum("bd,df->bf", h, w["up_proj"])
-    x = x + jnp.einsum("bf,fd->bd", jax.nn.silu(gate) * up, w["down_proj"])
-    return x, k_cache, v_cache
+    out = attend_one_query(q, k_cache, v_cache, visible, dtype, head_major=True)
+    return out, (k_cache, v_cache)
 
-  k_all, v_all = list(cache.k), list(cache.v)
-  for i, w in enumerate(layers):
-    x, k_all[i], v_all[i] = layer(x, k_all[i], v_all[i], w)
-  hidden = rms_norm(x, model.final_norm[...], c.rms_norm_eps, jnp.float32)
+  hidden, kv = decode_layers(model, tokens, position, layers, list(zip(cache.k, cache.v)), attend)
   end = jnp.where(active, slot + 1, slot).astype(jnp.int32)
-  return hidden, KVCache(k=tuple(k_all), v=tuple(v_all), positions=k_pos, end_index=end)
+  return hidden, KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv), positions=k_pos, end_index=end)
