@@ -24,9 +24,9 @@ assignment, queue order or slot count. Greedy decoding equals `Sampler` token fo
 length). Overflow raises (`on_overflow="raise"`) or decodes to `cache_full` ("report"), never drops a request.
 
 Shapes (compiles are bounded and counted by `compile_counts()`): decode chunks are [slots, chunk_steps] with
-the attention span bucketed to a power of two of blocks (<= log2(max_blocks) + 1 variants); prefill batches
-are (rows, width) with rows a power of two and width a power of two >= the block size; first-token sampling is
-bucketed to powers of two >= 16 samples. Single device (no mesh) for now; continuation of a conversation is a
+the attention span bucketed to a power of two of blocks, at least MIN_SPAN_TOKENS (<= log2(max_blocks) + 1
+variants); prefill batches are (rows, width) with rows a power of two and width a power of two >= the block
+size; first-token sampling is bucketed to powers of two >= 16 samples. Single device (no mesh) for now; continuation of a conversation is a
 fresh request (the sampler guarantees continuation equals re-prefill).
 """
 
@@ -49,6 +49,7 @@ from rise_jax.sampling import select
 
 STOP_SLOTS = 8          # stop-id bucket (as the sampler's)
 MIN_FIRST_TOKENS = 16   # smallest first-token batch bucket
+MIN_SPAN_TOKENS = 64    # smallest attention-span bucket (fewer chunk compiles for short conversations)
 
 
 def _pow2_at_least(x: int, floor: int = 1) -> int:
@@ -148,18 +149,24 @@ class Engine:
     self.graphdef, self._params = nnx.split(model)
     self._pool = paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype)
     self._free_blocks = list(range(self.num_blocks - 1, paged.TRASH_BLOCK, -1))  # pop() hands out low ids first
+    self._free_after_chunk: list[int] = []  # partial prompt blocks whose copies the next chunk makes
     self.stats: collections.Counter = collections.Counter()
     merge = lambda p: nnx.merge(self.graphdef, p)
-    self._prefill_jit = jax.jit(lambda p, *a: paged.prefill(merge(p), *a), donate_argnums=(1,))
-    self._first_jit = jax.jit(lambda p, *a: paged.first_tokens(merge(p), *a, self.vocab_limit))
+    self._prefill_jit = jax.jit(self._prefill_and_sample, donate_argnums=(1,))
     self._chunk_jit = jax.jit(
         lambda p, pool, slots, span: paged.decode_chunk(merge(p), pool, slots, self.chunk_steps, span,
                                                         self.vocab_limit),
         static_argnums=(3,), donate_argnums=(1,))
 
+  def _prefill_and_sample(self, params, pool, ids, lengths, block_ids, *first_token_args):
+    """One dispatch per refill: prefill the prompts into the pool, then sample every sample's first token."""
+    model = nnx.merge(self.graphdef, params)
+    pool, hidden = paged.prefill(model, pool, ids, lengths, block_ids)
+    return pool, paged.first_tokens(model, hidden, *first_token_args, self.vocab_limit)
+
   def compile_counts(self) -> dict[str, int]:
     """Entries in each jitted function's compilation cache (bounded by the buckets in the module docstring)."""
-    jits = dict(prefill=self._prefill_jit, first_tokens=self._first_jit, chunk=self._chunk_jit)
+    jits = dict(prefill=self._prefill_jit, chunk=self._chunk_jit)
     return {name: f._cache_size() for name, f in jits.items()}
 
   @property
@@ -221,6 +228,10 @@ class Engine:
           raise RuntimeError("Engine: no request fits in the free blocks with every slot idle (pool too small)")
         break
       self._run_chunk(slots, copies, results)
+      self._free_blocks.extend(self._free_after_chunk)
+      self._free_after_chunk.clear()
+    self._free_blocks.extend(self._free_after_chunk)
+    self._free_after_chunk.clear()
     return results
 
   @staticmethod
@@ -299,31 +310,30 @@ class Engine:
       full = prompt_len // self.block_size
       group.shared_blocks, group.partial_block = blocks[:full], (blocks[full] if len(blocks) > full else None)
       group.live = group.request.n
-    self._pool, hidden = self._prefill_jit(self._params, self._pool, ids, lengths, block_ids)
+    samples = [(r, g, j) for r, g in enumerate(batch) for j in range(g.request.n)]
+    self._pool, outputs = self._prefill_jit(self._params, self._pool, ids, lengths, block_ids,
+                                            *self._first_token_inputs(samples, rows))
     self.stats["prefill_calls"] += 1
     self.stats["prefill_tokens"] += int(lengths.sum())
-    self._sample_first_tokens(batch, hidden)
+    outputs = jax.device_get(outputs)
+    for s, (_, group, j) in enumerate(samples):
+      group.first[j] = tuple(x[s].item() for x in outputs)  # token, logprob, sampling logprob, finish code
 
-  def _sample_first_tokens(self, batch: list[_Group], hidden: jax.Array) -> None:
-    """Every sample's first token (and its finish code) from its prompt's last hidden state, in one call."""
-    samples = [(r, g, j) for r, g in enumerate(batch) for j in range(g.request.n)]
-    m = _pow2_at_least(len(samples), MIN_FIRST_TOKENS)
+  def _first_token_inputs(self, samples: list[tuple[int, _Group, int]], rows: int) -> tuple[np.ndarray, ...]:
+    """`paged.first_tokens`' per-sample inputs, padded to a bucket (>= the prefill rows: one bucket for n=1)."""
+    m = _pow2_at_least(len(samples), max(MIN_FIRST_TOKENS, rows))
     column = lambda values, dtype: np.asarray(list(values) + [0] * (m - len(samples)), dtype)
     key_data = np.zeros((m, 2), np.uint32)
     key_data[:len(samples)] = [g.key_data[j] for _, g, j in samples]
     stop_ids = np.full((m, STOP_SLOTS), -1, np.int32)
     for s, (_, g, _) in enumerate(samples):
       stop_ids[s, :len(g.request.stop_ids)] = g.request.stop_ids
-    outputs = jax.device_get(self._first_jit(
-        self._params, hidden, column((r for r, _, _ in samples), np.int32), key_data,
-        column((len(g.prompt) for _, g, _ in samples), np.int32),
-        column((g.request.temperature for _, g, _ in samples), np.float32),
-        column((g.request.top_k for _, g, _ in samples), np.int32),
-        column((g.request.top_p for _, g, _ in samples), np.float32), stop_ids,
-        column((g.request.max_new_tokens for _, g, _ in samples), np.int32),
-        np.full(m, self.capacity, np.int32)))
-    for s, (_, group, j) in enumerate(samples):
-      group.first[j] = tuple(x[s].item() for x in outputs)  # token, logprob, sampling logprob, finish code
+    return (column((r for r, _, _ in samples), np.int32), key_data,
+            column((len(g.prompt) for _, g, _ in samples), np.int32),
+            column((g.request.temperature for _, g, _ in samples), np.float32),
+            column((g.request.top_k for _, g, _ in samples), np.int32),
+            column((g.request.top_p for _, g, _ in samples), np.float32), stop_ids,
+            column((g.request.max_new_tokens for _, g, _ in samples), np.int32), np.full(m, self.capacity, np.int32))
 
   def _finish_early_samples(self, group: _Group, results) -> None:
     """Samples whose first token already ends them (a stop id, max_new 1, a full capacity) never take a slot."""
@@ -339,9 +349,10 @@ class Engine:
       self._release_partial(group)
 
   def _release_partial(self, group: _Group) -> None:
-    """Every sample has its own copy of the partial prompt block: the group's copy goes back to the pool."""
+    """Every sample has its own copy of the partial prompt block: the group's copy goes back to the pool once
+    the next chunk (which makes the copies) is dispatched; freed now, a prefill before it could overwrite it."""
     if group.partial_block is not None:
-      self._free_blocks.append(group.partial_block)
+      self._free_after_chunk.append(group.partial_block)
       group.partial_block = None
 
   def _release_sample(self, group: _Group) -> None:
@@ -384,7 +395,7 @@ class Engine:
   def _span_blocks(self, slots: list[_Slot | None]) -> int:
     """The attention span bucket: a power of two of blocks covering every active slot through this chunk."""
     longest = max(slot.length for slot in slots if slot is not None) + self.chunk_steps
-    return min(_pow2_at_least(-(-longest // self.block_size)), self.max_blocks)
+    return min(_pow2_at_least(-(-longest // self.block_size), MIN_SPAN_TOKENS // self.block_size), self.max_blocks)
 
   def _run_chunk(self, slots: list[_Slot | None], copies: list[tuple[int, int]], results) -> None:
     batch = self._slot_batch(slots, copies)
