@@ -1,7 +1,7 @@
 """The rollout engine (continuous batching, shared prompt blocks) against today's `Sampler`, side by side.
 
-    python benchmarks/rollout_engine.py                  # ~3-5 min on a 2-core CPU
-    python benchmarks/rollout_engine.py --requests 128 --reps 2
+    python benchmarks/rollout_engine.py                  # 128 requests, 2 repetitions
+    python benchmarks/rollout_engine.py --requests 256 --reps 3 --chunk-steps 16
 
 Workload: `--requests` GSM8K train problems drawn at random; each request's prompt is its question and its
 generation length is its reference answer's length, both tokenised with the real Llama 2 tokenizer from
@@ -42,8 +42,8 @@ SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 TOKENIZER = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
 GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
 # Llama-shaped, Llama 2 vocabulary, small enough that the CPU run takes minutes.
-MODEL = ModelConfig(vocab_size=32000, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
-                    num_kv_heads=4, head_dim=64, max_position_embeddings=2048)
+MODEL = ModelConfig(vocab_size=32000, hidden_size=128, intermediate_size=352, num_layers=2, num_heads=2,
+                    num_kv_heads=2, head_dim=64, max_position_embeddings=2048)
 STATIC_BATCH = 64
 MAX_SEQ_LEN = 1024  # the longest GSM8K question + answer is ~715 tokens
 
@@ -99,8 +99,8 @@ def best_of_16_memory(model, history: list[int], max_new: int) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--requests", type=int, default=192)
-  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--requests", type=int, default=128)
+  parser.add_argument("--reps", type=int, default=2)
   parser.add_argument("--chunk-steps", type=int, default=8)
   args = parser.parse_args()
   if not (TOKENIZER.is_file() and GSM8K_TRAIN.is_file()):
