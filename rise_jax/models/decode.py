@@ -57,6 +57,26 @@ def layer_weights(model) -> list[dict[str, jax.Array]]:
   return [{name: value[i] for name, value in stacked.items()} for i in range(model.config.num_layers)]
 
 
+def decode_layers(model, tokens: jax.Array, positions: jax.Array, layers: list[dict[str, jax.Array]], kv: list,
+                  attend) -> tuple[jax.Array, list]:
+  """The one-token layer stack every decode cache layout shares (this module's contiguous `DecodeCache`, the
+  rollout engine's paged pool).
+
+  `tokens[b]` sits at `positions[b]`; `attend(q, k, v, kv[i])` -> (attended [b, heads, d], new kv[i]) writes the
+  new key/value (k, v [b, kv_heads, d], rotated) into layer i's cache and attends over it. Returns the final
+  normed hidden states [b, d] (float32) and the per-layer caches.
+  """
+  c = model.config
+  inv_freq = rope_inv_freq(c)
+  x = jnp.take(model.embedder[...], tokens, axis=0).astype(model.dtype)[:, None]  # [b, 1, d]
+  kv = list(kv)
+  for i, w in enumerate(layers):
+    q, k, v = attention_inputs(x, w, positions[:, None], inv_freq, c.rms_norm_eps, model.dtype)
+    attended, kv[i] = attend(q[:, 0], k[:, 0], v[:, 0], kv[i])
+    x = layer_output(x, attended[:, None].astype(model.dtype), w, c.rms_norm_eps, model.dtype)
+  return rms_norm(x[:, 0], model.final_norm[...], c.rms_norm_eps, jnp.float32), kv
+
+
 def decode_hidden(model, tokens: jax.Array, active: jax.Array, cache: DecodeCache,
                   layers: list[dict[str, jax.Array]]) -> tuple[jax.Array, DecodeCache]:
   """Feed `tokens[b]` at position `cache.end_index[b]` (slot == position) for the active rows.
@@ -72,16 +92,12 @@ def decode_hidden(model, tokens: jax.Array, active: jax.Array, cache: DecodeCach
   visible = (k_pos >= 0) & (k_pos <= position[:, None])
   if c.sliding_window is not None:
     visible &= position[:, None] - k_pos < c.sliding_window
-  inv_freq = rope_inv_freq(c)
 
-  x = jnp.take(model.embedder[...], tokens, axis=0).astype(model.dtype)[:, None]  # [b, 1, d]
-  k_all, v_all = list(cache.k), list(cache.v)
-  for i, w in enumerate(layers):
-    q, k, v = attention_inputs(x, w, position[:, None], inv_freq, c.rms_norm_eps, model.dtype)
-    k_all[i] = k_all[i].at[rows, :, slot].set(k[:, 0].astype(k_all[i].dtype))
-    v_all[i] = v_all[i].at[rows, :, slot].set(v[:, 0].astype(v_all[i].dtype))
-    attended = attention_lib.decode_attention(q[:, 0], k_all[i], v_all[i], visible)
-    x = layer_output(x, attended[:, None].astype(model.dtype), w, c.rms_norm_eps, model.dtype)
-  hidden = rms_norm(x[:, 0], model.final_norm[...], c.rms_norm_eps, jnp.float32)
+  def attend(q, k, v, layer_cache):
+    k_cache = layer_cache[0].at[rows, :, slot].set(k.astype(layer_cache[0].dtype))
+    v_cache = layer_cache[1].at[rows, :, slot].set(v.astype(layer_cache[1].dtype))
+    return attention_lib.decode_attention(q, k_cache, v_cache, visible), (k_cache, v_cache)
+
+  hidden, kv = decode_layers(model, tokens, position, layers, list(zip(cache.k, cache.v)), attend)
   end = jnp.where(active, slot + 1, slot).astype(jnp.int32)
-  return hidden, DecodeCache(k=tuple(k_all), v=tuple(v_all), positions=k_pos, end_index=end)
+  return hidden, DecodeCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv), positions=k_pos, end_index=end)

@@ -94,6 +94,16 @@ def resize(cache: KVCache, length: int) -> KVCache:
                        positions=jnp.pad(cache.positions, ((0, 0), (0, pad)), constant_values=-1))
 
 
+def finish_code(token: jax.Array, count: jax.Array, position: jax.Array, stop_ids: jax.Array, max_new: jax.Array,
+                capacity: jax.Array) -> jax.Array:
+  """[rows] finish code after sampling `token` (the `count`-th token of its row, at conversation index
+  `position`): STOP on a stop id (stop_ids [1 or rows, k], padded with -1), else LENGTH at `max_new` tokens, else
+  CACHE_FULL when the token fills the row's `capacity`, else RUNNING. The engine and the sampler share it."""
+  stop = jnp.any(token[:, None] == stop_ids, axis=-1)
+  return jnp.where(stop, STOP, jnp.where(count >= max_new, LENGTH,
+                                         jnp.where(position + 1 >= capacity, CACHE_FULL, RUNNING)))
+
+
 def _record(state: DecodeState, logits: jax.Array, cache: KVCache, vocab_limit: int | None) -> DecodeState:
   """Sample each running row's next token from `logits`, store it, and settle who is finished."""
   rows = state.rows
@@ -103,10 +113,8 @@ def _record(state: DecodeState, logits: jax.Array, cache: KVCache, vocab_limit: 
                                                            vocab_limit)
   running = ~state.done
   count = state.step + 1
-  stop = jnp.any(token[:, None] == rows.stop_ids[None, :], axis=-1)
-  finish = jnp.where(stop, STOP, jnp.where(count >= rows.max_new, LENGTH,
-                                           jnp.where(position + 1 >= rows.capacity, CACHE_FULL, RUNNING)))
-  finish = jnp.where(running, finish, state.finish)
+  finish = jnp.where(running, finish_code(token, count, position, rows.stop_ids[None, :], rows.max_new,
+                                         rows.capacity), state.finish)
   at = lambda buf, value, fill: buf.at[:, state.step].set(jnp.where(running, value, fill))
   return state.replace(
       step=count, done=finish != RUNNING, finish=finish, last_token=jnp.where(running, token, state.last_token),

@@ -1,0 +1,425 @@
+"""`Engine`: continuous batching over a paged KV pool, one shared copy of each prompt's cache.
+
+    engine = Engine(model, slots=64, max_seq_len=1024)
+    outs = engine.run([Request(prompt_ids, uid="q17", n=16, max_new_tokens=300, temperature=1.0)], seed=0)
+    outs[i][j].token_ids / .logprobs / .finish_reason          # sample j of request i
+
+Why. `Sampler.generate` batches statically: a call decodes until its longest row finishes (on GSM8K-length
+replies ~40% of decode slots produce a token) and the n samples of a prompt each hold a full copy of the
+prompt's cache. Here a fixed set of `slots` decode rows runs jitted chunks of `chunk_steps` decode steps; each
+row has its own token count, `max_new_tokens`, stops and capacity, and between chunks the host moves finished
+rows out and prefills queued requests into the free slots, so the slots stay full.
+
+Memory. Keys and values live in a pool of `block_size`-token blocks (`paged.PagedPool`); a slot reads its
+conversation through its row of the block table. A request's prompt is prefilled once into blocks its n samples
+share (host reference counts free them with the last sample); only the partly filled last prompt block is copied
+per sample (copy-on-write), so an extra sample costs its own tokens plus at most one block. Blocks are reserved
+for a sample's whole budget (min(prompt + max_new, capacity) - 1 tokens) when it enters a slot, so a running row
+never runs out of blocks (no preemption); a row that stops early returns the unused rest at once.
+
+Guarantees kept from the sampler. Token t of sample j of request `uid` is drawn with the key
+fold_in(seed, uid, j, position) and the sampler's selection (`select`), so output does not depend on slot
+assignment, queue order or slot count. Greedy decoding equals `Sampler` token for token (and so transformers
+`generate`); log-probabilities agree to float32 rounding (~1e-6: the attention reduces over a different padded
+length). Overflow raises (`on_overflow="raise"`) or decodes to `cache_full` ("report"), never drops a request.
+
+Shapes (compiles are bounded and counted by `compile_counts()`): decode chunks are [slots, chunk_steps] with
+the attention span bucketed to a power of two of blocks, at least MIN_SPAN_TOKENS (<= log2(max_blocks) + 1
+variants); prefill batches are (rows, width) with rows a power of two and width a power of two >= the block
+size; first-token sampling is bucketed to powers of two >= 16 samples. Single device (no mesh) for now; continuation of a conversation is a
+fresh request (the sampler guarantees continuation equals re-prefill).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rise_jax.config import ON_OVERFLOW
+from rise_jax.sampling import loop
+from rise_jax.sampling import paged
+from rise_jax.sampling import select
+
+STOP_SLOTS = 8          # stop-id bucket (as the sampler's)
+MIN_FIRST_TOKENS = 16   # smallest first-token batch bucket
+MIN_SPAN_TOKENS = 64    # smallest attention-span bucket (fewer chunk compiles for short conversations)
+
+
+def _pow2_at_least(x: int, floor: int = 1) -> int:
+  return max(floor, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One prompt and how to sample its `n` continuations (sample j = 0 .. n - 1 of `uid`).
+
+  `stop_ids=()` generates exactly `max_new_tokens` (unless the capacity ends it first); a sampled stop id ends
+  its sample and is kept as its last token. temperature / top_k / top_p mean what `SamplingParams` says.
+  """
+  prompt: Sequence[int]
+  uid: Any
+  n: int = 1
+  max_new_tokens: int = 256
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_ids: Sequence[int] = ()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SampleResult:
+  """One sample: `logprobs[t]` = log-softmax of the raw logits at token_ids[t] (as `SampleOutput`)."""
+  token_ids: list[int]
+  logprobs: np.ndarray
+  sampling_logprobs: np.ndarray
+  finish_reason: str
+  prompt_tokens: int
+
+
+@dataclasses.dataclass
+class _Group:
+  """A request on the host: its prompt blocks (shared by its samples) and the samples still to run."""
+  index: int
+  request: Request
+  prompt: list[int]
+  key_data: np.ndarray                      # [n, 2] uint32 row keys of its samples
+  waiting: collections.deque = dataclasses.field(default_factory=collections.deque)  # sample indices
+  first: dict = dataclasses.field(default_factory=dict)   # sample -> (token, logprob, sampling_logprob)
+  shared_blocks: list[int] = dataclasses.field(default_factory=list)  # full prompt blocks
+  partial_block: int | None = None          # the partly filled last prompt block, copied per sample
+  live: int = 0                             # samples waiting or in a slot (the shared blocks' reference count)
+
+
+@dataclasses.dataclass
+class _Slot:
+  """One occupied decode slot on the host."""
+  group: _Group
+  sample: int
+  own_blocks: list[int]
+  length: int
+  last_token: int
+  tokens: list[int]
+  logprobs: list[float]
+  sampling_logprobs: list[float]
+
+
+class Engine:
+  """Continuous-batching sampler over a paged KV pool (see the module docstring)."""
+
+  def __init__(self, model: nnx.Module, *, slots: int = 64, max_seq_len: int, block_size: int = 16,
+               num_blocks: int | None = None, chunk_steps: int = 8, prefill_tokens: int = 4096,
+               on_overflow: str = "raise", vocab_limit: int | None = None):
+    """
+    Args:
+      model: the Transformer (single device).
+      slots: decode rows run together in every chunk.
+      max_seq_len: the most tokens a sample may hold (prompt + reply), capped by max_position_embeddings.
+      block_size: tokens per pool block (a power of two).
+      num_blocks: pool size in blocks; default enough for every slot at full length plus one more, so any
+        mix of requests that individually fit can run.
+      chunk_steps: decode steps per jitted chunk (a finished row waits at most this many steps for a refill).
+      prefill_tokens: most padded prompt tokens prefilled in one call (bounds prefill activations).
+      on_overflow: "raise" when prompt + max_new_tokens exceeds the capacity, or "report" (decode until full,
+        finish_reason "cache_full").
+      vocab_limit: ids >= it are never sampled (a model vocabulary padded past the tokenizer's).
+    """
+    if on_overflow not in ON_OVERFLOW:
+      raise ValueError(f"Engine.on_overflow: {on_overflow!r} is not one of {ON_OVERFLOW}")
+    if block_size < 1 or block_size & (block_size - 1):
+      raise ValueError(f"Engine.block_size: must be a power of two, got {block_size}")
+    self.config = model.config
+    self.slots = int(slots)
+    self.block_size = int(block_size)
+    self.chunk_steps = int(chunk_steps)
+    self.capacity = min(int(max_seq_len), self.config.max_position_embeddings)
+    if self.capacity < 2:
+      raise ValueError(f"Engine.max_seq_len: {max_seq_len} leaves no room to generate")
+    self.max_blocks = -(-self.capacity // self.block_size)
+    self.num_blocks = int(num_blocks) if num_blocks is not None else self.slots * self.max_blocks + 2
+    self.prefill_tokens = max(int(prefill_tokens), self.block_size)
+    self.on_overflow = on_overflow
+    self.vocab_limit = vocab_limit
+    self.graphdef, self._params = nnx.split(model)
+    self._pool = paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype)
+    self._free_blocks = list(range(self.num_blocks - 1, paged.TRASH_BLOCK, -1))  # pop() hands out low ids first
+    self._free_after_chunk: list[int] = []  # partial prompt blocks whose copies the next chunk makes
+    self.stats: collections.Counter = collections.Counter()
+    merge = lambda p: nnx.merge(self.graphdef, p)
+    self._prefill_jit = jax.jit(self._prefill_and_sample, donate_argnums=(1,))
+    self._chunk_jit = jax.jit(
+        lambda p, pool, slots, span: paged.decode_chunk(merge(p), pool, slots, self.chunk_steps, span,
+                                                        self.vocab_limit),
+        static_argnums=(3,), donate_argnums=(1,))
+
+  def _prefill_and_sample(self, params, pool, ids, lengths, block_ids, *first_token_args):
+    """One dispatch per refill: prefill the prompts into the pool, then sample every sample's first token."""
+    model = nnx.merge(self.graphdef, params)
+    pool, hidden = paged.prefill(model, pool, ids, lengths, block_ids)
+    return pool, paged.first_tokens(model, hidden, *first_token_args, self.vocab_limit)
+
+  def compile_counts(self) -> dict[str, int]:
+    """Entries in each jitted function's compilation cache (bounded by the buckets in the module docstring)."""
+    jits = dict(prefill=self._prefill_jit, chunk=self._chunk_jit)
+    return {name: f._cache_size() for name, f in jits.items()}
+
+  @property
+  def blocks_in_use(self) -> int:
+    return self.num_blocks - 1 - len(self._free_blocks)
+
+  # -- request checks ----------------------------------------------------------------------------------------
+
+  def _budget(self, prompt_len: int, max_new: int) -> int:
+    """Tokens a sample may hold in the pool: its last sampled token is never fed."""
+    return min(prompt_len + max_new, self.capacity) - 1
+
+  def _own_blocks(self, prompt_len: int, max_new: int) -> int:
+    """Blocks one sample needs beyond the prompt's shared full blocks (its partial-block copy included)."""
+    return -(-self._budget(prompt_len, max_new) // self.block_size) - prompt_len // self.block_size
+
+  def _check(self, index: int, request: Request) -> list[int]:
+    prompt = [int(t) for t in request.prompt]
+    if not prompt:
+      raise ValueError(f"request {index}: empty prompt")
+    if any(not 0 <= t < self.config.vocab_size for t in prompt):
+      raise ValueError(f"request {index}: token ids outside the vocabulary [0, {self.config.vocab_size})")
+    if request.n < 1 or request.max_new_tokens < 1:
+      raise ValueError(f"request {index}: n and max_new_tokens must be >= 1")
+    if len(request.stop_ids) > STOP_SLOTS:
+      raise ValueError(f"request {index}: at most {STOP_SLOTS} stop ids")
+    need = len(prompt) + request.max_new_tokens
+    if need > self.capacity:
+      msg = (f"request {request.uid!r}: {len(prompt)} prompt tokens + max_new_tokens {request.max_new_tokens} = "
+             f"{need} exceeds the capacity {self.capacity}")
+      if self.on_overflow == "raise":
+        raise ValueError(msg + "; shorten the prompt or use on_overflow='report'")
+    blocks = -(-len(prompt) // self.block_size) + self._own_blocks(len(prompt), request.max_new_tokens)
+    if len(prompt) < self.capacity and blocks > self.num_blocks - 1:
+      raise ValueError(f"request {request.uid!r}: its prompt and one sample need {blocks} blocks, the pool has "
+                       f"{self.num_blocks - 1}; raise num_blocks")
+    return prompt
+
+  # -- the run -----------------------------------------------------------------------------------------------
+
+  def run(self, requests: Sequence[Request], seed: int = 0) -> list[list[SampleResult]]:
+    """Every sample of every request; `outs[i][j]` is sample j of request i. Raises on overflow (see __init__)."""
+    prompts = [self._check(i, r) for i, r in enumerate(requests)]
+    results: list[list[SampleResult | None]] = [[None] * r.n for r in requests]
+    key_data = self._key_data(requests, seed)
+    queue: collections.deque[_Group] = collections.deque()
+    for i, (request, prompt) in enumerate(zip(requests, prompts)):
+      if len(prompt) >= self.capacity:  # not even one reply token fits (report mode)
+        empty = SampleResult([], np.zeros(0, np.float32), np.zeros(0, np.float32), "cache_full", len(prompt))
+        results[i] = [empty] * request.n
+        continue
+      queue.append(_Group(i, request, prompt, key_data[i], collections.deque(range(request.n))))
+    slots: list[_Slot | None] = [None] * self.slots
+    ready: collections.deque[_Group] = collections.deque()  # prefilled groups with samples waiting for a slot
+    while queue or ready or any(slots):
+      copies = self._fill(slots, ready, queue, results)
+      if not any(slots):
+        if ready or queue:
+          raise RuntimeError("Engine: no request fits in the free blocks with every slot idle (pool too small)")
+        break
+      self._run_chunk(slots, copies, results)
+      self._free_blocks.extend(self._free_after_chunk)
+      self._free_after_chunk.clear()
+    self._free_blocks.extend(self._free_after_chunk)
+    self._free_after_chunk.clear()
+    return results
+
+  @staticmethod
+  def _key_data(requests: Sequence[Request], seed: int) -> list[np.ndarray]:
+    """Per request, the raw [n, 2] keys of its samples: (seed, uid, sample j), the sampler's rule."""
+    uids = np.concatenate([np.full(r.n, select.uid_to_int(r.uid), np.uint32) for r in requests])
+    samples = np.concatenate([np.arange(r.n) for r in requests])
+    data = np.asarray(jax.random.key_data(select.row_keys(seed, uids, samples)))
+    return np.split(data, np.cumsum([r.n for r in requests])[:-1])
+
+  def _fill(self, slots, ready, queue, results) -> list[tuple[int, int]]:
+    """Admit waiting samples into free slots, prefilling queued requests as needed; the copy-on-write pairs."""
+    copies = []
+    while None in slots:
+      if not ready:
+        if not queue or not self._prefill_some(slots, ready, queue, results):
+          break
+        continue
+      group = ready[0]
+      if not group.waiting:
+        ready.popleft()
+        continue
+      need = self._own_blocks(len(group.prompt), group.request.max_new_tokens)
+      if need > len(self._free_blocks):
+        break  # wait for running rows to return blocks
+      sample = group.waiting.popleft()
+      own = [self._free_blocks.pop() for _ in range(need)]
+      if group.partial_block is not None:
+        copies.append((group.partial_block, own[0]))
+      token, logprob, sampling_logprob, _ = group.first[sample]
+      slots[slots.index(None)] = _Slot(group, sample, own, len(group.prompt), token, [token], [logprob],
+                                       [sampling_logprob])
+      self.stats["admitted"] += 1
+      if not group.waiting:
+        self._release_partial(group)
+    self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_in_use)
+    return copies
+
+  def _prefill_some(self, slots, ready, queue, results) -> bool:
+    """Prefill queued requests (FIFO) while their prompts and the samples the free slots can take fit the free
+    blocks; False when not even the next request's prompt and one sample fit now."""
+    free_slots, free_blocks = slots.count(None), len(self._free_blocks)
+    batch: list[_Group] = []
+    width = 0
+    while queue and free_slots > 0:
+      group = queue[0]
+      prompt_blocks = -(-len(group.prompt) // self.block_size)
+      own = self._own_blocks(len(group.prompt), group.request.max_new_tokens)
+      by_blocks = (free_blocks - prompt_blocks) // own if own else free_slots
+      takes = min(group.request.n, free_slots, by_blocks)
+      new_width = max(width, _pow2_at_least(len(group.prompt), self.block_size))
+      if takes < 1 or (batch and _pow2_at_least(len(batch) + 1) * new_width > self.prefill_tokens):
+        break
+      batch.append(queue.popleft())
+      width, free_slots, free_blocks = new_width, free_slots - takes, free_blocks - prompt_blocks - takes * own
+    if not batch:
+      return False
+    self._prefill(batch, width)
+    for group in batch:
+      self._finish_early_samples(group, results)
+      ready.append(group)
+    return True
+
+  def _prefill(self, batch: list[_Group], width: int) -> None:
+    """One prefill call for `batch`: store each prompt in fresh blocks, then sample every sample's first token."""
+    rows = _pow2_at_least(len(batch))
+    ids = np.zeros((rows, width), np.int32)
+    lengths = np.zeros(rows, np.int32)
+    block_ids = np.full((rows, width // self.block_size), paged.TRASH_BLOCK, np.int32)
+    for r, group in enumerate(batch):
+      prompt_len = len(group.prompt)
+      ids[r, :prompt_len] = group.prompt
+      lengths[r] = prompt_len
+      blocks = [self._free_blocks.pop() for _ in range(-(-prompt_len // self.block_size))]
+      block_ids[r, :len(blocks)] = blocks
+      full = prompt_len // self.block_size
+      group.shared_blocks, group.partial_block = blocks[:full], (blocks[full] if len(blocks) > full else None)
+      group.live = group.request.n
+    samples = [(r, g, j) for r, g in enumerate(batch) for j in range(g.request.n)]
+    self._pool, outputs = self._prefill_jit(self._params, self._pool, ids, lengths, block_ids,
+                                            *self._first_token_inputs(samples, rows))
+    self.stats["prefill_calls"] += 1
+    self.stats["prefill_tokens"] += int(lengths.sum())
+    outputs = jax.device_get(outputs)
+    for s, (_, group, j) in enumerate(samples):
+      group.first[j] = tuple(x[s].item() for x in outputs)  # token, logprob, sampling logprob, finish code
+
+  def _first_token_inputs(self, samples: list[tuple[int, _Group, int]], rows: int) -> tuple[np.ndarray, ...]:
+    """`paged.first_tokens`' per-sample inputs, padded to a bucket (>= the prefill rows: one bucket for n=1)."""
+    m = _pow2_at_least(len(samples), max(MIN_FIRST_TOKENS, rows))
+    column = lambda values, dtype: np.asarray(list(values) + [0] * (m - len(samples)), dtype)
+    key_data = np.zeros((m, 2), np.uint32)
+    key_data[:len(samples)] = [g.key_data[j] for _, g, j in samples]
+    stop_ids = np.full((m, STOP_SLOTS), -1, np.int32)
+    for s, (_, g, _) in enumerate(samples):
+      stop_ids[s, :len(g.request.stop_ids)] = g.request.stop_ids
+    return (column((r for r, _, _ in samples), np.int32), key_data,
+            column((len(g.prompt) for _, g, _ in samples), np.int32),
+            column((g.request.temperature for _, g, _ in samples), np.float32),
+            column((g.request.top_k for _, g, _ in samples), np.int32),
+            column((g.request.top_p for _, g, _ in samples), np.float32), stop_ids,
+            column((g.request.max_new_tokens for _, g, _ in samples), np.int32), np.full(m, self.capacity, np.int32))
+
+  def _finish_early_samples(self, group: _Group, results) -> None:
+    """Samples whose first token already ends them (a stop id, max_new 1, a full capacity) never take a slot."""
+    for j in list(group.waiting):
+      token, logprob, sampling_logprob, code = group.first[j]
+      if code != loop.RUNNING:
+        group.waiting.remove(j)
+        results[group.index][j] = SampleResult([token], np.asarray([logprob], np.float32),
+                                               np.asarray([sampling_logprob], np.float32),
+                                               loop.FINISH_REASONS[code], len(group.prompt))
+        self._release_sample(group)
+    if not group.waiting:
+      self._release_partial(group)
+
+  def _release_partial(self, group: _Group) -> None:
+    """Every sample has its own copy of the partial prompt block: the group's copy goes back to the pool once
+    the next chunk (which makes the copies) is dispatched; freed now, a prefill before it could overwrite it."""
+    if group.partial_block is not None:
+      self._free_after_chunk.append(group.partial_block)
+      group.partial_block = None
+
+  def _release_sample(self, group: _Group) -> None:
+    """One sample of `group` is done: the last one returns the shared prompt blocks."""
+    group.live -= 1
+    if group.live == 0:
+      self._free_blocks.extend(group.shared_blocks)
+      group.shared_blocks = []
+
+  # -- one chunk ---------------------------------------------------------------------------------------------
+
+  def _slot_batch(self, slots: list[_Slot | None], copies: list[tuple[int, int]]) -> paged.SlotBatch:
+    n = self.slots
+    table = np.full((n, self.max_blocks), paged.TRASH_BLOCK, np.int32)
+    ints = {name: np.zeros(n, np.int32) for name in ("length", "last_token", "generated", "max_new", "capacity",
+                                                     "top_k", "copy_src", "copy_dst")}
+    floats = {name: np.zeros(n, np.float32) for name in ("temperature", "top_p")}
+    active = np.zeros(n, bool)
+    key_data = np.zeros((n, 2), np.uint32)
+    stop_ids = np.full((n, STOP_SLOTS), -1, np.int32)
+    for s, slot in enumerate(slots):
+      if slot is None:
+        continue
+      request = slot.group.request
+      blocks = slot.group.shared_blocks + slot.own_blocks
+      table[s, :len(blocks)] = blocks
+      active[s] = True
+      key_data[s] = slot.group.key_data[slot.sample]
+      stop_ids[s, :len(request.stop_ids)] = request.stop_ids
+      for name, value in (("length", slot.length), ("last_token", slot.last_token),
+                          ("generated", len(slot.tokens)), ("max_new", request.max_new_tokens),
+                          ("capacity", self.capacity), ("top_k", request.top_k)):
+        ints[name][s] = value
+      floats["temperature"][s], floats["top_p"][s] = request.temperature, request.top_p
+    for i, (src, dst) in enumerate(copies):
+      ints["copy_src"][i], ints["copy_dst"][i] = src, dst
+    return paged.SlotBatch(block_table=table, active=active, key_data=key_data, stop_ids=stop_ids, **ints,
+                           **floats)
+
+  def _span_blocks(self, slots: list[_Slot | None]) -> int:
+    """The attention span bucket: a power of two of blocks covering every active slot through this chunk."""
+    longest = max(slot.length for slot in slots if slot is not None) + self.chunk_steps
+    return min(_pow2_at_least(-(-longest // self.block_size), MIN_SPAN_TOKENS // self.block_size), self.max_blocks)
+
+  def _run_chunk(self, slots: list[_Slot | None], copies: list[tuple[int, int]], results) -> None:
+    batch = self._slot_batch(slots, copies)
+    self._pool, out = self._chunk_jit(self._params, self._pool, batch, self._span_blocks(slots))
+    out = jax.device_get(out)
+    steps = int(out.steps)
+    self.stats["chunks"] += 1
+    self.stats["decode_steps"] += steps
+    self.stats["slot_steps"] += steps * self.slots
+    self.stats["cow_copies"] += len(copies)
+    for s, slot in enumerate(slots):
+      if slot is None:
+        continue
+      produced = int(out.produced[s])
+      self.stats["decode_tokens"] += produced
+      slot.tokens += out.tokens[s, :produced].tolist()
+      slot.logprobs += out.logprobs[s, :produced].tolist()
+      slot.sampling_logprobs += out.sampling_logprobs[s, :produced].tolist()
+      slot.length += produced
+      slot.last_token = slot.tokens[-1]
+      if out.finish[s] != loop.RUNNING:
+        results[slot.group.index][slot.sample] = SampleResult(
+            slot.tokens, np.asarray(slot.logprobs, np.float32), np.asarray(slot.sampling_logprobs, np.float32),
+            loop.FINISH_REASONS[int(out.finish[s])], len(slot.group.prompt))
+        self._free_blocks.extend(slot.own_blocks)
+        self._release_sample(slot.group)
+        slots[s] = None

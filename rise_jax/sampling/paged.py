@@ -1,0 +1,205 @@
+"""The rollout engine's device side: a paged KV pool, prefill into it, first tokens, and multi-step decode chunks.
+
+Pure functions of (model, arrays); `engine.Engine` jits them and owns every decision (which block, which slot).
+Pool layout: per layer one [num_blocks, block_size, kv_heads, head_dim] array (per-layer arrays, not one stacked
+array: XLA:CPU copies a dynamically indexed layer out every step, see `rise_jax.models.decode`). Token i of a slot's
+conversation lives at offset i % block_size of block `block_table[slot, i // block_size]`; positions are
+implicit (token i has position i, no holes), so a slot needs no positions array. Block `TRASH_BLOCK` is never
+allocated: idle slots and padding write there, and no live table points at it below a row's length.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rise_jax.models import attention as attention_lib
+from rise_jax.models import decode as decode_lib
+from rise_jax.models.transformer import init_cache
+from rise_jax.sampling import loop
+from rise_jax.sampling import select
+
+TRASH_BLOCK = 0
+
+
+@flax.struct.dataclass
+class PagedPool:
+  """Every layer's keys and values, in blocks shared by all slots (device state, donated through each call)."""
+  k: tuple[jax.Array, ...]  # per layer [num_blocks, block_size, kv_heads, head_dim]
+  v: tuple[jax.Array, ...]
+
+
+@flax.struct.dataclass
+class SlotBatch:
+  """Per-slot inputs of one decode chunk, rebuilt by the host scheduler before every chunk ([slots] unless noted).
+
+  A slot is `active` when it holds a request that has not finished; `length` tokens of its conversation are in
+  the pool and `last_token` (its newest sampled token, index `length`) is the next to feed. `generated` counts
+  the tokens sampled so far (its own `max_new` ends it). `copy_src -> copy_dst`: the copy-on-write block copies
+  (the partly filled last block of a shared prompt) applied before the first step; TRASH_BLOCK -> TRASH_BLOCK
+  pads them.
+  """
+  block_table: jax.Array   # [slots, max_blocks] int32
+  length: jax.Array        # int32
+  last_token: jax.Array    # int32
+  generated: jax.Array     # int32
+  active: jax.Array        # bool
+  max_new: jax.Array       # int32
+  capacity: jax.Array      # int32: most tokens (prompt + reply) the row may hold
+  key_data: jax.Array      # [slots, 2] uint32: raw (seed, uid, sample) keys (`select.row_keys`)
+  temperature: jax.Array   # float32
+  top_k: jax.Array         # int32
+  top_p: jax.Array         # float32
+  stop_ids: jax.Array      # [slots, stop_slots] int32, padded with -1
+  copy_src: jax.Array      # int32
+  copy_dst: jax.Array      # int32
+
+
+@flax.struct.dataclass
+class ChunkOutput:
+  """What one decode chunk sampled. A slot that runs at the chunk's start writes columns 0 .. produced - 1."""
+  tokens: jax.Array             # [slots, chunk] int32
+  logprobs: jax.Array           # [slots, chunk] float32, raw log-softmax at the token
+  sampling_logprobs: jax.Array  # [slots, chunk] float32
+  produced: jax.Array           # [slots] int32
+  finish: jax.Array             # [slots] int32 (loop.RUNNING, STOP, LENGTH, CACHE_FULL)
+  steps: jax.Array              # [] int32, decode steps the chunk ran (it ends early when every slot is done)
+
+
+def init_pool(config, num_blocks: int, block_size: int, dtype) -> PagedPool:
+  shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return PagedPool(k=zeros(), v=zeros())
+
+
+def prefill(model, pool: PagedPool, ids: jax.Array, lengths: jax.Array,
+            block_ids: jax.Array) -> tuple[PagedPool, jax.Array]:
+  """Prefill right-padded prompts ids [rows, width] (width a multiple of the block size) and store their keys and
+  values in the pool: block j of row r goes to block_ids[r, j] (TRASH_BLOCK for blocks past the prompt).
+
+  The forward is the model's own cached one (`loop.extend`, as the sampler prefills); returns the pool and each
+  row's last hidden state [rows, d] (float32), which samples every sample's first token.
+  """
+  rows, width = ids.shape
+  cache = init_cache(model.config, rows, width, pool.k[0].dtype)
+  zeros = jnp.zeros((rows,), jnp.int32)
+  cache, hidden = loop.extend(model, cache, ids, lengths, zeros,
+                              jnp.zeros((rows, model.config.hidden_size), jnp.float32))
+  block_size = pool.k[0].shape[1]
+  flat_ids = block_ids.reshape(-1)
+  as_blocks = lambda x: x.reshape(rows * (width // block_size), block_size, *x.shape[2:])
+  k = tuple(p.at[flat_ids].set(as_blocks(cache.k[i])) for i, p in enumerate(pool.k))
+  v = tuple(p.at[flat_ids].set(as_blocks(cache.v[i])) for i, p in enumerate(pool.v))
+  return PagedPool(k=k, v=v), hidden
+
+
+def first_tokens(model, hidden: jax.Array, rows: jax.Array, key_data: jax.Array, position: jax.Array,
+                 temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, stop_ids: jax.Array,
+                 max_new: jax.Array, capacity: jax.Array, vocab_limit: int | None):
+  """Sample j's first token from its prompt's last hidden state hidden[rows[j]], drawn at conversation index
+  `position[j]` (the prompt length) with the sampler's key rule: (tokens, logprobs, sampling_logprobs, finish
+  codes); a sample whose first token finishes it never takes a decode slot."""
+  keys = select.token_keys(jax.random.wrap_key_data(key_data), position)
+  logits = model.unembed(jnp.take(hidden, rows, axis=0))
+  token, logprob, sampling_logprob = select.select_tokens(logits, keys, temperature, top_k, top_p, vocab_limit)
+  finish = loop.finish_code(token, jnp.ones_like(token), position, stop_ids, max_new, capacity)
+  return token, logprob, sampling_logprob, finish
+
+
+def copy_blocks(pool: PagedPool, src: jax.Array, dst: jax.Array) -> PagedPool:
+  """Block dst[i] becomes a copy of block src[i] in every layer (copy-on-write of a shared partial block)."""
+  copy = lambda p: p.at[dst].set(p[src])
+  return PagedPool(k=tuple(map(copy, pool.k)), v=tuple(map(copy, pool.v)))
+
+
+def paged_decode_hidden(model, layers, pool: PagedPool, tokens: jax.Array, length: jax.Array, active: jax.Array,
+                        block_table: jax.Array, span_blocks: int) -> tuple[jax.Array, PagedPool]:
+  """Feed tokens[s] at position length[s] for active slots, attending through each slot's block table.
+
+  Only the first `span_blocks` table entries are read (a static bucket covering every active slot's length);
+  keys past a slot's position are masked, so the blocks there (unallocated: TRASH_BLOCK) are never attended.
+  Inactive slots write into TRASH_BLOCK. Returns the final normed hidden states [slots, d] and the pool.
+  """
+  c = model.config
+  slots = tokens.shape[0]
+  block_size = pool.k[0].shape[1]
+  max_blocks = block_table.shape[1]
+  own_block = jnp.take_along_axis(block_table, jnp.minimum(length // block_size, max_blocks - 1)[:, None], 1)[:, 0]
+  write_block = jnp.where(active, own_block, TRASH_BLOCK)
+  write_offset = length % block_size
+  table = block_table[:, :span_blocks]
+  key_index = jnp.arange(span_blocks * block_size, dtype=jnp.int32)[None, :]
+  visible = key_index <= length[:, None]
+  if c.sliding_window is not None:
+    visible &= length[:, None] - key_index < c.sliding_window
+  gathered = lambda p: p[table].reshape(slots, span_blocks * block_size, *p.shape[2:])
+
+  def attend(q, k, v, layer_pool):
+    k_pool, v_pool = layer_pool
+    k_pool = k_pool.at[write_block, write_offset].set(k.astype(k_pool.dtype))
+    v_pool = v_pool.at[write_block, write_offset].set(v.astype(v_pool.dtype))
+    # A gather of the slot's blocks feeding the multiply-and-reduce (XLA fuses it into the reduce on CPU).
+    out = attention_lib.decode_attention(q, gathered(k_pool), gathered(v_pool), visible, head_major=False)
+    return out, (k_pool, v_pool)
+
+  hidden, kv = decode_lib.decode_layers(model, tokens, length, layers, list(zip(pool.k, pool.v)), attend)
+  return hidden, PagedPool(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv))
+
+
+@flax.struct.dataclass
+class _ChunkCarry:
+  step: jax.Array
+  pool: PagedPool
+  length: jax.Array
+  last_token: jax.Array
+  generated: jax.Array
+  done: jax.Array
+  finish: jax.Array
+  out: ChunkOutput
+
+
+def decode_chunk(model, pool: PagedPool, slots: SlotBatch, chunk_steps: int, span_blocks: int,
+                 vocab_limit: int | None) -> tuple[PagedPool, ChunkOutput]:
+  """Up to `chunk_steps` decode steps for every active slot, each row with its own count, stops and capacity.
+
+  Step: feed each running slot's last token at its own position, sample the next (key = (seed, uid, sample,
+  position), as the sampler), settle who finished (`loop.finish_code`). Ends early when no slot runs.
+  """
+  pool = copy_blocks(pool, slots.copy_src, slots.copy_dst)
+  layers = decode_lib.layer_weights(model)
+  keys = jax.random.wrap_key_data(slots.key_data)
+  n = slots.length.shape[0]
+  out = ChunkOutput(tokens=jnp.zeros((n, chunk_steps), jnp.int32),
+                    logprobs=jnp.zeros((n, chunk_steps), jnp.float32),
+                    sampling_logprobs=jnp.zeros((n, chunk_steps), jnp.float32),
+                    produced=jnp.zeros((n,), jnp.int32), finish=jnp.full((n,), loop.RUNNING, jnp.int32),
+                    steps=jnp.zeros((), jnp.int32))
+  carry = _ChunkCarry(step=jnp.zeros((), jnp.int32), pool=pool, length=slots.length, last_token=slots.last_token,
+                      generated=slots.generated, done=~slots.active, finish=out.finish, out=out)
+
+  def cond(carry: _ChunkCarry):
+    return (carry.step < chunk_steps) & ~jnp.all(carry.done)
+
+  def body(carry: _ChunkCarry):
+    running = ~carry.done
+    hidden, pool = paged_decode_hidden(model, layers, carry.pool, carry.last_token, carry.length, running,
+                                       slots.block_table, span_blocks)
+    position = carry.length + 1  # the new token's index in its conversation
+    token, logprob, sampling_logprob = select.select_tokens(
+        model.unembed(hidden), select.token_keys(keys, position), slots.temperature, slots.top_k, slots.top_p,
+        vocab_limit)
+    count = carry.generated + 1
+    finish = jnp.where(running, loop.finish_code(token, count, position, slots.stop_ids, slots.max_new,
+                                                 slots.capacity), carry.finish)
+    at = lambda buf, value: buf.at[:, carry.step].set(jnp.where(running, value, buf[:, carry.step]))
+    out = carry.out.replace(tokens=at(carry.out.tokens, token), logprobs=at(carry.out.logprobs, logprob),
+                            sampling_logprobs=at(carry.out.sampling_logprobs, sampling_logprob),
+                            produced=carry.out.produced + running)
+    keep = lambda new, old: jnp.where(running, new, old)
+    return _ChunkCarry(step=carry.step + 1, pool=pool, length=keep(position, carry.length),
+                       last_token=keep(token, carry.last_token), generated=keep(count, carry.generated),
+                       done=finish != loop.RUNNING, finish=finish, out=out)
+
+  carry = jax.lax.while_loop(cond, body, carry)
+  return carry.pool, carry.out.replace(finish=carry.finish, steps=carry.step)
