@@ -122,6 +122,40 @@ def test_param_and_compute_dtypes(tiny_llama_gqa_path):
       assert 1e-5 < rel_err(out, ref) < 5e-2  # bfloat16 really ran, and is still the same model
 
 
+# -- custom backward passes --------------------------------------------------------------------------------
+
+def _plain_rms_norm(x, w, eps, dtype):
+  x = x.astype(jnp.float32)
+  return (x / jnp.sqrt(jnp.mean(x ** 2, axis=-1, keepdims=True) + eps) * w).astype(dtype)
+
+
+def _plain_swiglu(gate, up):
+  g = gate.astype(jnp.float32)
+  return (g / (1 + jnp.exp(-g)) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_rms_norm_and_swiglu_backward_equal_autodiff_of_the_plain_formulas(dtype, tol):
+  """The hand-written backwards (rms_norm keeps x and the inverse rms, swiglu keeps gate and up) against jax.grad
+  of the textbook formulas, with a random cotangent; rows of different scales and a nonzero mean, so the
+  normaliser's own gradient (the projection term) is large."""
+  from rise_jax.models.transformer import rms_norm, swiglu
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(3, 5, 64) * rng.uniform(0.1, 10, (3, 5, 1)) + 0.5, dtype)
+  w = jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.float32)
+  for ours, plain, args in ((lambda x, w: rms_norm(x, w, 1e-5, dtype), lambda x, w: _plain_rms_norm(x, w, 1e-5, dtype),
+                             (x, w)),
+                            (swiglu, _plain_swiglu, (jnp.asarray(rng.randn(4, 96) * 3, dtype),
+                                                     jnp.asarray(rng.randn(4, 96), dtype)))):
+    cot = jnp.asarray(rng.randn(*ours(*args).shape), dtype)
+    with HIGHEST:
+      (y, vjp), (y_ref, vjp_ref) = jax.vjp(ours, *args), jax.vjp(plain, *args)
+      np.testing.assert_allclose(np.float32(y), np.float32(y_ref), rtol=tol, atol=tol)
+      for got, want in zip(vjp(cot), vjp_ref(cot)):
+        assert got.dtype == want.dtype
+        assert rel_err(np.float32(got), np.float32(want)) < tol
+
+
 # -- attention backends ------------------------------------------------------------------------------------
 
 def _qkv(b=2, l=40, h=4, kv=2, d=16, seed=0):

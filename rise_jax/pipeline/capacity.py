@@ -118,9 +118,9 @@ def _abstract_params(mc, param_dtype: str):
 
 def _saved_per_token(remat: str, d: int, qkv: int, f: float) -> float:
   """Compute-dtype elements one layer keeps per token: with no remat the norms' inputs and outputs, q/k/v, the
-  attention output, the residual stream, the MLP's gate, up, silu and product; with `dots_with_no_batch_dims` the
-  weight matmuls' outputs (q, k, v, o, gate, up, down); with `full` the layer input."""
-  return {"none": 6 * d + 2 * qkv + 5 * f, "full": d}.get(remat, 2 * d + qkv + 2 * f)
+  attention output, the residual stream, the MLP's gate, up and product (silu is recomputed: `swiglu`); with
+  `dots_with_no_batch_dims` the weight matmuls' outputs (q, k, v, o, gate, up, down); with `full` the layer input."""
+  return {"none": 6 * d + 2 * qkv + 3 * f, "full": d}.get(remat, 2 * d + qkv + 2 * f)
 
 
 ATTENTION_TRANSIENTS = 4.5  # float32 [rows, heads, block, length] arrays alive in the xla attention's backward
