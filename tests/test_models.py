@@ -129,24 +129,26 @@ def _plain_rms_norm(x, w, eps, dtype):
   return (x / jnp.sqrt(jnp.mean(x ** 2, axis=-1, keepdims=True) + eps) * w).astype(dtype)
 
 
-def _plain_swiglu(gate, up):
+def _plain_swiglu_down(gate, up, w):
   g = gate.astype(jnp.float32)
-  return (g / (1 + jnp.exp(-g)) * up.astype(jnp.float32)).astype(gate.dtype)
+  product = (g / (1 + jnp.exp(-g)) * up.astype(jnp.float32)).astype(gate.dtype)
+  return jnp.einsum("blf,fd->bld", product, w)
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_rms_norm_and_swiglu_backward_equal_autodiff_of_the_plain_formulas(dtype, tol):
-  """The hand-written backwards (rms_norm keeps x and the inverse rms, swiglu keeps gate and up) against jax.grad
-  of the textbook formulas, with a random cotangent; rows of different scales and a nonzero mean, so the
-  normaliser's own gradient (the projection term) is large."""
-  from rise_jax.models.transformer import rms_norm, swiglu
+  """The hand-written backwards (rms_norm keeps x and the inverse rms, swiglu_down keeps gate, up and the weight)
+  against jax.vjp of the textbook formulas, with a random cotangent; rows of different scales and a nonzero mean,
+  so the normaliser's own gradient (the projection term) is large."""
+  from rise_jax.models.transformer import rms_norm, swiglu_down
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(3, 5, 64) * rng.uniform(0.1, 10, (3, 5, 1)) + 0.5, dtype)
   w = jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.float32)
   for ours, plain, args in ((lambda x, w: rms_norm(x, w, 1e-5, dtype), lambda x, w: _plain_rms_norm(x, w, 1e-5, dtype),
                              (x, w)),
-                            (swiglu, _plain_swiglu, (jnp.asarray(rng.randn(4, 96) * 3, dtype),
-                                                     jnp.asarray(rng.randn(4, 96), dtype)))):
+                            (swiglu_down, _plain_swiglu_down, (jnp.asarray(rng.randn(2, 3, 96) * 3, dtype),
+                                                               jnp.asarray(rng.randn(2, 3, 96), dtype),
+                                                               jnp.asarray(rng.randn(96, 32) / 10, dtype)))):
     cot = jnp.asarray(rng.randn(*ours(*args).shape), dtype)
     with HIGHEST:
       (y, vjp), (y_ref, vjp_ref) = jax.vjp(ours, *args), jax.vjp(plain, *args)
