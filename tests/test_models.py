@@ -158,6 +158,23 @@ def test_rms_norm_and_swiglu_backward_equal_autodiff_of_the_plain_formulas(dtype
         assert rel_err(np.float32(got), np.float32(want)) < tol
 
 
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-6), ("bfloat16", 1e-2)])
+@pytest.mark.parametrize("spec, x_shape, w_shape", [("bld,dhk->blhk", (2, 5, 16), (16, 4, 8)),
+                                                    ("blhk,hkd->bld", (2, 5, 4, 8), (4, 8, 16))])
+def test_dense_backward_equals_einsum_autodiff(spec, x_shape, w_shape, dtype, tol):
+  """`dense` only reorders when its weight gradient reads x: both gradients equal autodiff of the einsum."""
+  from rise_jax.models.transformer import dense
+  rng = np.random.RandomState(1)
+  x, w = jnp.asarray(rng.randn(*x_shape), dtype), jnp.asarray(rng.randn(*w_shape), dtype)
+  cot = jnp.asarray(rng.randn(*jnp.einsum(spec, x, w).shape), dtype)
+  with HIGHEST:
+    got = jax.vjp(lambda x, w: dense(x, w, spec), x, w)[1](cot)
+    want = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)[1](cot)
+  for g, r in zip(got, want):
+    assert g.shape == r.shape and g.dtype == r.dtype
+    assert rel_err(np.float32(g), np.float32(r)) < tol
+
+
 # -- attention backends ------------------------------------------------------------------------------------
 
 def _qkv(b=2, l=40, h=4, kv=2, d=16, seed=0):
