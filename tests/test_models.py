@@ -94,7 +94,7 @@ def test_scan_layers_equals_loop_and_remat_policies(tiny_llama_gqa_path):
   def loss(model):
     return model(ids).std()
 
-  # The configured policy is the one in the program: a layer policy appears only when asked (rms_norm and the xla
+  # The configured policy is the one in the program: a layer policy appears only when asked (the xla
   # attention blocks are always checkpointed, with the default policy, printed `policy=None`).
   expected = {"none": set(), "full": {"<function nothing_saveable"},
               "dots_with_no_batch_dims": {"DotsSaveable(only_if_no_batch_dims=True)"}}

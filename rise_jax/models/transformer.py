@@ -109,7 +109,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 def _after(value: jax.Array, cotangent: jax.Array) -> jax.Array:
   """`value`, made to depend on `cotangent` (elementwise; NaN cotangents give NaN gradients either way). A backward
   value computed from residuals alone can be scheduled as soon as they exist: XLA:CPU drops optimisation barriers
-  and its default scheduler starts such work early, holding every layer's copy to the backward (1.1B: GiBs)."""
+  and its default scheduler starts such work early, holding every layer's copy to the backward (1.1B: the
+  sigmoids of all 22 MLPs, 3.8 GiB)."""
   return jnp.where(cotangent == cotangent, value, 0.0)
 
 
