@@ -5,6 +5,7 @@ backward saves (per dtype, and by the function that made them), checks the state
 left over (XLA's transients). Several `--remat` policies compare what each saves.
 
     python benchmarks/train_memory.py --size 1b --batch 8 --seq 1024 --remat none
+    python benchmarks/train_memory.py --size 1b --layers 4 --remat none    # a shallower compile to iterate on
     python benchmarks/train_memory.py --size 1b --batch 8 --seq 1024 --remat none dots_with_no_batch_dims full
     python benchmarks/train_memory.py --size 7b --batch 4 --seq 1024 --remat full --moments bfloat16 --scan
 """
@@ -12,6 +13,7 @@ left over (XLA's transients). Several `--remat` policies compare what each saves
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from rise_jax.models import configs as model_configs
@@ -39,8 +41,12 @@ def main():
   parser.add_argument("--moments", default="float32", help="Adam moments' dtype (train.moments_dtype)")
   parser.add_argument("--attention", default="auto")
   parser.add_argument("--scan", action="store_true", help="scan over layers (model.scan_layers)")
+  parser.add_argument("--layers", type=int, default=None,
+                      help="override the size's layer count (a shallower compile to iterate on: minutes -> seconds)")
   args = parser.parse_args()
   c = SIZES[args.size]
+  if args.layers is not None:
+    c = dataclasses.replace(c, num_layers=args.layers)
   recipe = RecipeCfg(moments_dtype=args.moments)
   tx, lr = optim.optimizer(recipe, 1000)
   for remat in args.remat:
@@ -48,8 +54,8 @@ def main():
                                       scan_layers=args.scan)
     t = time.perf_counter()
     m = memory.step_memory(trainer, args.batch, args.seq)
-    print(f"\n== {args.size}, batch {args.batch} x {args.seq}, compute {args.dtype}, remat {remat}, attention "
-          f"{args.attention}, moments {args.moments}, scan_layers {args.scan} "
+    print(f"\n== {args.size} ({c.num_layers} layers), batch {args.batch} x {args.seq}, compute {args.dtype}, "
+          f"remat {remat}, attention {args.attention}, moments {args.moments}, scan_layers {args.scan} "
           f"(compiled in {time.perf_counter() - t:.0f} s)")
     print(m.table(), flush=True)
 

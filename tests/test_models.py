@@ -126,7 +126,7 @@ def test_scan_layers_equals_loop_and_remat_policies(tiny_llama_gqa_path):
   def loss(model):
     return model(ids).std()
 
-  # The configured policy is the one in the program: a layer policy appears only when asked (rms_norm and the xla
+  # The configured policy is the one in the program: a layer policy appears only when asked (the xla
   # attention blocks are always checkpointed, with the default policy, printed `policy=None`).
   expected = {"none": set(), "full": {"<function nothing_saveable"},
               "dots_with_no_batch_dims": {"DotsSaveable(only_if_no_batch_dims=True)"}}
@@ -152,6 +152,59 @@ def test_param_and_compute_dtypes(tiny_llama_gqa_path):
       out = _forward(model, ids, None)
       assert out.dtype == jnp.float32 and jax.eval_shape(model.hidden, ids).dtype == jnp.float32
       assert 1e-5 < rel_err(out, ref) < 5e-2  # bfloat16 really ran, and is still the same model
+
+
+# -- custom backward passes --------------------------------------------------------------------------------
+
+def _plain_rms_norm(x, w, eps, dtype):
+  x = x.astype(jnp.float32)
+  return (x / jnp.sqrt(jnp.mean(x ** 2, axis=-1, keepdims=True) + eps) * w).astype(dtype)
+
+
+def _plain_swiglu_down(gate, up, w):
+  g = gate.astype(jnp.float32)
+  product = (g / (1 + jnp.exp(-g)) * up.astype(jnp.float32)).astype(gate.dtype)
+  return jnp.einsum("blf,fd->bld", product, w)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_rms_norm_and_swiglu_backward_equal_autodiff_of_the_plain_formulas(dtype, tol):
+  """The hand-written backwards (rms_norm keeps x and the inverse rms, swiglu_down keeps gate, up and the weight)
+  against jax.vjp of the textbook formulas, with a random cotangent; rows of different scales and a nonzero mean,
+  so the normaliser's own gradient (the projection term) is large."""
+  from rise_jax.models.transformer import rms_norm, swiglu_down
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(3, 5, 64) * rng.uniform(0.1, 10, (3, 5, 1)) + 0.5, dtype)
+  w = jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.float32)
+  for ours, plain, args in ((lambda x, w: rms_norm(x, w, 1e-5, dtype), lambda x, w: _plain_rms_norm(x, w, 1e-5, dtype),
+                             (x, w)),
+                            (swiglu_down, _plain_swiglu_down, (jnp.asarray(rng.randn(2, 3, 96) * 3, dtype),
+                                                               jnp.asarray(rng.randn(2, 3, 96), dtype),
+                                                               jnp.asarray(rng.randn(96, 32) / 10, dtype)))):
+    cot = jnp.asarray(rng.randn(*ours(*args).shape), dtype)
+    with HIGHEST:
+      (y, vjp), (y_ref, vjp_ref) = jax.vjp(ours, *args), jax.vjp(plain, *args)
+      np.testing.assert_allclose(np.float32(y), np.float32(y_ref), rtol=tol, atol=tol)
+      for got, want in zip(vjp(cot), vjp_ref(cot)):
+        assert got.dtype == want.dtype
+        assert rel_err(np.float32(got), np.float32(want)) < tol
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-6), ("bfloat16", 1e-2)])
+@pytest.mark.parametrize("spec, x_shape, w_shape", [("bld,dhk->blhk", (2, 5, 16), (16, 4, 8)),
+                                                    ("blhk,hkd->bld", (2, 5, 4, 8), (4, 8, 16))])
+def test_dense_backward_equals_einsum_autodiff(spec, x_shape, w_shape, dtype, tol):
+  """`dense` only reorders when its weight gradient reads x: both gradients equal autodiff of the einsum."""
+  from rise_jax.models.transformer import dense
+  rng = np.random.RandomState(1)
+  x, w = jnp.asarray(rng.randn(*x_shape), dtype), jnp.asarray(rng.randn(*w_shape), dtype)
+  cot = jnp.asarray(rng.randn(*jnp.einsum(spec, x, w).shape), dtype)
+  with HIGHEST:
+    got = jax.vjp(lambda x, w: dense(x, w, spec), x, w)[1](cot)
+    want = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)[1](cot)
+  for g, r in zip(got, want):
+    assert g.shape == r.shape and g.dtype == r.dtype
+    assert rel_err(np.float32(g), np.float32(r)) < tol
 
 
 # -- attention backends ------------------------------------------------------------------------------------

@@ -106,34 +106,144 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-# Recomputed in the backward from its input: otherwise each norm keeps ~3 float32 copies of the residual stream
-# per layer, which a layer scan materialises as stacked residuals (7 GiB at 1.1B, batch 8 x 1024).
-@functools.partial(jax.checkpoint, static_argnums=(2, 3))
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
+def _after(value: jax.Array, cotangent: jax.Array) -> jax.Array:
+  """`value`, made to depend on `cotangent` (elementwise; NaN cotangents give NaN gradients either way). A backward
+  value computed from residuals alone can be scheduled as soon as they exist: XLA:CPU drops optimisation barriers
+  and its default scheduler starts such work early, holding every layer's copy to the backward (1.1B: the
+  sigmoids of all 22 MLPs, 3.8 GiB)."""
+  return jnp.where(cotangent == cotangent, value, 0.0)
+
+
+def _rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
+  """The plain formula (the reference the custom backward is tested against)."""
   x = x.astype(jnp.float32)
   x = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
   return (x * weight.astype(jnp.float32)).astype(dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
+  """RMSNorm in float32, cast to `dtype`. Its backward keeps `x` and the per-row inverse rms only: autodiff kept
+  ~3 float32 copies of the residual stream per layer, and under `jax.checkpoint` XLA:CPU (which drops the
+  optimisation barriers before CSE) merged the recomputation back into the forward (1.1B: 5.6 GiB of float32)."""
+  return _rms_norm(x, weight, eps, dtype)
+
+
+def _rms_norm_fwd(x, weight, eps, dtype):
+  x32 = x.astype(jnp.float32)
+  inv = lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return ((x32 * inv) * weight.astype(jnp.float32)).astype(dtype), (x, weight, inv)
+
+
+def _rms_norm_bwd(eps, dtype, res, dy):
+  # y = w * x * inv with inv = (mean(x^2) + eps)^-1/2:  dx = inv * dn - x * inv^3 * mean(dn * x),  dn = dy * w.
+  # Computed on [rows, features] views: XLA:CPU runs CSE after dropping optimisation barriers, and a backward
+  # written in the forward's shapes shared its values (the weight's broadcast, x in float32), keeping 44 of them
+  # alive from the forward at 1.1B. Nothing here can start before the cotangent arrives.
+  x, weight, inv = res
+  features = x.shape[-1]
+  g = dy.reshape(-1, features).astype(jnp.float32)
+  x32 = _after(x.reshape(-1, features).astype(jnp.float32), g)
+  g_inv = g * inv.reshape(-1, 1)
+  dn_inv = g_inv * weight.astype(jnp.float32)
+  dx = dn_inv - x32 * (inv.reshape(-1, 1) ** 2) * jnp.mean(dn_inv * x32, axis=-1, keepdims=True)
+  dw = jnp.sum(g_inv * x32, axis=0)
+  return dx.reshape(x.shape).astype(x.dtype), dw.astype(weight.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
+  """`jnp.einsum(spec, x, w)`, differentiated as autodiff would, except that the weight gradient reads `x` only
+  once the input gradient exists: XLA:CPU computes bf16 matmuls in float32, and the float32 copy of `x` it made for
+  the forward stayed alive for the weight gradient (1.1B: 2.75 GiB of norm outputs, 1.4 GiB of attention outputs)."""
+  return jnp.einsum(spec, x, w)
+
+
+def _dense_bwd(spec, res, dy):
+  x, w = res
+  dx = jax.vjp(lambda x: jnp.einsum(spec, x, w), x)[1](dy)[0]
+  return dx, jax.vjp(lambda w: jnp.einsum(spec, _after(x, dx), w), w)[1](dy)[0]
+
+
+def _dense_fwd(x, w, spec):
+  return jnp.einsum(spec, x, w), (x, w)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _swiglu_down(gate: jax.Array, up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """The plain formula (the reference the custom backward is tested against): (silu(gate) * up) @ w_down."""
+  return jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, w_down)
+
+
+@jax.custom_vjp
+def swiglu_down(gate: jax.Array, up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """The gated MLP's output, (silu(gate) * up) @ w_down. Its backward keeps gate, up and w_down only and
+  recomputes silu(gate) * up: autodiff also kept the product (w_down's gradient needs it), silu(gate) and the
+  sigmoid (XLA:CPU holds them in float32: 1.1B, 8 x 1,024, 7.6 GiB)."""
+  return _swiglu_down(gate, up, w_down)
+
+
+def _swiglu_down_bwd(res, dy):
+  gate, up, w_down = res
+  dp = jnp.einsum("bld,fd->blf", dy, w_down)                        # d(product); needs no saved activation
+  # The product again, bit for bit, from a gate that depends on dp: it cannot run before the backward gets here.
+  product = jax.nn.silu(_after(gate, dp)) * up
+  dw = jnp.einsum("blf,bld->fd", product, dy)
+  return (*_swiglu_grads(gate, up, dp), dw)
+
+
+def _swiglu_grads(gate, up, dp):
+  # d/dg [g * s(g)] = s * (1 + g * (1 - s)). On [rows, features] views (so XLA's CSE cannot share the forward's
+  # values), and the sigmoid is written once per output (logistic, and 1 / (1 + exp(-g))): a sigmoid used by both
+  # would be a value of its own that depends on gate alone, which XLA:CPU's scheduler computes early and holds.
+  features = gate.shape[-1]
+  g, u, d = (a.reshape(-1, features).astype(jnp.float32) for a in (gate, up, dp))
+  g = _after(g, d)
+  s = 1.0 / (1.0 + jnp.exp(-g))
+  dgate = d * u * s * (1.0 + g * (1.0 - s))
+  dup = d * g * lax.logistic(g)
+  return dgate.reshape(gate.shape).astype(gate.dtype), dup.reshape(up.shape).astype(up.dtype)
+
+
+def _swiglu_down_fwd(gate, up, w_down):
+  return _swiglu_down(gate, up, w_down), (gate, up, w_down)
+
+
+swiglu_down.defvjp(_swiglu_down_fwd, _swiglu_down_bwd)
+
+
+def _einsum(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
+  return jnp.einsum(spec, x, w)
+
+
 # The two halves of a decoder layer around attention, shared by the full-sequence forward (`hidden`) and the
 # one-token decode (`rise_jax.models.decode`): one definition of the layer's math for training and sampling.
-def attention_inputs(x: jax.Array, w: dict, positions: jax.Array, inv_freq: np.ndarray, eps: float,
-                     dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+# `lean` picks the custom-VJP matmuls whose backward saves less (`dense`, `swiglu_down`); the forward values are
+# the same either way. A remat policy must see plain einsums (a custom VJP hides its dots from it).
+def attention_inputs(x: jax.Array, w: dict, positions: jax.Array, inv_freq: np.ndarray, eps: float, dtype,
+                     lean: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Rotated q [b, l, heads, d] and k, v [b, l, kv_heads, d] from the residual stream x [b, l, embed]."""
+  proj = dense if lean else _einsum
   h = rms_norm(x, w["attn_norm"], eps, dtype)
-  q = jnp.einsum("bld,dhk->blhk", h, w["q_proj"].astype(dtype))
-  k = jnp.einsum("bld,dhk->blhk", h, w["k_proj"].astype(dtype))
-  v = jnp.einsum("bld,dhk->blhk", h, w["v_proj"].astype(dtype))
+  q = proj(h, w["q_proj"].astype(dtype), "bld,dhk->blhk")
+  k = proj(h, w["k_proj"].astype(dtype), "bld,dhk->blhk")
+  v = proj(h, w["v_proj"].astype(dtype), "bld,dhk->blhk")
   return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
 
-def layer_output(x: jax.Array, attended: jax.Array, w: dict, eps: float, dtype) -> jax.Array:
-  """The residual stream after the output projection of `attended` [b, l, heads, d] and the MLP."""
-  x = x + jnp.einsum("blhk,hkd->bld", attended, w["o_proj"].astype(dtype))
+def layer_output(x: jax.Array, attended: jax.Array, w: dict, eps: float, dtype, lean: bool = False) -> jax.Array:
+  """The residual stream after the output projection of `attended` [b, l, heads, d] and the gated MLP."""
+  proj, mlp_out = (dense, swiglu_down) if lean else (_einsum, _swiglu_down)
+  x = x + proj(attended, w["o_proj"].astype(dtype), "blhk,hkd->bld")
   h = rms_norm(x, w["mlp_norm"], eps, dtype)
-  gate = jnp.einsum("bld,df->blf", h, w["gate_proj"].astype(dtype))
-  up = jnp.einsum("bld,df->blf", h, w["up_proj"].astype(dtype))
-  return x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, w["down_proj"].astype(dtype))
+  gate = proj(h, w["gate_proj"].astype(dtype), "bld,df->blf")
+  up = proj(h, w["up_proj"].astype(dtype), "bld,df->blf")
+  return x + mlp_out(gate, up, w["down_proj"].astype(dtype))
 
 
 def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -236,14 +346,18 @@ class Transformer(nnx.Module):
         return attention_lib.sharded_splash_attention(q, k, v, mask, segment_ids, c.sliding_window)
       return attention_lib.xla_attention(q, k, v, positions, k_pos, segment_ids, segment_ids, c.sliding_window)
 
+    # Without remat, matmuls whose backward saves less (custom VJPs); under a remat policy plain einsums, so that
+    # the policy sees them (a custom VJP hides its dots: `dots_with_no_batch_dims` would save nothing, like `full`).
+    lean = self.remat == "none"
+
     def layer(x, w, kv):
-      q, k, v = attention_inputs(x, w, positions, inv_freq, c.rms_norm_eps, self.dtype)
+      q, k, v = attention_inputs(x, w, positions, inv_freq, c.rms_norm_eps, self.dtype, lean)
       if kv is not None:
         k = _write_rows(kv[0], k.astype(kv[0].dtype), cache.end_index)
         v = _write_rows(kv[1], v.astype(kv[1].dtype), cache.end_index)
         kv = (k, v)
         k, v = k.astype(self.dtype), v.astype(self.dtype)
-      x = layer_output(x, attend(q, k, v), w, c.rms_norm_eps, self.dtype)
+      x = layer_output(x, attend(q, k, v), w, c.rms_norm_eps, self.dtype, lean)
       return constrain(x, ACTIVATION_AXES), kv
 
     if self.remat != "none":
@@ -267,4 +381,4 @@ class Transformer(nnx.Module):
 
 
 __all__ = ["KVCache", "Transformer", "init_cache", "cache_shardings", "rope_inv_freq", "apply_rope", "rms_norm",
-           "attention_inputs", "layer_output"]
+           "swiglu_down", "dense", "attention_inputs", "layer_output"]

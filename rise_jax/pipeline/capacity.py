@@ -117,10 +117,12 @@ def _abstract_params(mc, param_dtype: str):
 
 
 def _saved_per_token(remat: str, d: int, qkv: int, f: float) -> float:
-  """Compute-dtype elements one layer keeps per token: with no remat the norms' inputs and outputs, q/k/v, the
-  attention output, the residual stream, the MLP's gate, up, silu and product; with `dots_with_no_batch_dims` the
-  weight matmuls' outputs (q, k, v, o, gate, up, down); with `full` the layer input."""
-  return {"none": 6 * d + 2 * qkv + 5 * f, "full": d}.get(remat, 2 * d + qkv + 2 * f)
+  """Compute-dtype elements one layer keeps per token: with no remat (the custom-VJP layer: `dense`, `rms_norm`,
+  `swiglu_down`) the norms' inputs and outputs, q/k/v as attention takes them, the attention output, the MLP's gate
+  and up; a layer recomputed under a policy (plain einsums) also keeps the residual stream, q/k before rotary, silu,
+  the sigmoid and the product; with `dots_with_no_batch_dims` the weight matmuls' outputs (q, k, v, o, gate, up,
+  down); with `full` the layer input."""
+  return {"none": 5 * d + qkv + 2 * f, "recomputed": 6 * d + 2 * qkv + 5 * f, "full": d}.get(remat, 2 * d + qkv + 2 * f)
 
 
 ATTENTION_TRANSIENTS = 4.5  # float32 [rows, heads, block, length] arrays alive in the xla attention's backward
@@ -164,7 +166,7 @@ def train_estimate(config, mc, train_shape, platform: str) -> Estimate:
   d, f = mc.hidden_size, mc.intermediate_size / tensor
   heads = max(1, mc.num_heads // tensor)
   qkv = (heads + 2 * max(1, mc.num_kv_heads // tensor)) * mc.head_dim
-  layer_none = tokens * _saved_per_token("none", d, qkv, f) * c_bytes
+  layer_recomputed = tokens * _saved_per_token("recomputed", d, qkv, f) * c_bytes
   remat, scan = config.model.remat, config.model.scan_layers
   stacked = mc.num_layers * tokens * _saved_per_token(remat, d, qkv, f) * c_bytes
   if remat == "none":
@@ -172,7 +174,7 @@ def train_estimate(config, mc, train_shape, platform: str) -> Estimate:
     if not scan and c_bytes < p_bytes:                         # each layer's compute-dtype weight copy is kept
       est.activations += layer_params * c_bytes
   else:
-    est.activations = stacked + layer_none                     # + the layer being recomputed
+    est.activations = stacked + layer_recomputed               # + the layer being recomputed
     if not scan:                                               # recomputation keeps each layer's weight slices
       est.activations += layer_params * p_bytes
   if scan:  # measured: a layer scan's compiled peak holds its stacked residuals about twice (1.1B: +6 to +19 GiB)
