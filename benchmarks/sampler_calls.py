@@ -5,7 +5,7 @@
     PYTHONPATH=<checkout of another commit> python benchmarks/sampler_calls.py   # the same calls on older code
 
 Times (median of `--reps` calls after a compiling one) a prefill-only call (1 new token), a 20-token call, the
-same with 5 samples per prompt (10,000 rows), and the first two calls with the cache bucket forced to 320 slots (the
+same with 5 samples per prompt (10,000 rows at the default 2,000 prompts), and the first two calls with the cache bucket forced to 320 slots (the
 size a turn-5 prompt needs). No stop tokens: every row decodes all 20 tokens, so random and trained weights do
 the same work. Per decode step = (t(20 tokens) - t(1 token)) / 19.
 """
@@ -64,7 +64,7 @@ def main():
   for cache, (prefill, call, step) in rows.items():
     print(f"cache {cache:>7}: prefill (1 token) {prefill:.2f}  20 tokens {call:.2f}  "
           f"per decode step {step * 1e3:.0f} ms")
-  print(f"cache natural: 5 samples x 20 tokens (10,000 rows) {five:.2f}")
+  print(f"cache natural: 5 samples x 20 tokens ({5 * args.prompts:,} rows) {five:.2f}")
 
 
 if __name__ == "__main__":
