@@ -2,6 +2,8 @@
 
     python benchmarks/rollout_engine.py                  # 128 requests, 2 repetitions
     python benchmarks/rollout_engine.py --requests 256 --reps 3 --chunk-steps 16
+    python benchmarks/rollout_engine.py --reps 0         # slot counts and memory only (no steady-state timing)
+    python benchmarks/rollout_engine.py --requests 1024 --slots-only   # useful-slot fractions of a long queue
 
 Workload: `--requests` GSM8K train problems drawn at random; each request's prompt is its question and its
 generation length is its reference answer's length, both tokenised with the real Llama 2 tokenizer from
@@ -64,16 +66,24 @@ def run_engine(engine: Engine, workload) -> dict:
   return {k: engine.stats[k] - before.get(k, 0) for k in ("decode_tokens", "slot_steps", "admitted", "chunks")}
 
 
+def static_batches(workload):
+  """The sampler's calls on this workload: static batches of STATIC_BATCH in queue order."""
+  return [workload[start:start + STATIC_BATCH] for start in range(0, len(workload), STATIC_BATCH)]
+
+
+def static_batch_counts(workload) -> dict:
+  """Decode-step tokens and slots of static batching: a call decodes until its longest row is done."""
+  batches = static_batches(workload)
+  return dict(decode_tokens=sum(length - 1 for b in batches for _, length in b),  # the rest of each row is waste
+              slot_steps=sum(STATIC_BATCH * (max(length for _, length in b) - 1) for b in batches))
+
+
 def run_sampler(sampler: Sampler, workload) -> dict:
-  produced = slot_steps = 0
-  for start in range(0, len(workload), STATIC_BATCH):
-    batch = workload[start:start + STATIC_BATCH]
-    longest = max(length for _, length in batch)
-    params = SamplingParams(max_new_tokens=longest, temperature=1.0, stop_token_ids=[])
-    sampler.generate([p for p, _ in batch], params, seed=0, prompt_ids=list(range(start, start + len(batch))))
-    produced += sum(length - 1 for _, length in batch)  # the drawn tokens; the rest of each row is waste
-    slot_steps += STATIC_BATCH * (longest - 1)
-  return dict(decode_tokens=produced, slot_steps=slot_steps)
+  for i, batch in enumerate(static_batches(workload)):
+    params = SamplingParams(max_new_tokens=max(length for _, length in batch), temperature=1.0, stop_token_ids=[])
+    sampler.generate([p for p, _ in batch], params, seed=0,
+                     prompt_ids=list(range(i * STATIC_BATCH, i * STATIC_BATCH + len(batch))))
+  return static_batch_counts(workload)
 
 
 def timed(fn):
@@ -102,6 +112,8 @@ def main():
   parser.add_argument("--requests", type=int, default=128)
   parser.add_argument("--reps", type=int, default=2)
   parser.add_argument("--chunk-steps", type=int, default=8)
+  parser.add_argument("--slots-only", action="store_true",
+                      help="only the useful-slot fractions (the engine runs once; static batching is counted)")
   args = parser.parse_args()
   if not (TOKENIZER.is_file() and GSM8K_TRAIN.is_file()):
     print(f"skipped: {TOKENIZER} or {GSM8K_TRAIN} is absent (the shared data sits beside the checkout)")
@@ -113,6 +125,12 @@ def main():
         f"{np.percentile(lengths, 99):.0f} / max {lengths.max()} tokens", flush=True)
   model = build_model(MODEL, seed=0)
   engine = Engine(model, slots=STATIC_BATCH, max_seq_len=MAX_SEQ_LEN, block_size=16, chunk_steps=args.chunk_steps)
+  if args.slots_only:  # the useful-slot fractions alone: the engine runs once, static batching is counted
+    counts = {"engine": run_engine(engine, workload), "sampler (counted)": static_batch_counts(workload)}
+    for name, c in counts.items():
+      print(f"{name}: useful-slot fraction {c['decode_tokens'] / c['slot_steps']:.3f} ({c['decode_tokens']:,} / "
+            f"{c['slot_steps']:,})", flush=True)
+    return 0
   sampler = Sampler(model, None, max_cache_length=MAX_SEQ_LEN)
   runs = {"engine": lambda: run_engine(engine, workload), "sampler": lambda: run_sampler(sampler, workload)}
   first, counts, times = {}, {}, {name: [] for name in runs}
@@ -124,16 +142,19 @@ def main():
       times[name].append(timed(fn)[0])
     print(f"rep {rep}: " + ", ".join(f"{n} {t[-1]:.1f} s" for n, t in times.items()), flush=True)
   tokens = int(lengths.sum())
-  steady = {name: statistics.median(t) for name, t in times.items()}
+  fraction = {name: c["decode_tokens"] / c["slot_steps"] for name, c in counts.items()}
   for name in runs:
     c = counts[name]
-    print(f"{name:>7}: useful-slot fraction {c['decode_tokens'] / c['slot_steps']:.3f}, first call {first[name]:.1f} s, "
-          f"steady {steady[name]:.2f} s (runs {', '.join(f'{t:.2f}' for t in times[name])}), "
-          f"{tokens / steady[name]:.0f} tok/s", flush=True)
-  fraction = {name: c["decode_tokens"] / c["slot_steps"] for name, c in counts.items()}
-  print(f"engine / sampler: tokens/s {steady['sampler'] / steady['engine']:.2f}x, useful-slot fraction "
-        f"{fraction['engine'] / fraction['sampler']:.2f}x; engine compiles {engine.compile_counts()}, "
-        f"sampler compiles {sampler.compile_counts()}", flush=True)
+    print(f"{name:>7}: useful-slot fraction {fraction[name]:.3f} ({c['decode_tokens']:,} / {c['slot_steps']:,}), "
+          f"first call {first[name]:.1f} s", flush=True)
+  if args.reps:  # --reps 0: the counts (hardware-independent) and the memory lines only
+    steady = {name: statistics.median(t) for name, t in times.items()}
+    for name in runs:
+      print(f"{name:>7}: steady {steady[name]:.2f} s (runs {', '.join(f'{t:.2f}' for t in times[name])}), "
+            f"{tokens / steady[name]:.0f} tok/s", flush=True)
+    print(f"engine / sampler: tokens/s {steady['sampler'] / steady['engine']:.2f}x", flush=True)
+  print(f"engine / sampler: useful-slot fraction {fraction['engine'] / fraction['sampler']:.2f}x; engine compiles "
+        f"{engine.compile_counts()}, sampler compiles {sampler.compile_counts()}", flush=True)
   history = [t for p, _ in gsm8k_workload(12, seed=1) for t in p][:400]
   for max_new in (1, int(lengths.mean())):
     m = best_of_16_memory(model, history, max_new)

@@ -315,6 +315,8 @@ class Engine:
                                             *self._first_token_inputs(samples, rows))
     self.stats["prefill_calls"] += 1
     self.stats["prefill_tokens"] += int(lengths.sum())
+    # The prompts' blocks are held here even when every sample ends at its first token (never admitted to a slot).
+    self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_in_use)
     outputs = jax.device_get(outputs)
     for s, (_, group, j) in enumerate(samples):
       group.first[j] = tuple(x[s].item() for x in outputs)  # token, logprob, sampling logprob, finish code
