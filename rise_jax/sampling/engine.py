@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,14 +45,10 @@ from rise_jax.config import ON_OVERFLOW
 from rise_jax.sampling import loop
 from rise_jax.sampling import paged
 from rise_jax.sampling import select
+from rise_jax.sampling.sampler import STOP_SLOTS, pow2_at_least
 
-STOP_SLOTS = 8          # stop-id bucket (as the sampler's)
 MIN_FIRST_TOKENS = 16   # smallest first-token batch bucket
 MIN_SPAN_TOKENS = 64    # smallest attention-span bucket (fewer chunk compiles for short conversations)
-
-
-def _pow2_at_least(x: int, floor: int = 1) -> int:
-  return max(floor, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,8 +277,8 @@ class Engine:
       own = self._own_blocks(len(group.prompt), group.request.max_new_tokens)
       by_blocks = (free_blocks - prompt_blocks) // own if own else free_slots
       takes = min(group.request.n, free_slots, by_blocks)
-      new_width = max(width, _pow2_at_least(len(group.prompt), self.block_size))
-      if takes < 1 or (batch and _pow2_at_least(len(batch) + 1) * new_width > self.prefill_tokens):
+      new_width = max(width, pow2_at_least(len(group.prompt), self.block_size))
+      if takes < 1 or (batch and pow2_at_least(len(batch) + 1) * new_width > self.prefill_tokens):
         break
       batch.append(queue.popleft())
       width, free_slots, free_blocks = new_width, free_slots - takes, free_blocks - prompt_blocks - takes * own
@@ -297,7 +292,7 @@ class Engine:
 
   def _prefill(self, batch: list[_Group], width: int) -> None:
     """One prefill call for `batch`: store each prompt in fresh blocks, then sample every sample's first token."""
-    rows = _pow2_at_least(len(batch))
+    rows = pow2_at_least(len(batch))
     ids = np.zeros((rows, width), np.int32)
     lengths = np.zeros(rows, np.int32)
     block_ids = np.full((rows, width // self.block_size), paged.TRASH_BLOCK, np.int32)
@@ -323,7 +318,7 @@ class Engine:
 
   def _first_token_inputs(self, samples: list[tuple[int, _Group, int]], rows: int) -> tuple[np.ndarray, ...]:
     """`paged.first_tokens`' per-sample inputs, padded to a bucket (>= the prefill rows: one bucket for n=1)."""
-    m = _pow2_at_least(len(samples), max(MIN_FIRST_TOKENS, rows))
+    m = pow2_at_least(len(samples), max(MIN_FIRST_TOKENS, rows))
     column = lambda values, dtype: np.asarray(list(values) + [0] * (m - len(samples)), dtype)
     key_data = np.zeros((m, 2), np.uint32)
     key_data[:len(samples)] = [g.key_data[j] for _, g, j in samples]
@@ -397,7 +392,7 @@ class Engine:
   def _span_blocks(self, slots: list[_Slot | None]) -> int:
     """The attention span bucket: a power of two of blocks covering every active slot through this chunk."""
     longest = max(slot.length for slot in slots if slot is not None) + self.chunk_steps
-    return min(_pow2_at_least(-(-longest // self.block_size), MIN_SPAN_TOKENS // self.block_size), self.max_blocks)
+    return min(pow2_at_least(-(-longest // self.block_size), MIN_SPAN_TOKENS // self.block_size), self.max_blocks)
 
   def _run_chunk(self, slots: list[_Slot | None], copies: list[tuple[int, int]], results) -> None:
     batch = self._slot_batch(slots, copies)

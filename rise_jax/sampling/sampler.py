@@ -68,14 +68,15 @@ MIN_CACHE = 64        # smallest cache-length bucket
 STOP_SLOTS = 8        # stop-id array size bucket
 
 
-def _pow2_at_least(x: int, floor: int = 1) -> int:
+def pow2_at_least(x: int, floor: int = 1) -> int:
+  """The smallest power of two >= x and >= floor (the shape buckets of the sampler and the engine)."""
   return max(floor, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
 
 
 def _row_bucket(rows: int) -> int:
   """Rows padded to a power of two, or above 256 to a multiple of an eighth of one: 4 buckets per octave, so a
   batch of 10,000 rows runs as 10,240 rather than 16,384 (decode time is linear in rows) at most 4x the compiles."""
-  p = _pow2_at_least(rows)
+  p = pow2_at_least(rows)
   if p <= 256:
     return p
   step = p // 8
@@ -362,7 +363,7 @@ class Sampler:
   def _cache_bucket(self, rows: list[_Row], max_new: int) -> int:
     need = max(min(len(r.target) + max_new, self.capacity) for r in rows)
     sources = {id(r.source._store): r.source._store.cache.positions.shape[1] for r in rows if r.source}
-    return max(min(_pow2_at_least(need, MIN_CACHE), self.capacity), *sources.values(), 0)
+    return max(min(pow2_at_least(need, MIN_CACHE), self.capacity), *sources.values(), 0)
 
   def _source_cache(self, rows: list[_Row], batch: int, cache_len: int) -> KVCache:
     """The starting cache of this call's prompt rows: gathered from their conversations, or empty."""
@@ -396,7 +397,7 @@ class Sampler:
       left[:len(rows)] = [len(p) - d for p, d in zip(pending, done)]
       if not left.any():
         return cache, hidden
-      width = min(_pow2_at_least(int(left.max()), MIN_CHUNK), self.prefill_chunk)
+      width = min(pow2_at_least(int(left.max()), MIN_CHUNK), self.prefill_chunk)
       while int(keep.max()) + width > cache_len:  # a chunk's padded tail must fit in every row's cache
         width //= 2
       lengths = np.minimum(left, width).astype(np.int32)
@@ -430,7 +431,7 @@ class Sampler:
     keys = jax.device_put(select.row_keys(seed, uids, sample_index), self._row_sharding)
     active = np.arange(batch) < decode_rows
     capacity = min(cache_len, self.capacity)
-    stops = np.full(_pow2_at_least(len(stop_ids), STOP_SLOTS), -1, np.int32)
+    stops = np.full(pow2_at_least(len(stop_ids), STOP_SLOTS), -1, np.int32)
     stops[:len(stop_ids)] = stop_ids
     row_params = loop.RowParams(
         temperature=self._rows(np.full(batch, params.temperature, np.float32)),
@@ -440,7 +441,7 @@ class Sampler:
         max_new=jax.device_put(np.int32(params.max_new_tokens), self._replicated),
         stop_ids=jax.device_put(stops, self._replicated))
     state = self._decode_jit(self._params, cache, hidden, keys, row_params, self._rows(active),
-                             max_tokens=_pow2_at_least(params.max_new_tokens, MIN_TOKENS))
+                             max_tokens=pow2_at_least(params.max_new_tokens, MIN_TOKENS))
     tokens, logprobs, sampling_lp, finish, steps, ends = jax.device_get(
         (state.tokens, state.logprobs, state.sampling_logprobs, state.finish, state.step, state.cache.end_index))
     store = _CacheStore(state.cache, id(self))
