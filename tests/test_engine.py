@@ -11,7 +11,7 @@ import pytest
 
 from rise_jax.models import load_hf_checkpoint
 from rise_jax.sampling import Sampler, SamplingParams
-from rise_jax.sampling.engine import Engine, Request
+from rise_jax.sampling.engine import CHUNK_ROW_BUCKETS, Engine, Request
 # The sampler's tiny GQA Llama and windowed Mistral checkpoints, precision and samplers (module-scoped fixtures).
 from tests.test_sampler import PROMPTS, checkpoints, hf_generate, highest_precision, samplers  # noqa: F401
 
@@ -138,8 +138,10 @@ def test_ten_thousand_requests_through_64_slots(models, samplers):
   reference = samplers["llama"].generate([prompts[i] for i in check], SamplingParams(
       max_new_tokens=4, temperature=0.0, stop_token_ids=[]))
   assert [outs[i][0].token_ids for i in check] == [r[0].token_ids[:max_new[i]] for i, r in zip(check, reference)]
-  # One decode chunk (max_seq_len 64 is the smallest span bucket); prefill: <= 7 row buckets x 2 widths (8, 16).
-  assert engine.compile_counts()["chunk"] == 1 and engine.compile_counts()["prefill"] <= 14
+  # Chunks: one span bucket (max_seq_len 64 is the smallest) x <= 4 row buckets (64, 32, 16, 8: the drain packs
+  # the last rows); prefill: row buckets 1, 4, 16, 64 x 2 widths (8, 16), where powers of two met up to 14.
+  assert engine.compile_counts()["chunk"] <= CHUNK_ROW_BUCKETS and engine.compile_counts()["prefill"] <= 4 * 2
+  assert engine.stats["chunk_rows_below_slots"] > 0
 
 
 def test_overflow_raises_or_reports_cache_full(models, checkpoints):
