@@ -29,8 +29,11 @@ the attention span bucketed to a power of two of blocks, at least MIN_SPAN_TOKEN
 (log2(max_blocks) + 1) chunk programs. A prefill batch is (rows, width) with rows a power of 4 (1, 4, 16, 64,
 ...) and width a power of two >= the block size, rows x width <= prefill_tokens; its first-token sampling is
 padded to a power of 4 >= max(16, rows) samples (one bucket per row bucket when n = 1): with n = 1, <= 4 x
-(widths met) prefill programs for 64 slots. Single device (no mesh) for now; continuation of a conversation is a
-fresh request (the sampler guarantees continuation equals re-prefill).
+(widths met) prefill programs for 64 slots.
+
+Mesh: as the Sampler, rows over data and fsdp, kv heads over tensor; the pool's blocks are replicated over data
+(any slot may read any block), so each step's new keys and values reach every data shard. Continuation of a
+conversation is a fresh request (the sampler guarantees continuation equals re-prefill).
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from rise_jax import sharding as sharding_lib
 from rise_jax.config import ON_OVERFLOW
 from rise_jax.sampling import loop
 from rise_jax.sampling import paged
@@ -120,10 +125,11 @@ class Engine:
 
   def __init__(self, model: nnx.Module, *, slots: int = 64, max_seq_len: int, block_size: int = 16,
                num_blocks: int | None = None, chunk_steps: int = 8, prefill_tokens: int = 4096,
-               on_overflow: str = "raise", vocab_limit: int | None = None):
+               on_overflow: str = "raise", vocab_limit: int | None = None, mesh=None,
+               rules=sharding_lib.SAMPLE_RULES):
     """
     Args:
-      model: the Transformer (single device).
+      model: the Transformer (any sharding; its weights are resharded to the sampling layout, as the Sampler's).
       slots: decode rows run together in every chunk.
       max_seq_len: the most tokens a sample may hold (prompt + reply), capped by max_position_embeddings.
       block_size: tokens per pool block (a power of two).
@@ -134,6 +140,10 @@ class Engine:
       on_overflow: "raise" when prompt + max_new_tokens exceeds the capacity, or "report" (decode until full,
         finish_reason "cache_full").
       vocab_limit: ids >= it are never sampled (a model vocabulary padded past the tokenizer's).
+      mesh: a ('data', 'fsdp', 'tensor') mesh; None = one device. Chunk and prefill rows are spread over data and
+        fsdp (a row bucket they do not divide is replicated), kv heads of the pool and the weights over tensor
+        (`rules`); the pool's blocks are whole on every data shard, since any slot may read any block.
+      rules: the logical-axis rules of weights, pool and rows (default: the Sampler's).
     """
     if on_overflow not in ON_OVERFLOW:
       raise ValueError(f"Engine.on_overflow: {on_overflow!r} is not one of {ON_OVERFLOW}")
@@ -151,23 +161,49 @@ class Engine:
     self.prefill_tokens = max(int(prefill_tokens), self.block_size)
     self.on_overflow = on_overflow
     self.vocab_limit = vocab_limit
-    self.graphdef, self._params = nnx.split(model)
-    self._pool = paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype)
+    self.mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
+    self.rules = rules
+    self.graphdef, state = nnx.split(model)
+    self._params = jax.device_put(state, sharding_lib.state_shardings(state, self.mesh, rules))
+    pool_shape = jax.eval_shape(lambda: paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype))
+    self._pool_sharding = jax.tree.map(
+        lambda x: self._sharding((None, "kv_heads", None, "head_dim"), x.shape), pool_shape)
+    self._pool = jax.jit(lambda: paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype),
+                         out_shardings=self._pool_sharding)()
     self._free_blocks = list(range(self.num_blocks - 1, paged.TRASH_BLOCK, -1))  # pop() hands out low ids first
     self._free_after_chunk: list[int] = []  # partial prompt blocks whose copies the next chunk makes
     self.stats: collections.Counter = collections.Counter()
     merge = lambda p: nnx.merge(self.graphdef, p)
     self._prefill_jit = jax.jit(self._prefill_and_sample, donate_argnums=(1,))
     self._chunk_jit = jax.jit(
-        lambda p, pool, slots, span: paged.decode_chunk(merge(p), pool, slots, self.chunk_steps, span,
-                                                        self.vocab_limit),
+        lambda p, pool, slots, span: self._pin_pool(paged.decode_chunk(merge(p), pool, slots, self.chunk_steps,
+                                                                       span, self.vocab_limit)),
         static_argnums=(3,), donate_argnums=(1,))
 
   def _prefill_and_sample(self, params, pool, ids, lengths, block_ids, *first_token_args):
     """One dispatch per refill: prefill the prompts into the pool, then sample every sample's first token."""
     model = nnx.merge(self.graphdef, params)
     pool, hidden = paged.prefill(model, pool, ids, lengths, block_ids)
-    return pool, paged.first_tokens(model, hidden, *first_token_args, self.vocab_limit)
+    return self._pin_pool((pool, paged.first_tokens(model, hidden, *first_token_args, self.vocab_limit)))
+
+  # -- layout ------------------------------------------------------------------------------------------------
+
+  def _sharding(self, logical_axes, shape) -> NamedSharding:
+    spec = list(sharding_lib.logical_to_spec(logical_axes, shape, self.mesh, self.rules, "replicate", "engine",
+                                             warn=False))
+    while spec and spec[-1] is None:  # jit returns specs without trailing Nones: an equal key, no second compile
+      spec.pop()
+    return NamedSharding(self.mesh, PartitionSpec(*spec))
+
+  def _pin_pool(self, outputs):
+    """(pool, rest) with the pool kept in its layout, so the donated buffer is reused call after call."""
+    pool, rest = outputs
+    return jax.lax.with_sharding_constraint(pool, self._pool_sharding), rest
+
+  def _rows(self, tree):
+    """Host arrays whose first axis is rows, placed with rows over the mesh's data and fsdp axes."""
+    place = lambda x: jax.device_put(x, self._sharding(("batch",) + (None,) * (x.ndim - 1), x.shape))
+    return jax.tree.map(place, tree)
 
   def compile_counts(self) -> dict[str, int]:
     """Entries in each jitted function's compilation cache (bounded by the buckets in the module docstring)."""
@@ -316,8 +352,8 @@ class Engine:
       group.shared_blocks, group.partial_block = blocks[:full], (blocks[full] if len(blocks) > full else None)
       group.live = group.request.n
     samples = [(r, g, j) for r, g in enumerate(batch) for j in range(g.request.n)]
-    self._pool, outputs = self._prefill_jit(self._params, self._pool, ids, lengths, block_ids,
-                                            *self._first_token_inputs(samples, rows))
+    self._pool, outputs = self._prefill_jit(self._params, self._pool, *self._rows(
+        (ids, lengths, block_ids, *self._first_token_inputs(samples, rows))))
     self.stats["prefill_calls"] += 1
     self.stats["prefill_tokens"] += int(lengths.sum())
     # The prompts' blocks are held here even when every sample ends at its first token (never admitted to a slot).
@@ -411,7 +447,7 @@ class Engine:
     where = [s for s, slot in enumerate(slots) if slot is not None]
     rows = self._chunk_rows(len(where))
     batch = self._slot_batch([slots[s] for s in where], rows, copies)
-    self._pool, out = self._chunk_jit(self._params, self._pool, batch, self._span_blocks(slots))
+    self._pool, out = self._chunk_jit(self._params, self._pool, self._rows(batch), self._span_blocks(slots))
     out = jax.device_get(out)
     steps = int(out.steps)
     self.stats["chunks"] += 1
