@@ -4,6 +4,8 @@
     python benchmarks/rollout_engine.py --requests 256 --reps 3 --chunk-steps 16
     python benchmarks/rollout_engine.py --reps 0         # slot counts and memory only (no steady-state timing)
     python benchmarks/rollout_engine.py --requests 1024 --slots-only   # useful-slot fractions of a long queue
+    python benchmarks/rollout_engine.py --requests 64 --fixed-length 40   # one batch, every row 40 tokens: the
+                                                                          # cost of a decode step, no waste to remove
 
 Workload: `--requests` GSM8K train problems drawn at random; each request's prompt is its question and its
 generation length is its reference answer's length, both tokenised with the real Llama 2 tokenizer from
@@ -112,6 +114,8 @@ def main():
   parser.add_argument("--requests", type=int, default=128)
   parser.add_argument("--reps", type=int, default=2)
   parser.add_argument("--chunk-steps", type=int, default=8)
+  parser.add_argument("--fixed-length", type=int, default=0,
+                      help="every request generates this many tokens (the per-step cost, static batching's best case)")
   parser.add_argument("--slots-only", action="store_true",
                       help="only the useful-slot fractions (the engine runs once; static batching is counted)")
   args = parser.parse_args()
@@ -119,6 +123,8 @@ def main():
     print(f"skipped: {TOKENIZER} or {GSM8K_TRAIN} is absent (the shared data sits beside the checkout)")
     return 0
   workload = gsm8k_workload(args.requests, seed=0)
+  if args.fixed_length:
+    workload = [(prompt, args.fixed_length) for prompt, _ in workload]
   lengths = np.asarray([length for _, length in workload])
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {len(workload)} GSM8K requests, prompt mean "
         f"{np.mean([len(p) for p, _ in workload]):.0f} tokens, answer mean {lengths.mean():.0f} / p99 "

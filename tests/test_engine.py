@@ -5,13 +5,15 @@ the sampler: the same tokens for the same (seed, uid, sample) keys, log-probs wi
 count, the queue order, the slot a request lands in or whether its prompt blocks are shared.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from rise_jax.models import load_hf_checkpoint
 from rise_jax.sampling import Sampler, SamplingParams
-from rise_jax.sampling.engine import Engine, Request
+from rise_jax.sampling.engine import CHUNK_ROW_BUCKETS, Engine, Request
 # The sampler's tiny GQA Llama and windowed Mistral checkpoints, precision and samplers (module-scoped fixtures).
 from tests.test_sampler import PROMPTS, checkpoints, hf_generate, highest_precision, samplers  # noqa: F401
 
@@ -138,8 +140,10 @@ def test_ten_thousand_requests_through_64_slots(models, samplers):
   reference = samplers["llama"].generate([prompts[i] for i in check], SamplingParams(
       max_new_tokens=4, temperature=0.0, stop_token_ids=[]))
   assert [outs[i][0].token_ids for i in check] == [r[0].token_ids[:max_new[i]] for i, r in zip(check, reference)]
-  # One decode chunk (max_seq_len 64 is the smallest span bucket); prefill: <= 7 row buckets x 2 widths (8, 16).
-  assert engine.compile_counts()["chunk"] == 1 and engine.compile_counts()["prefill"] <= 14
+  # Chunks: one span bucket (max_seq_len 64 is the smallest) x <= 4 row buckets (64, 32, 16, 8: the drain packs
+  # the last rows); prefill: row buckets 1, 4, 16, 64 x 2 widths (8, 16), where powers of two met up to 14.
+  assert engine.compile_counts()["chunk"] <= CHUNK_ROW_BUCKETS and engine.compile_counts()["prefill"] <= 4 * 2
+  assert engine.stats["chunk_rows_below_slots"] > 0
 
 
 def test_overflow_raises_or_reports_cache_full(models, checkpoints):
@@ -165,3 +169,24 @@ def test_a_pool_smaller_than_the_slots_need_waits_instead_of_dropping(models, sa
   got = engine.run(requests_for(PROMPTS, params, range(4)), seed=2)
   assert_same(got, samplers["llama"].generate(PROMPTS, params, seed=2, prompt_ids=list(range(4))))
   assert engine.stats["peak_blocks"] <= 12
+
+
+def test_sharded_engine_equals_unsharded(engines, checkpoints):
+  """Rows over 4 data shards, kv heads over 2 tensor shards (8 fake CPU devices): the same tokens, log-probs
+  within 1e-5, through a row bucket of 4 and a drained one of 2 (not divisible by the 4 data shards)."""
+  from rise_jax import sharding
+  mesh = sharding.make_mesh((4, 1, 2))
+  sharded = Engine(load_hf_checkpoint(checkpoints["llama"], mesh=mesh), **ENGINE, mesh=mesh)
+  params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, n=2, stop_token_ids=[])
+  requests = requests_for(PROMPTS[:3], params, ["x", "y", "z"])
+  requests[1] = dataclasses.replace(requests[1], max_new_tokens=14)  # its 2 samples drain alone
+  want = engines["llama"].run(requests, seed=3)
+  got = sharded.run(requests, seed=3)
+  assert_same(got, want)
+  assert len(sharded._pool.k[0].sharding.device_set) == 8 and not sharded._pool.k[0].sharding.is_fully_replicated
+  assert len(jax.tree.leaves(sharded._params)[0].sharding.device_set) == 8
+  assert sharded.stats["chunk_rows_below_slots"] > 0
+  compiled = [e.compile_counts() for e in (sharded, engines["llama"])]
+  assert_same(sharded.run(requests, seed=3), want)
+  engines["llama"].run(requests, seed=3)
+  assert [e.compile_counts() for e in (sharded, engines["llama"])] == compiled  # a second run compiles nothing

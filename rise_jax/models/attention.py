@@ -109,29 +109,20 @@ def xla_attention(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, window=None, bl
   return out[:, :l]
 
 
-def decode_attention(q, keys, values, visible, head_major: bool = True):
-  """One query per row: q [b, heads, d]; keys, values [b, kv_heads, t, d] (`head_major`, the contiguous decode
-  cache) or [b, t, kv_heads, d] (a paged pool's gathered blocks); visible [b, t]. Returns float32 [b, heads, d]
-  (zeros for a row that sees no key).
+def decode_attention(q, keys, values, visible):
+  """One query per row: q [b, heads, d]; keys, values [b, kv_heads, t, d] (the contiguous decode cache, or a paged
+  pool's gathered blocks); visible [b, t]. Returns float32 [b, heads, d] (zeros for a row that sees no key).
 
   A multiply-and-reduce, not a batched dot: with one query per row a dot runs thousands of [groups x d] @
   [d x t] products, 2-3x slower on CPU than streaming the cache once (toy model, 2,048 rows, 320 slots)."""
   b, heads, d = q.shape
-  kv_heads = keys.shape[1] if head_major else keys.shape[2]
+  kv_heads = keys.shape[1]
   q = q.reshape(b, kv_heads, heads // kv_heads, d).astype(jnp.float32)
-  if head_major:
-    scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None].astype(jnp.float32), axis=-1)  # [b, kv, g, t]
-    key_axis, shown = 3, visible[:, None, None, :]
-  else:
-    scores = jnp.sum(q[:, None] * keys[:, :, :, None].astype(jnp.float32), axis=-1)  # [b, t, kv, g]
-    key_axis, shown = 1, visible[:, :, None, None]
-  scores = jnp.where(shown, scores * d ** -0.5, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=key_axis)
+  scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None].astype(jnp.float32), axis=-1)  # [b, kv, g, t]
+  scores = jnp.where(visible[:, None, None, :], scores * d ** -0.5, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=3)
   probs = jnp.where(visible.any(-1)[:, None, None, None], probs, 0.0)
-  if head_major:
-    out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=-2)
-  else:
-    out = jnp.sum(probs[..., None] * values[:, :, :, None].astype(jnp.float32), axis=1)
+  out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=-2)
   return out.reshape(b, heads, d)
 
 

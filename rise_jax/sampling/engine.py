@@ -23,11 +23,17 @@ assignment, queue order or slot count. Greedy decoding equals `Sampler` token fo
 `generate`); log-probabilities agree to float32 rounding (~1e-6: the attention reduces over a different padded
 length). Overflow raises (`on_overflow="raise"`) or decodes to `cache_full` ("report"), never drops a request.
 
-Shapes (compiles are bounded and counted by `compile_counts()`): decode chunks are [slots, chunk_steps] with
-the attention span bucketed to a power of two of blocks, at least MIN_SPAN_TOKENS (<= log2(max_blocks) + 1
-variants); prefill batches are (rows, width) with rows a power of two and width a power of two >= the block
-size; first-token sampling is bucketed to powers of two >= 16 samples. Single device (no mesh) for now; continuation of a conversation is a
-fresh request (the sampler guarantees continuation equals re-prefill).
+Shapes (compiles are bounded and counted by `compile_counts()`). A decode chunk runs the occupied slots packed
+into the smallest of CHUNK_ROW_BUCKETS row buckets (slots, slots / 2, slots / 4, slots / 8) that holds them, with
+the attention span bucketed to a power of two of blocks, at least MIN_SPAN_TOKENS: <= CHUNK_ROW_BUCKETS x
+(log2(max_blocks) + 1) chunk programs. A prefill batch is (rows, width) with rows a power of 4 (1, 4, 16, 64,
+...) and width a power of two >= the block size, rows x width <= prefill_tokens; its first-token sampling is
+padded to a power of 4 >= max(16, rows) samples (one bucket per row bucket when n = 1): with n = 1, <= 4 x
+(widths met) prefill programs for 64 slots.
+
+Mesh: as the Sampler, rows over data and fsdp, kv heads over tensor; the pool's blocks are replicated over data
+(any slot may read any block), so each step's new keys and values reach every data shard. Continuation of a
+conversation is a fresh request (the sampler guarantees continuation equals re-prefill).
 """
 
 from __future__ import annotations
@@ -40,15 +46,24 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from rise_jax import sharding as sharding_lib
 from rise_jax.config import ON_OVERFLOW
 from rise_jax.sampling import loop
 from rise_jax.sampling import paged
 from rise_jax.sampling import select
 from rise_jax.sampling.sampler import STOP_SLOTS, pow2_at_least
 
-MIN_FIRST_TOKENS = 16   # smallest first-token batch bucket
+MIN_FIRST_TOKENS = 16   # smallest first-token batch bucket (a power of 4)
 MIN_SPAN_TOKENS = 64    # smallest attention-span bucket (fewer chunk compiles for short conversations)
+CHUNK_ROW_BUCKETS = 4   # decode chunks run slots, slots / 2, slots / 4 or slots / 8 rows (the occupied ones)
+
+
+def pow4_at_least(x: int, floor: int = 1) -> int:
+  """The smallest power of 4 >= x and >= floor: the prefill row buckets (half the programs powers of two need)."""
+  p = pow2_at_least(x, floor)
+  return p * 2 if (p.bit_length() - 1) % 2 else p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +125,11 @@ class Engine:
 
   def __init__(self, model: nnx.Module, *, slots: int = 64, max_seq_len: int, block_size: int = 16,
                num_blocks: int | None = None, chunk_steps: int = 8, prefill_tokens: int = 4096,
-               on_overflow: str = "raise", vocab_limit: int | None = None):
+               on_overflow: str = "raise", vocab_limit: int | None = None, mesh=None,
+               rules=sharding_lib.SAMPLE_RULES):
     """
     Args:
-      model: the Transformer (single device).
+      model: the Transformer (any sharding; its weights are resharded to the sampling layout, as the Sampler's).
       slots: decode rows run together in every chunk.
       max_seq_len: the most tokens a sample may hold (prompt + reply), capped by max_position_embeddings.
       block_size: tokens per pool block (a power of two).
@@ -124,6 +140,10 @@ class Engine:
       on_overflow: "raise" when prompt + max_new_tokens exceeds the capacity, or "report" (decode until full,
         finish_reason "cache_full").
       vocab_limit: ids >= it are never sampled (a model vocabulary padded past the tokenizer's).
+      mesh: a ('data', 'fsdp', 'tensor') mesh; None = one device. Chunk and prefill rows are spread over data and
+        fsdp (a row bucket they do not divide is replicated), kv heads of the pool and the weights over tensor
+        (`rules`); the pool's blocks are whole on every data shard, since any slot may read any block.
+      rules: the logical-axis rules of weights, pool and rows (default: the Sampler's).
     """
     if on_overflow not in ON_OVERFLOW:
       raise ValueError(f"Engine.on_overflow: {on_overflow!r} is not one of {ON_OVERFLOW}")
@@ -141,23 +161,49 @@ class Engine:
     self.prefill_tokens = max(int(prefill_tokens), self.block_size)
     self.on_overflow = on_overflow
     self.vocab_limit = vocab_limit
-    self.graphdef, self._params = nnx.split(model)
-    self._pool = paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype)
+    self.mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
+    self.rules = rules
+    self.graphdef, state = nnx.split(model)
+    self._params = jax.device_put(state, sharding_lib.state_shardings(state, self.mesh, rules))
+    pool_shape = jax.eval_shape(lambda: paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype))
+    self._pool_sharding = jax.tree.map(
+        lambda x: self._sharding((None, "kv_heads", None, "head_dim"), x.shape), pool_shape)
+    self._pool = jax.jit(lambda: paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype),
+                         out_shardings=self._pool_sharding)()
     self._free_blocks = list(range(self.num_blocks - 1, paged.TRASH_BLOCK, -1))  # pop() hands out low ids first
     self._free_after_chunk: list[int] = []  # partial prompt blocks whose copies the next chunk makes
     self.stats: collections.Counter = collections.Counter()
     merge = lambda p: nnx.merge(self.graphdef, p)
     self._prefill_jit = jax.jit(self._prefill_and_sample, donate_argnums=(1,))
     self._chunk_jit = jax.jit(
-        lambda p, pool, slots, span: paged.decode_chunk(merge(p), pool, slots, self.chunk_steps, span,
-                                                        self.vocab_limit),
+        lambda p, pool, slots, span: self._pin_pool(paged.decode_chunk(merge(p), pool, slots, self.chunk_steps,
+                                                                       span, self.vocab_limit)),
         static_argnums=(3,), donate_argnums=(1,))
 
   def _prefill_and_sample(self, params, pool, ids, lengths, block_ids, *first_token_args):
     """One dispatch per refill: prefill the prompts into the pool, then sample every sample's first token."""
     model = nnx.merge(self.graphdef, params)
     pool, hidden = paged.prefill(model, pool, ids, lengths, block_ids)
-    return pool, paged.first_tokens(model, hidden, *first_token_args, self.vocab_limit)
+    return self._pin_pool((pool, paged.first_tokens(model, hidden, *first_token_args, self.vocab_limit)))
+
+  # -- layout ------------------------------------------------------------------------------------------------
+
+  def _sharding(self, logical_axes, shape) -> NamedSharding:
+    spec = list(sharding_lib.logical_to_spec(logical_axes, shape, self.mesh, self.rules, "replicate", "engine",
+                                             warn=False))
+    while spec and spec[-1] is None:  # jit returns specs without trailing Nones: an equal key, no second compile
+      spec.pop()
+    return NamedSharding(self.mesh, PartitionSpec(*spec))
+
+  def _pin_pool(self, outputs):
+    """(pool, rest) with the pool kept in its layout, so the donated buffer is reused call after call."""
+    pool, rest = outputs
+    return jax.lax.with_sharding_constraint(pool, self._pool_sharding), rest
+
+  def _rows(self, tree):
+    """Host arrays whose first axis is rows, placed with rows over the mesh's data and fsdp axes."""
+    place = lambda x: jax.device_put(x, self._sharding(("batch",) + (None,) * (x.ndim - 1), x.shape))
+    return jax.tree.map(place, tree)
 
   def compile_counts(self) -> dict[str, int]:
     """Entries in each jitted function's compilation cache (bounded by the buckets in the module docstring)."""
@@ -278,7 +324,7 @@ class Engine:
       by_blocks = (free_blocks - prompt_blocks) // own if own else free_slots
       takes = min(group.request.n, free_slots, by_blocks)
       new_width = max(width, pow2_at_least(len(group.prompt), self.block_size))
-      if takes < 1 or (batch and pow2_at_least(len(batch) + 1) * new_width > self.prefill_tokens):
+      if takes < 1 or (batch and pow4_at_least(len(batch) + 1) * new_width > self.prefill_tokens):
         break
       batch.append(queue.popleft())
       width, free_slots, free_blocks = new_width, free_slots - takes, free_blocks - prompt_blocks - takes * own
@@ -292,7 +338,7 @@ class Engine:
 
   def _prefill(self, batch: list[_Group], width: int) -> None:
     """One prefill call for `batch`: store each prompt in fresh blocks, then sample every sample's first token."""
-    rows = pow2_at_least(len(batch))
+    rows = pow4_at_least(len(batch))
     ids = np.zeros((rows, width), np.int32)
     lengths = np.zeros(rows, np.int32)
     block_ids = np.full((rows, width // self.block_size), paged.TRASH_BLOCK, np.int32)
@@ -306,8 +352,8 @@ class Engine:
       group.shared_blocks, group.partial_block = blocks[:full], (blocks[full] if len(blocks) > full else None)
       group.live = group.request.n
     samples = [(r, g, j) for r, g in enumerate(batch) for j in range(g.request.n)]
-    self._pool, outputs = self._prefill_jit(self._params, self._pool, ids, lengths, block_ids,
-                                            *self._first_token_inputs(samples, rows))
+    self._pool, outputs = self._prefill_jit(self._params, self._pool, *self._rows(
+        (ids, lengths, block_ids, *self._first_token_inputs(samples, rows))))
     self.stats["prefill_calls"] += 1
     self.stats["prefill_tokens"] += int(lengths.sum())
     # The prompts' blocks are held here even when every sample ends at its first token (never admitted to a slot).
@@ -318,7 +364,7 @@ class Engine:
 
   def _first_token_inputs(self, samples: list[tuple[int, _Group, int]], rows: int) -> tuple[np.ndarray, ...]:
     """`paged.first_tokens`' per-sample inputs, padded to a bucket (>= the prefill rows: one bucket for n=1)."""
-    m = pow2_at_least(len(samples), max(MIN_FIRST_TOKENS, rows))
+    m = pow4_at_least(len(samples), max(MIN_FIRST_TOKENS, rows))
     column = lambda values, dtype: np.asarray(list(values) + [0] * (m - len(samples)), dtype)
     key_data = np.zeros((m, 2), np.uint32)
     key_data[:len(samples)] = [g.key_data[j] for _, g, j in samples]
@@ -361,22 +407,25 @@ class Engine:
 
   # -- one chunk ---------------------------------------------------------------------------------------------
 
-  def _slot_batch(self, slots: list[_Slot | None], copies: list[tuple[int, int]]) -> paged.SlotBatch:
-    n = self.slots
-    table = np.full((n, self.max_blocks), paged.TRASH_BLOCK, np.int32)
-    ints = {name: np.zeros(n, np.int32) for name in ("length", "last_token", "generated", "max_new", "capacity",
-                                                     "top_k", "copy_src", "copy_dst")}
-    floats = {name: np.zeros(n, np.float32) for name in ("temperature", "top_p")}
-    active = np.zeros(n, bool)
-    key_data = np.zeros((n, 2), np.uint32)
-    stop_ids = np.full((n, STOP_SLOTS), -1, np.int32)
-    for s, slot in enumerate(slots):
-      if slot is None:
-        continue
+  def _chunk_rows(self, occupied: int) -> int:
+    """The chunk's row bucket: the smallest of slots, slots / 2, ... slots / 2**(CHUNK_ROW_BUCKETS - 1) (rounded
+    up) holding every occupied slot, so a draining queue's last rows do not pay for every idle slot."""
+    return min(b for b in (-(-self.slots // 2**k) for k in range(CHUNK_ROW_BUCKETS)) if b >= occupied)
+
+  def _slot_batch(self, occupied: list[_Slot], rows: int, copies: list[tuple[int, int]]) -> paged.SlotBatch:
+    """The chunk's inputs: row r runs occupied[r] (rows past them idle); where a slot sits on the host is
+    irrelevant, its keys and position decide what it samples."""
+    table = np.full((rows, self.max_blocks), paged.TRASH_BLOCK, np.int32)
+    ints = {name: np.zeros(rows, np.int32) for name in ("length", "last_token", "generated", "max_new", "capacity",
+                                                        "top_k", "copy_src", "copy_dst")}
+    floats = {name: np.zeros(rows, np.float32) for name in ("temperature", "top_p")}
+    active = np.arange(rows) < len(occupied)
+    key_data = np.zeros((rows, 2), np.uint32)
+    stop_ids = np.full((rows, STOP_SLOTS), -1, np.int32)
+    for s, slot in enumerate(occupied):
       request = slot.group.request
       blocks = slot.group.shared_blocks + slot.own_blocks
       table[s, :len(blocks)] = blocks
-      active[s] = True
       key_data[s] = slot.group.key_data[slot.sample]
       stop_ids[s, :len(request.stop_ids)] = request.stop_ids
       for name, value in (("length", slot.length), ("last_token", slot.last_token),
@@ -384,7 +433,7 @@ class Engine:
                           ("capacity", self.capacity), ("top_k", request.top_k)):
         ints[name][s] = value
       floats["temperature"][s], floats["top_p"][s] = request.temperature, request.top_p
-    for i, (src, dst) in enumerate(copies):
+    for i, (src, dst) in enumerate(copies):  # at most one per slot admitted since the last chunk
       ints["copy_src"][i], ints["copy_dst"][i] = src, dst
     return paged.SlotBatch(block_table=table, active=active, key_data=key_data, stop_ids=stop_ids, **ints,
                            **floats)
@@ -395,28 +444,30 @@ class Engine:
     return min(pow2_at_least(-(-longest // self.block_size), MIN_SPAN_TOKENS // self.block_size), self.max_blocks)
 
   def _run_chunk(self, slots: list[_Slot | None], copies: list[tuple[int, int]], results) -> None:
-    batch = self._slot_batch(slots, copies)
-    self._pool, out = self._chunk_jit(self._params, self._pool, batch, self._span_blocks(slots))
+    where = [s for s, slot in enumerate(slots) if slot is not None]
+    rows = self._chunk_rows(len(where))
+    batch = self._slot_batch([slots[s] for s in where], rows, copies)
+    self._pool, out = self._chunk_jit(self._params, self._pool, self._rows(batch), self._span_blocks(slots))
     out = jax.device_get(out)
     steps = int(out.steps)
     self.stats["chunks"] += 1
     self.stats["decode_steps"] += steps
-    self.stats["slot_steps"] += steps * self.slots
+    self.stats["slot_steps"] += steps * rows  # rows the chunk computed, idle ones included
+    self.stats["chunk_rows_below_slots"] += rows < self.slots
     self.stats["cow_copies"] += len(copies)
-    for s, slot in enumerate(slots):
-      if slot is None:
-        continue
-      produced = int(out.produced[s])
+    for r, s in enumerate(where):
+      slot = slots[s]
+      produced = int(out.produced[r])
       self.stats["decode_tokens"] += produced
-      slot.tokens += out.tokens[s, :produced].tolist()
-      slot.logprobs += out.logprobs[s, :produced].tolist()
-      slot.sampling_logprobs += out.sampling_logprobs[s, :produced].tolist()
+      slot.tokens += out.tokens[r, :produced].tolist()
+      slot.logprobs += out.logprobs[r, :produced].tolist()
+      slot.sampling_logprobs += out.sampling_logprobs[r, :produced].tolist()
       slot.length += produced
       slot.last_token = slot.tokens[-1]
-      if out.finish[s] != loop.RUNNING:
+      if out.finish[r] != loop.RUNNING:
         results[slot.group.index][slot.sample] = SampleResult(
             slot.tokens, np.asarray(slot.logprobs, np.float32), np.asarray(slot.sampling_logprobs, np.float32),
-            loop.FINISH_REASONS[int(out.finish[s])], len(slot.group.prompt))
+            loop.FINISH_REASONS[int(out.finish[r])], len(slot.group.prompt))
         self._free_blocks.extend(slot.own_blocks)
         self._release_sample(slot.group)
         slots[s] = None

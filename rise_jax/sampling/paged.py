@@ -1,8 +1,11 @@
 """The rollout engine's device side: a paged KV pool, prefill into it, first tokens, and multi-step decode chunks.
 
 Pure functions of (model, arrays); `engine.Engine` jits them and owns every decision (which block, which slot).
-Pool layout: per layer one [num_blocks, block_size, kv_heads, head_dim] array (per-layer arrays, not one stacked
-array: XLA:CPU copies a dynamically indexed layer out every step, see `rise_jax.models.decode`). Token i of a slot's
+Pool layout: per layer one [num_blocks, kv_heads, block_size, head_dim] array (per-layer arrays, not one stacked
+array: XLA:CPU copies a dynamically indexed layer out every step, see `rise_jax.models.decode`). Head-major
+blocks: a slot's gathered blocks transpose into the contiguous decode cache's [kv_heads, tokens, head_dim] inside
+the gather's own fusion, so the attention is the sampler's (measured on CPU: the token-major [blocks, block_size,
+kv_heads, head_dim] pool's attention was 1.14x slower, `benchmarks/paged_attention.py`). Token i of a slot's
 conversation lives at offset i % block_size of block `block_table[slot, i // block_size]`; positions are
 implicit (token i has position i, no holes), so a slot needs no positions array. Block `TRASH_BLOCK` is never
 allocated: idle slots and padding write there, and no live table points at it below a row's length.
@@ -26,7 +29,7 @@ TRASH_BLOCK = 0
 @flax.struct.dataclass
 class PagedPool:
   """Every layer's keys and values, in blocks shared by all slots (device state, donated through each call)."""
-  k: tuple[jax.Array, ...]  # per layer [num_blocks, block_size, kv_heads, head_dim]
+  k: tuple[jax.Array, ...]  # per layer [num_blocks, kv_heads, block_size, head_dim]
   v: tuple[jax.Array, ...]
 
 
@@ -68,7 +71,7 @@ class ChunkOutput:
 
 
 def init_pool(config, num_blocks: int, block_size: int, dtype) -> PagedPool:
-  shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+  shape = (num_blocks, config.num_kv_heads, block_size, config.head_dim)
   zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
   return PagedPool(k=zeros(), v=zeros())
 
@@ -86,9 +89,10 @@ def prefill(model, pool: PagedPool, ids: jax.Array, lengths: jax.Array,
   zeros = jnp.zeros((rows,), jnp.int32)
   cache, hidden = loop.extend(model, cache, ids, lengths, zeros,
                               jnp.zeros((rows, model.config.hidden_size), jnp.float32))
-  block_size = pool.k[0].shape[1]
+  block_size = pool.k[0].shape[2]
   flat_ids = block_ids.reshape(-1)
-  as_blocks = lambda x: x.reshape(rows * (width // block_size), block_size, *x.shape[2:])
+  # [rows, width, kv_heads, d] -> [blocks, kv_heads, block_size, d]
+  as_blocks = lambda x: jnp.swapaxes(x.reshape(rows * (width // block_size), block_size, *x.shape[2:]), 1, 2)
   k = tuple(p.at[flat_ids].set(as_blocks(cache.k[i])) for i, p in enumerate(pool.k))
   v = tuple(p.at[flat_ids].set(as_blocks(cache.v[i])) for i, p in enumerate(pool.v))
   return PagedPool(k=k, v=v), hidden
@@ -123,7 +127,7 @@ def paged_decode_hidden(model, layers, pool: PagedPool, tokens: jax.Array, lengt
   """
   c = model.config
   slots = tokens.shape[0]
-  block_size = pool.k[0].shape[1]
+  block_size = pool.k[0].shape[2]
   max_blocks = block_table.shape[1]
   own_block = jnp.take_along_axis(block_table, jnp.minimum(length // block_size, max_blocks - 1)[:, None], 1)[:, 0]
   write_block = jnp.where(active, own_block, TRASH_BLOCK)
@@ -133,14 +137,15 @@ def paged_decode_hidden(model, layers, pool: PagedPool, tokens: jax.Array, lengt
   visible = key_index <= length[:, None]
   if c.sliding_window is not None:
     visible &= length[:, None] - key_index < c.sliding_window
-  gathered = lambda p: p[table].reshape(slots, span_blocks * block_size, *p.shape[2:])
+  # [slots, span, kv_heads, block_size, d] -> the contiguous decode cache's [slots, kv_heads, span x block_size, d]
+  gathered = lambda p: jnp.swapaxes(p[table], 1, 2).reshape(slots, p.shape[1], span_blocks * block_size, p.shape[3])
 
   def attend(q, k, v, layer_pool):
     k_pool, v_pool = layer_pool
-    k_pool = k_pool.at[write_block, write_offset].set(k.astype(k_pool.dtype))
-    v_pool = v_pool.at[write_block, write_offset].set(v.astype(v_pool.dtype))
-    # A gather of the slot's blocks feeding the multiply-and-reduce (XLA fuses it into the reduce on CPU).
-    out = attention_lib.decode_attention(q, gathered(k_pool), gathered(v_pool), visible, head_major=False)
+    k_pool = k_pool.at[write_block, :, write_offset].set(k.astype(k_pool.dtype))
+    v_pool = v_pool.at[write_block, :, write_offset].set(v.astype(v_pool.dtype))
+    # XLA:CPU materialises the gather (its reduce fusions take no gather), once per layer and step.
+    out = attention_lib.decode_attention(q, gathered(k_pool), gathered(v_pool), visible)
     return out, (k_pool, v_pool)
 
   hidden, kv = decode_lib.decode_layers(model, tokens, length, layers, list(zip(pool.k, pool.v)), attend)
