@@ -60,7 +60,7 @@ def examples_per_second(metrics_path: pathlib.Path) -> float:
 
 def run_pass(tree: pathlib.Path, records: str, tokenizer: str, log_every: int) -> float:
   out = tempfile.mkdtemp(prefix="rise_jax_bench_")
-  env = dict(os.environ, PYTHONPATH=str(tree), JAX_COMPILATION_CACHE_DIR="")
+  env = dict(os.environ, PYTHONPATH=str(tree), JAX_COMPILATION_CACHE_DIR="")  # no persistent cache: both compile alike
   proc = subprocess.run([sys.executable, "-c", CHILD, str(tree), records, tokenizer, out, str(log_every)],
                         cwd=tree, env=env, capture_output=True, text=True)
   if proc.returncode:

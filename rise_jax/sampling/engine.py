@@ -165,11 +165,10 @@ class Engine:
     self.rules = rules
     self.graphdef, state = nnx.split(model)
     self._params = jax.device_put(state, sharding_lib.state_shardings(state, self.mesh, rules))
-    pool_shape = jax.eval_shape(lambda: paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype))
-    self._pool_sharding = jax.tree.map(
-        lambda x: self._sharding((None, "kv_heads", None, "head_dim"), x.shape), pool_shape)
-    self._pool = jax.jit(lambda: paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype),
-                         out_shardings=self._pool_sharding)()
+    new_pool = lambda: paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype)
+    self._pool_sharding = jax.tree.map(lambda x: self._sharding((None, "kv_heads", None, "head_dim"), x.shape),
+                                       jax.eval_shape(new_pool))
+    self._pool = jax.jit(new_pool, out_shardings=self._pool_sharding)()  # created in place on its shards
     self._free_blocks = list(range(self.num_blocks - 1, paged.TRASH_BLOCK, -1))  # pop() hands out low ids first
     self._free_after_chunk: list[int] = []  # partial prompt blocks whose copies the next chunk makes
     self.stats: collections.Counter = collections.Counter()
