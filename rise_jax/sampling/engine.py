@@ -85,12 +85,16 @@ class Request:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SampleResult:
-  """One sample: `logprobs[t]` = log-softmax of the raw logits at token_ids[t] (as `SampleOutput`)."""
+  """One sample: `logprobs[t]` = log-softmax of the raw logits at token_ids[t] (as `SampleOutput`).
+
+  cached_tokens: how many of the prompt's tokens were read from the prefix cache instead of prefilled.
+  """
   token_ids: list[int]
   logprobs: np.ndarray
   sampling_logprobs: np.ndarray
   finish_reason: str
   prompt_tokens: int
+  cached_tokens: int = 0
 
 
 @dataclasses.dataclass
