@@ -186,7 +186,60 @@ def test_sharded_engine_equals_unsharded(engines, checkpoints):
   assert len(sharded._pool.k[0].sharding.device_set) == 8 and not sharded._pool.k[0].sharding.is_fully_replicated
   assert len(jax.tree.leaves(sharded._params)[0].sharding.device_set) == 8
   assert sharded.stats["chunk_rows_below_slots"] > 0
+  assert_same(sharded.run(requests, seed=3), want)  # the prompts' blocks now come from the prefix cache
+  assert sharded.stats["cached_tokens"] > 0
+  engines["llama"].run(requests, seed=3)
   compiled = [e.compile_counts() for e in (sharded, engines["llama"])]
   assert_same(sharded.run(requests, seed=3), want)
   engines["llama"].run(requests, seed=3)
-  assert [e.compile_counts() for e in (sharded, engines["llama"])] == compiled  # a second run compiles nothing
+  assert [e.compile_counts() for e in (sharded, engines["llama"])] == compiled  # a third run compiles nothing
+
+
+def test_continuation_from_the_prefix_cache_equals_re_prefill(models, samplers):
+  """Turn 2 = turn 1's prompt + a sampled reply + feedback: the engine reads the prompt and the reply (written by
+  its own decode steps) from the cache and prefills only the rest; tokens equal the sampler's full re-prefill of
+  turn 2 and log-probs agree within 1e-5. A windowed turn 3 (the first prompt + feedback again) reuses the
+  prompt's blocks only."""
+  engine = Engine(models["llama"], **dict(ENGINE, slots=8))
+  params = SamplingParams(max_new_tokens=11, temperature=1.0, n=2, stop_token_ids=[])
+  first = engine.run(requests_for(PROMPTS, params, range(4)), seed=5)
+  feedback = [7, 8, 9, 10, 11]
+  second = [p + o[1].token_ids + feedback for p, o in zip(PROMPTS, first)]
+  third = [p + feedback for p in PROMPTS]
+  got = engine.run(requests_for(second + third, params, range(10, 18)), seed=5)
+  assert_same(got, samplers["llama"].generate(second + third, params, seed=5, prompt_ids=list(range(10, 18))))
+  bs = ENGINE["block_size"]
+  # Sample 1's pool holds its prompt and all of its reply but the last token: those full blocks are cached.
+  want_cached = [min((len(p) + len(o[1].token_ids) - 1) // bs, (len(q) - 1) // bs) * bs
+                 for p, o, q in zip(PROMPTS, first, second)]
+  want_cached += [min(len(p) // bs, (len(q) - 1) // bs) * bs for p, q in zip(PROMPTS, third)]
+  assert [o[0].cached_tokens for o in got] == want_cached and sum(want_cached[:4]) > sum(map(len, PROMPTS))
+  assert engine.blocks_in_use == 0
+
+
+def test_the_prefix_cache_evicts_instead_of_refusing(models, samplers):
+  """A pool of 24 blocks cannot keep every finished conversation: cached blocks nobody holds are taken back
+  (least recently released first) and every request still runs, unchanged."""
+  engine = Engine(models["llama"], **dict(ENGINE, num_blocks=24))
+  params = SamplingParams(max_new_tokens=9, temperature=1.0, n=2, stop_token_ids=[])
+  for seed in range(3):
+    got = engine.run(requests_for(PROMPTS, params, range(4)), seed=seed)
+    assert_same(got, samplers["llama"].generate(PROMPTS, params, seed=seed, prompt_ids=list(range(4))))
+  assert engine._blocks.stats["evicted"] > 0 and engine.stats["cached_tokens"] > 0
+  assert engine.blocks_in_use == 0 and engine.blocks_cached <= 23
+
+
+def test_block_table_evicts_a_released_tail_before_its_prefix():
+  """Three cached blocks of one sequence, released tail first: once the never-used blocks are gone, eviction
+  takes the tail, so the shared prefix stays findable; a digest chain differing in one token finds nothing."""
+  from rise_jax.sampling.blocks import BlockTable, chain_digests
+  table = BlockTable(6)  # blocks 1-5 (block 0 is the trash block)
+  held = table.allocate(3)
+  digests = chain_digests(list(range(13)), 4)  # 3 full blocks; the 13th token is a partial block
+  for block, digest in zip(held, digests):
+    table.register(block, digest)
+  table.release(held[::-1])
+  assert table.in_use == 0 and table.available == 5 and table.cached == 3
+  table.allocate(3)  # the 2 never-used blocks, then the least recently released: the tail
+  assert table.lookup(digests) == held[:2] and table.stats["evicted"] == 1
+  assert table.lookup(chain_digests([0, 1, 2, 99] + list(range(4, 12)), 4)) == []

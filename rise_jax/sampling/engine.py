@@ -32,8 +32,15 @@ padded to a power of 4 >= max(16, rows) samples (one bucket per row bucket when 
 (widths met) prefill programs for 64 slots.
 
 Mesh: as the Sampler, rows over data and fsdp, kv heads over tensor; the pool's blocks are replicated over data
-(any slot may read any block), so each step's new keys and values reach every data shard. Continuation of a
-conversation is a fresh request (the sampler guarantees continuation equals re-prefill).
+(any slot may read any block), so each step's new keys and values reach every data shard.
+
+Prefix cache (`prefix_cache=True`). Every full block is registered under a digest of its tokens and all before
+them (`blocks.BlockTable`), prompts' blocks at prefill and each finished sample's reply blocks; a new request
+takes the longest cached run of its prompt's blocks and prefills only the rest, attending to the cached keys and
+values. Continuation of a conversation is therefore just a request for its next prompt: the previous turn's
+prompt and reply come from the cache, and only the feedback is prefilled (as the sampler continues a cached
+conversation; both equal a re-prefill to float rounding). Blocks nobody holds stay cached until a request needs
+them, least recently released first.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rise_jax import sharding as sharding_lib
 from rise_jax.config import ON_OVERFLOW
+from rise_jax.sampling import blocks as blocks_lib
 from rise_jax.sampling import loop
 from rise_jax.sampling import paged
 from rise_jax.sampling import select
@@ -106,7 +114,9 @@ class _Group:
   key_data: np.ndarray                      # [n, 2] uint32 row keys of its samples
   waiting: collections.deque = dataclasses.field(default_factory=collections.deque)  # sample indices
   first: dict = dataclasses.field(default_factory=dict)   # sample -> (token, logprob, sampling_logprob)
-  shared_blocks: list[int] = dataclasses.field(default_factory=list)  # full prompt blocks
+  digests: list[bytes] = dataclasses.field(default_factory=list)  # chain digests of the full prompt blocks
+  cached_blocks: list[int] = dataclasses.field(default_factory=list)  # its prompt's prefix found in the cache
+  shared_blocks: list[int] = dataclasses.field(default_factory=list)  # full prompt blocks (cached ones first)
   partial_block: int | None = None          # the partly filled last prompt block, copied per sample
   live: int = 0                             # samples waiting or in a slot (the shared blocks' reference count)
 
@@ -129,7 +139,7 @@ class Engine:
 
   def __init__(self, model: nnx.Module, *, slots: int = 64, max_seq_len: int, block_size: int = 16,
                num_blocks: int | None = None, chunk_steps: int = 8, prefill_tokens: int = 4096,
-               on_overflow: str = "raise", vocab_limit: int | None = None, mesh=None,
+               on_overflow: str = "raise", vocab_limit: int | None = None, prefix_cache: bool = True, mesh=None,
                rules=sharding_lib.SAMPLE_RULES):
     """
     Args:
@@ -144,6 +154,9 @@ class Engine:
       on_overflow: "raise" when prompt + max_new_tokens exceeds the capacity, or "report" (decode until full,
         finish_reason "cache_full").
       vocab_limit: ids >= it are never sampled (a model vocabulary padded past the tokenizer's).
+      prefix_cache: keep finished conversations' full blocks, content-addressed (`blocks.BlockTable`), so a
+        later prompt starting with the same tokens (the next turn of a conversation, a windowed history's
+        question) prefills only what follows them; they are evicted least recently used when blocks run out.
       mesh: a ('data', 'fsdp', 'tensor') mesh; None = one device. Chunk and prefill rows are spread over data and
         fsdp (a row bucket they do not divide is replicated), kv heads of the pool and the weights over tensor
         (`rules`); the pool's blocks are whole on every data shard, since any slot may read any block.
@@ -173,7 +186,8 @@ class Engine:
     self._pool_sharding = jax.tree.map(lambda x: self._sharding((None, "kv_heads", None, "head_dim"), x.shape),
                                        jax.eval_shape(new_pool))
     self._pool = jax.jit(new_pool, out_shardings=self._pool_sharding)()  # created in place on its shards
-    self._free_blocks = list(range(self.num_blocks - 1, paged.TRASH_BLOCK, -1))  # pop() hands out low ids first
+    self.prefix_cache = bool(prefix_cache)
+    self._blocks = blocks_lib.BlockTable(self.num_blocks)  # block 0 (paged.TRASH_BLOCK) is never handed out
     self._free_after_chunk: list[int] = []  # partial prompt blocks whose copies the next chunk makes
     self.stats: collections.Counter = collections.Counter()
     merge = lambda p: nnx.merge(self.graphdef, p)
@@ -183,10 +197,10 @@ class Engine:
                                                                        span, self.vocab_limit)),
         static_argnums=(3,), donate_argnums=(1,))
 
-  def _prefill_and_sample(self, params, pool, ids, lengths, block_ids, *first_token_args):
+  def _prefill_and_sample(self, params, pool, ids, lengths, block_ids, context_table, cached, *first_token_args):
     """One dispatch per refill: prefill the prompts into the pool, then sample every sample's first token."""
     model = nnx.merge(self.graphdef, params)
-    pool, hidden = paged.prefill(model, pool, ids, lengths, block_ids)
+    pool, hidden = paged.prefill(model, pool, ids, lengths, block_ids, context_table, cached)
     return self._pin_pool((pool, paged.first_tokens(model, hidden, *first_token_args, self.vocab_limit)))
 
   # -- layout ------------------------------------------------------------------------------------------------
@@ -215,7 +229,12 @@ class Engine:
 
   @property
   def blocks_in_use(self) -> int:
-    return self.num_blocks - 1 - len(self._free_blocks)
+    """Blocks a queued or running request holds (cached blocks nobody references are free to take)."""
+    return self._blocks.in_use
+
+  @property
+  def blocks_cached(self) -> int:
+    return self._blocks.cached
 
   # -- request checks ----------------------------------------------------------------------------------------
 
@@ -272,9 +291,9 @@ class Engine:
           raise RuntimeError("Engine: no request fits in the free blocks with every slot idle (pool too small)")
         break
       self._run_chunk(slots, copies, results)
-      self._free_blocks.extend(self._free_after_chunk)
+      self._blocks.release(self._free_after_chunk)
       self._free_after_chunk.clear()
-    self._free_blocks.extend(self._free_after_chunk)
+    self._blocks.release(self._free_after_chunk)
     self._free_after_chunk.clear()
     return results
 
@@ -299,10 +318,10 @@ class Engine:
         ready.popleft()
         continue
       need = self._own_blocks(len(group.prompt), group.request.max_new_tokens)
-      if need > len(self._free_blocks):
+      if need > self._blocks.available:
         break  # wait for running rows to return blocks
       sample = group.waiting.popleft()
-      own = [self._free_blocks.pop() for _ in range(need)]
+      own = self._blocks.allocate(need)
       if group.partial_block is not None:
         copies.append((group.partial_block, own[0]))
       token, logprob, sampling_logprob, _ = group.first[sample]
@@ -317,48 +336,79 @@ class Engine:
   def _prefill_some(self, slots, ready, queue, results) -> bool:
     """Prefill queued requests (FIFO) while their prompts and the samples the free slots can take fit the free
     blocks; False when not even the next request's prompt and one sample fit now."""
-    free_slots, free_blocks = slots.count(None), len(self._free_blocks)
+    free_slots, taken = slots.count(None), 0
     batch: list[_Group] = []
-    width = 0
+    width = context = 0
     while queue and free_slots > 0:
       group = queue[0]
-      prompt_blocks = -(-len(group.prompt) // self.block_size)
-      own = self._own_blocks(len(group.prompt), group.request.max_new_tokens)
+      prompt_len = len(group.prompt)
+      group.cached_blocks = self._cached_prefix(group)
+      cached = len(group.cached_blocks)
+      prompt_blocks = -(-prompt_len // self.block_size) - cached
+      own = self._own_blocks(prompt_len, group.request.max_new_tokens)
+      free_blocks = self._blocks.available - taken
       by_blocks = (free_blocks - prompt_blocks) // own if own else free_slots
       takes = min(group.request.n, free_slots, by_blocks)
-      new_width = max(width, pow2_at_least(len(group.prompt), self.block_size))
-      if takes < 1 or (batch and pow4_at_least(len(batch) + 1) * new_width > self.prefill_tokens):
+      new_width = max(width, pow2_at_least(prompt_len - cached * self.block_size, self.block_size))
+      new_context = max(context, pow2_at_least(cached) if cached else 0)
+      too_wide = pow4_at_least(len(batch) + 1) * (new_width + new_context * self.block_size) > self.prefill_tokens
+      if takes < 1 or (batch and too_wide):
+        self._blocks.release(group.cached_blocks[::-1])
+        group.cached_blocks = []
         break
       batch.append(queue.popleft())
-      width, free_slots, free_blocks = new_width, free_slots - takes, free_blocks - prompt_blocks - takes * own
+      width, context, free_slots = new_width, new_context, free_slots - takes
+      taken += prompt_blocks + takes * own
     if not batch:
       return False
-    self._prefill(batch, width)
+    self._prefill(batch, width, context)
     for group in batch:
       self._finish_early_samples(group, results)
       ready.append(group)
     return True
 
-  def _prefill(self, batch: list[_Group], width: int) -> None:
-    """One prefill call for `batch`: store each prompt in fresh blocks, then sample every sample's first token."""
+  def _cached_prefix(self, group: _Group) -> list[int]:
+    """The blocks of the longest cached prefix of the group's prompt (a reference taken on each), leaving at
+    least its last token to prefill: the first sampled token needs that token's hidden state."""
+    if not self.prefix_cache:
+      return []
+    if not group.digests:
+      group.digests = blocks_lib.chain_digests(group.prompt, self.block_size)
+    return self._blocks.lookup(group.digests[:(len(group.prompt) - 1) // self.block_size])
+
+  def _prefill(self, batch: list[_Group], width: int, context: int) -> None:
+    """One prefill call for `batch`: store each prompt past its cached prefix in fresh blocks (the prefix read
+    from its `context` blocks), then sample every sample's first token."""
     rows = pow4_at_least(len(batch))
     ids = np.zeros((rows, width), np.int32)
     lengths = np.zeros(rows, np.int32)
     block_ids = np.full((rows, width // self.block_size), paged.TRASH_BLOCK, np.int32)
+    context_table = np.full((rows, context), paged.TRASH_BLOCK, np.int32)
+    cached_lengths = np.zeros(rows, np.int32)
+    registered = []
     for r, group in enumerate(batch):
       prompt_len = len(group.prompt)
-      ids[r, :prompt_len] = group.prompt
-      lengths[r] = prompt_len
-      blocks = [self._free_blocks.pop() for _ in range(-(-prompt_len // self.block_size))]
+      start = len(group.cached_blocks) * self.block_size
+      ids[r, :prompt_len - start] = group.prompt[start:]
+      lengths[r], cached_lengths[r] = prompt_len - start, start
+      context_table[r, :len(group.cached_blocks)] = group.cached_blocks
+      blocks = self._blocks.allocate(-(-prompt_len // self.block_size) - len(group.cached_blocks))
       block_ids[r, :len(blocks)] = blocks
+      blocks = group.cached_blocks + blocks
       full = prompt_len // self.block_size
       group.shared_blocks, group.partial_block = blocks[:full], (blocks[full] if len(blocks) > full else None)
       group.live = group.request.n
+      registered += [(blocks[j], group.digests[j]) for j in range(len(group.cached_blocks), full)
+                     if self.prefix_cache]
     samples = [(r, g, j) for r, g in enumerate(batch) for j in range(g.request.n)]
     self._pool, outputs = self._prefill_jit(self._params, self._pool, *self._rows(
-        (ids, lengths, block_ids, *self._first_token_inputs(samples, rows))))
+        (ids, lengths, block_ids, context_table, cached_lengths, *self._first_token_inputs(samples, rows))))
+    # Registered after the batch's lookups: no prompt of a call reads blocks that the same call writes.
+    for block, digest in registered:
+      self._blocks.register(block, digest)
     self.stats["prefill_calls"] += 1
     self.stats["prefill_tokens"] += int(lengths.sum())
+    self.stats["cached_tokens"] += int(cached_lengths.sum())
     # The prompts' blocks are held here even when every sample ends at its first token (never admitted to a slot).
     self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_in_use)
     outputs = jax.device_get(outputs)
@@ -389,7 +439,8 @@ class Engine:
         group.waiting.remove(j)
         results[group.index][j] = SampleResult([token], np.asarray([logprob], np.float32),
                                                np.asarray([sampling_logprob], np.float32),
-                                               loop.FINISH_REASONS[code], len(group.prompt))
+                                               loop.FINISH_REASONS[code], len(group.prompt),
+                                               len(group.cached_blocks) * self.block_size)
         self._release_sample(group)
     if not group.waiting:
       self._release_partial(group)
@@ -401,11 +452,27 @@ class Engine:
       self._free_after_chunk.append(group.partial_block)
       group.partial_block = None
 
+  def _register_reply(self, slot: _Slot) -> None:
+    """Cache the finished sample's own full blocks (prompt and reply up to its last fed token): the next turn's
+    prompt is this conversation plus the feedback, so it prefills only what follows them."""
+    if not self.prefix_cache:
+      return
+    prompt_full = len(slot.group.prompt) // self.block_size
+    full = slot.length // self.block_size
+    if full <= prompt_full:
+      return
+    fed = slot.group.prompt + slot.tokens[:slot.length - len(slot.group.prompt)]
+    parent = slot.group.digests[prompt_full - 1] if prompt_full else b""
+    digests = blocks_lib.chain_digests(fed[prompt_full * self.block_size:full * self.block_size], self.block_size,
+                                       parent)
+    for own, digest in zip(slot.own_blocks, digests):
+      self._blocks.register(own, digest)
+
   def _release_sample(self, group: _Group) -> None:
     """One sample of `group` is done: the last one returns the shared prompt blocks."""
     group.live -= 1
     if group.live == 0:
-      self._free_blocks.extend(group.shared_blocks)
+      self._blocks.release(group.shared_blocks[::-1])
       group.shared_blocks = []
 
   # -- one chunk ---------------------------------------------------------------------------------------------
@@ -468,9 +535,11 @@ class Engine:
       slot.length += produced
       slot.last_token = slot.tokens[-1]
       if out.finish[r] != loop.RUNNING:
-        results[slot.group.index][slot.sample] = SampleResult(
+        group = slot.group
+        results[group.index][slot.sample] = SampleResult(
             slot.tokens, np.asarray(slot.logprobs, np.float32), np.asarray(slot.sampling_logprobs, np.float32),
-            loop.FINISH_REASONS[int(out.finish[r])], len(slot.group.prompt))
-        self._free_blocks.extend(slot.own_blocks)
-        self._release_sample(slot.group)
+            loop.FINISH_REASONS[int(out.finish[r])], len(group.prompt), len(group.cached_blocks) * self.block_size)
+        self._register_reply(slot)
+        self._blocks.release(slot.own_blocks[::-1])
+        self._release_sample(group)
         slots[s] = None

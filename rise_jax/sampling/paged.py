@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from rise_jax.models import attention as attention_lib
 from rise_jax.models import decode as decode_lib
-from rise_jax.models.transformer import init_cache
+from rise_jax.models.transformer import KVCache, init_cache
 from rise_jax.sampling import loop
 from rise_jax.sampling import select
 
@@ -76,19 +76,26 @@ def init_pool(config, num_blocks: int, block_size: int, dtype) -> PagedPool:
   return PagedPool(k=zeros(), v=zeros())
 
 
-def prefill(model, pool: PagedPool, ids: jax.Array, lengths: jax.Array,
-            block_ids: jax.Array) -> tuple[PagedPool, jax.Array]:
-  """Prefill right-padded prompts ids [rows, width] (width a multiple of the block size) and store their keys and
-  values in the pool: block j of row r goes to block_ids[r, j] (TRASH_BLOCK for blocks past the prompt).
+def prefill(model, pool: PagedPool, ids: jax.Array, lengths: jax.Array, block_ids: jax.Array,
+            context_table: jax.Array, cached: jax.Array) -> tuple[PagedPool, jax.Array]:
+  """Prefill right-padded prompt tails ids [rows, width] (width a multiple of the block size) after each row's
+  `cached[r]` tokens (a multiple of the block size) already in the pool's blocks context_table[r] [rows,
+  context_blocks; 0 blocks: no row has a cached prefix], and store the tails' keys and values: block j of row r's
+  tail goes to block_ids[r, j] (TRASH_BLOCK for blocks past the prompt).
 
-  The forward is the model's own cached one (`loop.extend`, as the sampler prefills); returns the pool and each
-  row's last hidden state [rows, d] (float32), which samples every sample's first token.
+  The forward is the model's own cached one (`loop.extend`, as the sampler prefills and continues); returns the
+  pool and each row's last hidden state [rows, d] (float32), which samples every sample's first token.
   """
   rows, width = ids.shape
-  cache = init_cache(model.config, rows, width, pool.k[0].dtype)
-  zeros = jnp.zeros((rows,), jnp.int32)
-  cache, hidden = loop.extend(model, cache, ids, lengths, zeros,
+  if context_table.shape[1]:
+    cache = _context_cache(model.config, pool, context_table, cached, width)
+  else:
+    cache = init_cache(model.config, rows, width, pool.k[0].dtype)
+  cache, hidden = loop.extend(model, cache, ids, lengths, cached,
                               jnp.zeros((rows, model.config.hidden_size), jnp.float32))
+  if context_table.shape[1]:  # the tail's slots, cached[r] .. cached[r] + width
+    slots = (cached[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :])[None, :, :, None, None]
+    cache = cache.replace(k=jnp.take_along_axis(cache.k, slots, axis=2), v=jnp.take_along_axis(cache.v, slots, axis=2))
   block_size = pool.k[0].shape[2]
   flat_ids = block_ids.reshape(-1)
   # [rows, width, kv_heads, d] -> [blocks, kv_heads, block_size, d]
@@ -96,6 +103,21 @@ def prefill(model, pool: PagedPool, ids: jax.Array, lengths: jax.Array,
   k = tuple(p.at[flat_ids].set(as_blocks(cache.k[i])) for i, p in enumerate(pool.k))
   v = tuple(p.at[flat_ids].set(as_blocks(cache.v[i])) for i, p in enumerate(pool.v))
   return PagedPool(k=k, v=v), hidden
+
+
+def _context_cache(config, pool: PagedPool, context_table: jax.Array, cached: jax.Array, width: int) -> KVCache:
+  """A contiguous cache of context + width slots holding each row's cached prefix, read from its blocks."""
+  rows, context_blocks = context_table.shape
+  block_size = pool.k[0].shape[2]
+  context = context_blocks * block_size
+
+  def gather(p):  # [blocks, kv_heads, block_size, d] -> [rows, context + width, kv_heads, d]
+    g = jnp.swapaxes(p[context_table], 2, 3).reshape(rows, context, config.num_kv_heads, config.head_dim)
+    return jnp.pad(g, ((0, 0), (0, width), (0, 0), (0, 0)))
+
+  slots = jnp.arange(context + width, dtype=jnp.int32)[None, :]
+  return KVCache(k=jnp.stack([gather(p) for p in pool.k]), v=jnp.stack([gather(p) for p in pool.v]),
+                 positions=jnp.where(slots < cached[:, None], slots, -1), end_index=cached.astype(jnp.int32))
 
 
 def first_tokens(model, hidden: jax.Array, rows: jax.Array, key_data: jax.Array, position: jax.Array,

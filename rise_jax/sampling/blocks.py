@@ -1,0 +1,118 @@
+"""The rollout engine's host-side block bookkeeping: reference counts and a content-addressed prefix cache.
+
+    blocks = BlockTable(num_blocks)
+    ids = blocks.allocate(3)                      # fresh blocks, each with one reference
+    blocks.register(ids[0], digest)               # ids[0] holds a full block whose token chain hashes to `digest`
+    hit = blocks.lookup(digests)                  # the longest cached run of `digests`, one reference taken on each
+    blocks.release(ids)                           # drop one reference each
+
+A full block's digest names its tokens and every token before it (`chain_digests`), so equal digests mean equal
+keys and values: a block written by one conversation can be read by any later one that starts with the same
+tokens — the n samples of a prompt, the next turn of a conversation (its history is the last prompt plus the
+chosen reply), a windowed history sharing the instruction and question. A block whose last reference goes is
+kept, still findable, in least-recently-released order, and evicted only when `allocate` runs out of never-used
+blocks, so the cache costs no memory that a running request needs. The partly filled last block of a sequence is
+never registered (its content is still growing), so a cached block is never written again.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+RESERVED = 0  # block 0 is the pool's trash block: never handed out
+
+
+def chain_digests(tokens: Sequence[int], block_size: int, parent: bytes = b"") -> list[bytes]:
+  """One digest per full block of `tokens`: block j's hashes block j - 1's digest (`parent` for the first: the
+  digest of the block before `tokens`, empty at a sequence's start) and its own tokens."""
+  digests = []
+  ids = np.asarray(tokens, np.int64)
+  for j in range(len(ids) // block_size):
+    parent = hashlib.blake2b(parent + ids[j * block_size:(j + 1) * block_size].tobytes(), digest_size=16).digest()
+    digests.append(parent)
+  return digests
+
+
+class BlockTable:
+  """Reference counts of the pool's blocks, the free list, and the cache of released full blocks."""
+
+  def __init__(self, num_blocks: int):
+    self.num_blocks = int(num_blocks)
+    self._free = list(range(self.num_blocks - 1, RESERVED, -1))  # pop() hands out low ids first
+    self._refs = np.zeros(self.num_blocks, np.int32)
+    self._digest_of: dict[int, bytes] = {}
+    self._block_of: dict[bytes, int] = {}
+    self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unreferenced: LRU first
+    self.stats = collections.Counter()
+
+  @property
+  def available(self) -> int:
+    """Blocks `allocate` can hand out now (never used, or cached without a reference)."""
+    return len(self._free) + len(self._idle)
+
+  @property
+  def in_use(self) -> int:
+    """Blocks some request holds a reference to."""
+    return self.num_blocks - 1 - self.available
+
+  @property
+  def cached(self) -> int:
+    return len(self._block_of)
+
+  def allocate(self, count: int) -> list[int]:
+    if count > self.available:
+      raise RuntimeError(f"BlockTable: {count} blocks wanted, {self.available} available")
+    out = []
+    for _ in range(count):
+      if self._free:
+        block = self._free.pop()
+      else:  # evict the least recently released cached block
+        block, _ = self._idle.popitem(last=False)
+        del self._block_of[self._digest_of.pop(block)]
+        self.stats["evicted"] += 1
+      self._refs[block] = 1
+      out.append(block)
+    return out
+
+  def release(self, blocks: Sequence[int]) -> None:
+    """Drop one reference on each block. Unreferenced cached blocks are evicted in the order they are released
+    here, so pass a sequence's blocks tail first: its prefix, the part other sequences share, stays longest."""
+    for block in blocks:
+      if self._refs[block] < 1:
+        raise RuntimeError(f"BlockTable: block {block} released more often than it was taken")
+      self._refs[block] -= 1
+      if self._refs[block] == 0:
+        if block in self._digest_of:
+          self._idle[block] = None
+        else:
+          self._free.append(block)
+
+  def register(self, block: int, digest: bytes) -> None:
+    """`block` (referenced, full, its keys and values written or being written by an earlier dispatch) holds the
+    chain `digest`. A digest already cached keeps its first block; this one stays private."""
+    if self._refs[block] < 1:
+      raise RuntimeError(f"BlockTable: block {block} registered without a reference")
+    if digest in self._block_of or block in self._digest_of:
+      return
+    self._block_of[digest] = block
+    self._digest_of[block] = digest
+
+  def lookup(self, digests: Sequence[bytes]) -> list[int]:
+    """The blocks of the longest cached prefix of `digests`, one reference taken on each (release them)."""
+    hit = []
+    for digest in digests:
+      block = self._block_of.get(digest)
+      if block is None:
+        break
+      hit.append(block)
+    for block in hit:
+      if self._refs[block] == 0:
+        del self._idle[block]
+      self._refs[block] += 1
+    self.stats["lookup_blocks"] += len(digests)
+    self.stats["hit_blocks"] += len(hit)
+    return hit
