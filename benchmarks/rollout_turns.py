@@ -1,0 +1,169 @@
+"""RISE's sequential turns on the rollout engine against today's `Sampler`, side by side in one process.
+
+    python benchmarks/rollout_turns.py                        # 128 problems x 3 turns, 2 interleaved repetitions
+    python benchmarks/rollout_turns.py --problems 64 --turns 5 --reps 1
+
+Workload (Algorithm 2's shape without an oracle): `--problems` GSM8K train problems; turn 1's prompt is the
+question; turn t + 1's prompt is turn t's prompt, its reply and the failure message ("Your previous answer was
+incorrect. ...", tokenised). The reply of (problem, turn) has the length of a GSM8K reference answer drawn at
+random (seeded): stops are off and each request's `max_new_tokens` is its drawn length, so the workload is the
+length distribution (as `rollout_engine.py`). Everything is tokenised with the real Llama 2 tokenizer from
+`../shared`; the model is `rollout_engine.py`'s random-weight Llama-shaped one. Both sides draw with one key
+rule; the conversations have the same lengths, hence the same work, and mostly the same tokens (the script says
+how many: the random model's flat distributions let float rounding flip an inverse-CDF draw).
+
+Three ways to run each turn:
+  * sampler  — today: static batches of 64 in queue order, each call decoding to its longest row's length, each
+    row continuing its conversation's cache from the previous call (`generate(history=...)`, as `SamplerPolicy`;
+    a row's reply past its drawn length is rolled back, as after a stop);
+  * engine   — the whole turn queued through 64 slots; the prefix cache supplies every conversation's previous
+    prompt and reply, so only the failure message is prefilled;
+  * engine, no prefix cache — the same with `prefix_cache=False`: every turn re-prefills its whole history.
+Reported: tokens/s (drawn reply tokens / wall time, all turns) and the ratios; prompt tokens prefilled;
+first pass (compiles) apart from the steady state (median of the interleaved repetitions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+import rollout_engine as single_turn  # this directory: the workload's model, tokenizer and GSM8K draw
+from rise_jax.models.build import build_model
+from rise_jax.sampling import Sampler, SamplingParams
+from rise_jax.sampling.engine import Engine, Request
+
+STATIC_BATCH = single_turn.STATIC_BATCH
+MAX_SEQ_LEN = 2048  # turn 5 of a long problem: question + 4 replies and failure messages + the 5th reply
+FEEDBACK = "Your previous answer was incorrect. Please try again, and reason step by step."
+
+
+def workload(problems: int, turns: int, seed: int):
+  """(questions' ids, feedback ids, lengths [problems, turns]): reply lengths drawn from the reference answers."""
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_file=str(single_turn.TOKENIZER))
+  draw = single_turn.gsm8k_workload(problems * (turns + 1), seed)
+  questions = [prompt for prompt, _ in draw[:problems]]
+  lengths = np.asarray([length for _, length in draw[problems:]]).reshape(problems, turns)
+  return questions, sp.encode(FEEDBACK), lengths
+
+
+def uid(problem: int, turn: int) -> int:
+  return problem * 64 + turn
+
+
+def run_engine(engine: Engine, questions, feedback, lengths) -> dict:
+  before = dict(engine.stats)
+  prompts = [list(q) for q in questions]
+  for t in range(lengths.shape[1]):
+    outs = engine.run([Request(p, uid=uid(i, t), max_new_tokens=int(lengths[i, t]), temperature=1.0)
+                       for i, p in enumerate(prompts)], seed=0)
+    prompts = [p + o[0].token_ids + feedback for p, o in zip(prompts, outs)]
+  counts = {k: engine.stats[k] - before.get(k, 0) for k in ("prefill_tokens", "cached_tokens")}
+  return dict(counts, last_prompts=prompts)
+
+
+def run_sampler(sampler: Sampler, questions, feedback, lengths) -> dict:
+  prompts = [list(q) for q in questions]
+  held = [None] * len(prompts)
+  prefilled = 0
+  for t in range(lengths.shape[1]):
+    for lo in range(0, len(prompts), STATIC_BATCH):
+      rows = range(lo, min(lo + STATIC_BATCH, len(prompts)))
+      params = SamplingParams(max_new_tokens=int(max(lengths[i, t] for i in rows)), temperature=1.0,
+                              stop_token_ids=[])
+      outs = sampler.generate([prompts[i] for i in rows], params, seed=0, prompt_ids=[uid(i, t) for i in rows],
+                              history=[held[i] for i in rows])
+      for i, out in zip(rows, outs):
+        reply = out[0].token_ids[:lengths[i, t]]  # the row's drawn length: a stop there, as a real reply
+        reuse = 0 if held[i] is None else _reused(held[i], prompts[i])
+        prefilled += len(prompts[i]) - reuse
+        held[i] = out[0].conversation
+        prompts[i] = prompts[i] + reply + feedback
+  return dict(prefill_tokens=prefilled, cached_tokens=None, last_prompts=prompts)
+
+
+def _reused(conversation, prompt) -> int:
+  """Tokens of `prompt` the sampler takes from the held conversation (its rule: common prefix, cached, not the
+  last prompt token)."""
+  common = next((k for k, (a, b) in enumerate(zip(conversation.token_ids, prompt)) if a != b),
+                min(len(conversation.token_ids), len(prompt)))
+  return min(common, conversation.cached, len(prompt) - 1)
+
+
+def timed(fn):
+  start = time.perf_counter()
+  result = fn()
+  return time.perf_counter() - start, result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--problems", type=int, default=128)
+  parser.add_argument("--turns", type=int, default=3)
+  parser.add_argument("--reps", type=int, default=2)
+  parser.add_argument("--chunk-steps", type=int, default=8)
+  args = parser.parse_args()
+  if not (single_turn.TOKENIZER.is_file() and single_turn.GSM8K_TRAIN.is_file()):
+    print(f"skipped: {single_turn.TOKENIZER} or {single_turn.GSM8K_TRAIN} is absent (the shared data sits beside "
+          "the checkout)")
+    return 0
+  questions, feedback, lengths = workload(args.problems, args.turns, seed=0)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {args.problems} GSM8K problems x {args.turns} "
+        f"turns; question mean {np.mean([len(q) for q in questions]):.0f} tokens, feedback {len(feedback)}, reply "
+        f"mean {lengths.mean():.0f} / max {lengths.max()} tokens; load average {_load()}", flush=True)
+  model = build_model(single_turn.MODEL, seed=0)
+  engine_args = dict(slots=STATIC_BATCH, max_seq_len=MAX_SEQ_LEN, block_size=16, chunk_steps=args.chunk_steps)
+  engine = Engine(model, **engine_args)
+  uncached = Engine(model, **engine_args, prefix_cache=False)
+  sampler = Sampler(model, None, max_cache_length=MAX_SEQ_LEN)
+  runs = {"sampler": lambda: run_sampler(sampler, questions, feedback, lengths),
+          "engine": lambda: run_engine(engine, questions, feedback, lengths),
+          "engine, no prefix cache": lambda: run_engine(uncached, questions, feedback, lengths)}
+  first, counts, times = {}, {}, {name: [] for name in runs}
+  for name, fn in runs.items():
+    first[name], counts[name] = timed(fn)
+    print(f"{name}: first pass {first[name]:.1f} s", flush=True)
+  # Same keys, but an inverse-CDF draw from this random model's nearly flat distributions can flip on float32
+  # rounding (~2e-6 in a log-prob); the lengths, and so the work, are equal whatever the tokens.
+  want = counts["sampler"]["last_prompts"]
+  for name in runs:
+    got = counts[name]["last_prompts"]
+    assert [len(p) for p in got] == [len(p) for p in want], name
+    print(f"{name}: {sum(a == b for a, b in zip(got, want))} of {len(want)} conversations token for token the "
+          "sampler's", flush=True)
+  for rep in range(args.reps):  # interleaved: the machine is shared, so only side-by-side ratios are meaningful
+    for name, fn in runs.items():
+      times[name].append(timed(fn)[0])
+    print(f"rep {rep}: " + ", ".join(f"{n} {t[-1]:.1f} s" for n, t in times.items()) + f"; load {_load()}",
+          flush=True)
+  tokens = int(lengths.sum())
+  for name in runs:
+    c = counts[name]
+    cached = "" if c["cached_tokens"] is None else f", {c['cached_tokens']:,} read from the prefix cache"
+    print(f"{name:>24}: prompt tokens prefilled {c['prefill_tokens']:,}{cached}; first pass {first[name]:.1f} s",
+          flush=True)
+  if args.reps:
+    steady = {name: statistics.median(t) for name, t in times.items()}
+    for name in runs:
+      print(f"{name:>24}: steady {steady[name]:.2f} s (runs {', '.join(f'{t:.2f}' for t in times[name])}), "
+            f"{tokens / steady[name]:.0f} tok/s, {steady['sampler'] / steady[name]:.2f}x the sampler's", flush=True)
+  print(f"compiles: engine {engine.compile_counts()}, no prefix cache {uncached.compile_counts()}, sampler "
+        f"{sampler.compile_counts()}", flush=True)
+  return 0
+
+
+def _load() -> str:
+  try:
+    return open("/proc/loadavg").read().split()[0]
+  except OSError:
+    return "?"
+
+
+if __name__ == "__main__":
+  sys.exit(main())
