@@ -20,7 +20,9 @@ Three ways to run each turn:
     prompt and reply, so only the failure message is prefilled;
   * engine, no prefix cache — the same with `prefix_cache=False`: every turn re-prefills its whole history.
 Reported: tokens/s (drawn reply tokens / wall time, all turns) and the ratios; prompt tokens prefilled;
-first pass (compiles) apart from the steady state (median of the interleaved repetitions).
+useful-slot fraction (decode-step tokens / (decode steps x slots); each turn drains its queue before the next
+starts, as the episode runner runs turns); first pass (compiles) apart from the steady state (median of the
+interleaved repetitions).
 """
 
 from __future__ import annotations
@@ -64,14 +66,15 @@ def run_engine(engine: Engine, questions, feedback, lengths) -> dict:
     outs = engine.run([Request(p, uid=uid(i, t), max_new_tokens=int(lengths[i, t]), temperature=1.0)
                        for i, p in enumerate(prompts)], seed=0)
     prompts = [p + o[0].token_ids + feedback for p, o in zip(prompts, outs)]
-  counts = {k: engine.stats[k] - before.get(k, 0) for k in ("prefill_tokens", "cached_tokens")}
+  counts = {k: engine.stats[k] - before.get(k, 0) for k in ("prefill_tokens", "cached_tokens", "decode_tokens",
+                                                             "slot_steps")}
   return dict(counts, last_prompts=prompts)
 
 
 def run_sampler(sampler: Sampler, questions, feedback, lengths) -> dict:
   prompts = [list(q) for q in questions]
   held = [None] * len(prompts)
-  prefilled = 0
+  prefilled = decode_tokens = slot_steps = 0
   for t in range(lengths.shape[1]):
     for lo in range(0, len(prompts), STATIC_BATCH):
       rows = range(lo, min(lo + STATIC_BATCH, len(prompts)))
@@ -79,13 +82,16 @@ def run_sampler(sampler: Sampler, questions, feedback, lengths) -> dict:
                               stop_token_ids=[])
       outs = sampler.generate([prompts[i] for i in rows], params, seed=0, prompt_ids=[uid(i, t) for i in rows],
                               history=[held[i] for i in rows])
+      decode_tokens += sum(int(lengths[i, t]) - 1 for i in rows)  # the first token comes from the prefill
+      slot_steps += STATIC_BATCH * (params.max_new_tokens - 1)
       for i, out in zip(rows, outs):
         reply = out[0].token_ids[:lengths[i, t]]  # the row's drawn length: a stop there, as a real reply
         reuse = 0 if held[i] is None else _reused(held[i], prompts[i])
         prefilled += len(prompts[i]) - reuse
         held[i] = out[0].conversation
         prompts[i] = prompts[i] + reply + feedback
-  return dict(prefill_tokens=prefilled, cached_tokens=None, last_prompts=prompts)
+  return dict(prefill_tokens=prefilled, cached_tokens=None, decode_tokens=decode_tokens, slot_steps=slot_steps,
+              last_prompts=prompts)
 
 
 def _reused(conversation, prompt) -> int:
@@ -146,8 +152,8 @@ def main():
   for name in runs:
     c = counts[name]
     cached = "" if c["cached_tokens"] is None else f", {c['cached_tokens']:,} read from the prefix cache"
-    print(f"{name:>24}: prompt tokens prefilled {c['prefill_tokens']:,}{cached}; first pass {first[name]:.1f} s",
-          flush=True)
+    print(f"{name:>24}: prompt tokens prefilled {c['prefill_tokens']:,}{cached}; useful-slot fraction "
+          f"{c['decode_tokens'] / c['slot_steps']:.3f}; first pass {first[name]:.1f} s", flush=True)
   if args.reps:
     steady = {name: statistics.median(t) for name, t in times.items()}
     for name in runs:
