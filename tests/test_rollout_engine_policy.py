@@ -16,7 +16,9 @@ import pytest
 from rise_jax.rollout import log as rollout_log
 from rise_jax.rollout.policies import EnginePolicy, Request, SamplerPolicy, TurnSampling, sample_uid
 from rise_jax.rollout.runner import Protocol, run_episodes
+from rise_jax.tasks import graders
 from rise_jax.tasks.base import Problem
+from rise_jax.tasks.prompts import get_prompt_set
 from train_helpers import TINY
 
 PROBLEMS = [Problem(id=f"toy/test/{i}", question=q, reference=r)
@@ -30,23 +32,22 @@ class _GraderTask:
   name = "toy"
 
   def grade(self, response, reference, mode):
-    from rise_jax.tasks import graders
     return graders.grade(self.name, response, reference, mode)
 
   def extract_answer(self, response, mode):
-    from rise_jax.tasks import graders
     return graders.get_grader(self.name).extract_answer(response, mode)
 
 
 class _CountingEngine:
-  """The real engine, counting its `run` calls and the `n` of the requests in each."""
+  """The real engine, recording the `n` of the requests in each `run` call and the last call's results."""
 
   def __init__(self, engine):
-    self.engine, self.config, self.calls = engine, engine.config, []
+    self.engine, self.config, self.calls, self.results = engine, engine.config, [], None
 
   def run(self, requests, seed=0):
     self.calls.append([r.n for r in requests])
-    return self.engine.run(requests, seed=seed)
+    self.results = self.engine.run(requests, seed=seed)
+    return self.results
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,6 @@ def pair(toy_tokenizer):
 
 
 def _episodes(tmp_path, name, policy, protocol):
-  from rise_jax.tasks.prompts import get_prompt_set
   path = tmp_path / f"{name}.jsonl"
   header = rollout_log.make_header("cfg", "tiny", versions={}, git_commit="abc")
   run_episodes(PROBLEMS, policy, protocol, path, task=_GraderTask(), prompts=get_prompt_set("toy"), header=header,
@@ -115,10 +115,10 @@ def test_engine_policy_logs_what_the_sampler_policy_logs(tmp_path, toy_tokenizer
 
 
 def test_requests_with_different_n_come_back_in_order_from_one_engine_call(toy_tokenizer, pair):
+  from rise_jax.sampling import SamplingParams
   sampler, engine = pair
   counting = _CountingEngine(engine)
   policy = EnginePolicy(counting, toy_tokenizer, stop_token_ids=STOPS)
-  from rise_jax.tasks.prompts import get_prompt_set
   messages = get_prompt_set("toy").initial_messages
   requests = [Request(key=p.id, messages=tuple(messages(p.question)), n=n, turn=2, round=1, stream="sequential")
               for p, n in zip(PROBLEMS, (2, 1, 3))]
@@ -127,14 +127,15 @@ def test_requests_with_different_n_come_back_in_order_from_one_engine_call(toy_t
   assert counting.calls == [[2, 1, 3]]
   assert [len(c.samples) for c in got] == [2, 1, 3]
   # Each request's samples are its own stream's: the sampler drawing that request alone agrees.
-  from rise_jax.sampling import SamplingParams
-  for request, completion in zip(requests, got):
+  for request, completion, results in zip(requests, got, counting.results):
     want, = sampler.generate([list(request.messages)],  # the sampler renders the messages itself
                              SamplingParams(max_new_tokens=6, n=request.n, stop_token_ids=STOPS), seed=11,
                              prompt_ids=[sample_uid(request.key, 2, 1, "sequential")])
     assert [s.token_ids for s in completion.samples] == [tuple(w.token_ids) for w in want]
     assert [s.text for s in completion.samples] == [w.text for w in want]
-    assert completion.history_tokens == completion.prefill_tokens == want[0].prompt_tokens
+    # The prompt's tokens are prefilled except those the engine read from its prefix cache.
+    assert completion.history_tokens == want[0].prompt_tokens
+    assert completion.prefill_tokens == want[0].prompt_tokens - min(r.cached_tokens for r in results)
 
 
 def test_default_stop_ids_are_the_samplers(toy_tokenizer, pair):
