@@ -167,3 +167,29 @@ def test_paged_sampling_builds_an_engine_policy(tmp_path, monkeypatch):
   assert built == dict(slots=12, max_seq_len=c.sampling.max_cache_length, block_size=32, chunk_steps=3,
                        on_overflow="report", vocab_limit=res.tokenizer.vocab_size, mesh=built["mesh"])
   assert res.tokenizer.vocab_size < 128
+
+
+@pytest.mark.parametrize("swaps", [True, False], ids=["sampler", "engine"])
+def test_boost_validation_swaps_weights_or_rebuilds_the_learner(swaps):
+  """A policy with a sampler gets the next checkpoint's weights swapped in; the engine's policy (no weight swap)
+  is rebuilt per validation, so neither scores a stale model."""
+  from rise_jax.config import finalize
+  from rise_jax.pipeline import recipes, stages
+  from rise_jax.rollout.policies import ScriptedPolicy
+
+  built, models = [], []  # models the learner was built with; models it answers with (the last)
+
+  def learner(model, name):
+    built.append(model)
+    models.append(model)
+    policy = ScriptedPolicy(lambda request, j: "3+4=7" if models[-1] == "good" else "3+4=8", name=name)
+    if swaps:
+      policy.sampler = types.SimpleNamespace(update_params=models.append)
+    return policy
+
+  task = types.SimpleNamespace(load=lambda split: PROBLEMS[:1], grade=lambda text, ref, mode: float(text == ref))
+  res = types.SimpleNamespace(config=finalize(recipes.toy_smoke()), task=task, prompts=get_prompt_set("toy"),
+                              learner=learner)
+  score = stages._dev_accuracy(res)
+  assert [score("bad"), score("good"), score("bad")] == [0.0, 1.0, 0.0]
+  assert built == (["bad"] if swaps else ["bad", "good", "bad"])
