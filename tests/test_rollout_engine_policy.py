@@ -115,27 +115,34 @@ def test_engine_policy_logs_what_the_sampler_policy_logs(tmp_path, toy_tokenizer
 
 
 def test_requests_with_different_n_come_back_in_order_from_one_engine_call(toy_tokenizer, pair):
+  """Nine requests (three problems x three resample rounds, n in a Latin square) in one engine call: each comes
+  back in its place with its `n` samples, the samples the sampler draws for that request's stream."""
   from rise_jax.sampling import SamplingParams
   sampler, engine = pair
   counting = _CountingEngine(engine)
   policy = EnginePolicy(counting, toy_tokenizer, stop_token_ids=STOPS)
   messages = get_prompt_set("toy").initial_messages
-  requests = [Request(key=p.id, messages=tuple(messages(p.question)), n=n, turn=2, round=1, stream="sequential")
-              for p, n in zip(PROBLEMS, (2, 1, 3))]
-  sampling = TurnSampling(temperature=1.0, max_new_tokens=6)
-  got = policy.sample(requests, sampling, seed=11)
-  assert counting.calls == [[2, 1, 3]]
-  assert [len(c.samples) for c in got] == [2, 1, 3]
-  # Each request's samples are its own stream's: the sampler drawing that request alone agrees.
-  for request, completion, results in zip(requests, got, counting.results):
-    want, = sampler.generate([list(request.messages)],  # the sampler renders the messages itself
-                             SamplingParams(max_new_tokens=6, n=request.n, stop_token_ids=STOPS), seed=11,
-                             prompt_ids=[sample_uid(request.key, 2, 1, "sequential")])
-    assert [s.token_ids for s in completion.samples] == [tuple(w.token_ids) for w in want]
-    assert [s.text for s in completion.samples] == [w.text for w in want]
+  ns = [(2, 1, 3), (1, 3, 2), (3, 2, 1)]  # ns[round - 1][problem]
+  requests = [Request(key=p.id, messages=tuple(messages(p.question)), n=ns[r - 1][i], turn=2, round=r,
+                      stream="sequential") for r in (1, 2, 3) for i, p in enumerate(PROBLEMS)]
+  got = policy.sample(requests, TurnSampling(temperature=1.0, max_new_tokens=6), seed=11)
+  assert counting.calls == [[2, 1, 3, 1, 3, 2, 3, 2, 1]]
+  assert [len(c.samples) for c in got] == [2, 1, 3, 1, 3, 2, 3, 2, 1]
+  # The reference: the sampler, one call per n (it renders the messages itself), each request on its stream.
+  want = [None] * len(requests)
+  for n in (1, 2, 3):
+    rows = [k for k, r in enumerate(requests) if r.n == n]
+    outs = sampler.generate([list(requests[k].messages) for k in rows],
+                            SamplingParams(max_new_tokens=6, n=n, stop_token_ids=STOPS), seed=11,
+                            prompt_ids=[sample_uid(requests[k].key, 2, requests[k].round, "sequential") for k in rows])
+    for k, out in zip(rows, outs):
+      want[k] = out
+  for completion, results, reference in zip(got, counting.results, want):
+    assert [s.token_ids for s in completion.samples] == [tuple(w.token_ids) for w in reference]
+    assert [s.text for s in completion.samples] == [w.text for w in reference]
     # The prompt's tokens are prefilled except those the engine read from its prefix cache.
-    assert completion.history_tokens == want[0].prompt_tokens
-    assert completion.prefill_tokens == want[0].prompt_tokens - min(r.cached_tokens for r in results)
+    assert completion.history_tokens == reference[0].prompt_tokens
+    assert completion.prefill_tokens == reference[0].prompt_tokens - min(r.cached_tokens for r in results)
 
 
 def test_default_stop_ids_are_the_samplers(toy_tokenizer, pair):
