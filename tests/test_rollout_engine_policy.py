@@ -1,6 +1,7 @@
 """`EnginePolicy`: the continuous-batching engine behind the runner's `Policy` protocol draws what `SamplerPolicy`
 draws (same rendering, random streams, stop ids and reply text), a whole turn in one engine call whatever each
-request's `n`; and `sampling.engine = "paged"` builds it.
+request's `n`; `sampling.engine = "paged"` builds it; boost validation rebuilds it per checkpoint (the engine has no
+weight swap).
 
 The reference is `SamplerPolicy` over the static `Sampler` (a different cache layout, batching and continuation
 path), on a one-layer toy-vocabulary model with the toy tokenizer (103 ids; the model's 128 are cut to them).
@@ -95,8 +96,9 @@ def _split_logprobs(records):
 
 @pytest.mark.parametrize("temperature,stops", [(1.0, STOPS), (0.0, None)], ids=["sampled", "greedy"])
 def test_engine_policy_logs_what_the_sampler_policy_logs(tmp_path, toy_tokenizer, pair, temperature, stops):
-  """Three turns with 1, 3, 2 samples, best-reward selection and a window of 2, for three problems: the logs agree on every field (texts, ids, rewards, chosen, finish reasons, histories), log-probability
-  sums within 1e-4, and each turn is one engine call holding every problem's request."""
+  """Three turns with 1, 3, 2 samples, best-reward selection and a window of 2, for three problems: the logs
+  agree on every field (texts, ids, rewards, chosen, finish reasons, histories), log-probability sums within
+  1e-4, and each turn is one engine call holding every problem's request."""
   sampler, engine = pair
   counting = _CountingEngine(engine)
   sampling = TurnSampling(temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=6)
