@@ -37,6 +37,7 @@ INIT_FROM = ("base", "previous")
 RISE_DATA = ("current", "accumulated")
 RISE_EVALUATE = ("all", "final")
 ON_OVERFLOW = ("raise", "report")
+SAMPLING_ENGINES = ("static", "paged")
 ON_INDIVISIBLE = ("replicate", "raise")
 MOMENTS_DTYPES = ("float32", "bfloat16")
 # The largest example weight training accepts: Adam's second moment grows like weight**2, and float32 overflows
@@ -92,8 +93,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.top_k = 0                   # 0 = no top-k filter
   c.sampling.max_new_tokens = 1000
   c.sampling.max_cache_length = 4096
-  c.sampling.batch_size = 32             # prompts per sampler call (None-free: plan() may lower it)
+  c.sampling.batch_size = 32             # problems per turn call (plan() may lower it); paged: the queue length
   c.sampling.on_overflow = "raise"
+  c.sampling.engine = "static"           # static (Sampler, batches per n) | paged (Engine, continuous batching)
+  c.sampling.slots = 64                  # paged: decode rows run together in every chunk
+  c.sampling.block_size = 16             # paged: tokens per KV pool block (a power of two)
+  c.sampling.chunk_steps = 8             # paged: decode steps per jitted chunk (a finished row waits <= this)
 
   c.collect = ml_collections.ConfigDict()
   c.collect.turns = 2                    # K: the last turn is the improvement turn
@@ -264,6 +269,11 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(s.max_cache_length > s.max_new_tokens, "sampling.max_cache_length", "must exceed max_new_tokens")
   _check(s.batch_size >= 1, "sampling.batch_size", "must be >= 1")
   _one_of(config, "sampling.on_overflow", ON_OVERFLOW)
+  _one_of(config, "sampling.engine", SAMPLING_ENGINES)
+  _check(s.slots >= 1, "sampling.slots", "must be >= 1")
+  _check(s.block_size >= 1 and not s.block_size & (s.block_size - 1), "sampling.block_size",
+         f"must be a power of two >= 1, got {s.block_size}")
+  _check(s.chunk_steps >= 1, "sampling.chunk_steps", "must be >= 1")
   co = config.collect
   _check(co.turns >= 1, "collect.turns", "must be >= 1")
   _check(co.samples_per_turn >= 1, "collect.samples_per_turn", "must be >= 1")

@@ -33,6 +33,11 @@ def test_locked_config_rejects_a_typo():
     ("mesh.train", (2, -1, -1), "mesh.train"),
     ("train.micro_batch", 7, "train.micro_batch"),
     ("collect.tau", 0.0, "collect.tau"),
+    ("sampling.engine", "vllm", "sampling.engine: 'vllm' is not one of"),
+    ("sampling.block_size", 12, "sampling.block_size: must be a power of two"),
+    ("sampling.block_size", 0, "sampling.block_size: must be a power of two"),
+    ("sampling.slots", 0, "sampling.slots"),
+    ("sampling.chunk_steps", 0, "sampling.chunk_steps"),
 ])
 def test_validate_names_the_bad_field(field, value, needle):
   c = _fresh()

@@ -162,10 +162,10 @@ def _dev_accuracy(res: Resources):
   holder: dict[str, Any] = {}
 
   def score(model) -> float:
-    if "policy" not in holder:  # one sampler: later validations swap weights into the compiled programs
+    if "policy" in holder and hasattr(holder["policy"], "sampler"):
+      holder["policy"].sampler.update_params(model)  # one sampler: later validations reuse its compiled programs
+    else:  # the first validation, or the paged engine (no weight swap: a fresh engine per validation)
       holder["policy"] = res.learner(model, "boost@validation")
-    else:
-      holder["policy"].sampler.update_params(model)
     policy = holder["policy"]
     completions = policy.sample(requests, algorithm.turn_sampling(c), c.seed)
     policy.release([r.key for r in requests])

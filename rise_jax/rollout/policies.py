@@ -1,9 +1,12 @@
 """Policies: whatever answers a turn of a RISE episode, behind one small protocol.
 
 The episode runner (`rise_jax.rollout.runner`) asks a policy for `n` responses to each of a batch of
-conversations (`Request`s) and gets `Completion`s back. Three kinds implement it:
+conversations (`Request`s) and gets `Completion`s back. These kinds implement it:
 - `SamplerPolicy`: the learner (or a teacher checkpoint) through `rise_jax.sampling.Sampler`, batched, keeping each
   conversation's KV cache across turns;
+- `EnginePolicy`: the same model through the continuous-batching `rise_jax.sampling.Engine` (`sampling.engine =
+  "paged"`), a whole turn's requests as one queue, any mix of `n`; same samples as `SamplerPolicy` for a seed;
+- `ReferencePolicy`: the task's reference solutions as the teacher;
 - `rise_jax.rollout.teacher.OpenAIChatPolicy`: a chat-completions endpoint (GPT-3.5 in the paper);
 - `ScriptedPolicy`: a function from request to text, for tests and for replaying known answers.
 
@@ -212,8 +215,56 @@ class SamplerPolicy:
       self._held.pop(key, None)
 
 
+class EnginePolicy:
+  """The learner (or a teacher checkpoint) through the continuous-batching `rise_jax.sampling.Engine`.
+
+  Rendering, random streams (`sample_uid`), stop ids (`stop_token_ids=None`: the sampler's default,
+  `default_stop_ids`) and reply text (`reply_text`) are `SamplerPolicy`'s, so the samples are too, token for
+  token. One `Engine.run` per call takes every request of the turn, whatever its `n`: the engine's queue keeps
+  its slots full. Reuse of a previous turn's cache is the engine's business (its prefix cache reports
+  `cached_tokens`); the policy holds no per-conversation state.
+  """
+
+  def __init__(self, engine, tokenizer, *, name: str = "learner", stop_token_ids=None, generation_config=None):
+    from rise_jax.sampling.sampler import STOP_SLOTS, default_stop_ids  # local: the runner works without JAX
+    self.engine = engine
+    self.tokenizer = tokenizer
+    self.name = name
+    ids = default_stop_ids(engine.config, tokenizer, generation_config) if stop_token_ids is None else stop_token_ids
+    self.stop_ids = tuple(dict.fromkeys(int(i) for i in ids))
+    if len(self.stop_ids) > STOP_SLOTS:  # the engine's limit (the Sampler takes more): refused now, not mid-run
+      raise ValueError(f"EnginePolicy {name}: {len(self.stop_ids)} stop ids {self.stop_ids}; the engine takes at "
+                       f"most {STOP_SLOTS}")
+
+  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+    from rise_jax.sampling.engine import Request as EngineRequest
+    from rise_jax.sampling.sampler import reply_text
+
+    prompts = [list(chat.render(self.tokenizer, list(r.messages), add_generation_prompt=True).ids)
+               for r in requests]
+    queue = [EngineRequest(ids, uid=sample_uid(r.key, r.turn, r.round, r.stream), n=r.n,
+                           max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                           top_k=sampling.top_k, top_p=sampling.top_p, stop_ids=self.stop_ids)
+             for r, ids in zip(requests, prompts)]
+    out = []
+    for ids, results in zip(prompts, self.engine.run(queue, seed=seed)):
+      samples = tuple(_sample(s.token_ids, reply_text(self.tokenizer, s.token_ids, s.finish_reason),
+                              s.finish_reason, s.logprobs) for s in results)
+      cached = min(s.cached_tokens for s in results)  # the samples of a request share its prompt
+      out.append(Completion(samples=samples, history_tokens=len(ids), prefill_tokens=len(ids) - cached))
+    return out
+
+  def release(self, keys: Sequence[str]) -> None:
+    del keys  # nothing held: the engine's cache is content-addressed and evicts least-recently-used blocks itself
+
+
 def _from_sampler(s) -> Sample:
-  token_ids = tuple(int(t) for t in s.token_ids)
-  logprob_sum = float(np.sum(s.logprobs, dtype=np.float64)) if s.logprobs is not None else None
-  return Sample(text=s.text, finish_reason=s.finish_reason, num_tokens=len(token_ids), token_ids=token_ids,
+  return _sample(s.token_ids, s.text, s.finish_reason, s.logprobs)
+
+
+def _sample(token_ids, text: str, finish_reason: str, logprobs) -> Sample:
+  """A model sample as the runner logs it: ids as ints, log-probabilities summed in float64."""
+  token_ids = tuple(int(t) for t in token_ids)
+  logprob_sum = float(np.sum(logprobs, dtype=np.float64)) if logprobs is not None else None
+  return Sample(text=text, finish_reason=finish_reason, num_tokens=len(token_ids), token_ids=token_ids,
                 logprob_sum=logprob_sum)

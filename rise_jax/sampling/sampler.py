@@ -144,6 +144,31 @@ def _generation_config_eos(path) -> tuple[int, ...]:
   return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
+def default_stop_ids(model_config, tokenizer=None, generation_config=None) -> tuple[int, ...]:
+  """What `stop_token_ids=None` means: the tokenizer's EOS ids (the model's without a tokenizer) plus the
+  `eos_token_id` of `generation_config` (a checkpoint directory or generation_config.json; by default the
+  tokenizer's directory), deduplicated in order."""
+  ids = list(model_config.eos_token_id) if tokenizer is None else list(tokenizer.eos_token_ids)
+  where = generation_config
+  if where is None and tokenizer is not None and getattr(tokenizer, "source", None) is not None:
+    where = tokenizer.source
+  if where is not None:
+    ids += _generation_config_eos(where)
+  return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def vocab_limit(tokenizer, model_config) -> int | None:
+  """Ids >= this are never sampled: a model vocabulary padded past the tokenizer's (the toy model: 128 vs 103)
+  must never emit a non-token. None when the tokenizer covers the model's vocabulary (or is absent)."""
+  tokenizer_vocab = getattr(tokenizer, "vocab_size", None)
+  return tokenizer_vocab if tokenizer_vocab and tokenizer_vocab < model_config.vocab_size else None
+
+
+def reply_text(tokenizer, ids: Sequence[int], finish_reason: str) -> str:
+  """A sample's `.text`: its ids decoded, without the sampled stop token that ends a "stop" sample."""
+  return tokenizer.decode(list(ids[:-1]) if finish_reason == "stop" else list(ids))
+
+
 class Sampler:
   """Batched multi-turn sampling for a `rise_jax.models.Transformer` (see the module docstring)."""
 
@@ -184,12 +209,10 @@ class Sampler:
     self._params = jax.device_put(state, self._param_shardings)
     self._row_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
     self._replicated = NamedSharding(self.mesh, PartitionSpec())
-    self._default_stop_ids = self._resolve_default_stops(generation_config)
+    self._default_stop_ids = default_stop_ids(self.model_config, tokenizer, generation_config)
     self.stats: collections.Counter = collections.Counter()
 
-    # A model vocabulary padded past the tokenizer's (the toy model: 128 vs 103) must never emit a non-token.
-    tokenizer_vocab = getattr(tokenizer, "vocab_size", None)
-    self._vocab_limit = tokenizer_vocab if tokenizer_vocab and tokenizer_vocab < self.model_config.vocab_size else None
+    self._vocab_limit = vocab_limit(tokenizer, self.model_config)
     merge = lambda params: nnx.merge(self.graphdef, params)
     self._extend_jit = jax.jit(lambda p, *a: self._constrain(loop.extend(merge(p), *a)), donate_argnums=(1, 5))
     self._decode_jit = jax.jit(
@@ -246,15 +269,6 @@ class Sampler:
     return {name: f._cache_size() for name, f in jits.items()}
 
   # -- prompts and stops ---------------------------------------------------------------------------------------
-
-  def _resolve_default_stops(self, generation_config) -> tuple[int, ...]:
-    ids = list(self.model_config.eos_token_id) if self.tokenizer is None else list(self.tokenizer.eos_token_ids)
-    where = generation_config
-    if where is None and self.tokenizer is not None and getattr(self.tokenizer, "source", None) is not None:
-      where = self.tokenizer.source
-    if where is not None:
-      ids += _generation_config_eos(where)
-    return tuple(dict.fromkeys(int(i) for i in ids))
 
   def _prompt_ids(self, prompt, index: int) -> list[int]:
     if isinstance(prompt, np.ndarray):
@@ -467,8 +481,7 @@ class Sampler:
     reason = loop.FINISH_REASONS[finish]
     text = None
     if self.tokenizer is not None:
-      body = ids[:-1] if reason == "stop" else ids
-      text = self.tokenizer.decode(body)
+      text = reply_text(self.tokenizer, ids, reason)
       if stop_strings:
         ids, text, hit = self._apply_stop_strings(ids, text, stop_strings)
         reason = "stop" if hit else reason
