@@ -243,3 +243,21 @@ def test_block_table_evicts_a_released_tail_before_its_prefix():
   table.allocate(3)  # the 2 never-used blocks, then the least recently released: the tail
   assert table.lookup(digests) == held[:2] and table.stats["evicted"] == 1
   assert table.lookup(chain_digests([0, 1, 2, 99] + list(range(4, 12)), 4)) == []
+
+
+def test_new_weights_empty_the_prefix_cache(models):
+  """After `update_params` the engine answers as a fresh engine on the new weights: nothing the old weights
+  computed is read from the cache, and no program compiles again."""
+  from flax import nnx
+  engine = Engine(models["llama"], **ENGINE)
+  params = SamplingParams(max_new_tokens=6, temperature=1.0, n=2, stop_token_ids=[])
+  requests = requests_for(PROMPTS, params, range(4))
+  engine.run(requests, seed=4)
+  engine.run(requests, seed=4)  # the cached-prefix prefill programs compile here
+  compiled = engine.compile_counts()
+  graphdef, state = nnx.split(models["llama"])
+  scaled = jax.tree.map(lambda x: x * 1.25, state)
+  engine.update_params(scaled)
+  got = engine.run(requests, seed=4)
+  assert_same(got, Engine(nnx.merge(graphdef, scaled), **ENGINE).run(requests, seed=4))
+  assert {s.cached_tokens for o in got for s in o} == {0} and engine.compile_counts() == compiled

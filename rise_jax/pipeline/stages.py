@@ -162,9 +162,9 @@ def _dev_accuracy(res: Resources):
   holder: dict[str, Any] = {}
 
   def score(model) -> float:
-    if "policy" in holder and hasattr(holder["policy"], "sampler"):
-      holder["policy"].sampler.update_params(model)  # one sampler: later validations reuse its compiled programs
-    else:  # the first validation, or the paged engine (no weight swap: a fresh engine per validation)
+    if "policy" in holder:
+      holder["policy"].update_params(model)  # one generator: later validations reuse its compiled programs
+    else:
       holder["policy"] = res.learner(model, "boost@validation")
     policy = holder["policy"]
     completions = policy.sample(requests, algorithm.turn_sampling(c), c.seed)

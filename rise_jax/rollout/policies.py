@@ -214,6 +214,12 @@ class SamplerPolicy:
     for key in keys:
       self._held.pop(key, None)
 
+  def update_params(self, model) -> None:
+    """New weights for the same sampler (its compiled programs kept); held conversations are dropped, since the
+    old weights computed their caches."""
+    self.sampler.update_params(model)
+    self._held.clear()
+
 
 class EnginePolicy:
   """The learner (or a teacher checkpoint) through the continuous-batching `rise_jax.sampling.Engine`.
@@ -256,6 +262,10 @@ class EnginePolicy:
 
   def release(self, keys: Sequence[str]) -> None:
     del keys  # nothing held: the engine's cache is content-addressed and evicts least-recently-used blocks itself
+
+  def update_params(self, model) -> None:
+    """New weights for the same engine (its compiled programs kept, its prefix cache emptied)."""
+    self.engine.update_params(model)
 
 
 def _from_sampler(s) -> Sample:

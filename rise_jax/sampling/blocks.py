@@ -101,6 +101,15 @@ class BlockTable:
     self._block_of[digest] = block
     self._digest_of[block] = digest
 
+  def forget_cached(self) -> None:
+    """Empty the cache (the model's weights changed): unreferenced cached blocks become free; a block still
+    referenced keeps its contents for its holder but can no longer be found."""
+    for block in self._idle:
+      self._free.append(block)
+    self._idle.clear()
+    self._block_of.clear()
+    self._digest_of.clear()
+
   def lookup(self, digests: Sequence[bytes]) -> list[int]:
     """The blocks of the longest cached prefix of `digests`, one reference taken on each (release them)."""
     hit = []

@@ -61,7 +61,7 @@ from rise_jax.sampling import blocks as blocks_lib
 from rise_jax.sampling import loop
 from rise_jax.sampling import paged
 from rise_jax.sampling import select
-from rise_jax.sampling.sampler import STOP_SLOTS, pow2_at_least
+from rise_jax.sampling.sampler import STOP_SLOTS, pow2_at_least, swapped_params
 
 MIN_FIRST_TOKENS = 16   # smallest first-token batch bucket (a power of 4)
 MIN_SPAN_TOKENS = 64    # smallest attention-span bucket (fewer chunk compiles for short conversations)
@@ -181,7 +181,8 @@ class Engine:
     self.mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
     self.rules = rules
     self.graphdef, state = nnx.split(model)
-    self._params = jax.device_put(state, sharding_lib.state_shardings(state, self.mesh, rules))
+    self._param_shardings = sharding_lib.state_shardings(state, self.mesh, rules)
+    self._params = jax.device_put(state, self._param_shardings)
     new_pool = lambda: paged.init_pool(self.config, self.num_blocks, self.block_size, model.dtype)
     self._pool_sharding = jax.tree.map(lambda x: self._sharding((None, "kv_heads", None, "head_dim"), x.shape),
                                        jax.eval_shape(new_pool))
@@ -221,6 +222,12 @@ class Engine:
     """Host arrays whose first axis is rows, placed with rows over the mesh's data and fsdp axes."""
     place = lambda x: jax.device_put(x, self._sharding(("batch",) + (None,) * (x.ndim - 1), x.shape))
     return jax.tree.map(place, tree)
+
+  def update_params(self, model_or_state) -> None:
+    """Swap in new weights (as `Sampler.update_params`: compiled programs reused) and empty the prefix cache,
+    whose keys and values the old weights computed."""
+    self._params = swapped_params(self._params, model_or_state, self._param_shardings, "Engine.update_params")
+    self._blocks.forget_cached()
 
   def compile_counts(self) -> dict[str, int]:
     """Entries in each jitted function's compilation cache (bounded by the buckets in the module docstring)."""

@@ -144,6 +144,21 @@ def _generation_config_eos(path) -> tuple[int, ...]:
   return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
+def swapped_params(params, model_or_state, shardings, who: str):
+  """New weights in the layout of `params` (same structure and shapes, cast to its dtypes, placed by
+  `shardings`): a generator's compiled programs keep working, only values change."""
+  state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+  old, new = jax.tree.structure(params), jax.tree.structure(state)
+  if old != new:
+    raise ValueError(f"{who}: the new state's structure differs from the model's ({new} vs {old})")
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state)):
+    if a.shape != b.shape:
+      raise ValueError(f"{who}: a leaf of shape {b.shape} replaces one of shape {a.shape}")
+  # Training may keep float32 masters while sampling runs in bfloat16: cast to the generator's dtypes.
+  state = jax.tree.map(lambda new, old: new.astype(old.dtype) if new.dtype != old.dtype else new, state, params)
+  return jax.device_put(state, shardings)
+
+
 def default_stop_ids(model_config, tokenizer=None, generation_config=None) -> tuple[int, ...]:
   """What `stop_token_ids=None` means: the tokenizer's EOS ids (the model's without a tokenizer) plus the
   `eos_token_id` of `generation_config` (a checkpoint directory or generation_config.json; by default the
@@ -249,18 +264,7 @@ class Sampler:
     The compiled prefill/decode functions are reused: only values change, never shapes or structure. Leaves are
     cast to the sampler's dtypes (float32 training masters -> bfloat16 sampling weights).
     """
-    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
-    old, new = jax.tree.structure(self._params), jax.tree.structure(state)
-    if old != new:
-      raise ValueError(f"Sampler.update_params: the new state's structure differs from the sampler's model "
-                       f"({new} vs {old})")
-    for a, b in zip(jax.tree.leaves(self._params), jax.tree.leaves(state)):
-      if a.shape != b.shape:
-        raise ValueError(f"Sampler.update_params: a leaf of shape {b.shape} replaces one of shape {a.shape}")
-    # Training may keep float32 masters while sampling runs in bfloat16: cast to the sampler's dtypes.
-    state = jax.tree.map(lambda new, old: new.astype(old.dtype) if new.dtype != old.dtype else new,
-                         state, self._params)
-    self._params = jax.device_put(state, self._param_shardings)
+    self._params = swapped_params(self._params, model_or_state, self._param_shardings, "Sampler.update_params")
 
   def compile_counts(self) -> dict[str, int]:
     """Entries in each jitted function's compilation cache (bounded by the number of buckets used)."""
