@@ -99,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.slots = 64                  # paged: decode rows run together in every chunk
   c.sampling.block_size = 16             # paged: tokens per KV pool block (a power of two)
   c.sampling.chunk_steps = 8             # paged: decode steps per jitted chunk (a finished row waits <= this)
+  c.sampling.num_blocks = 0              # paged: KV pool blocks; 0 = every slot at full length (a smaller pool waits)
 
   c.collect = ml_collections.ConfigDict()
   c.collect.turns = 2                    # K: the last turn is the improvement turn
@@ -274,6 +275,7 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(s.block_size >= 1 and not s.block_size & (s.block_size - 1), "sampling.block_size",
          f"must be a power of two >= 1, got {s.block_size}")
   _check(s.chunk_steps >= 1, "sampling.chunk_steps", "must be >= 1")
+  _check(s.num_blocks >= 0, "sampling.num_blocks", f"must be >= 0 (0 = sized for every slot), got {s.num_blocks}")
   co = config.collect
   _check(co.turns >= 1, "collect.turns", "must be >= 1")
   _check(co.samples_per_turn >= 1, "collect.samples_per_turn", "must be >= 1")

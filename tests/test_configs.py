@@ -103,6 +103,31 @@ def test_memory_estimate_by_hand_llama2_on_v4_32():
   assert est.sample_params == pytest.approx(2 * (n - 4096 * 65) / 4 + 2 * 4096 * 65, rel=1e-3)
 
 
+def test_paged_engine_budgets_its_pool_not_the_batch():
+  c = load("gsm8k_llama2_distill").get_config()
+  with c.unlocked():
+    c.sampling.engine = "paged"
+  # The default pool holds all 64 slots at 4096 tokens: 2 x 32 layers x (64 x 256 + 2) blocks x 8 kv heads a
+  # tensor shard x 16 x 128 x bf16 = 32 GiB a chip, more than a v4 chip has.
+  with pytest.raises(ValueError, match="exceeds 85% of 32.0 GiB"):
+    capacity.check(c, capacity.TPU_V4_32)
+  with c.unlocked():
+    c.sampling.num_blocks = 4096  # 64k tokens: a quarter of the worst case; a fuller pool waits, never drops
+  est = capacity.check(c, capacity.TPU_V4_32)
+  # k and v, 32 layers, 32 kv heads x 128 over 4 tensor shards, 16 tokens a block, bfloat16; the pool is whole
+  # on every data replica (any slot reads any block).
+  assert est.kv_cache == pytest.approx(2 * 32 * 4096 * (32 / 4) * 16 * 128 * 2)
+  with c.unlocked():
+    c.sampling.batch_size *= 8  # more queued prompts, more samples each: the same pool
+    c.collect.samples_per_turn = 16
+  assert capacity.check(c, capacity.TPU_V4_32).kv_cache == est.kv_cache
+  with c.unlocked():
+    c.sampling.num_blocks, c.sampling.slots, c.sampling.max_cache_length = 0, 8, 2048
+  # 0 sizes the pool for every slot at full length, plus the trash block and a spare.
+  blocks = 8 * 128 + 2
+  assert capacity.check(c, capacity.TPU_V4_32).kv_cache == pytest.approx(est.kv_cache * blocks / 4096)
+
+
 def test_indivisible_mesh_is_refused_naming_the_array():
   c = load("gsm8k_llama2_distill").get_config()
   with c.unlocked():

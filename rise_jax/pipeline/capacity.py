@@ -6,7 +6,8 @@
     rules, and raises if any dimension does not divide its mesh axes (`on_indivisible="raise"`);
   * estimates per-device memory analytically for the training phase (parameters, gradients, Adam moments,
     activations under the configured remat policy and attention backend, logits) and the sampling phase (parameters in compute dtype
-    plus the KV cache), and raises when the larger exceeds the chip's HBM less a headroom for XLA temporaries.
+    plus the KV cache: the Sampler's batch x samples rows, or the engine's block pool when sampling.engine is
+    "paged"), and raises when the larger exceeds the chip's HBM less a headroom for XLA temporaries.
 The training estimate (`train_estimate`) is calibrated against the compiled step's `memory_analysis()`
 (`rise_jax.train.memory`): within 15% at three sizes on CPU (tests/test_train_memory.py), and it reproduces the
 126.7 GiB measured for a Llama-2-7B step on an H200 (docs/benchmarks.md). It is still a model: it catches a config
@@ -195,7 +196,6 @@ def train_estimate(config, mc, train_shape, platform: str) -> Estimate:
 def check(config, hardware: Hardware) -> Estimate:
   """Raise ValueError naming the array (divisibility) or the budget (memory); return the estimate."""
   from rise_jax import sharding
-  from rise_jax.models.transformer import CACHE_AXES, init_cache
   mc = _model_config(config)
   train_shape = sharding.resolve_mesh_shape(config.mesh.train, hardware.num_devices)
   sample_shape = sharding.resolve_mesh_shape(config.mesh.sample, hardware.num_devices)
@@ -207,21 +207,50 @@ def check(config, hardware: Hardware) -> Estimate:
     spec = sharding.logical_to_spec(axes, shape, sample_mesh, sharding.SAMPLE_RULES, "raise", f"sample {name}")
     est.sample_params += _sharded_bytes(shape, spec, sample_mesh, c_bytes)
 
-  # Sampling: the whole batch of rows (prompts x samples) holds a KV cache of max_cache_length slots.
-  co = config.collect
-  samples = max(co.samples_per_turn, co.improvement_samples if co.improvement == "self" else 1,
-                config.eval.parallel_k)
-  cache_rows = config.sampling.batch_size * samples
-  cache = jax.eval_shape(lambda: init_cache(mc, cache_rows, config.sampling.max_cache_length,
-                                            np.dtype("float32") if c_bytes == 4 else "bfloat16"))
-  for name in ("k", "v"):
-    leaf = getattr(cache, name)
-    spec = sharding.logical_to_spec(CACHE_AXES, leaf.shape, sample_mesh, sharding.SAMPLE_RULES, "raise",
-                                    f"KV cache {name} ({cache_rows} rows = sampling.batch_size x {samples})")
-    est.kv_cache += _sharded_bytes(leaf.shape, spec, sample_mesh, leaf.dtype.itemsize)
+  if config.sampling.engine == "paged":
+    est.kv_cache = _pool_bytes(config, mc, sample_mesh, c_bytes)
+  else:
+    est.kv_cache = _static_cache_bytes(config, mc, sample_mesh, c_bytes)
 
   budget = hardware.hbm_gib * GiB * hardware.headroom
   if est.peak > budget:
     raise ValueError(f"estimated peak {est.peak / GiB:.1f} GiB per device exceeds {hardware.headroom:.0%} of "
                      f"{hardware.hbm_gib} GiB on {hardware.name}:\n{est.table()}")
   return est
+
+
+def _static_cache_bytes(config, mc, sample_mesh, c_bytes: int) -> float:
+  """The Sampler's cache: the whole batch of rows (prompts x samples) at max_cache_length slots each."""
+  from rise_jax import sharding
+  from rise_jax.models.transformer import CACHE_AXES, init_cache
+  co = config.collect
+  samples = max(co.samples_per_turn, co.improvement_samples if co.improvement == "self" else 1,
+                config.eval.parallel_k)
+  cache_rows = config.sampling.batch_size * samples
+  cache = jax.eval_shape(lambda: init_cache(mc, cache_rows, config.sampling.max_cache_length,
+                                            np.dtype("float32") if c_bytes == 4 else "bfloat16"))
+  total = 0.0
+  for name in ("k", "v"):
+    leaf = getattr(cache, name)
+    spec = sharding.logical_to_spec(CACHE_AXES, leaf.shape, sample_mesh, sharding.SAMPLE_RULES, "raise",
+                                    f"KV cache {name} ({cache_rows} rows = sampling.batch_size x {samples})")
+    total += _sharded_bytes(leaf.shape, spec, sample_mesh, leaf.dtype.itemsize)
+  return total
+
+
+def _pool_bytes(config, mc, sample_mesh, c_bytes: int) -> float:
+  """The engine's block pool: independent of batch_size and samples (slots bound the rows in flight); whole
+  on every data shard, kv heads split over tensor, as `Engine` places it."""
+  from rise_jax import sharding
+  from rise_jax.sampling import paged
+  from rise_jax.sampling.engine import default_num_blocks
+  s = config.sampling
+  capacity = min(s.max_cache_length, mc.max_position_embeddings)
+  num_blocks = s.num_blocks or default_num_blocks(s.slots, capacity, s.block_size)
+  pool = jax.eval_shape(lambda: paged.init_pool(mc, num_blocks, s.block_size,
+                                                np.dtype("float32") if c_bytes == 4 else "bfloat16"))
+  leaf = pool.k[0]
+  spec = sharding.logical_to_spec((None, "kv_heads", None, "head_dim"), leaf.shape, sample_mesh,
+                                  sharding.SAMPLE_RULES, "raise",
+                                  f"KV pool ({num_blocks} blocks of {s.block_size}; sampling.num_blocks)")
+  return 2 * len(pool.k) * _sharded_bytes(leaf.shape, spec, sample_mesh, leaf.dtype.itemsize)

@@ -94,7 +94,7 @@ class Resources:
   def learner(self, model, name: str):
     """`model` as a runner policy on the sampling mesh, set up by `sampling` (cache length, overflow policy): a
     `Sampler` (`sampling.engine = "static"`) or a continuous-batching `Engine` ("paged": slots, block_size,
-    chunk_steps; ids past the tokenizer's vocabulary never sampled, as the Sampler). Every learner of every
+    chunk_steps, num_blocks; ids past the tokenizer's vocabulary never sampled, as the Sampler). Every learner of every
     command is built here."""
     from rise_jax import chat
     from rise_jax.rollout.policies import EnginePolicy, SamplerPolicy
@@ -105,7 +105,7 @@ class Resources:
       chat.check_vocab(self.tokenizer, model.config)
     if s.engine == "paged":
       engine = Engine(model, slots=s.slots, max_seq_len=s.max_cache_length, block_size=s.block_size,
-                      chunk_steps=s.chunk_steps, on_overflow=s.on_overflow,
+                      chunk_steps=s.chunk_steps, num_blocks=s.num_blocks or None, on_overflow=s.on_overflow,
                       vocab_limit=vocab_limit(self.tokenizer, model.config), mesh=self.mesh("sample"))
       return EnginePolicy(engine, self.tokenizer, name=name)
     sampler = Sampler(model, self.tokenizer, max_cache_length=s.max_cache_length, mesh=self.mesh("sample"),

@@ -134,6 +134,11 @@ class _Slot:
   sampling_logprobs: list[float]
 
 
+def default_num_blocks(slots: int, capacity: int, block_size: int) -> int:
+  """Every slot at full length, plus the trash block and one spare (what `Engine` allocates unless told)."""
+  return slots * -(-capacity // block_size) + 2
+
+
 class Engine:
   """Continuous-batching sampler over a paged KV pool (see the module docstring)."""
 
@@ -174,7 +179,8 @@ class Engine:
     if self.capacity < 2:
       raise ValueError(f"Engine.max_seq_len: {max_seq_len} leaves no room to generate")
     self.max_blocks = -(-self.capacity // self.block_size)
-    self.num_blocks = int(num_blocks) if num_blocks is not None else self.slots * self.max_blocks + 2
+    self.num_blocks = int(num_blocks) if num_blocks is not None else default_num_blocks(
+        self.slots, self.capacity, self.block_size)
     self.prefill_tokens = max(int(prefill_tokens), self.block_size)
     self.on_overflow = on_overflow
     self.vocab_limit = vocab_limit
