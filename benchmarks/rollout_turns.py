@@ -18,11 +18,12 @@ Three ways to run each turn:
     a row's reply past its drawn length is rolled back, as after a stop);
   * engine   — the whole turn queued through 64 slots; the prefix cache supplies every conversation's previous
     prompt and reply, so only the failure message is prefilled;
-  * engine, no prefix cache — the same with `prefix_cache=False`: every turn re-prefills its whole history.
+  * engine, no prefix cache — the same with `prefix_cache=False`: every turn re-prefills its whole history;
+  * engine, streamed — one `Engine.stream` for all turns: a conversation's next turn is submitted the moment its
+    reply is back (as the episode runner streams an `EnginePolicy`), so no turn waits for the others to drain.
 Reported: tokens/s (drawn reply tokens / wall time, all turns) and the ratios; prompt tokens prefilled;
-useful-slot fraction (decode-step tokens / (decode steps x slots); each turn drains its queue before the next
-starts, as the episode runner runs turns); first pass (compiles) apart from the steady state (median of the
-interleaved repetitions).
+useful-slot fraction (decode-step tokens / (decode steps x slots)); first pass (compiles) apart from the steady
+state (median of the interleaved repetitions). Each engine pass starts with an empty prefix cache.
 """
 
 from __future__ import annotations
@@ -60,12 +61,36 @@ def uid(problem: int, turn: int) -> int:
 
 
 def run_engine(engine: Engine, questions, feedback, lengths) -> dict:
+  """Turn by turn: each turn's requests in one queue, drained before the next turn starts."""
   before = dict(engine.stats)
+  engine.forget_prefix_cache()  # an earlier pass's conversations would be free hits
   prompts = [list(q) for q in questions]
   for t in range(lengths.shape[1]):
     outs = engine.run([Request(p, uid=uid(i, t), max_new_tokens=int(lengths[i, t]), temperature=1.0)
                        for i, p in enumerate(prompts)], seed=0)
     prompts = [p + o[0].token_ids + feedback for p, o in zip(prompts, outs)]
+  return _engine_counts(engine, before, prompts)
+
+
+def run_streamed(engine: Engine, questions, feedback, lengths) -> dict:
+  """One stream: each conversation's next turn submitted as soon as its reply is back."""
+  before = dict(engine.stats)
+  engine.forget_prefix_cache()
+  prompts = [list(q) for q in questions]
+  stream = engine.stream(seed=0)
+  submit = lambda i, t: stream.submit(Request(prompts[i], uid=uid(i, t), max_new_tokens=int(lengths[i, t]),
+                                              temperature=1.0), tag=(i, t))
+  for i in range(len(prompts)):
+    submit(i, 0)
+  while stream.busy:
+    for (i, t), outs in stream.step():
+      prompts[i] = prompts[i] + outs[0].token_ids + feedback
+      if t + 1 < lengths.shape[1]:
+        submit(i, t + 1)
+  return _engine_counts(engine, before, prompts)
+
+
+def _engine_counts(engine: Engine, before: dict, prompts) -> dict:
   counts = {k: engine.stats[k] - before.get(k, 0) for k in ("prefill_tokens", "cached_tokens", "decode_tokens",
                                                              "slot_steps")}
   return dict(counts, last_prompts=prompts)
@@ -127,10 +152,12 @@ def main():
   engine_args = dict(slots=STATIC_BATCH, max_seq_len=MAX_SEQ_LEN, block_size=16, chunk_steps=args.chunk_steps)
   engine = Engine(model, **engine_args)
   uncached = Engine(model, **engine_args, prefix_cache=False)
+  streamed = Engine(model, **engine_args)
   sampler = Sampler(model, None, max_cache_length=MAX_SEQ_LEN)
   runs = {"sampler": lambda: run_sampler(sampler, questions, feedback, lengths),
           "engine": lambda: run_engine(engine, questions, feedback, lengths),
-          "engine, no prefix cache": lambda: run_engine(uncached, questions, feedback, lengths)}
+          "engine, no prefix cache": lambda: run_engine(uncached, questions, feedback, lengths),
+          "engine, streamed": lambda: run_streamed(streamed, questions, feedback, lengths)}
   first, counts, times = {}, {}, {name: [] for name in runs}
   for name, fn in runs.items():
     first[name], counts[name] = timed(fn)
@@ -159,8 +186,8 @@ def main():
     for name in runs:
       print(f"{name:>24}: steady {steady[name]:.2f} s (runs {', '.join(f'{t:.2f}' for t in times[name])}), "
             f"{tokens / steady[name]:.0f} tok/s, {steady['sampler'] / steady[name]:.2f}x the sampler's", flush=True)
-  print(f"compiles: engine {engine.compile_counts()}, no prefix cache {uncached.compile_counts()}, sampler "
-        f"{sampler.compile_counts()}", flush=True)
+  print(f"compiles: engine {engine.compile_counts()}, no prefix cache {uncached.compile_counts()}, streamed "
+        f"{streamed.compile_counts()}, sampler {sampler.compile_counts()}", flush=True)
   return 0
 
 

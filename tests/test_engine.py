@@ -261,3 +261,47 @@ def test_new_weights_empty_the_prefix_cache(models):
   got = engine.run(requests, seed=4)
   assert_same(got, Engine(nnx.merge(graphdef, scaled), **ENGINE).run(requests, seed=4))
   assert {s.cached_tokens for o in got for s in o} == {0} and engine.compile_counts() == compiled
+
+
+def test_a_stream_takes_requests_while_it_runs_and_draws_what_run_draws(models, samplers):
+  """RISE's pattern through `Engine.stream`: a conversation's next turn (prompt + reply + feedback) is submitted
+  the moment its turn comes back, while other requests decode and the rest of the first turn is still arriving.
+  Every sample equals the sampler's for its (seed, uid) (the next turn re-prefilled whole), the next turns read
+  their history from the prefix cache, and a stream left busy is abandoned by the next one without leaking a
+  block or changing what the engine draws."""
+  engine = Engine(models["llama"], **ENGINE)
+  params = SamplingParams(max_new_tokens=9, temperature=1.0, n=2, stop_token_ids=[])
+  feedback = [7, 8, 9, 10, 11]
+  request = lambda prompt, uid: requests_for([prompt], params, [uid])[0]
+  stream = engine.stream(seed=5)
+  for i in (0, 1):
+    stream.submit(request(PROMPTS[i], i), tag=("turn1", i))
+  got, second, late, steps = {}, {}, [2, 3], 0
+  while stream.busy:
+    steps += 1
+    for tag, samples in stream.step():
+      got[tag] = samples
+      if tag[0] == "turn1":
+        second[tag[1]] = PROMPTS[tag[1]] + samples[1].token_ids + feedback
+        stream.submit(request(second[tag[1]], 10 + tag[1]), tag=("turn2", tag[1]))
+    if late and steps >= 2:  # the rest of the first turn arrives while the stream runs
+      stream.submit(request(PROMPTS[late[0]], late[0]), tag=("turn1", late.pop(0)))
+  assert sorted(got) == [(kind, i) for kind in ("turn1", "turn2") for i in range(4)]
+  assert_same([got["turn1", i] for i in range(4)],
+              samplers["llama"].generate(PROMPTS, params, seed=5, prompt_ids=list(range(4))))
+  assert_same([got["turn2", i] for i in range(4)],
+              samplers["llama"].generate([second[i] for i in range(4)], params, seed=5,
+                                         prompt_ids=[10 + i for i in range(4)]))
+  assert all(got["turn2", i][0].cached_tokens >= len(PROMPTS[i]) // ENGINE["block_size"] * ENGINE["block_size"]
+             for i in range(4))
+  assert engine.blocks_in_use == 0
+
+  abandoned = engine.stream(seed=5)
+  abandoned.submit(request(PROMPTS[0], 0), tag=0)
+  abandoned.step()  # its samples now hold slots and blocks
+  assert abandoned.busy and engine.blocks_in_use > 0
+  again = engine.run(requests_for(PROMPTS, params, range(4)), seed=5)
+  assert_same(again, [got["turn1", i] for i in range(4)])
+  assert engine.blocks_in_use == 0 and not abandoned.busy
+  with pytest.raises(RuntimeError, match="closed"):
+    abandoned.step()

@@ -1,6 +1,7 @@
 """`EnginePolicy`: the continuous-batching engine behind the runner's `Policy` protocol draws what `SamplerPolicy`
-draws (same rendering, random streams, stop ids and reply text), a whole turn in one engine call whatever each
-request's `n`; `sampling.engine = "paged"` builds it; boost validation swaps each checkpoint's weights into it.
+draws (same rendering, random streams, stop ids and reply text), a whole turn in one engine queue whatever each
+request's `n`, or every turn of every episode in one queue when the runner streams; `sampling.engine = "paged"`
+builds it; boost validation swaps each checkpoint's weights into it.
 
 The reference is `SamplerPolicy` over the static `Sampler` (a different cache layout, batching and continuation
 path), on a one-layer toy-vocabulary model with the toy tokenizer (103 ids; the model's 128 are cut to them).
@@ -39,15 +40,33 @@ class _GraderTask:
 
 
 class _CountingEngine:
-  """The real engine, recording the `n` of the requests in each `run` call and the last call's results."""
+  """The real engine, recording the `n` of the requests submitted to each stream it opens, and every request's
+  (tag, results)."""
 
   def __init__(self, engine):
-    self.engine, self.config, self.calls, self.results = engine, engine.config, [], None
+    self.engine, self.config, self.calls, self.results = engine, engine.config, [], []
 
-  def run(self, requests, seed=0):
-    self.calls.append([r.n for r in requests])
-    self.results = self.engine.run(requests, seed=seed)
-    return self.results
+  def stream(self, seed=0):
+    inner, submitted, results = self.engine.stream(seed), [], self.results
+    self.calls.append(submitted)
+
+    class Counted:
+      busy = property(lambda _: inner.busy)
+
+      def submit(self, request, tag):
+        submitted.append(request.n)
+        inner.submit(request, tag)
+
+      def step(self):
+        done = inner.step()
+        results.extend(done)
+        return done
+
+    return Counted()
+
+
+class _TurnByTurnEnginePolicy(EnginePolicy):
+  open_stream = None  # no stream: the runner steps its episodes turn by turn, one engine queue per turn
 
 
 @pytest.fixture(scope="module")
@@ -93,22 +112,30 @@ def _split_logprobs(records):
   return records, sums
 
 
-@pytest.mark.parametrize("temperature,stops", [(1.0, STOPS), (0.0, None)], ids=["sampled", "greedy"])
-def test_engine_policy_logs_what_the_sampler_policy_logs(tmp_path, toy_tokenizer, pair, temperature, stops):
+@pytest.mark.parametrize("temperature,stops,streamed", [(1.0, STOPS, True), (1.0, STOPS, False), (0.0, None, True)],
+                         ids=["sampled-streamed", "sampled-turn_by_turn", "greedy-streamed"])
+def test_engine_policy_logs_what_the_sampler_policy_logs(tmp_path, toy_tokenizer, pair, temperature, stops,
+                                                         streamed):
   """Three turns with 1, 3, 2 samples, best-reward selection and a window of 2, for three problems: the logs
   agree on every field (texts, ids, rewards, chosen, finish reasons, histories), log-probability sums within
-  1e-4, and each turn is one engine call holding every problem's request."""
+  1e-4; turn by turn, each turn is one engine queue holding every problem's request; streamed, one queue holds
+  every turn of every problem."""
   sampler, engine = pair
   counting = _CountingEngine(engine)
   sampling = TurnSampling(temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=6)
   protocol = Protocol.sequential(3, samples=(1, 3, 2), select="best_reward", window=2, sampling=sampling,
                                  grader="robust", seed=5)
   want = _episodes(tmp_path, "sampler", SamplerPolicy(sampler, toy_tokenizer, stop_token_ids=stops), protocol)
-  got = _episodes(tmp_path, "engine", EnginePolicy(counting, toy_tokenizer, stop_token_ids=stops), protocol)
-  (want, want_sums), (got, got_sums) = _split_logprobs(want), _split_logprobs(got)
+  policy_class = EnginePolicy if streamed else _TurnByTurnEnginePolicy
+  got = _episodes(tmp_path, "engine", policy_class(counting, toy_tokenizer, stop_token_ids=stops), protocol)
+  by_id = lambda records: sorted(records, key=lambda r: r["problem_id"])  # a stream logs episodes as they end
+  (want, want_sums), (got, got_sums) = _split_logprobs(by_id(want)), _split_logprobs(by_id(got))
   assert got == want
   assert got_sums == pytest.approx(want_sums, abs=1e-4)
-  assert counting.calls == [[1, 1, 1], [3, 3, 3], [2, 2, 2]]
+  if streamed:
+    assert len(counting.calls) == 1 and sorted(counting.calls[0]) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+  else:
+    assert counting.calls == [[1, 1, 1], [3, 3, 3], [2, 2, 2]]
   turns = [t for r in got for t in r["turns"]]
   assert any(t["window_applied"] for t in turns)
   reasons = {c["finish_reason"] for t in turns for c in t["candidates"]}
@@ -138,7 +165,8 @@ def test_requests_with_different_n_come_back_in_order_from_one_engine_call(toy_t
                             prompt_ids=[sample_uid(requests[k].key, 2, requests[k].round, "sequential") for k in rows])
     for k, out in zip(rows, outs):
       want[k] = out
-  for completion, results, reference in zip(got, counting.results, want):
+  results_in_order = [r for _, r in sorted(counting.results, key=lambda d: d[0])]  # tags: (index, prompt tokens)
+  for completion, results, reference in zip(got, results_in_order, want):
     assert [s.token_ids for s in completion.samples] == [tuple(w.token_ids) for w in reference]
     assert [s.text for s in completion.samples] == [w.text for w in reference]
     # The prompt's tokens are prefilled except those the engine read from its prefix cache.
@@ -168,12 +196,12 @@ def test_paged_sampling_builds_an_engine_policy(tmp_path, monkeypatch):
   monkeypatch.setattr(rise_jax.sampling, "Engine", fake_engine)
   c = recipes.toy_smoke()
   c.output_dir, c.sampling.engine, c.sampling.on_overflow = str(tmp_path), "paged", "report"
-  c.sampling.slots, c.sampling.block_size, c.sampling.chunk_steps = 12, 32, 3
+  c.sampling.slots, c.sampling.block_size, c.sampling.chunk_steps, c.sampling.num_blocks = 12, 32, 3, 50
   res = Resources(finalize(c), tmp_path)
   policy = res.learner(types.SimpleNamespace(config=get_preset("toy-llama").config), name="learner@1")
   assert isinstance(policy, EnginePolicy) and policy.name == "learner@1"
   assert built == dict(slots=12, max_seq_len=c.sampling.max_cache_length, block_size=32, chunk_steps=3,
-                       on_overflow="report", vocab_limit=res.tokenizer.vocab_size, mesh=built["mesh"])
+                       num_blocks=50, on_overflow="report", vocab_limit=res.tokenizer.vocab_size, mesh=built["mesh"])
   assert res.tokenizer.vocab_size < 128
 
 

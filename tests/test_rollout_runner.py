@@ -1,5 +1,7 @@
 """The episode runner against scripted policies whose outputs are known: every record is checked against a
-hand-built expected log (selection, oracle stops, feedback, degenerate resampling, windows, resume).
+hand-built expected log (selection, oracle stops, feedback, degenerate resampling, windows, resume). Every test
+runs under both drivers: turn by turn, and streamed (the scripted policy given an `open_stream`, as the engine
+has), which must write the same records.
 
 The prompt set and problems here are written inside the test, so expected messages are spelled out by hand; the
 rewards are the toy grader's paper mode (unparsable -1, wrong 0, right 1), worked out by hand below.
@@ -15,7 +17,7 @@ from rise_jax.tasks import graders
 from rise_jax.rise import metrics
 from rise_jax.rollout import log as rollout_log
 from rise_jax.rollout.degenerate import degenerate_reason, is_degenerate
-from rise_jax.rollout.policies import ScriptedPolicy, TurnSampling
+from rise_jax.rollout.policies import InstantStream, ScriptedPolicy, TurnSampling
 from rise_jax.rollout.runner import Protocol, run_episodes
 from rise_jax.tasks.base import Problem
 
@@ -51,6 +53,14 @@ LONG = "x" * 301            # one 301-character token: degenerate
 SAMPLING = TurnSampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=50)
 
 
+@pytest.fixture(autouse=True, params=["turn_by_turn", "streamed"])
+def driver(request, monkeypatch):
+  """Streamed: every ScriptedPolicy offers a stream, so the runner submits each request as its episode needs it."""
+  if request.param == "streamed":
+    monkeypatch.setattr(ScriptedPolicy, "open_stream", lambda self, seed: InstantStream(self, seed), raising=False)
+  return request.param
+
+
 def _table_policy(table, name="learner"):
   """Scripted policy: table[(problem id, turn, round)] lists the texts of that request's samples."""
   return ScriptedPolicy(lambda request, j: table[(request.key, request.turn, request.round)][j], name=name)
@@ -63,7 +73,9 @@ def _run(tmp_path, problems, policy, protocol, name="log.jsonl", batch_size=8):
                          batch_size=batch_size, progress=False)
   _, records, torn = rollout_log.read_rollouts(path)
   assert torn == 0
-  return summary, records
+  order = [p.id for p in problems]
+  assert sorted(order.index(r["problem_id"]) for r in records) == list(range(len(records)))
+  return summary, sorted(records, key=lambda r: order.index(r["problem_id"]))  # the log's order is not a contract
 
 
 def _cand(text, answer, reward, resamples=0, flagged=None):
@@ -89,7 +101,7 @@ def test_degenerate_rule_matches_reference_thresholds():
   assert not is_degenerate("")
 
 
-def test_best_reward_selection_oracle_and_resampling_equal_hand_built_log(tmp_path):
+def test_best_reward_selection_oracle_and_resampling_equal_hand_built_log(tmp_path, driver):
   table = {
       # A, turn 1: unparsable (-1), wrong (0), wrong (0) -> best is the FIRST of the tied zeros, index 1.
       (A.id, 1, 0): ["oops", "=8", "=9"],
@@ -142,7 +154,7 @@ def test_best_reward_selection_oracle_and_resampling_equal_hand_built_log(tmp_pa
   # What the policy saw: turn 2 continues from the chosen candidate and the feedback; resampling rounds ask
   # only for the degenerate samples, with the same history.
   seen = [(r.key, r.turn, r.round, r.n, r.messages[3:]) for r in policy.requests]
-  assert seen == [
+  expected_requests = [
       (A.id, 1, 0, 3, ()), (B.id, 1, 0, 3, ()),
       (B.id, 1, 1, 1, ()),
       (A.id, 2, 0, 3, ({"role": "assistant", "content": "=8"}, {"role": "user", "content": fb_a})),
@@ -150,6 +162,11 @@ def test_best_reward_selection_oracle_and_resampling_equal_hand_built_log(tmp_pa
       (B.id, 2, 1, 1, ({"role": "assistant", "content": "=1"}, {"role": "user", "content": fb_b})),
       (B.id, 2, 2, 1, ({"role": "assistant", "content": "=1"}, {"role": "user", "content": fb_b})),
   ]
+  if driver == "streamed":  # each episode asks as soon as it can: A's turn 2 before B's resampling
+    by_problem = lambda requests: sorted(requests, key=lambda r: r[0])  # stable: each problem's own order kept
+    assert by_problem(seen) == by_problem(expected_requests) and seen != expected_requests
+  else:
+    assert seen == expected_requests
   assert policy.released == [A.id, B.id]
 
 

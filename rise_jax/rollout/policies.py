@@ -10,6 +10,10 @@ conversations (`Request`s) and gets `Completion`s back. These kinds implement it
 - `rise_jax.rollout.teacher.OpenAIChatPolicy`: a chat-completions endpoint (GPT-3.5 in the paper);
 - `ScriptedPolicy`: a function from request to text, for tests and for replaying known answers.
 
+A policy may also offer `open_stream(seed) -> PolicyStream`: requests submitted one at a time, completions
+returned as they finish (the engine's continuous batching; `InstantStream` for a policy that answers at once).
+When every turn's policy streams, the runner streams episodes instead of stepping them turn by turn.
+
 Randomness: a request's stream (the protocol kind), key (the problem id), turn and resample round name its random
 stream (`sample_uid`), so a sample never depends on which other problems share its batch, a resumed run redraws
 exactly what an uninterrupted one drew, and a parallel run's samples are independent of a sequential run's.
@@ -88,6 +92,45 @@ class Policy(Protocol):
     """The conversations `keys` are over: drop any state (KV caches) held for them."""
 
 
+@runtime_checkable
+class PolicyStream(Protocol):
+  """A policy's open queue: `submit` any time, `step` to advance and collect what finished."""
+
+  def submit(self, request: Request, sampling: TurnSampling, tag: Any) -> None:
+    """Queue `request`; its `Completion` comes back from a later `step` with `tag`."""
+
+  def step(self) -> list[tuple[Any, Completion]]:
+    """Advance (e.g. one decode chunk); (tag, completion) of every request finished since the last step."""
+
+  @property
+  def busy(self) -> bool:
+    """Whether a submitted request has not been returned by `step` yet."""
+
+
+class InstantStream:
+  """The stream of a policy that answers without waiting (the reference teacher, a script): each request is
+  answered at `submit` through `policy.sample` and returned by the next `step`."""
+
+  def __init__(self, policy, seed: int):
+    self.policy = policy
+    self.seed = seed
+    self._done: list[tuple[Any, Completion]] = []
+
+  def submit(self, request: Request, sampling: TurnSampling, tag: Any) -> None:
+    completions = self.policy.sample([request], sampling, self.seed)
+    if len(completions) != 1:
+      raise RuntimeError(f"policy {self.policy.name!r} answered {len(completions)} of 1 requests")
+    self._done.append((tag, completions[0]))
+
+  def step(self) -> list[tuple[Any, Completion]]:
+    done, self._done = self._done, []
+    return done
+
+  @property
+  def busy(self) -> bool:
+    return bool(self._done)
+
+
 def sample_uid(key: str, turn: int, round_: int = 0, stream: str = "") -> int:
   """A stable 31-bit id for (stream, conversation, turn, resample round): the sampler's per-prompt random stream."""
   digest = hashlib.blake2b(f"{stream}\x1f{key}\x1f{turn}\x1f{round_}".encode(), digest_size=8).digest()
@@ -148,6 +191,9 @@ class ReferencePolicy:
 
   def release(self, keys: Sequence[str]) -> None:
     del keys  # stateless
+
+  def open_stream(self, seed: int) -> InstantStream:
+    return InstantStream(self, seed)
 
 
 class SamplerPolicy:
@@ -226,9 +272,10 @@ class EnginePolicy:
 
   Rendering, random streams (`sample_uid`), stop ids (`stop_token_ids=None`: the sampler's default,
   `default_stop_ids`) and reply text (`reply_text`) are `SamplerPolicy`'s, so the samples are too, token for
-  token. One `Engine.run` per call takes every request of the turn, whatever its `n`: the engine's queue keeps
-  its slots full. Reuse of a previous turn's cache is the engine's business (its prefix cache reports
-  `cached_tokens`); the policy holds no per-conversation state.
+  token. One engine queue per call takes every request of the turn, whatever its `n`: the engine's queue keeps
+  its slots full; `open_stream` keeps that queue open across turns (the runner's streamed episodes). Reuse of a
+  previous turn's cache is the engine's business (its prefix cache reports `cached_tokens`); the policy holds no
+  per-conversation state.
   """
 
   def __init__(self, engine, tokenizer, *, name: str = "learner", stop_token_ids=None, generation_config=None):
@@ -243,22 +290,18 @@ class EnginePolicy:
                        f"most {STOP_SLOTS}")
 
   def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
-    from rise_jax.sampling.engine import Request as EngineRequest
-    from rise_jax.sampling.sampler import reply_text
-
-    prompts = [list(chat.render(self.tokenizer, list(r.messages), add_generation_prompt=True).ids)
-               for r in requests]
-    queue = [EngineRequest(ids, uid=sample_uid(r.key, r.turn, r.round, r.stream), n=r.n,
-                           max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                           top_k=sampling.top_k, top_p=sampling.top_p, stop_ids=self.stop_ids)
-             for r, ids in zip(requests, prompts)]
-    out = []
-    for ids, results in zip(prompts, self.engine.run(queue, seed=seed)):
-      samples = tuple(_sample(s.token_ids, reply_text(self.tokenizer, s.token_ids, s.finish_reason),
-                              s.finish_reason, s.logprobs) for s in results)
-      cached = min(s.cached_tokens for s in results)  # the samples of a request share its prompt
-      out.append(Completion(samples=samples, history_tokens=len(ids), prefill_tokens=len(ids) - cached))
+    stream = _EngineQueue(self, self.engine.stream(seed))
+    for i, request in enumerate(requests):
+      stream.submit(request, sampling, tag=i)
+    out: list[Completion | None] = [None] * len(requests)
+    while stream.busy:
+      for i, completion in stream.step():
+        out[i] = completion
     return out
+
+  def open_stream(self, seed: int) -> _EngineQueue:
+    """The engine's queue kept open: requests rendered and submitted one at a time (see `PolicyStream`)."""
+    return _EngineQueue(self, self.engine.stream(seed))
 
   def release(self, keys: Sequence[str]) -> None:
     del keys  # nothing held: the engine's cache is content-addressed and evicts least-recently-used blocks itself
@@ -266,6 +309,37 @@ class EnginePolicy:
   def update_params(self, model) -> None:
     """New weights for the same engine (its compiled programs kept, its prefix cache emptied)."""
     self.engine.update_params(model)
+
+
+class _EngineQueue:
+  """`EnginePolicy`'s stream: a runner `Request` rendered to token ids and submitted to an `EngineStream`."""
+
+  def __init__(self, policy: EnginePolicy, stream):
+    self.policy = policy
+    self.stream = stream
+
+  def submit(self, request: Request, sampling: TurnSampling, tag: Any) -> None:
+    from rise_jax.sampling.engine import Request as EngineRequest
+    ids = list(chat.render(self.policy.tokenizer, list(request.messages), add_generation_prompt=True).ids)
+    self.stream.submit(EngineRequest(ids, uid=sample_uid(request.key, request.turn, request.round, request.stream),
+                                     n=request.n, max_new_tokens=sampling.max_new_tokens,
+                                     temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                                     stop_ids=self.policy.stop_ids), tag=(tag, len(ids)))
+
+  def step(self) -> list[tuple[Any, Completion]]:
+    from rise_jax.sampling.sampler import reply_text
+    out = []
+    for (tag, history_tokens), results in self.stream.step():
+      samples = tuple(_sample(s.token_ids, reply_text(self.policy.tokenizer, s.token_ids, s.finish_reason),
+                              s.finish_reason, s.logprobs) for s in results)
+      cached = min(s.cached_tokens for s in results)  # the samples of a request share its prompt
+      out.append((tag, Completion(samples=samples, history_tokens=history_tokens,
+                                  prefill_tokens=history_tokens - cached)))
+    return out
+
+  @property
+  def busy(self) -> bool:
+    return self.stream.busy
 
 
 def _from_sampler(s) -> Sample:

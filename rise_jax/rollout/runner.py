@@ -4,10 +4,18 @@ which candidate continues (`best_reward`, first on ties, for collection; `first`
 stops a row at its first correct answer, the history window, and per-turn sampling parameters. A parallel
 baseline (k first-turn samples) is the same loop with one turn and k samples.
 
-Problems run in chunks of `batch_size` rows, one policy call per turn for the whole chunk; a row that stops (oracle
-success) leaves the batch and its record is appended to the rollout log (contracts §3) and flushed at once. A
-policy that keeps state (the sampler's KV caches) continues the remaining rows' conversations. On restart the
-runner skips problems already in the log; since every random stream is named by (seed, problem id, turn, resample
+Each episode is a small state machine (`_begin_turn` -> `_absorb` each sampled round -> `_end_turn`), driven one of
+two ways:
+- turn by turn (any policy): problems run in chunks of `batch_size` rows, one policy call per turn (and per
+  resampling round) for the whole chunk; a policy that keeps state (the sampler's KV caches) continues the
+  remaining rows' conversations;
+- streamed (every turn's policy has `open_stream`: the continuous-batching engine, the reference teacher): up to
+  `batch_size` episodes in flight, each request submitted the moment its episode needs it, so a conversation's
+  next turn (or resampling round) joins the engine's queue while other episodes are still on their first turn,
+  and a finished episode's place goes to the next problem; the slots never wait for a turn to drain.
+Either way a row that stops (oracle success, last turn) has its record appended to the rollout log (contracts §3)
+and flushed at once; the records are the same, only their order in the log may differ. On restart the runner
+skips problems already in the log; since every random stream is named by (seed, problem id, turn, resample
 round, sample, step), a resumed log holds exactly the records an uninterrupted run would have written.
 
 A grader that raises on a sample never stops the run (a deterministic resume would draw the same sample and stop
@@ -55,6 +63,13 @@ class _Episode:
   messages: list[dict[str, str]]
   turns: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   stop: str | None = None
+  # The turn being sampled (set by `_begin_turn`, filled by `_absorb`).
+  t: int = 0
+  view: list[dict[str, str]] = dataclasses.field(default_factory=list)  # the history the policy saw
+  first: Completion | None = None   # the turn's first-round completion
+  candidates: list[list] = dataclasses.field(default_factory=list)  # [Sample, resample round, degenerate reason]
+  tokens: tuple[int, int] = (0, 0)  # (prefill, decode) of the turn, resampling included
+  redo: list[int] = dataclasses.field(default_factory=list)  # candidates the pending resampling round replaces
 
 
 def run_episodes(problems: Sequence[Any], policies: Policy | Sequence[Policy], protocol: Protocol,
@@ -70,6 +85,7 @@ def run_episodes(problems: Sequence[Any], policies: Policy | Sequence[Policy], p
   """
   if not isinstance(policies, (list, tuple)):
     policies = [policies] * protocol.turns
+  policies = list(policies)
   if len(policies) != protocol.turns:
     raise ValueError(f"{len(policies)} policies for {protocol.turns} turns")
   ids = [p.id for p in problems]
@@ -93,16 +109,21 @@ def run_episodes(problems: Sequence[Any], policies: Policy | Sequence[Policy], p
     summary.skipped = len(problems) - len(todo)
     start = time.perf_counter()
     bar = _progress_bar(len(problems), summary.skipped, desc or f"{protocol.kind} x{protocol.turns}", progress)
+    if all(callable(getattr(q, "open_stream", None)) for q in policies):
+      records = _run_streamed(todo, policies, protocol, task, prompts, summary, batch_size)
+    else:
+      records = (record for lo in range(0, len(todo), batch_size)
+                 for record in _run_chunk(todo[lo:lo + batch_size], policies, protocol, task, prompts, summary))
     try:
-      for lo in range(0, len(todo), batch_size):
-        for record in _run_chunk(todo[lo:lo + batch_size], policies, protocol, task, prompts, summary):
-          writer.write(record)
-          summary.episodes += 1
-          summary.seconds = time.perf_counter() - start
-          if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{summary.tokens_per_s:.1f} tok/s", refresh=False)
+      for record in records:
+        writer.write(record)
+        summary.episodes += 1
+        summary.seconds = time.perf_counter() - start
+        if bar is not None:
+          bar.update(1)
+          bar.set_postfix_str(f"{summary.tokens_per_s:.1f} tok/s", refresh=False)
     finally:
+      records.close()  # an exception here leaves episodes in flight: their generator frees their state
       if bar is not None:
         bar.close()
     summary.seconds = time.perf_counter() - start
@@ -122,25 +143,24 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
 
 
 def _run_chunk(problems, policies, protocol: Protocol, task, prompts, summary: RunSummary) -> Iterator[dict]:
-  """Run a chunk of episodes turn by turn; yield each record as soon as its episode stops."""
+  """Run a chunk of episodes turn by turn (one policy call per turn and resampling round for the whole chunk);
+  yield each record as soon as its episode stops."""
   active = [_Episode(problem=p, messages=list(prompts.initial_messages(p.question))) for p in problems]
   distinct_policies = list({id(q): q for q in policies}.values())
   try:
     for t in range(1, protocol.turns + 1):
       policy = policies[t - 1]
-      views = [chat.window(e.messages, protocol.window) if protocol.window else list(e.messages) for e in active]
-      completions = _sample_turn(policy, active, views, t, protocol, summary)
+      pending = [(e, _begin_turn(e, protocol)) for e in active]
+      while pending:  # the turn's requests, then each resampling round's
+        completions = _checked_sample(policy, [r for _, r in pending], protocol.sampling[t - 1], protocol.seed)
+        follow = [(e, _absorb(e, r, c, protocol, summary)) for (e, r), c in zip(pending, completions)]
+        pending = [(e, r) for e, r in follow if r is not None]
       still_active = []
-      for episode, view, (completion, candidates, tokens) in zip(active, views, completions):
-        turn = _score_turn(episode, view, completion, candidates, tokens, t, policy, protocol, task, prompts)
-        summary.grader_errors += sum("grader_error" in c for c in turn["candidates"])
-        episode.turns.append(turn)
-        if episode.stop is None:
-          episode.messages += [{"role": "assistant", "content": turn["candidates"][turn["chosen"]]["text"]},
-                               {"role": "user", "content": turn["feedback"]}]
-          still_active.append(episode)
-        else:
+      for episode in active:
+        if _end_turn(episode, policy, protocol, task, prompts, summary):
           yield _record(episode, task, protocol)
+        else:
+          still_active.append(episode)
       finished = [e.problem.id for e in active if e.stop is not None]
       if finished:
         for holder in distinct_policies:
@@ -152,36 +172,100 @@ def _run_chunk(problems, policies, protocol: Protocol, task, prompts, summary: R
         holder.release([e.problem.id for e in active])
 
 
-def _sample_turn(policy: Policy, episodes, views, t: int, protocol: Protocol, summary: RunSummary):
-  """Sample turn t for every row; resample degenerate samples up to `max_resample_rounds` times.
+def _run_streamed(problems, policies, protocol: Protocol, task, prompts, summary: RunSummary,
+                  in_flight: int) -> Iterator[dict]:
+  """Run episodes with up to `in_flight` at once, each request submitted to its turn's policy stream the moment
+  the episode needs it; yield each record as soon as its episode stops."""
+  distinct_policies = list({id(q): q for q in policies}.values())
+  streams = {id(q): q.open_stream(protocol.seed) for q in distinct_policies}
+  waiting = iter(problems)
+  live: dict[str, _Episode] = {}
 
-  Returns, per row, (first-round Completion, candidates, tokens): candidates are [Sample, resample round, degenerate
-  reason or None]; tokens are (prefill, decode) counts of the row's turn, resampling included.
-  """
-  n = protocol.samples_per_turn[t - 1]
-  sampling = protocol.sampling[t - 1]
-  requests = [Request(key=e.problem.id, messages=tuple(v), n=n, turn=t, stream=protocol.kind)
-              for e, v in zip(episodes, views)]
-  completions = _checked_sample(policy, requests, sampling, protocol.seed)
-  tokens = [_tokens(c) for c in completions]
-  rows = [[[s, 0, degenerate_reason(s.text)] for s in c.samples] for c in completions]
-  for round_ in range(1, protocol.max_resample_rounds + 1):
-    redo = [(i, [j for j, cand in enumerate(row) if cand[2] is not None]) for i, row in enumerate(rows)]
-    redo = [(i, js) for i, js in redo if js]
-    if not redo:
-      break
-    # The r-th resampling of a row draws len(js) fresh samples from its own random stream (key, turn, r).
-    again = [dataclasses.replace(requests[i], n=len(js), round=round_) for i, js in redo]
-    fresh = _checked_sample(policy, again, sampling, protocol.seed)
-    for (i, js), completion in zip(redo, fresh):
-      tokens[i] = tuple(a + b for a, b in zip(tokens[i], _tokens(completion)))
-      for j, sample in zip(js, completion.samples):
-        rows[i][j] = [sample, round_, degenerate_reason(sample.text)]
-      summary.resamples += len(js)
-  summary.degenerate_kept += sum(cand[2] is not None for row in rows for cand in row)
-  summary.prefill_tokens += sum(p for p, _ in tokens)
-  summary.decode_tokens += sum(d for _, d in tokens)
-  return list(zip(completions, rows, tokens))
+  def submit(episode: _Episode, request: Request) -> None:
+    streams[id(policies[request.turn - 1])].submit(request, protocol.sampling[request.turn - 1],
+                                                     tag=(episode, request))
+
+  def start_next() -> None:
+    problem = next(waiting, None)
+    if problem is not None:
+      episode = _Episode(problem=problem, messages=list(prompts.initial_messages(problem.question)))
+      live[problem.id] = episode
+      submit(episode, _begin_turn(episode, protocol))
+
+  try:
+    for _ in range(in_flight):
+      start_next()
+    while live:
+      busy = [stream for stream in streams.values() if stream.busy]
+      if not busy:
+        raise RuntimeError(f"{len(live)} episode(s) in flight but no policy stream has work: a stream lost requests")
+      for stream in busy:
+        for (episode, request), completion in stream.step():
+          policy = policies[request.turn - 1]
+          _check_completion(policy, request, completion)
+          follow = _absorb(episode, request, completion, protocol, summary)
+          if follow is not None:  # a resampling round of degenerate samples
+            submit(episode, follow)
+          elif _end_turn(episode, policy, protocol, task, prompts, summary):
+            del live[episode.problem.id]
+            for holder in distinct_policies:
+              holder.release([episode.problem.id])
+            yield _record(episode, task, protocol)
+            start_next()
+          else:
+            submit(episode, _begin_turn(episode, protocol))
+  finally:
+    if live:  # an exception (or a closed generator) leaves episodes in flight: free their state
+      for holder in distinct_policies:
+        holder.release(list(live))
+
+
+def _begin_turn(episode: _Episode, protocol: Protocol) -> Request:
+  """Start the episode's next turn: its request, over the history as the protocol's window shows it."""
+  episode.t += 1
+  t = episode.t
+  episode.view = chat.window(episode.messages, protocol.window) if protocol.window else list(episode.messages)
+  episode.first, episode.candidates, episode.tokens, episode.redo = None, [], (0, 0), []
+  return Request(key=episode.problem.id, messages=tuple(episode.view), n=protocol.samples_per_turn[t - 1], turn=t,
+                 stream=protocol.kind)
+
+
+def _absorb(episode: _Episode, request: Request, completion: Completion, protocol: Protocol,
+            summary: RunSummary) -> Request | None:
+  """Take the completion of the turn's request (round 0) or of a resampling round. Returns the next round's
+  request while degenerate samples remain and rounds are left (up to `max_resample_rounds`), else None: the
+  turn is sampled."""
+  if request.round == 0:
+    episode.first = completion
+    episode.candidates = [[s, 0, degenerate_reason(s.text)] for s in completion.samples]
+    episode.tokens = _tokens(completion)
+  else:
+    episode.tokens = tuple(a + b for a, b in zip(episode.tokens, _tokens(completion)))
+    for j, sample in zip(episode.redo, completion.samples):
+      episode.candidates[j] = [sample, request.round, degenerate_reason(sample.text)]
+    summary.resamples += len(episode.redo)
+  episode.redo = [j for j, cand in enumerate(episode.candidates) if cand[2] is not None]
+  if episode.redo and request.round < protocol.max_resample_rounds:
+    # The r-th resampling of a row draws len(redo) fresh samples from its own random stream (key, turn, r).
+    return dataclasses.replace(request, n=len(episode.redo), round=request.round + 1)
+  summary.degenerate_kept += len(episode.redo)
+  summary.prefill_tokens += episode.tokens[0]
+  summary.decode_tokens += episode.tokens[1]
+  return None
+
+
+def _end_turn(episode: _Episode, policy: Policy, protocol: Protocol, task, prompts, summary: RunSummary) -> bool:
+  """Grade the sampled turn, log it and extend the conversation with the chosen reply and the failure message;
+  True when the episode stopped."""
+  turn = _score_turn(episode, episode.view, episode.first, episode.candidates, episode.tokens, episode.t, policy,
+                     protocol, task, prompts)
+  summary.grader_errors += sum("grader_error" in c for c in turn["candidates"])
+  episode.turns.append(turn)
+  if episode.stop is not None:
+    return True
+  episode.messages += [{"role": "assistant", "content": turn["candidates"][turn["chosen"]]["text"]},
+                       {"role": "user", "content": turn["feedback"]}]
+  return False
 
 
 def _checked_sample(policy: Policy, requests: list[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
@@ -189,10 +273,14 @@ def _checked_sample(policy: Policy, requests: list[Request], sampling: TurnSampl
   if len(completions) != len(requests):
     raise RuntimeError(f"policy {policy.name!r} answered {len(completions)} of {len(requests)} requests")
   for request, completion in zip(requests, completions):
-    if len(completion.samples) != request.n:
-      raise RuntimeError(f"policy {policy.name!r} gave {len(completion.samples)} samples for {request.key!r} "
-                         f"turn {request.turn}, {request.n} requested")
+    _check_completion(policy, request, completion)
   return completions
+
+
+def _check_completion(policy: Policy, request: Request, completion: Completion) -> None:
+  if len(completion.samples) != request.n:
+    raise RuntimeError(f"policy {policy.name!r} gave {len(completion.samples)} samples for {request.key!r} "
+                       f"turn {request.turn}, {request.n} requested")
 
 
 def _tokens(c: Completion) -> tuple[int, int]:

@@ -108,10 +108,13 @@ class SampleResult:
 @dataclasses.dataclass
 class _Group:
   """A request on the host: its prompt blocks (shared by its samples) and the samples still to run."""
-  index: int
+  tag: Any                                  # the submitter's name for it (`run`: its index)
   request: Request
   prompt: list[int]
-  key_data: np.ndarray                      # [n, 2] uint32 row keys of its samples
+  seed: int
+  results: list                             # sample j's SampleResult once it finished, else None
+  pending: int                              # samples without a result yet
+  key_data: np.ndarray | None = None        # [n, 2] uint32 row keys of its samples (made at its prefill)
   waiting: collections.deque = dataclasses.field(default_factory=collections.deque)  # sample indices
   first: dict = dataclasses.field(default_factory=dict)   # sample -> (token, logprob, sampling_logprob)
   digests: list[bytes] = dataclasses.field(default_factory=list)  # chain digests of the full prompt blocks
@@ -137,6 +140,45 @@ class _Slot:
 def default_num_blocks(slots: int, capacity: int, block_size: int) -> int:
   """Every slot at full length, plus the trash block and one spare (what `Engine` allocates unless told)."""
   return slots * -(-capacity // block_size) + 2
+
+
+class EngineStream:
+  """`Engine.run` for a queue that grows while it runs: submit requests at any time, take each request's samples
+  as soon as its last one finishes. RISE asks for a conversation's next turn only once its turn has been graded;
+  submitted then, it fills slots that would otherwise idle while the rest of the turn drains.
+
+      stream = engine.stream(seed=0)
+      stream.submit(request, tag="q17/t1")
+      while stream.busy:
+        for tag, samples in stream.step():   # refills, then one decode chunk
+          ...                                # may submit more
+
+  Samples are `run`'s, whatever the submission times (keys are (seed, uid, sample, position)). One stream per
+  engine at a time: opening another abandons this one (a `closed` stream refuses further use).
+  """
+
+  def __init__(self, engine: Engine, seed: int):
+    self.engine = engine
+    self.seed = int(seed)
+    self.closed = False
+
+  def submit(self, request: Request, tag: Any) -> None:
+    """Queue `request` (checked now: overflow raises here, as in `run`); `tag` comes back with its samples."""
+    self._open()._submit(request, tag, self.seed)
+
+  def step(self) -> list[tuple[Any, list[SampleResult]]]:
+    """Refill free slots from the queue and run one decode chunk; (tag, samples) of every request finished."""
+    return self._open()._step()
+
+  @property
+  def busy(self) -> bool:
+    """Whether anything is queued, running, or finished and not yet returned by `step`."""
+    return not self.closed and self.engine._busy()
+
+  def _open(self) -> Engine:
+    if self.closed:
+      raise RuntimeError("EngineStream: closed (another stream was opened on its engine)")
+    return self.engine
 
 
 class Engine:
@@ -196,6 +238,13 @@ class Engine:
     self.prefix_cache = bool(prefix_cache)
     self._blocks = blocks_lib.BlockTable(self.num_blocks)  # block 0 (paged.TRASH_BLOCK) is never handed out
     self._free_after_chunk: list[int] = []  # partial prompt blocks whose copies the next chunk makes
+    # The open stream's state: queued requests, prefilled ones with samples waiting for a slot, the slots, and
+    # requests whose every sample finished since the last step.
+    self._stream: EngineStream | None = None
+    self._queue: collections.deque[_Group] = collections.deque()
+    self._ready: collections.deque[_Group] = collections.deque()
+    self._slots: list[_Slot | None] = [None] * self.slots
+    self._finished: list[_Group] = []
     self.stats: collections.Counter = collections.Counter()
     merge = lambda p: nnx.merge(self.graphdef, p)
     self._prefill_jit = jax.jit(self._prefill_and_sample, donate_argnums=(1,))
@@ -233,6 +282,10 @@ class Engine:
     """Swap in new weights (as `Sampler.update_params`: compiled programs reused) and empty the prefix cache,
     whose keys and values the old weights computed."""
     self._params = swapped_params(self._params, model_or_state, self._param_shardings, "Engine.update_params")
+    self.forget_prefix_cache()
+
+  def forget_prefix_cache(self) -> None:
+    """Empty the prefix cache: unheld cached blocks become free; held ones stay their holders' but unfindable."""
     self._blocks.forget_cached()
 
   def compile_counts(self) -> dict[str, int]:
@@ -259,7 +312,7 @@ class Engine:
     """Blocks one sample needs beyond the prompt's shared full blocks (its partial-block copy included)."""
     return -(-self._budget(prompt_len, max_new) // self.block_size) - prompt_len // self.block_size
 
-  def _check(self, index: int, request: Request) -> list[int]:
+  def _check(self, index: Any, request: Request) -> list[int]:
     prompt = [int(t) for t in request.prompt]
     if not prompt:
       raise ValueError(f"request {index}: empty prompt")
@@ -285,45 +338,85 @@ class Engine:
 
   def run(self, requests: Sequence[Request], seed: int = 0) -> list[list[SampleResult]]:
     """Every sample of every request; `outs[i][j]` is sample j of request i. Raises on overflow (see __init__)."""
-    prompts = [self._check(i, r) for i, r in enumerate(requests)]
-    results: list[list[SampleResult | None]] = [[None] * r.n for r in requests]
-    key_data = self._key_data(requests, seed)
-    queue: collections.deque[_Group] = collections.deque()
-    for i, (request, prompt) in enumerate(zip(requests, prompts)):
-      if len(prompt) >= self.capacity:  # not even one reply token fits (report mode)
-        empty = SampleResult([], np.zeros(0, np.float32), np.zeros(0, np.float32), "cache_full", len(prompt))
-        results[i] = [empty] * request.n
-        continue
-      queue.append(_Group(i, request, prompt, key_data[i], collections.deque(range(request.n))))
-    slots: list[_Slot | None] = [None] * self.slots
-    ready: collections.deque[_Group] = collections.deque()  # prefilled groups with samples waiting for a slot
-    while queue or ready or any(slots):
-      copies = self._fill(slots, ready, queue, results)
-      if not any(slots):
-        if ready or queue:
-          raise RuntimeError("Engine: no request fits in the free blocks with every slot idle (pool too small)")
-        break
-      self._run_chunk(slots, copies, results)
-      self._blocks.release(self._free_after_chunk)
-      self._free_after_chunk.clear()
-    self._blocks.release(self._free_after_chunk)
-    self._free_after_chunk.clear()
+    stream = self.stream(seed)
+    for i, request in enumerate(requests):  # every request is checked before any work starts
+      stream.submit(request, tag=i)
+    results: list[list[SampleResult] | None] = [None] * len(requests)
+    while stream.busy:
+      for i, samples in stream.step():
+        results[i] = samples
     return results
 
-  @staticmethod
-  def _key_data(requests: Sequence[Request], seed: int) -> list[np.ndarray]:
-    """Per request, the raw [n, 2] keys of its samples: (seed, uid, sample j), the sampler's rule."""
-    uids = np.concatenate([np.full(r.n, select.uid_to_int(r.uid), np.uint32) for r in requests])
-    samples = np.concatenate([np.arange(r.n) for r in requests])
-    data = np.asarray(jax.random.key_data(select.row_keys(seed, uids, samples)))
-    return np.split(data, np.cumsum([r.n for r in requests])[:-1])
+  def stream(self, seed: int = 0) -> EngineStream:
+    """An open queue over this engine (see `EngineStream`); opening one abandons any earlier stream still busy."""
+    if self._stream is not None:
+      self._stream.closed = True
+    if self._ready or any(self._slots) or self._free_after_chunk:  # blocks still held by an unfinished stream
+      self._abandon()
+    self._stream = EngineStream(self, seed)
+    self._slots = [None] * self.slots
+    self._queue.clear()
+    self._ready.clear()
+    self._finished.clear()
+    return self._stream
 
-  def _fill(self, slots, ready, queue, results) -> list[tuple[int, int]]:
+  def _abandon(self) -> None:
+    """Forget a stream left busy (its caller raised or stopped reading): a fresh block table frees every block
+    its requests held; the prefix cache goes with it."""
+    self._blocks = blocks_lib.BlockTable(self.num_blocks)
+    self._free_after_chunk.clear()
+
+  def _submit(self, request: Request, tag: Any, seed: int) -> None:
+    prompt = self._check(tag, request)
+    group = _Group(tag, request, prompt, seed, [None] * request.n, request.n,
+                   waiting=collections.deque(range(request.n)))
+    if len(prompt) >= self.capacity:  # not even one reply token fits (report mode)
+      empty = SampleResult([], np.zeros(0, np.float32), np.zeros(0, np.float32), "cache_full", len(prompt))
+      for j in range(request.n):
+        self._deliver(group, j, empty)
+      return
+    self._queue.append(group)
+
+  def _busy(self) -> bool:
+    return bool(self._queue or self._ready or self._finished or any(self._slots))
+
+  def _step(self) -> list[tuple[Any, list[SampleResult]]]:
+    """Refill the free slots, run one decode chunk; the requests whose last sample finished meanwhile."""
+    if any(self._slots) or self._queue or self._ready:
+      copies = self._fill(self._slots, self._ready, self._queue)
+      if any(self._slots):
+        self._run_chunk(self._slots, copies)
+      elif self._ready or self._queue:
+        raise RuntimeError("Engine: no request fits in the free blocks with every slot idle (pool too small)")
+      # Partial prompt blocks go back once the chunk that copies them ran (or none will: no slot took them).
+      self._blocks.release(self._free_after_chunk)
+      self._free_after_chunk.clear()
+    done = [(group.tag, group.results) for group in self._finished]
+    self._finished.clear()
+    return done
+
+  def _deliver(self, group: _Group, sample: int, result: SampleResult) -> None:
+    group.results[sample] = result
+    group.pending -= 1
+    if group.pending == 0:
+      self._finished.append(group)
+
+  def _key_data(self, samples: list[tuple[int, _Group, int]], m: int) -> np.ndarray:
+    """The raw [m, 2] keys of `samples` padded to m (one program per first-token bucket): (seed, uid, sample j),
+    the sampler's rule, elementwise, so a sample's key does not depend on the batch it was prefilled in."""
+    uids = np.zeros(m, np.uint32)
+    index = np.zeros(m, np.uint32)
+    uids[:len(samples)] = [select.uid_to_int(g.request.uid) for _, g, _ in samples]
+    index[:len(samples)] = [j for _, _, j in samples]
+    seed = samples[0][1].seed  # one stream, one seed
+    return np.asarray(jax.random.key_data(select.row_keys(seed, uids, index)))
+
+  def _fill(self, slots, ready, queue) -> list[tuple[int, int]]:
     """Admit waiting samples into free slots, prefilling queued requests as needed; the copy-on-write pairs."""
     copies = []
     while None in slots:
       if not ready:
-        if not queue or not self._prefill_some(slots, ready, queue, results):
+        if not queue or not self._prefill_some(slots, ready, queue):
           break
         continue
       group = ready[0]
@@ -346,7 +439,7 @@ class Engine:
     self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_in_use)
     return copies
 
-  def _prefill_some(self, slots, ready, queue, results) -> bool:
+  def _prefill_some(self, slots, ready, queue) -> bool:
     """Prefill queued requests (FIFO) while their prompts and the samples the free slots can take fit the free
     blocks; False when not even the next request's prompt and one sample fit now."""
     free_slots, taken = slots.count(None), 0
@@ -376,7 +469,7 @@ class Engine:
       return False
     self._prefill(batch, width, context)
     for group in batch:
-      self._finish_early_samples(group, results)
+      self._finish_early_samples(group)
       ready.append(group)
     return True
 
@@ -432,8 +525,11 @@ class Engine:
     """`paged.first_tokens`' per-sample inputs, padded to a bucket (>= the prefill rows: one bucket for n=1)."""
     m = pow4_at_least(len(samples), max(MIN_FIRST_TOKENS, rows))
     column = lambda values, dtype: np.asarray(list(values) + [0] * (m - len(samples)), dtype)
-    key_data = np.zeros((m, 2), np.uint32)
-    key_data[:len(samples)] = [g.key_data[j] for _, g, j in samples]
+    key_data = self._key_data(samples, m)
+    for s, (_, g, j) in enumerate(samples):
+      if g.key_data is None:
+        g.key_data = np.zeros((g.request.n, 2), np.uint32)
+      g.key_data[j] = key_data[s]
     stop_ids = np.full((m, STOP_SLOTS), -1, np.int32)
     for s, (_, g, _) in enumerate(samples):
       stop_ids[s, :len(g.request.stop_ids)] = g.request.stop_ids
@@ -444,16 +540,15 @@ class Engine:
             column((g.request.top_p for _, g, _ in samples), np.float32), stop_ids,
             column((g.request.max_new_tokens for _, g, _ in samples), np.int32), np.full(m, self.capacity, np.int32))
 
-  def _finish_early_samples(self, group: _Group, results) -> None:
+  def _finish_early_samples(self, group: _Group) -> None:
     """Samples whose first token already ends them (a stop id, max_new 1, a full capacity) never take a slot."""
     for j in list(group.waiting):
       token, logprob, sampling_logprob, code = group.first[j]
       if code != loop.RUNNING:
         group.waiting.remove(j)
-        results[group.index][j] = SampleResult([token], np.asarray([logprob], np.float32),
-                                               np.asarray([sampling_logprob], np.float32),
-                                               loop.FINISH_REASONS[code], len(group.prompt),
-                                               len(group.cached_blocks) * self.block_size)
+        self._deliver(group, j, SampleResult([token], np.asarray([logprob], np.float32),
+                                             np.asarray([sampling_logprob], np.float32), loop.FINISH_REASONS[code],
+                                             len(group.prompt), len(group.cached_blocks) * self.block_size))
         self._release_sample(group)
     if not group.waiting:
       self._release_partial(group)
@@ -526,7 +621,7 @@ class Engine:
     longest = max(slot.length for slot in slots if slot is not None) + self.chunk_steps
     return min(pow2_at_least(-(-longest // self.block_size), MIN_SPAN_TOKENS // self.block_size), self.max_blocks)
 
-  def _run_chunk(self, slots: list[_Slot | None], copies: list[tuple[int, int]], results) -> None:
+  def _run_chunk(self, slots: list[_Slot | None], copies: list[tuple[int, int]]) -> None:
     where = [s for s, slot in enumerate(slots) if slot is not None]
     rows = self._chunk_rows(len(where))
     batch = self._slot_batch([slots[s] for s in where], rows, copies)
@@ -549,9 +644,9 @@ class Engine:
       slot.last_token = slot.tokens[-1]
       if out.finish[r] != loop.RUNNING:
         group = slot.group
-        results[group.index][slot.sample] = SampleResult(
+        self._deliver(group, slot.sample, SampleResult(
             slot.tokens, np.asarray(slot.logprobs, np.float32), np.asarray(slot.sampling_logprobs, np.float32),
-            loop.FINISH_REASONS[int(out.finish[r])], len(group.prompt), len(group.cached_blocks) * self.block_size)
+            loop.FINISH_REASONS[int(out.finish[r])], len(group.prompt), len(group.cached_blocks) * self.block_size))
         self._register_reply(slot)
         self._blocks.release(slot.own_blocks[::-1])
         self._release_sample(group)
