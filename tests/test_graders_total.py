@@ -81,10 +81,9 @@ def test_paper_votes_compare_huge_answers_without_overflow():
 # --------------------------------------------------------------------------------- finding 2: linear time
 def _grader_cpu_seconds(task, text, mode):
   """CPU seconds of this thread's grade call with the heap earlier tests built frozen out of the garbage
-  collector: the nested-boxes text triggers collections whose cost grows with that heap (0.19 s at 0.3M objects,
-  0.55 s at 2.3M; CI's suite heap cost 1.7-2.2 s), not with the text; the grader's own allocations are still
-  collected (0.10-0.13 s frozen at any heap size). No collection first: on the suite's heap that alone costs
-  ~0.3 s a call."""
+  collector: the nested-boxes text's allocations trigger collections whose cost grows with that heap, not with
+  the text (CI, whole suite: 1.7 and 2.2 s for a call that takes ~0.15 s alone); the grader's own allocations
+  are still collected. No `gc.collect()` first: in the suite that made the property test's 90 calls 70 s."""
   gc.freeze()
   try:
     start = time.thread_time()

@@ -257,8 +257,7 @@ def _absorb(episode: _Episode, request: Request, completion: Completion, protoco
 def _end_turn(episode: _Episode, policy: Policy, protocol: Protocol, task, prompts, summary: RunSummary) -> bool:
   """Grade the sampled turn, log it and extend the conversation with the chosen reply and the failure message;
   True when the episode stopped."""
-  turn = _score_turn(episode, episode.view, episode.first, episode.candidates, episode.tokens, episode.t, policy,
-                     protocol, task, prompts)
+  turn = _score_turn(episode, policy, protocol, task, prompts)
   summary.grader_errors += sum("grader_error" in c for c in turn["candidates"])
   episode.turns.append(turn)
   if episode.stop is not None:
@@ -289,12 +288,12 @@ def _tokens(c: Completion) -> tuple[int, int]:
   return prefill, sum(s.num_tokens for s in c.samples)
 
 
-def _score_turn(episode: _Episode, view, completion: Completion, candidates, tokens: tuple[int, int], t: int,
-                policy: Policy, protocol: Protocol, task, prompts) -> dict[str, Any]:
-  """Grade every candidate, pick the continuing one, decide whether the episode stops; the turn's log entry."""
-  problem = episode.problem
+def _score_turn(episode: _Episode, policy: Policy, protocol: Protocol, task, prompts) -> dict[str, Any]:
+  """Grade every candidate of the sampled turn, pick the continuing one, decide whether the episode stops; the
+  turn's log entry."""
+  problem, t, tokens = episode.problem, episode.t, episode.tokens
   logged = []
-  for sample, resamples, reason in candidates:
+  for sample, resamples, reason in episode.candidates:
     logged.append(_candidate(sample, resamples, reason, task, problem, protocol.grader))
   rewards = [c["reward"] for c in logged]
   chosen = rewards.index(max(rewards)) if protocol.select == "best_reward" else 0
@@ -305,10 +304,10 @@ def _score_turn(episode: _Episode, view, completion: Completion, candidates, tok
   return {
       "t": t,
       "policy": policy.name,
-      "history_tokens": completion.history_tokens,
+      "history_tokens": episode.first.history_tokens,
       "prefill_tokens": tokens[0],
       "decode_tokens": tokens[1],
-      "window_applied": len(view) != len(episode.messages),
+      "window_applied": len(episode.view) != len(episode.messages),
       "sampling": protocol.sampling[t - 1].to_dict(),
       "candidates": logged,
       "chosen": chosen,

@@ -111,7 +111,6 @@ class _Group:
   tag: Any                                  # the submitter's name for it (`run`: its index)
   request: Request
   prompt: list[int]
-  seed: int
   results: list                             # sample j's SampleResult once it finished, else None
   pending: int                              # samples without a result yet
   key_data: np.ndarray | None = None        # [n, 2] uint32 row keys of its samples (made at its prefill)
@@ -164,7 +163,7 @@ class EngineStream:
 
   def submit(self, request: Request, tag: Any) -> None:
     """Queue `request` (checked now: overflow raises here, as in `run`); `tag` comes back with its samples."""
-    self._open()._submit(request, tag, self.seed)
+    self._open()._submit(request, tag)
 
   def step(self) -> list[tuple[Any, list[SampleResult]]]:
     """Refill free slots from the queue and run one decode chunk; (tag, samples) of every request finished."""
@@ -366,9 +365,9 @@ class Engine:
     self._blocks = blocks_lib.BlockTable(self.num_blocks)
     self._free_after_chunk.clear()
 
-  def _submit(self, request: Request, tag: Any, seed: int) -> None:
+  def _submit(self, request: Request, tag: Any) -> None:
     prompt = self._check(tag, request)
-    group = _Group(tag, request, prompt, seed, [None] * request.n, request.n,
+    group = _Group(tag, request, prompt, [None] * request.n, request.n,
                    waiting=collections.deque(range(request.n)))
     if len(prompt) >= self.capacity:  # not even one reply token fits (report mode)
       empty = SampleResult([], np.zeros(0, np.float32), np.zeros(0, np.float32), "cache_full", len(prompt))
@@ -408,8 +407,7 @@ class Engine:
     index = np.zeros(m, np.uint32)
     uids[:len(samples)] = [select.uid_to_int(g.request.uid) for _, g, _ in samples]
     index[:len(samples)] = [j for _, _, j in samples]
-    seed = samples[0][1].seed  # one stream, one seed
-    return np.asarray(jax.random.key_data(select.row_keys(seed, uids, index)))
+    return np.asarray(jax.random.key_data(select.row_keys(self._stream.seed, uids, index)))
 
   def _fill(self, slots, ready, queue) -> list[tuple[int, int]]:
     """Admit waiting samples into free slots, prefilling queued requests as needed; the copy-on-write pairs."""
