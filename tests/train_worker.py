@@ -6,6 +6,7 @@ losses, the rows this process read and the final parameters' checksum to `result
 parameters).
 """
 
+import faulthandler
 import json
 import os
 import sys
@@ -67,4 +68,5 @@ def main(spec):
 
 if __name__ == "__main__":
   import jax.experimental.multihost_utils  # noqa: F401
+  faulthandler.dump_traceback_later(200)  # a stalled process shows every thread's stack before the test's kill
   main(json.loads(sys.argv[1]))

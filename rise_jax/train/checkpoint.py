@@ -42,12 +42,29 @@ def abstract_like(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _barriers_through_the_coordination_service() -> None:
+  """Make orbax's cross-process barriers waits on the jax distributed client, not device collectives.
+
+  By default orbax syncs processes with a jitted all-reduce, and an async save runs some of those syncs on its
+  background thread while the main thread's training steps run theirs: the processes can then enter the two
+  programs' collectives in different orders. On CPU (gloo) that crashed a two-process test ("Received data size
+  doesn't match expected size", then a heartbeat abort); on accelerators it is the same hazard. A flag passed on
+  the command line wins.
+  """
+  from absl import flags
+  from orbax.checkpoint._src.multihost import multihost
+  flag = flags.FLAGS[multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name]
+  if jax.process_count() > 1 and not flag.present:
+    flag.parse("true")  # parsing, not assigning: orbax reads it as set even when absl never parsed argv
+
+
 class Checkpointer:
   """One run's `ckpt/` directory."""
 
   def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True):
     if keep < 2:
       raise ValueError(f"keep={keep}: keep at least 2 checkpoints so a torn latest one can fall back")
+    _barriers_through_the_coordination_service()
     self.directory = pathlib.Path(directory).absolute()
     self.every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
