@@ -268,7 +268,7 @@ def test_two_processes_equal_single_process(tmp_path, reference_run, toy_tokeniz
   finished = _finish_all(procs)
   # Both logs on failure: one process dying or stalling shows up as the other's barrier or heartbeat error.
   assert [code for code, _ in finished] == [0, 0], "\n".join(
-      f"--- process {i} (exit {code}):\n{out[-3000:]}" for i, (code, out) in enumerate(finished))
+      f"--- process {i} (exit {code}):\n{out[-8000:]}" for i, (code, out) in enumerate(finished))
   res = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
   for r in res:
     assert r["process_count"] == 2 and r["num_devices"] == 8 and r["local_devices"] == 4
@@ -291,6 +291,23 @@ def test_non_finite_loss_stops_without_saving(tmp_path, tiny_model, toy_tokenize
     trainer_lib.train(tiny_config(toy_tokenizer_dir, tmp_path / "run"), data, tmp_path / "run", model=model,
                       tokenizer=toy_tokenizer)
   assert not any(p.name.isdigit() for p in (tmp_path / "run" / "ckpt").iterdir())
+
+
+def test_latest_meta_reads_files_and_never_syncs_processes(reference_run, monkeypatch, tmp_path):
+  """The pre-load resume check runs before process 0 creates ckpt/: a process that saw the directory must not
+  enter a barrier the others skip (a two-process run crashed in gloo that way)."""
+  from orbax.checkpoint._src.multihost import multihost
+
+  def no_sync(*args, **kwargs):
+    raise AssertionError("latest_meta synced the processes")
+
+  monkeypatch.setattr(multihost, "sync_global_processes", no_sync)
+  _, _, ref = reference_run
+  step, meta = ckpt_lib.latest_meta(ref.hf_dir.parent / "ckpt")
+  assert step == 3 and meta["step"] == 3 and meta["total_steps"] == 3
+  (tmp_path / "ckpt").mkdir()
+  assert ckpt_lib.latest_meta(tmp_path / "ckpt") is None and ckpt_lib.latest_meta(tmp_path / "absent") is None
+  assert not (tmp_path / "absent").exists()
 
 
 def test_checkpoint_strict_tree_and_corrupt_latest_fallback(tmp_path):

@@ -42,29 +42,12 @@ def abstract_like(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _barriers_through_the_coordination_service() -> None:
-  """Make orbax's cross-process barriers waits on the jax distributed client, not device collectives.
-
-  By default orbax syncs processes with a jitted all-reduce, and an async save runs some of those syncs on its
-  background thread while the main thread's training steps run theirs: the processes can then enter the two
-  programs' collectives in different orders. On CPU (gloo) that crashed a two-process test ("Received data size
-  doesn't match expected size", then a heartbeat abort); on accelerators it is the same hazard. A flag passed on
-  the command line wins.
-  """
-  from absl import flags
-  from orbax.checkpoint._src.multihost import multihost
-  flag = flags.FLAGS[multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name]
-  if jax.process_count() > 1 and not flag.present:
-    flag.parse("true")  # parsing, not assigning: orbax reads it as set even when absl never parsed argv
-
-
 class Checkpointer:
   """One run's `ckpt/` directory."""
 
   def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True):
     if keep < 2:
       raise ValueError(f"keep={keep}: keep at least 2 checkpoints so a torn latest one can fall back")
-    _barriers_through_the_coordination_service()
     self.directory = pathlib.Path(directory).absolute()
     self.every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
@@ -128,17 +111,16 @@ class Checkpointer:
 
 def latest_meta(directory: str | pathlib.Path) -> tuple[int, dict[str, Any]] | None:
   """(step, meta) of the newest checkpoint whose meta reads, without touching its state (None: no checkpoint), so
-  a resume can be refused before the model is loaded."""
-  directory = pathlib.Path(directory)
-  if not directory.is_dir():
-    return None
-  manager = ocp.CheckpointManager(directory.absolute(), item_handlers={"meta": ocp.JsonCheckpointHandler()})
-  try:
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        return step, manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      except Exception:  # noqa: BLE001 - a torn step: restore_latest falls back past it too
-        continue
-    return None
-  finally:
-    manager.close()
+  a resume can be refused before the model is loaded.
+
+  Files only, no CheckpointManager: a manager creates the directory and syncs the processes, and whether a process
+  gets here before or after process 0 has created the directory is a race. With a manager, one process would then
+  enter a barrier that the others never reach (a two-process run hung or crashed that way)."""
+  steps = ocp.utils.checkpoint_steps(pathlib.Path(directory).absolute())  # finalized steps only
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, ocp.JsonCheckpointHandler().restore(pathlib.Path(directory) / str(step) / "meta",
+                                                       ocp.args.JsonRestore())
+    except Exception:  # noqa: BLE001 - a torn step: restore_latest falls back past it too
+      continue
+  return None
