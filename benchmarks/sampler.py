@@ -41,7 +41,7 @@ SIZES = {
     # ~110M parameters: weight matmuls dominate.
     "base": ModelConfig(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
                         num_kv_heads=12, head_dim=64, max_position_embeddings=2048),
-    # ~1.1B parameters (GPU).
+    # ~0.85B parameters (GPU): TinyLlama's width with 16 layers and 8 kv heads.
     "1b": ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=16, num_heads=32,
                       num_kv_heads=8, head_dim=64, max_position_embeddings=4096),
 }

@@ -105,7 +105,7 @@ class SampleResult:
   cached_tokens: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: the host loops compare groups and slots with `is` / `in`
 class _Group:
   """A request on the host: its prompt blocks (shared by its samples) and the samples still to run."""
   tag: Any                                  # the submitter's name for it (`run`: its index)
@@ -123,7 +123,7 @@ class _Group:
   live: int = 0                             # samples waiting or in a slot (the shared blocks' reference count)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Slot:
   """One occupied decode slot on the host."""
   group: _Group
@@ -274,8 +274,8 @@ class Engine:
 
   def _rows(self, tree):
     """Host arrays whose first axis is rows, placed with rows over the mesh's data and fsdp axes."""
-    place = lambda x: jax.device_put(x, self._sharding(("batch",) + (None,) * (x.ndim - 1), x.shape))
-    return jax.tree.map(place, tree)
+    shardings = jax.tree.map(lambda x: self._sharding(("batch",) + (None,) * (x.ndim - 1), x.shape), tree)
+    return jax.device_put(tree, shardings)  # one transfer call for the whole tree, not one per array
 
   def update_params(self, model_or_state) -> None:
     """Swap in new weights (as `Sampler.update_params`: compiled programs reused) and empty the prefix cache,
@@ -412,9 +412,10 @@ class Engine:
   def _fill(self, slots, ready, queue) -> list[tuple[int, int]]:
     """Admit waiting samples into free slots, prefilling queued requests as needed; the copy-on-write pairs."""
     copies = []
-    while None in slots:
+    free = [s for s in range(len(slots) - 1, -1, -1) if slots[s] is None]  # popped lowest first
+    while free:
       if not ready:
-        if not queue or not self._prefill_some(slots, ready, queue):
+        if not queue or not self._prefill_some(len(free), ready, queue):
           break
         continue
       group = ready[0]
@@ -429,18 +430,18 @@ class Engine:
       if group.partial_block is not None:
         copies.append((group.partial_block, own[0]))
       token, logprob, sampling_logprob, _ = group.first[sample]
-      slots[slots.index(None)] = _Slot(group, sample, own, len(group.prompt), token, [token], [logprob],
-                                       [sampling_logprob])
+      slots[free.pop()] = _Slot(group, sample, own, len(group.prompt), token, [token], [logprob],
+                                [sampling_logprob])
       self.stats["admitted"] += 1
       if not group.waiting:
         self._release_partial(group)
     self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_in_use)
     return copies
 
-  def _prefill_some(self, slots, ready, queue) -> bool:
-    """Prefill queued requests (FIFO) while their prompts and the samples the free slots can take fit the free
+  def _prefill_some(self, free_slots: int, ready, queue) -> bool:
+    """Prefill queued requests (FIFO) while their prompts and the samples `free_slots` can take fit the free
     blocks; False when not even the next request's prompt and one sample fit now."""
-    free_slots, taken = slots.count(None), 0
+    taken = 0
     batch: list[_Group] = []
     width = context = 0
     while queue and free_slots > 0:
@@ -590,29 +591,39 @@ class Engine:
 
   def _slot_batch(self, occupied: list[_Slot], rows: int, copies: list[tuple[int, int]]) -> paged.SlotBatch:
     """The chunk's inputs: row r runs occupied[r] (rows past them idle); where a slot sits on the host is
-    irrelevant, its keys and position decide what it samples."""
+    irrelevant, its keys and position decide what it samples. Built column by column: at hundreds of slots a
+    per-row loop of array writes costs the host milliseconds per chunk."""
+    n = len(occupied)
+    requests = [slot.group.request for slot in occupied]
+
+    def column(values, dtype):
+      out = np.zeros(rows, dtype)
+      out[:n] = values
+      return out
+
     table = np.full((rows, self.max_blocks), paged.TRASH_BLOCK, np.int32)
-    ints = {name: np.zeros(rows, np.int32) for name in ("length", "last_token", "generated", "max_new", "capacity",
-                                                        "top_k", "copy_src", "copy_dst")}
-    floats = {name: np.zeros(rows, np.float32) for name in ("temperature", "top_p")}
-    active = np.arange(rows) < len(occupied)
-    key_data = np.zeros((rows, 2), np.uint32)
     stop_ids = np.full((rows, STOP_SLOTS), -1, np.int32)
     for s, slot in enumerate(occupied):
-      request = slot.group.request
       blocks = slot.group.shared_blocks + slot.own_blocks
       table[s, :len(blocks)] = blocks
-      key_data[s] = slot.group.key_data[slot.sample]
-      stop_ids[s, :len(request.stop_ids)] = request.stop_ids
-      for name, value in (("length", slot.length), ("last_token", slot.last_token),
-                          ("generated", len(slot.tokens)), ("max_new", request.max_new_tokens),
-                          ("capacity", self.capacity), ("top_k", request.top_k)):
-        ints[name][s] = value
-      floats["temperature"][s], floats["top_p"][s] = request.temperature, request.top_p
+      if slot.group.request.stop_ids:
+        stop_ids[s, :len(slot.group.request.stop_ids)] = slot.group.request.stop_ids
+    key_data = np.zeros((rows, 2), np.uint32)
+    if n:
+      key_data[:n] = [slot.group.key_data[slot.sample] for slot in occupied]
+    copy_src, copy_dst = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
     for i, (src, dst) in enumerate(copies):  # at most one per slot admitted since the last chunk
-      ints["copy_src"][i], ints["copy_dst"][i] = src, dst
-    return paged.SlotBatch(block_table=table, active=active, key_data=key_data, stop_ids=stop_ids, **ints,
-                           **floats)
+      copy_src[i], copy_dst[i] = src, dst
+    return paged.SlotBatch(
+        block_table=table, active=np.arange(rows) < n, key_data=key_data, stop_ids=stop_ids,
+        length=column([slot.length for slot in occupied], np.int32),
+        last_token=column([slot.last_token for slot in occupied], np.int32),
+        generated=column([len(slot.tokens) for slot in occupied], np.int32),
+        max_new=column([r.max_new_tokens for r in requests], np.int32),
+        capacity=column(self.capacity, np.int32),
+        top_k=column([r.top_k for r in requests], np.int32),
+        temperature=column([r.temperature for r in requests], np.float32),
+        top_p=column([r.top_p for r in requests], np.float32), copy_src=copy_src, copy_dst=copy_dst)
 
   def _span_blocks(self, slots: list[_Slot | None]) -> int:
     """The attention span bucket: a power of two of blocks covering every active slot through this chunk."""
@@ -631,20 +642,24 @@ class Engine:
     self.stats["slot_steps"] += steps * rows  # rows the chunk computed, idle ones included
     self.stats["chunk_rows_below_slots"] += rows < self.slots
     self.stats["cow_copies"] += len(copies)
+    n = len(where)  # whole arrays to Python lists once: per-row numpy slicing costs milliseconds at 512 slots
+    produced_all, finish = out.produced[:n].tolist(), out.finish[:n].tolist()
+    tokens, logprobs, sampling_logprobs = (x[:n].tolist() for x in (out.tokens, out.logprobs,
+                                                                    out.sampling_logprobs))
+    self.stats["decode_tokens"] += sum(produced_all)
     for r, s in enumerate(where):
       slot = slots[s]
-      produced = int(out.produced[r])
-      self.stats["decode_tokens"] += produced
-      slot.tokens += out.tokens[r, :produced].tolist()
-      slot.logprobs += out.logprobs[r, :produced].tolist()
-      slot.sampling_logprobs += out.sampling_logprobs[r, :produced].tolist()
+      produced = produced_all[r]
+      slot.tokens += tokens[r][:produced]
+      slot.logprobs += logprobs[r][:produced]
+      slot.sampling_logprobs += sampling_logprobs[r][:produced]
       slot.length += produced
       slot.last_token = slot.tokens[-1]
-      if out.finish[r] != loop.RUNNING:
+      if finish[r] != loop.RUNNING:
         group = slot.group
         self._deliver(group, slot.sample, SampleResult(
             slot.tokens, np.asarray(slot.logprobs, np.float32), np.asarray(slot.sampling_logprobs, np.float32),
-            loop.FINISH_REASONS[int(out.finish[r])], len(group.prompt), len(group.cached_blocks) * self.block_size))
+            loop.FINISH_REASONS[finish[r]], len(group.prompt), len(group.cached_blocks) * self.block_size))
         self._register_reply(slot)
         self._blocks.release(slot.own_blocks[::-1])
         self._release_sample(group)
