@@ -591,8 +591,7 @@ class Engine:
 
   def _slot_batch(self, occupied: list[_Slot], rows: int, copies: list[tuple[int, int]]) -> paged.SlotBatch:
     """The chunk's inputs: row r runs occupied[r] (rows past them idle); where a slot sits on the host is
-    irrelevant, its keys and position decide what it samples. Built column by column: at hundreds of slots a
-    per-row loop of array writes costs the host milliseconds per chunk."""
+    irrelevant, its keys and position decide what it samples. Built a column at a time from Python lists."""
     n = len(occupied)
     requests = [slot.group.request for slot in occupied]
 
@@ -642,7 +641,7 @@ class Engine:
     self.stats["slot_steps"] += steps * rows  # rows the chunk computed, idle ones included
     self.stats["chunk_rows_below_slots"] += rows < self.slots
     self.stats["cow_copies"] += len(copies)
-    n = len(where)  # whole arrays to Python lists once: per-row numpy slicing costs milliseconds at 512 slots
+    n = len(where)  # each output array to Python lists once, then sliced per row
     produced_all, finish = out.produced[:n].tolist(), out.finish[:n].tolist()
     tokens, logprobs, sampling_logprobs = (x[:n].tolist() for x in (out.tokens, out.logprobs,
                                                                     out.sampling_logprobs))
