@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -44,9 +42,10 @@ from rise_jax.models.configs import ModelConfig
 from rise_jax.sampling import Sampler, SamplingParams, kv_bytes_per_token, param_count
 from rise_jax.sampling.engine import Engine, Request
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
-TOKENIZER = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
-GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
+# The CPU benchmarks' workload and timing: the same GSM8K draw, static batches and interleaving.
+from rollout_engine import (GSM8K_TRAIN, MAX_SEQ_LEN, STATIC_BATCH, TOKENIZER, gsm8k_workload, run_engine,
+                            run_sampler, timed)
+from sampler import interleaved
 
 SIZE = {  # TinyLlama-1.1B's shape, and a toy for --smoke
     "gpu": ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
@@ -56,17 +55,6 @@ SIZE = {  # TinyLlama-1.1B's shape, and a toy for --smoke
 }
 # (batches, prompt tokens, new tokens, workload requests, copy GiB) per mode.
 SHAPES = {"gpu": ((64, 512), 128, 256, 512, 4.0), "smoke": ((4, 16), 16, 12, 24, 0.05)}
-STATIC_BATCH = 64      # today's sampler batch on the workload, and the engine's slots there
-MAX_SEQ_LEN = 1024     # the longest GSM8K question + answer is ~715 Llama 2 tokens
-
-
-def gsm8k_lengths(count: int, seed: int = 0) -> list[tuple[int, int]]:
-  """(prompt tokens with BOS, reference-answer tokens) of `count` random GSM8K train problems (Llama 2 tokenizer)."""
-  import sentencepiece as spm
-  sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
-  rows = [json.loads(line) for line in GSM8K_TRAIN.read_text().splitlines() if line.strip()]
-  picked = np.random.default_rng(seed).choice(len(rows), count, replace=False)
-  return [(1 + len(sp.encode(rows[i]["question"])), len(sp.encode(rows[i]["answer"]))) for i in picked]
 
 
 def read_lengths(path: str | None, count: int) -> list[tuple[int, int]] | None:
@@ -77,24 +65,13 @@ def read_lengths(path: str | None, count: int) -> list[tuple[int, int]] | None:
       raise SystemExit(f"{path}: {len(pairs)} (prompt, answer) pairs, the workload needs {count}")
     return [(int(p), int(a)) for p, a in pairs[:count]]
   if TOKENIZER.is_file() and GSM8K_TRAIN.is_file():
-    return gsm8k_lengths(count)
+    return [(len(prompt), answer) for prompt, answer in gsm8k_workload(count, seed=0)]
   return None
 
 
-def timed(fn) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - start
-
-
-def interleaved(fns: dict, reps: int) -> tuple[dict, dict]:
+def first_and_steady(fns: dict, reps: int) -> tuple[dict, dict]:
   """(first-call seconds, median seconds of `reps` interleaved repetitions) per function."""
-  first = {name: timed(fn) for name, fn in fns.items()}
-  times = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, fn in fns.items():
-      times[name].append(timed(fn))
-  return first, {name: statistics.median(t) for name, t in times.items()}
+  return {name: timed(fn)[0] for name, fn in fns.items()}, interleaved(fns, reps)
 
 
 def copy_bandwidth(gib: float, reps: int = 10) -> float:
@@ -102,20 +79,19 @@ def copy_bandwidth(gib: float, reps: int = 10) -> float:
   x = jnp.ones((int(gib * 2**30) // 2,), jnp.bfloat16)
   copy = jax.jit(lambda a: a + jnp.bfloat16(1))  # an elementwise op: one read and one write of every byte
   copy(x).block_until_ready()
-  best = min(timed(lambda: copy(x)) for _ in range(reps))
+  best = min(timed(lambda: copy(x).block_until_ready())[0] for _ in range(reps))
   return 2 * x.nbytes / best
 
 
-def engine_call(engine: Engine, prompts, max_new, temperature=0.0):
-  def call():
-    return engine.run([Request(p, uid=i, max_new_tokens=m, temperature=temperature, stop_ids=[])
-                       for i, (p, m) in enumerate(zip(prompts, max_new))], seed=0)
-  return call
+def engine_call(engine: Engine, prompts, max_new: list[int]):
+  requests = [Request(p, uid=i, max_new_tokens=m, temperature=0.0)
+              for i, (p, m) in enumerate(zip(prompts, max_new))]
+  return lambda: engine.run(requests, seed=0)
 
 
-def sampler_call(sampler: Sampler, prompts, max_new: int, temperature=0.0, first_id=0):
-  params = SamplingParams(max_new_tokens=max_new, temperature=temperature, stop_token_ids=[])
-  return lambda: sampler.generate(prompts, params, seed=0, prompt_ids=list(range(first_id, first_id + len(prompts))))
+def sampler_call(sampler: Sampler, prompts, max_new: int):
+  params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_token_ids=[])
+  return lambda: sampler.generate(prompts, params, seed=0)
 
 
 def bench_step(model, config, batch: int, prompt_len: int, new: int, bandwidth: float, chunk_steps: int,
@@ -124,7 +100,7 @@ def bench_step(model, config, batch: int, prompt_len: int, new: int, bandwidth: 
   engine = Engine(model, slots=batch, max_seq_len=prompt_len + new, chunk_steps=chunk_steps,
                   prefill_tokens=max(4096, prompt_len * 16), prefix_cache=False)
   sampler = Sampler(model, None, max_cache_length=prompt_len + new)
-  first, t = interleaved({
+  first, t = first_and_steady({
       "engine": engine_call(engine, prompts, [new] * batch), "engine_1": engine_call(engine, prompts, [1] * batch),
       "sampler": sampler_call(sampler, prompts, new), "sampler_1": sampler_call(sampler, prompts, 1)}, reps)
   kv_bytes = batch * (prompt_len + new / 2) * kv_bytes_per_token(config, "bfloat16")
@@ -140,24 +116,22 @@ def bench_step(model, config, batch: int, prompt_len: int, new: int, bandwidth: 
 
 
 def bench_workload(model, config, lengths, chunk_steps: int, reps: int) -> dict:
-  rng = np.random.default_rng(7)
-  prompts = [rng.integers(3, config.vocab_size, p).tolist() for p, _ in lengths]
-  answers = [a for _, a in lengths]
+  rng = np.random.default_rng(7)  # random prompts of the drawn lengths: a random-weight model reads only lengths
+  workload = [(rng.integers(3, config.vocab_size, p).tolist(), answer) for p, answer in lengths]
   engine = Engine(model, slots=STATIC_BATCH, max_seq_len=MAX_SEQ_LEN, chunk_steps=chunk_steps, prefix_cache=False)
   sampler = Sampler(model, None, max_cache_length=MAX_SEQ_LEN)
-  calls = [sampler_call(sampler, prompts[s:s + STATIC_BATCH], max(answers[s:s + STATIC_BATCH]), 1.0, first_id=s)
-           for s in range(0, len(prompts), STATIC_BATCH)]
-  before = dict(engine.stats)
-  first, t = interleaved({"engine": engine_call(engine, prompts, answers, 1.0),
-                          "sampler": lambda: [call() for call in calls]}, reps)
-  runs = 1 + reps
-  useful = (engine.stats["decode_tokens"] - before.get("decode_tokens", 0)) / max(
-      1, engine.stats["slot_steps"] - before.get("slot_steps", 0))
+  runs = {"engine": lambda: run_engine(engine, workload), "sampler": lambda: run_sampler(sampler, workload)}
+  first, counts = {}, {}
+  for name, fn in runs.items():  # the first call compiles; its slot counts are every run's
+    first[name], counts[name] = timed(fn)
+  t = interleaved(runs, reps)
+  answers = [answer for _, answer in lengths]
   tokens = sum(answers)
   return dict(part="workload", requests=len(lengths), slots=STATIC_BATCH, chunk_steps=chunk_steps, tokens=tokens,
               answer_mean=float(np.mean(answers)), answer_p99=float(np.percentile(answers, 99)),
               engine_tok_s=tokens / t["engine"], sampler_tok_s=tokens / t["sampler"],
-              engine_over_sampler=t["sampler"] / t["engine"], engine_useful_slots=useful, runs_each=runs,
+              engine_over_sampler=t["sampler"] / t["engine"],
+              useful_slots={name: c["decode_tokens"] / c["slot_steps"] for name, c in counts.items()},
               first_call_s={k: round(v, 1) for k, v in first.items()}, engine_compiles=engine.compile_counts(),
               sampler_compiles=sampler.compile_counts())
 
@@ -187,11 +161,9 @@ def main() -> int:
   device = jax.devices()[0]
   print(f"jax {jax.__version__} on {device.device_kind} ({device.platform}); {param_count(config) / 1e6:,.1f}M "
         f"parameters, bfloat16", flush=True)
-  rows = []
 
   def report(row):
     row["elapsed_s"] = round(time.perf_counter() - start, 1)  # since the start: the 5-minute budget, part by part
-    rows.append(row)
     print(json.dumps(row), flush=True)
     if args.out:
       with open(args.out, "a") as f:

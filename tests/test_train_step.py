@@ -210,16 +210,6 @@ def _launch(spec, devices: int, cache_dir=None):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc, timeout=240):
-  try:
-    out, _ = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    out, _ = proc.communicate()
-    pytest.fail(f"worker timed out:\n{out[-3000:]}")
-  return proc.returncode, out
-
-
 def _finish_all(procs, timeout=240):
   """(exit code, output) of every process; past `timeout` all are killed (code None), their output kept."""
   deadline = time.monotonic() + timeout
@@ -241,13 +231,13 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path, ref
   _, data, ref = reference_run
   spec = {"data": str(data), "tokenizer": str(toy_tokenizer_dir), "out_dir": str(tmp_path / "run"),
           "result": str(tmp_path / "killed.json"), "stop_after": "train:2"}
-  code, out = _finish(_launch(spec, 8, tmp_path / "jax_cache"))
+  [(code, out)] = _finish_all([_launch(spec, 8, tmp_path / "jax_cache")])
   assert code == -signal.SIGKILL, out[-3000:]
   assert not (tmp_path / "killed.json").exists()
   steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2]
-  code, out = _finish(_launch({**spec, "stop_after": None, "result": str(tmp_path / "resumed.json")}, 8,
-                              tmp_path / "jax_cache"))
+  [(code, out)] = _finish_all([_launch({**spec, "stop_after": None, "result": str(tmp_path / "resumed.json")}, 8,
+                                        tmp_path / "jax_cache")])
   assert code == 0, out[-3000:]
   resumed = json.loads((tmp_path / "resumed.json").read_text())
   assert resumed["resumed_from"] == 2 and list(resumed["losses"]) == ["3"]

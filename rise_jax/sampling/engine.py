@@ -605,8 +605,7 @@ class Engine:
     for s, slot in enumerate(occupied):
       blocks = slot.group.shared_blocks + slot.own_blocks
       table[s, :len(blocks)] = blocks
-      if slot.group.request.stop_ids:
-        stop_ids[s, :len(slot.group.request.stop_ids)] = slot.group.request.stop_ids
+      stop_ids[s, :len(slot.group.request.stop_ids)] = slot.group.request.stop_ids
     key_data = np.zeros((rows, 2), np.uint32)
     if n:
       key_data[:n] = [slot.group.key_data[slot.sample] for slot in occupied]

@@ -116,11 +116,10 @@ def latest_meta(directory: str | pathlib.Path) -> tuple[int, dict[str, Any]] | N
   Files only, no CheckpointManager: a manager creates the directory and syncs the processes, and whether a process
   gets here before or after process 0 has created the directory is a race. With a manager, one process would then
   enter a barrier that the others never reach (a two-process run hung or crashed that way)."""
-  steps = ocp.utils.checkpoint_steps(pathlib.Path(directory).absolute())  # finalized steps only
-  for step in sorted(steps, reverse=True):
+  directory = pathlib.Path(directory).absolute()
+  for step in sorted(ocp.utils.checkpoint_steps(directory), reverse=True):  # finalized steps only
     try:
-      return step, ocp.JsonCheckpointHandler().restore(pathlib.Path(directory) / str(step) / "meta",
-                                                       ocp.args.JsonRestore())
+      return step, ocp.JsonCheckpointHandler().restore(directory / str(step) / "meta", ocp.args.JsonRestore())
     except Exception:  # noqa: BLE001 - a torn step: restore_latest falls back past it too
       continue
   return None
