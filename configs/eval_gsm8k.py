@@ -4,7 +4,8 @@
         --config.model.hf_path=/path/to/Llama-2-7b-chat-hf \
         --config.task.test_source=../shared/data/gsm8k/test.jsonl
 
-`task.test_source` may be a local jsonl (`question`, `answer`) or the hub's "openai/gsm8k:main". The paper's
+`model.hf_path` is a checkpoint directory or a `.gguf` file (converted once into `$RISE_JAX_CACHE`); the chat
+template is the checkpoint's own (`tokenizer.chat_template = "auto"`). `task.test_source` may be a local jsonl (`question`, `answer`) or the hub's "openai/gsm8k:main". The paper's
 sampling is temperature 1.0, top-p 1.0, up to 1000 new tokens; its graders are the `paper` mode.
 """
 
@@ -19,7 +20,6 @@ def get_config():
   c.model.source = "hf"
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
-  c.tokenizer.chat_template = "llama2"
   c.task.name = "gsm8k"
   c.task.test_source = "openai/gsm8k:main"
   c.sampling.max_cache_length = 8192

@@ -4,7 +4,8 @@
         --config.model.hf_path=/path/to/Mistral-7B-Instruct-v0.2 \
         --config.task.test_source=../shared/data/math/test.jsonl
 
-The paper's MATH numbers are on a 1,000-problem test subset (../shared/data/math/test.jsonl, fields `problem`,
+`model.hf_path` is a checkpoint directory or a `.gguf` file; the chat template is the checkpoint's own
+(`tokenizer.chat_template = "auto"`). The paper's MATH numbers are on a 1,000-problem test subset (../shared/data/math/test.jsonl, fields `problem`,
 `level`, `type`, `solution`); without `task.test_source` the hub's full 5,000-problem test split is used.
 """
 
@@ -19,7 +20,6 @@ def get_config():
   c.model.source = "hf"
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
-  c.tokenizer.chat_template = "mistral"
   c.task.name = "math"
   c.sampling.max_cache_length = 8192
   return finalize(c)

@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = placeholder(str)    # defaults to model.hf_path when None
-  c.tokenizer.chat_template = placeholder(str)  # llama2 | mistral | llama3 | toy; None = the preset's
+  c.tokenizer.chat_template = "auto"     # auto (the checkpoint's own) | llama2 | mistral | llama3 | toy | a .jinja path
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.train = (1, -1, 1)              # (data, fsdp, tensor); -1 = all remaining devices

@@ -339,9 +339,9 @@ def test_misaligned_span_is_an_error(tokenizers_by_template):
   assert source != chat.get_template("llama2").source
   chat.register_template("llama2_misaligned", source, bos_token="<s>", end_of_turn="</s>",
                          sentencepiece_prefix="every_segment")
-  bad = chat.load_tokenizer(tok.source, "llama2_misaligned")
-  with pytest.raises(chat.SpanAlignmentError, match="inside a token"):
-    chat.render(bad, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}])
+  # Refused at load, naming the template, before any conversation is rendered with it.
+  with pytest.raises(chat.TokenizerLoadError, match="'llama2_misaligned' cannot be used.*inside a token"):
+    chat.load_tokenizer(tok.source, "llama2_misaligned")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -522,3 +522,112 @@ def test_export_reloads_and_transformers_agree(tokenizers_by_template, name, tmp
   for _, start, end in rendered.assistant_spans:
     mask[start:end] = 1
   assert list(out["input_ids"]) == rendered.ids and list(out["assistant_masks"]) == mask.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chat_template="auto": the checkpoint's own (unmarked) template, spans from the prefix property.
+# ---------------------------------------------------------------------------------------------------------------
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _with_template(src_dir, dst_dir, template, generation_eos=None):
+  """A copy of a tokenizer directory whose tokenizer_config.json ships `template` (as a checkpoint does)."""
+  import json
+  import shutil
+  shutil.copytree(src_dir, dst_dir)
+  config_path = dst_dir / "tokenizer_config.json"
+  config = json.loads(config_path.read_text())
+  config["chat_template"] = template
+  config_path.write_text(json.dumps(config))
+  if generation_eos is not None:
+    (dst_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": generation_eos}))
+  return dst_dir
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory):
+  """A small byte-level BPE with ChatML's special tokens, shipping a ChatML template without generation markers."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  corpus = ["Let's think step by step. 12 apples + 5 = 17 apples.\n\nThe answer is \\boxed{17}.",
+            "The answer is incorrect. Please try again. Here's the question: how many?"]
+  tok.train_from_iterator(corpus * 20, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  directory = _save(tok, tmp_path_factory.mktemp("chatml") / "raw", bos_token="<|im_start|>",
+                    eos_token="<|im_end|>", pad_token="<|im_end|>")
+  return _with_template(directory, directory.parent / "ckpt", CHATML, generation_eos=[2, 0])
+
+
+def test_auto_uses_the_checkpoint_template_with_its_end_of_turn_and_generation_config_stops(chatml_dir):
+  tok = chat.load_tokenizer(chatml_dir)  # "auto" is the default
+  assert tok.template.source == CHATML and not tok.template.marked
+  assert tok.chat_template_name.endswith("tokenizer_config.json")
+  assert tok.eos_token == "<|im_end|>"
+  # The end-of-turn token first, then generation_config.json's eos ids (<|endoftext|> = 0) in their order.
+  assert tok.eos_token_ids == (tok.token_to_id("<|im_end|>"), 0)
+
+
+@pytest.mark.parametrize("with_system", [False, True])
+def test_checkpoint_template_ids_and_masks_equal_transformers(chatml_dir, with_system):
+  """Ids equal apply_chat_template's; the mask covers each trained reply and its <|im_end|>, decoded."""
+  from transformers import AutoTokenizer
+  tok = chat.load_tokenizer(chatml_dir)
+  hf = AutoTokenizer.from_pretrained(str(chatml_dir))
+  record = ([{"role": "system", "content": "Be brief."}] if with_system else []) + RISE_RECORD
+  for prompt_end in (3, 5):
+    prompt = record[:prompt_end + with_system]
+    assert chat.render(tok, prompt, add_generation_prompt=True).ids == list(
+        hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+  rendered = chat.render(tok, record)
+  assert rendered.ids == list(hf.apply_chat_template(record, tokenize=True, return_dict=True)["input_ids"])
+  replies = [m["content"] for m in record if m["role"] == "assistant"]
+  assert [tok.decode(rendered.ids[s:e]) for _, s, e in rendered.assistant_spans] == [
+      r + "<|im_end|>" for r in replies]
+  _, targets, mask = chat.train_arrays(tok, record)
+  assert tok.decode(targets[mask == 1]) == "SECOND ATTEMPT 5<|im_end|>"
+
+
+def test_unmarked_official_llama3_template_spans_equal_the_marked_one(llama3_dir, tmp_path):
+  """The official Llama 3 template (no markers) shipped by a checkpoint gives the shipped template's spans."""
+  marked = chat.load_tokenizer(llama3_dir)
+  shipped = chat.load_tokenizer(_with_template(llama3_dir, tmp_path / "ckpt", OFFICIAL["llama3"]))
+  assert marked.chat_template_name == "llama3" and not shipped.template.marked
+  assert shipped.eos_token == "<|eot_id|>"
+  for record in (RISE_RECORD, [{"role": "system", "content": "sys"}] + RISE_RECORD):
+    assert chat.render(shipped, record) == chat.render(marked, record)
+    assert chat.render(shipped, record[:-1], True) == chat.render(marked, record[:-1], True)
+
+
+def test_a_template_breaking_the_prefix_property_is_refused_at_load(chatml_dir, tmp_path):
+  # Mutation: the generation prompt differs from how an assistant message opens.
+  broken = CHATML.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant \n'")
+  with pytest.raises(chat.TokenizerLoadError, match=r"tokenizer_config.json.*prefix property"):
+    chat.load_tokenizer(_with_template(chatml_dir, tmp_path / "a", broken))
+  # Mutation: no special token closes a reply, and the eos is not rendered either.
+  unclosed = CHATML.replace("message['content'] + '<|im_end|>'", "message['content'] + '.'")
+  with pytest.raises(chat.TokenizerLoadError, match="no special token closes an assistant message"):
+    chat.load_tokenizer(_with_template(chatml_dir, tmp_path / "b", unclosed))
+
+
+def test_checkpoint_template_export_reloads_with_the_same_template(chatml_dir, tmp_path):
+  tok = chat.load_tokenizer(chatml_dir)
+  tok.save_pretrained(tmp_path / "export")
+  again = chat.load_tokenizer(tmp_path / "export")
+  assert again.template.source == CHATML
+  assert chat.render(again, RISE_RECORD) == chat.render(tok, RISE_RECORD)
+
+
+def test_unmarked_jinja_file(chatml_dir, tmp_path):
+  path = tmp_path / "chatml.jinja"
+  path.write_text(CHATML)
+  raw = chat.load_tokenizer(chatml_dir.parent / "raw", str(path))
+  assert raw.eos_token == "<|im_end|>"
+  assert chat.render(raw, RISE_RECORD) == chat.render(chat.load_tokenizer(chatml_dir), RISE_RECORD)

@@ -9,6 +9,7 @@ through `tokenizers`, exactly as the file says (not as transformers' class rebui
 tokenizer (`.hf`) is only built for export.
 """
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -17,6 +18,8 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from typing import Any
+
+import jinja2
 
 from rise_jax.chat import templates as templates_lib
 
@@ -62,6 +65,9 @@ class _SentencePieceEngine:
       return []
     with_prefix = self.prefix_rule == "every_segment" or offset == 0
     return (self.sp if with_prefix else self.sp_no_prefix).encode(segment)
+
+  def special_tokens_in(self, text: str) -> list[str]:
+    return self._special_re.findall(text)
 
   def token_to_id(self, token: str) -> int | None:
     if token in self.special_to_id:
@@ -111,6 +117,10 @@ class _TokenizersEngine:
 
   encode_chat = encode_text  # Added tokens in the text are matched by `tokenizers` itself.
 
+  def special_tokens_in(self, text: str) -> list[str]:
+    by_id = {i: t for t, i in self.special_ids.items()}
+    return [by_id[i] for i in self.encode_text(text) if i in by_id]
+
   def token_to_id(self, token: str) -> int | None:
     return self.tok.token_to_id(token)
 
@@ -153,7 +163,7 @@ class ChatTokenizer:
   """
 
   def __init__(self, engine, template: templates_lib.TemplateSpec, source: pathlib.Path,
-               config: dict[str, Any]):
+               config: dict[str, Any], extra_stop_ids: Sequence[int] = ()):
     self._engine = engine
     self.template = template
     self.chat_template_name = template.name
@@ -169,7 +179,12 @@ class ChatTokenizer:
     config_eos = _token_content(config.get("eos_token")) if config.get("eos_token") else None
     if config_eos is not None and engine.token_to_id(config_eos) is not None:
       stops.append(config_eos)
-    self.eos_token_ids = tuple(dict.fromkeys(self._required_id(t, "end-of-turn") for t in stops))
+    ids = [self._required_id(t, "end-of-turn") for t in stops]
+    for i in extra_stop_ids:
+      if not 0 <= i < engine.vocab_size:
+        raise TokenizerLoadError(f"{source}: generation_config.json's eos id {i} is outside the vocabulary "
+                                 f"(size {engine.vocab_size})")
+    self.eos_token_ids = tuple(dict.fromkeys([*ids, *extra_stop_ids]))
     pad = _token_content(config.get("pad_token")) if config.get("pad_token") else None
     pad_id = engine.token_to_id(pad) if pad is not None else None
     self.pad_token_id = pad_id if pad_id is not None else self.eos_token_ids[0]
@@ -220,35 +235,118 @@ class ChatTokenizer:
             f"engine={type(self._engine).__name__})")
 
 
-def _infer_template(engine, config: dict[str, Any], source: pathlib.Path) -> str:
+AUTO = "auto"
+# A short RISE-shaped exchange every template must render with exact spans before a tokenizer is handed out.
+_PROBE = ({"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "2+3=5. The answer is 5."},
+          {"role": "user", "content": "That was wrong. Try again."},
+          {"role": "assistant", "content": "Again: 2+3=5. The answer is 5."})
+
+
+def _stored_template(config: dict[str, Any], directory: pathlib.Path) -> tuple[str, str] | None:
+  """The checkpoint's own chat template as (source, where it was read), or None when it ships none."""
+  stored = config.get("chat_template")
+  if isinstance(stored, list):  # the named-templates form: [{"name": "default", "template": ...}, ...]
+    stored = next((t.get("template") for t in stored if isinstance(t, dict) and t.get("name") == "default"), None)
+  if isinstance(stored, str) and stored.strip():
+    return stored, str(directory / "tokenizer_config.json")
+  jinja = directory / "chat_template.jinja"  # transformers 5 saves the template beside the config
+  if jinja.is_file():
+    return jinja.read_text(encoding="utf-8"), str(jinja)
+  return None
+
+
+def _vocabulary_template(engine, source: pathlib.Path) -> str:
+  """A shipped template recognised from the vocabulary alone (for tokenizers that ship no template)."""
   if engine.token_to_id("<|eot_id|>") is not None:
     return "llama3"
   if engine.token_to_id("<|assistant|>") is not None and engine.token_to_id("<|user|>") is not None:
     return "toy"
-  stored = config.get("chat_template") or ""
-  if not stored and (source / "chat_template.jinja").is_file():  # transformers 5 saves the template beside
-    stored = (source / "chat_template.jinja").read_text(encoding="utf-8")
-  if not isinstance(stored, str):
-    stored = ""
+  raise TokenizerLoadError(f"{source}: ships no chat template and its vocabulary is none of the shipped templates'; "
+                           f"pass chat_template= one of {templates_lib.shipped_templates()} or a .jinja path")
+
+
+def _auto_template(engine, config: dict[str, Any], directory: pathlib.Path, sentencepiece: bool):
+  """`chat_template="auto"`: the template the checkpoint ships, else one recognised from the vocabulary.
+
+  A stored template whose text is a shipped one's is that shipped template (its name carries its tokenizer rules).
+  On a SentencePiece vocabulary a Llama 2 / Mistral family template resolves to the shipped `llama2` / `mistral`,
+  whose dummy-prefix rules reproduce Meta's and mistral-common's encodings, which rendering the text alone does not.
+  """
+  stored = _stored_template(config, directory)
+  if stored is None:
+    return templates_lib.get_template(_vocabulary_template(engine, directory))
+  source, where = stored
   for name in templates_lib.shipped_templates():
-    if stored.strip() == templates_lib.get_template(name).source.strip():
-      return name
-  if "<<SYS>>" in stored:
-    return "llama2"
-  if "[INST]" in stored:
-    return "mistral"
-  raise TokenizerLoadError(f"{source}: cannot tell which chat template this tokenizer uses; pass "
-                           f"chat_template= one of {templates_lib.shipped_templates()}")
+    if source.strip() == templates_lib.get_template(name).source.strip():
+      return templates_lib.get_template(name)
+  if sentencepiece and "<<SYS>>" in source:
+    return templates_lib.get_template("llama2")
+  if sentencepiece and "[INST]" in source:
+    return templates_lib.get_template("mistral")
+  return checkpoint_template(source, where, engine, config)
 
 
-def load_tokenizer(path: str | pathlib.Path, chat_template: str | None = None) -> ChatTokenizer:
+def checkpoint_template(source: str, where: str, engine, config: dict[str, Any]) -> templates_lib.TemplateSpec:
+  """A template read from a checkpoint or a file, its end-of-turn token found by rendering one reply: the first
+  special token after the reply's text (ChatML's <|im_end|>, Llama 3's <|eot_id|>), else the tokenizer's eos."""
+  spec = templates_lib.TemplateSpec(where, source, None, None)
+  bos = _token_content(config.get("bos_token")) or ""
+  eos = _token_content(config.get("eos_token")) or ""
+  reply = _PROBE[1]["content"]
+  try:
+    text = templates_lib.render_plain(spec, _PROBE[:2], add_generation_prompt=False, bos_token=bos, eos_token=eos)
+  except (templates_lib.ChatTemplateError, jinja2.TemplateError) as e:
+    raise TokenizerLoadError(f"{where}: the chat template cannot render a user/assistant exchange ({e})") from None
+  if reply not in text:
+    raise TokenizerLoadError(f"{where}: the chat template does not render an assistant message's content")
+  after = text[text.rindex(reply) + len(reply):]
+  end_of_turn = next((t for t in engine.special_tokens_in(after)), None) or (eos if eos and eos in after else None)
+  if end_of_turn is None:
+    raise TokenizerLoadError(f"{where}: no special token closes an assistant message in the chat template "
+                             f"(rendered {after[:40]!r} after the reply) and the tokenizer's eos {eos!r} is not there")
+  return dataclasses.replace(spec, end_of_turn=end_of_turn)
+
+
+def _generation_eos_ids(directory: pathlib.Path) -> tuple[int, ...]:
+  """`eos_token_id` of generation_config.json (an int or a list), the ids `generate` stops on."""
+  path = directory / "generation_config.json"
+  if not path.is_file():
+    return ()
+  try:
+    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+  except json.JSONDecodeError as e:
+    raise TokenizerLoadError(f"{path}: invalid JSON ({e})") from e
+  eos = [eos] if isinstance(eos, int) else (eos or [])
+  if not all(isinstance(i, int) and i >= 0 for i in eos):
+    raise TokenizerLoadError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}")
+  return tuple(eos)
+
+
+def _check_probe(tokenizer: ChatTokenizer) -> None:
+  """Renders a RISE-shaped exchange, so a template whose spans cannot be derived fails at load, naming itself."""
+  from rise_jax.chat import rendering
+  try:
+    rendering.render(tokenizer, _PROBE)
+    prompt = rendering.render(tokenizer, _PROBE[:3], add_generation_prompt=True).ids
+    if rendering.render(tokenizer, _PROBE).ids[:len(prompt)] != prompt:
+      raise templates_lib.ChatTemplateError("the generation prompt's ids are not a prefix of the reply's")
+  except templates_lib.ChatTemplateError as e:
+    raise TokenizerLoadError(f"{tokenizer.source}: chat template {tokenizer.chat_template_name!r} cannot be used "
+                             f"for multi-turn training and sampling: {e}") from None
+
+
+def load_tokenizer(path: str | pathlib.Path, chat_template: str = AUTO) -> ChatTokenizer:
   """Loads a tokenizer and binds it to a chat template.
 
   Args:
     path: a SentencePiece `tokenizer.model` file, or a directory with `tokenizer.model` (SentencePiece, preferred:
-      it is what Llama 2 / Mistral were trained with) or `tokenizer.json` (+ optional `tokenizer_config.json`).
-    chat_template: a template name (llama2, mistral, llama3, toy, or registered), a .jinja path, or None to infer
-      it from the vocabulary / the stored template (an error when ambiguous).
+      it is what Llama 2 / Mistral were trained with) or `tokenizer.json` (+ optional `tokenizer_config.json`,
+      `chat_template.jinja`, `generation_config.json`).
+    chat_template: "auto" (the template the checkpoint ships, see `_auto_template`; else one recognised from the
+      vocabulary), a shipped or registered template name (llama2, mistral, llama3, toy), or a .jinja path.
+
+  Stops: the template's end-of-turn token, its extra stop tokens, the tokenizer's eos and generation_config.json's
+  eos ids. Every template renders a probe exchange at load (`_check_probe`).
   """
   path = pathlib.Path(path)
   if path.is_file():
@@ -262,17 +360,39 @@ def load_tokenizer(path: str | pathlib.Path, chat_template: str | None = None) -
   else:
     raise TokenizerLoadError(f"{path}: no such file or directory")
   config = _read_tokenizer_config(directory) if path.is_dir() else {}
-  spec = templates_lib.get_template(chat_template) if chat_template is not None else None
+  if chat_template == AUTO:
+    spec = None
+  elif pathlib.Path(chat_template).suffix == ".jinja":
+    spec = ("file", chat_template)
+  else:
+    spec = templates_lib.get_template(chat_template)
   if sp_model is not None:
+    probe = _SentencePieceEngine(sp_model, "text_start") if not isinstance(spec, templates_lib.TemplateSpec) else None
     if spec is None:
-      probe = _SentencePieceEngine(sp_model, "text_start")
-      spec = templates_lib.get_template(_infer_template(probe, config, path))
+      spec = _auto_template(probe, config, directory if path.is_dir() else path, sentencepiece=True)
+    elif isinstance(spec, tuple):
+      spec = _file_template(spec[1], probe, config)
     engine = _SentencePieceEngine(sp_model, spec.sentencepiece_prefix)
   else:
     engine = _TokenizersEngine(path / "tokenizer.json")
     if spec is None:
-      spec = templates_lib.get_template(_infer_template(engine, config, path))
-  return ChatTokenizer(engine, spec, path, config)
+      spec = _auto_template(engine, config, path, sentencepiece=False)
+    elif isinstance(spec, tuple):
+      spec = _file_template(spec[1], engine, config)
+  tokenizer = ChatTokenizer(engine, spec, path, config, extra_stop_ids=_generation_eos_ids(directory))
+  _check_probe(tokenizer)
+  return tokenizer
+
+
+def _file_template(path: str, engine, config: dict[str, Any]) -> templates_lib.TemplateSpec:
+  """A .jinja file: marked ones register as they are; unmarked ones find their end-of-turn like a checkpoint's."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise templates_lib.ChatTemplateError(f"chat template {path}: no such file")
+  source = file.read_text(encoding="utf-8")
+  if templates_lib.has_generation_markers(source):
+    return templates_lib.get_template(path)
+  return checkpoint_template(source, str(file), engine, config)
 
 
 def check_vocab(tokenizer: ChatTokenizer, model_config) -> None:
