@@ -239,3 +239,21 @@ def test_toy_tokenizer_loads_through_rise_jax_chat(tmp_path):
   assert (tok.bos_token_id, tok.pad_token_id, tok.vocab_size) == (1, 0, 103)
   assert 2 in tok.eos_token_ids
   assert tok.decode(tok.encode("7+8*9")) == "7+8*9"
+
+
+def test_gsm8k_solution_is_graded_right_by_both_graders_on_every_training_problem(shared_dir):
+  """The reference as an answer (boost and reference teacher): the paper grader reads only \\boxed{}, where the
+  raw reference ("#### 72") scores -1; the rewritten one scores 1 in both modes, with the annotations gone."""
+  from rise_jax.tasks import get_task
+  task = get_task("gsm8k", train_source=str(shared_dir / "data" / "gsm8k" / "train.jsonl"), dev_size=0)
+  problems = task.load("train")
+  assert len(problems) == 7473
+  for p in problems:
+    text = task.solution(p)
+    # The paper grader's gold regex stops at a thousands separator ("#### 1,080" reads 1): never matchable.
+    unmatchable = "," in p.reference.rsplit("####", 1)[1]
+    assert task.grade(text, p.reference, "paper") == (0.0 if unmatchable else 1.0), (p.id, text)
+    assert task.grade(text, p.reference, "robust") == 1.0, (p.id, text)
+    assert "<<" not in text and "####" not in text
+  assert task.grade(problems[0].reference, problems[0].reference, "paper") == -1.0
+  assert task.solution(problems[0]).endswith("clips altogether in April and May.\nThe answer is \\boxed{72}.")

@@ -118,7 +118,7 @@ class Resources:
     t = config.collect.teacher
     if t.kind == "reference":
       from rise_jax.rollout.policies import ReferencePolicy
-      return ReferencePolicy({p.id: p.reference for p in problems})
+      return ReferencePolicy({p.id: self.task.solution(p) for p in problems})
     if t.kind == "model":
       from rise_jax import models
       model = models.load_hf_checkpoint(t.path, dtype=config.model.dtype, mesh=self.mesh("train"))

@@ -101,13 +101,13 @@ def boost_data(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: in
     questions = {r["problem_id"]: r["question"] for r in records}
     conversion = conversion_lib.convert_rollouts(records, lambda pid: res.prompts.initial_messages(questions[pid]),
                                                  options, source=str(out_dir / "rollouts.jsonl"))
-  elif source == "reference":  # the task's own worked answers (the toy task's scratchpads)
+  elif source == "reference":  # the task's worked answers in the prompts' format (the toy task's scratchpads)
     conversion = conversion_lib.Conversion(records=[], sampled_ids=[], stats=conversion_lib.ConversionStats())
     for p in res.boost_problems():
       conversion.records.append({
           "id": f"{p.id}#boost", "weight": 1.0,
           "messages": res.prompts.initial_messages(p.question) + [
-              {"role": "assistant", "content": p.reference, "train": True}],
+              {"role": "assistant", "content": res.task.solution(p), "train": True}],
           "meta": {"problem_id": p.id, "iteration": 0, "turn": 1, "position": 1, "reward": 1.0,
                    "source": "reference", "criteria": "success", "grader": c.task.grader, "single_turn": True}})
       conversion.sampled_ids.append(None)

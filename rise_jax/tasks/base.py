@@ -149,6 +149,11 @@ class Task:
     """All problems of the source's "train" or "test" split, in source order."""
     raise NotImplementedError
 
+  def solution(self, problem: Problem) -> str:
+    """The reference as an answer to the problem, written the way the prompt sets ask for one (what a boost on
+    reference solutions and the reference teacher put in the assistant turn); the reference itself by default."""
+    return problem.reference
+
   # -- grading -------------------------------------------------------------------------------------------
   @property
   def grader(self):
