@@ -259,6 +259,10 @@ def _save_tokenizer(meta: _Metadata, out: str) -> None:
     backend, _ = convert_gguf_tokenizer(meta.require("general.architecture"), fields)
   except ValueError as e:
     raise GGUFError(f"{meta.src}: tokenizer.ggml.model {fields.get('tokenizer_type')!r}: {e}") from None
+  except KeyError as e:  # the builder needs a field this file lacks (a vocabulary without merges needs scores)
+    key = {name: key for key, name in _TOKENIZER_FIELDS.items()}.get(e.args[0], e.args[0])
+    raise GGUFError(f"{meta.src}: metadata key tokenizer.{key} is missing (the "
+                    f"{fields.get('tokenizer_type')!r} tokenizer needs it)") from None
   kwargs: dict[str, Any] = {}
   for key in ("chat_template", "ggml.add_bos_token", "ggml.add_eos_token"):
     value = meta.get(f"tokenizer.{key}")

@@ -3,7 +3,8 @@
 Loading reads `config.json` (through transformers' config class), then every tensor of a single
 `model.safetensors` or a sharded `model.safetensors.index.json`, converts it to the head-explicit stacked layout
 and places it straight into its target sharding; a GGUF file is first converted into a cached HF directory
-(rise_jax.gguf.as_hf_dir). Saving writes a directory that transformers and vLLM load as is. Any disagreement (missing or extra tensor, wrong shape) is an error naming the tensor.
+(rise_jax.gguf.as_hf_dir). Saving writes a directory that transformers and vLLM load as is. Any disagreement
+(missing or extra tensor, wrong shape) is an error naming the tensor.
 """
 
 from __future__ import annotations
