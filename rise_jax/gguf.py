@@ -294,8 +294,8 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_by
                  overwrite: bool = False, sha256: str | None = None) -> str:
   """Write the HF checkpoint directory for GGUF file `src` at `dst` (atomically: built beside it, then renamed).
 
-  Every check (architecture, metadata, tensor names, shapes, quantisation types) runs before anything is
-  written. `sha256` of `src` may be passed when already known. Returns the absolute path of `dst`.
+  Every check of the weights (architecture, metadata, tensor names, shapes, quantisation types) runs before
+  anything is written, and the tokenizer is built before the weights are dequantised. `sha256` of `src` may be passed when already known. Returns the absolute path of `dst`.
   """
   import transformers
   src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
@@ -316,8 +316,8 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_by
     cfg.save_pretrained(tmp)
     transformers.GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                                   pad_token_id=cfg.pad_token_id).save_pretrained(tmp)
+    _save_tokenizer(meta, tmp)  # before the weights: its errors should not wait for gigabytes of dequantising
     _write_weights(mapped, cfg, tmp, max_shard_bytes)
-    _save_tokenizer(meta, tmp)
     files.atomic_write_json(os.path.join(tmp, PROVENANCE_FILE), {
         "source": os.path.basename(src), "size": os.path.getsize(src), "sha256": sha256 or _sha256(src),
         "gguf_version": _gguf_version(), "file_type": meta.get("general.file_type"),
