@@ -3,6 +3,9 @@
 from setuptools import find_packages, setup
 
 _TEST_CORE = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "scipy>=1.10"]
+# Reading .gguf files (rise_jax.gguf); accelerate because transformers' own GGUF loader, the tests' reference,
+# needs it.
+_GGUF = ["gguf>=0.10,<1", "accelerate>=1"]
 
 setup(
     name="rise_jax",
@@ -38,7 +41,8 @@ setup(
     extras_require={
         # test-core: what the suite needs besides torch (the Python 3.12 CI leg, where no CPU-only torch is on PyPI).
         "test-core": _TEST_CORE,
-        "test": _TEST_CORE + ["torch>=2.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        "test": _TEST_CORE + _GGUF + ["torch>=2.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        "gguf": _GGUF,
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

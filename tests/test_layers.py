@@ -10,7 +10,7 @@ import source_graph as sg
 # own floor (acyclically) and the floors below. `rise_jax` alone is the package's own __init__.
 FLOORS = [
     ("base", ["rise_jax", "rise_jax.sharding", "rise_jax.tasks", "rise_jax.files", "rise_jax.logs",
-              "rise_jax.provenance", "rise_jax.compile_cache"]),
+              "rise_jax.provenance", "rise_jax.compile_cache", "rise_jax.hf_files", "rise_jax.gguf"]),
     ("chat", ["rise_jax.chat"]),
     ("models", ["rise_jax.models"]),
     ("config", ["rise_jax.config"]),  # validate() checks names against the task and model registries below it

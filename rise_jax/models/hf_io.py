@@ -2,15 +2,15 @@
 
 Loading reads `config.json` (through transformers' config class), then every tensor of a single
 `model.safetensors` or a sharded `model.safetensors.index.json`, converts it to the head-explicit stacked layout
-and places it straight into its target sharding. Saving writes a directory that transformers and vLLM load as is.
-Any disagreement (missing or extra tensor, wrong shape) is an error naming the tensor.
+and places it straight into its target sharding; a GGUF file is first converted into a cached HF directory
+(rise_jax.gguf.as_hf_dir). Saving writes a directory that transformers and vLLM load as is. Any disagreement
+(missing or extra tensor, wrong shape) is an error naming the tensor.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from typing import Any, Callable, Iterator
@@ -22,14 +22,12 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from rise_jax import sharding as sharding_lib
+from rise_jax import gguf, hf_files, sharding as sharding_lib
+from rise_jax.hf_files import INDEX_FILE, MAX_SHARD_BYTES, SINGLE_FILE, remove_partial_exports, tmp_prefix
 from rise_jax.models.build import abstract_model
 from rise_jax.models.configs import ModelConfig
 from rise_jax.models.transformer import Transformer
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-MAX_SHARD_BYTES = 5 * 1024**3
 # Buffers some older checkpoints carry that are recomputed from the config, never weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -172,14 +170,16 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: Any = "float32", mesh: Me
                        compute_dtype: Any = None, attention: str = "xla", scan_layers: bool = False,
                        remat: str = "none", rules=sharding_lib.TRAIN_RULES,
                        on_indivisible: str = "replicate") -> Transformer:
-  """Load a Llama / Mistral safetensors checkpoint directory into a (sharded) Transformer.
+  """Load a Llama / Mistral safetensors checkpoint directory (or a GGUF file) into a (sharded) Transformer.
 
   `dtype` is the parameter dtype; `compute_dtype` defaults to it. Each tensor is read, converted and placed into
   its shard of `mesh` (a 1-device mesh when None) before the next is read.
   """
   path = os.fspath(path)
+  if os.path.isfile(path) and path.endswith(gguf.SUFFIX):
+    path = gguf.as_hf_dir(path)  # converted once into a cached HF directory, then read like any other
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: not a checkpoint directory")
+    raise FileNotFoundError(f"{path}: not a checkpoint directory (nor a {gguf.SUFFIX} file)")
   config = ModelConfig.from_hf(path)
   mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
   options = dict(param_dtype=dtype, dtype=dtype if compute_dtype is None else compute_dtype, attention=attention,
@@ -243,17 +243,8 @@ def _write_order(c: ModelConfig) -> list[str]:
 
 def _plan_shards(c: ModelConfig, itemsize: int, max_shard_bytes: int) -> list[list[str]]:
   shapes = hf_shapes(c)
-  shards, current, size = [], [], 0
-  for name in _write_order(c):
-    shape = shapes[name]
-    nbytes = int(np.prod(shape)) * itemsize
-    if current and size + nbytes > max_shard_bytes:
-      shards.append(current)
-      current, size = [], 0
-    current.append(name)
-    size += nbytes
-  shards.append(current)
-  return shards
+  return hf_files.plan_shards(((name, int(np.prod(shapes[name])) * itemsize) for name in _write_order(c)),
+                              max_shard_bytes)
 
 
 def _template_source(chat_template: str) -> str:
@@ -278,20 +269,6 @@ def _save_tokenizer(tokenizer: Any, chat_template: str | None, path: str) -> Non
   hf_tok.save_pretrained(path)
 
 
-def _tmp_prefix(path: str) -> str:
-  return ".tmp-" + os.path.basename(path)
-
-
-def _remove_partial_exports(path: str) -> None:
-  """Delete the half-built exports of `path` that a killed save left beside it (gigabytes at 7B). Safe: one
-  writer per run directory (rise_jax.files.RunLock), and only mkdtemp's names for this target match."""
-  parent, prefix = os.path.dirname(path), _tmp_prefix(path)
-  pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}")
-  for name in os.listdir(parent):
-    if pattern.fullmatch(name) and os.path.isdir(os.path.join(parent, name)):
-      shutil.rmtree(os.path.join(parent, name))
-
-
 def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: Any = None,
                        chat_template: str | None = None, *, max_shard_bytes: int = MAX_SHARD_BYTES,
                        overwrite: bool = False) -> str:
@@ -313,8 +290,8 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: A
   if writer:
     os.makedirs(os.path.dirname(path), exist_ok=True)
   if writer:
-    _remove_partial_exports(path)
-  tmp = tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=os.path.dirname(path)) if writer else None
+    remove_partial_exports(path)
+  tmp = tempfile.mkdtemp(prefix=tmp_prefix(path), dir=os.path.dirname(path)) if writer else None
   try:
     if writer:
       hf_config = c.to_hf()
@@ -324,8 +301,7 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: A
       transformers.GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else eos,
                                     pad_token_id=c.pad_token_id).save_pretrained(tmp)
     shards = _plan_shards(c, np.dtype(_NP_DTYPES[param_dtype]).itemsize, max_shard_bytes)
-    files = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    files = hf_files.shard_names(len(shards))
     shard_of = {name: k for k, names in enumerate(shards) for name in names}
     pending: dict[str, np.ndarray] = {}
     total = 0
@@ -342,10 +318,7 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: A
         pending = {}
     if writer:
       if len(shards) > 1:
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {name: files[shard_of[name]] for name in hf_shapes(c)}}
-        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-          json.dump(index, f, indent=2)
+        hf_files.write_index(tmp, {name: files[shard_of[name]] for name in hf_shapes(c)}, total)
       _save_tokenizer(tokenizer, chat_template, tmp)
       if os.path.exists(path):
         shutil.rmtree(path)
