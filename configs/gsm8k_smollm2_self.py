@@ -9,7 +9,8 @@ self-distillation run on it alone collects almost only failures.
     python -m rise_jax.run --config=configs/gsm8k_smollm2_self.py --config.model.hf_path=PATH.gguf \
         --config.task.train_source=../shared/data/gsm8k/train.jsonl --config.task.test_source=../shared/data/gsm8k/test.jsonl
 
-CPU smoke (every stage on a few problems; tests/test_real_model.py runs it): add
+CPU smoke (every stage on a few problems; tests/test_real_model.py runs it, with `task.prompt_set=brief`, the
+paper turns after a one-line worked example, for short sequences): add
     --config.model.dtype=float32 --config.task.train_size=2 --config.task.test_size=2 --config.task.dev_size=2
     --config.sampling.max_new_tokens=8 --config.sampling.max_cache_length=1024 --config.sampling.slots=8
     --config.collect.improvement_samples=2 --config.train.global_batch=2 --config.train.micro_batch=2

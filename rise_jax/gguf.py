@@ -357,6 +357,11 @@ def _locked(lock_path: pathlib.Path) -> Iterator[None]:
       fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def is_gguf(path: str | os.PathLike | None) -> bool:
+  """Whether `path` names a GGUF file (by its suffix: a hub id or a directory never ends in .gguf)."""
+  return path is not None and os.fspath(path).endswith(SUFFIX)
+
+
 def as_hf_dir(path: str | os.PathLike) -> str:
   """An HF checkpoint directory for `path`: a directory as is, a `.gguf` file converted once into
   `$RISE_JAX_CACHE/gguf/<stem>-<sha256[:16]>` (reused while its provenance names the same file contents)."""

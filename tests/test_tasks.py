@@ -49,7 +49,7 @@ def test_paper_prompt_set_is_the_reference_verbatim():
 
 def test_shipped_prompt_sets_restate_the_question_and_never_leak_an_answer():
   q = "25+3*4"
-  for name in ("paper", "self_refine", "toy"):
+  for name in ("paper", "self_refine", "toy", "brief"):
     ps = get_prompt_set(name)
     assert ps.name == name and ps.source
     assert ps.initial_messages(q)[2]["content"].endswith(q) and q in ps.feedback(q)
@@ -58,6 +58,9 @@ def test_shipped_prompt_sets_restate_the_question_and_never_leak_an_answer():
   assert "Self-Refine" in self_refine.source and "error" in self_refine.feedback(q)
   assert self_refine.initial_messages(q) == get_prompt_set("paper").initial_messages(q)
   assert get_prompt_set("toy").feedback(q) == "wrong, try again: 25+3*4"
+  brief, paper = get_prompt_set("brief"), get_prompt_set("paper")  # the paper's turns after a shorter opening
+  assert brief.initial_messages(q)[2] == paper.initial_messages(q)[2] and brief.feedback(q) == paper.feedback(q)
+  assert grade("gsm8k", brief.example_answer, "#### 22", mode="paper") == 1.0
 
 
 def test_toy_prompt_opening_turns_carry_no_problem_or_answer():
