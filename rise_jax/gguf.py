@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".gguf"
 PROVENANCE_FILE = "rise_jax_gguf.json"
+# Bumped whenever the conversion's output changes: a cached directory of another format version is rebuilt.
+FORMAT_VERSION = 1
 CACHE_ENV = "RISE_JAX_CACHE"
 DEFAULT_CACHE = "~/.cache/rise_jax"
 SUPPORTED_ARCHITECTURES = ("llama",)  # general.architecture; Mistral files say llama too
@@ -320,6 +322,7 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_by
     _write_weights(mapped, cfg, tmp, max_shard_bytes)
     files.atomic_write_json(os.path.join(tmp, PROVENANCE_FILE), {
         "source": os.path.basename(src), "size": os.path.getsize(src), "sha256": sha256 or _sha256(src),
+        "format_version": FORMAT_VERSION,
         "gguf_version": _gguf_version(), "file_type": meta.get("general.file_type"),
         "name": meta.get("general.name")})
     if os.path.exists(dst):
@@ -340,9 +343,10 @@ def cache_root() -> pathlib.Path:
 def _complete(path: pathlib.Path, sha256: str) -> bool:
   import json
   try:
-    return json.loads((path / PROVENANCE_FILE).read_text()).get("sha256") == sha256
+    provenance = json.loads((path / PROVENANCE_FILE).read_text())
   except (OSError, ValueError):
     return False
+  return provenance.get("sha256") == sha256 and provenance.get("format_version") == FORMAT_VERSION
 
 
 @contextlib.contextmanager

@@ -38,4 +38,6 @@ def smollm2_torch(smollm2_dir):
   import torch
   from transformers import LlamaForCausalLM
   torch.manual_seed(0)
+  # One thread: torch's spinning OpenMP workers beside JAX's pool made generate 5-10x slower on 2 shared cores.
+  torch.set_num_threads(1)
   return LlamaForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()

@@ -203,6 +203,10 @@ def test_as_hf_dir_caches_once_and_refuses_what_is_not_a_checkpoint(tmp_path, mo
   assert rj_gguf.as_hf_dir(str(src)) == str(out) and (out / "config.json").stat().st_mtime_ns == stamp
   (out / rj_gguf.PROVENANCE_FILE).unlink()  # an incomplete entry is rebuilt
   assert rj_gguf.as_hf_dir(src) == str(out) and (out / rj_gguf.PROVENANCE_FILE).is_file()
+  provenance = json.loads((out / rj_gguf.PROVENANCE_FILE).read_text())
+  (out / rj_gguf.PROVENANCE_FILE).write_text(json.dumps(dict(provenance, format_version=0)))
+  assert rj_gguf.as_hf_dir(src) == str(out)  # an entry another converter version wrote is rebuilt too
+  assert json.loads((out / rj_gguf.PROVENANCE_FILE).read_text())["format_version"] == rj_gguf.FORMAT_VERSION
   assert rj_gguf.as_hf_dir(tmp_path) == str(tmp_path)  # a directory is returned as is
   with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
     rj_gguf.as_hf_dir(tmp_path / "nowhere.gguf")

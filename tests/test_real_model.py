@@ -32,6 +32,7 @@ torch = pytest.importorskip("torch")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NEW_TOKENS = 24
+SHORT_ANSWER = "What is the capital of France? Answer in one word."
 TAU = 0.4
 
 
@@ -83,16 +84,19 @@ def test_bf16_logits_within_transformers_own_bf16_error(smollm2_dir, smollm2_tor
 
 @pytest.fixture(scope="module")
 def greedy_reference(smollm2_torch, tok, shared_dir):
-  """Prompt ids -> transformers' greedy continuation (stop token kept), for 2 GSM8K and 2 MATH problems."""
+  """Prompt ids -> transformers' greedy continuation (stop token kept), for 2 GSM8K and 2 MATH problems and a
+  question the model answers within the budget (so its <|im_end|> must stop every generator there)."""
   out = {}
-  for task in ("gsm8k", "math"):
-    for q in _questions(shared_dir, task, 2):
-      ids = chat.render(tok, [{"role": "user", "content": q}], add_generation_prompt=True).ids
-      with torch.no_grad():
-        gen = smollm2_torch.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                     max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=list(tok.eos_token_ids),
-                                     pad_token_id=tok.pad_token_id)
-      out[tuple(ids)] = gen[0, len(ids):].tolist()
+  questions = _questions(shared_dir, "gsm8k", 2) + _questions(shared_dir, "math", 2) + [SHORT_ANSWER]
+  for q in questions:
+    ids = chat.render(tok, [{"role": "user", "content": q}], add_generation_prompt=True).ids
+    with torch.no_grad():
+      gen = smollm2_torch.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   max_new_tokens=NEW_TOKENS, do_sample=False,
+                                   pad_token_id=tok.pad_token_id)
+    out[tuple(ids)] = gen[0, len(ids):].tolist()
+  # transformers stops on its generation_config's eos, independently of rise_jax's stop rules.
+  assert list(out.values())[-1][-1] == tok.token_to_id("<|im_end|>")  # "The capital of France is Paris.<|im_end|>"
   return out
 
 
@@ -263,7 +267,7 @@ def test_real_model_experiment_smoke(smollm2_gguf, tmp_path, compile_cache):
   for stage in ("iter_0/train", "iter_0/eval", "iter_1/train", "iter_1/control/train", "iter_2/train",
                 "iter_2/control/train", "iter_2/eval", "iter_2/control/eval"):
     assert (out / stage / "DONE").is_file(), stage
-  boost = [json.loads(line) for line in (out / "iter_0/boost_data/data/sft.jsonl").read_text().splitlines()]
+  boost = [json.loads(line) for line in (out / "iter_0/collect/data/sft.jsonl").read_text().splitlines()]
   assert all("\\boxed{" in r["messages"][-1]["content"] and "####" not in r["messages"][-1]["content"] for r in boost)
   tables = (out / "tables.md").read_text()
   assert "| boost (reference solutions) |" in tables and "t2 right after a wrong t1" in tables
