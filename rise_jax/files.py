@@ -7,6 +7,9 @@ and config refusal, are `rise_jax.pipeline.rundir`).
   exclusive `flock`; a second writer fails at once naming the holder. A lock left by a dead process (same host,
   pid gone: a SIGKILL skips every cleanup) is taken over; one naming another host is refused (its pid cannot be
   checked from here), and the message says which file to delete if that run is gone.
+- `read_jsonl` / `append_jsonl`: the append-only jsonl files beside the rollout log (metrics.jsonl,
+  validation.jsonl) with its crash rule: a torn last line (no newline and not JSON, NUL bytes included) is ignored
+  and counted, and the writer's resume truncates it.
 - `cli_errors`: how the commands end on these errors and on a full disk: one clear message, last.
 """
 
@@ -64,6 +67,58 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# -- append-only jsonl -------------------------------------------------------------------------------------------
+
+class JsonlError(ValueError):
+  """A line of an append-only jsonl file other than a torn last one is not a JSON object; names file and line."""
+
+
+def read_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
+  """(records, num_torn_lines) of an append-only jsonl file (none: ([], 0)).
+
+  A crash mid-append leaves an unterminated last line (or NUL bytes where a node crash lost the data): it is
+  ignored and counted, as the rollout log does. Any other line that is not a JSON object raises JsonlError.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    return [], 0
+  *lines, tail = path.read_bytes().split(b"\n")
+  num_torn = 0
+  if tail.strip(b" \t\r\0"):
+    try:
+      json.loads(tail)
+      lines.append(tail)  # whole, only its newline was lost
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      num_torn = 1
+  elif tail:
+    num_torn = 1  # NUL padding after the last newline
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise JsonlError(f"{path}:{number}: not valid JSON ({e}); only a torn last line is ignored") from None
+    if not isinstance(record, dict):
+      raise JsonlError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    records.append(record)
+  return records, num_torn
+
+
+def rewrite_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+  """Replace the file by `records` atomically (the resume step: lines past it and a torn tail dropped)."""
+  atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def append_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+  """Append whole lines and fsync them: a crash after this returns loses none of them."""
+  with open(path, "a", encoding="utf-8") as f:
+    f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    f.flush()
+    os.fsync(f.fileno())
 
 
 # -- the lock ---------------------------------------------------------------------------------------------------
