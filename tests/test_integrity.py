@@ -40,3 +40,31 @@ def test_read_jsonl_counts_a_torn_tail_and_names_a_bad_middle_line(tmp_path):
     files.read_jsonl(path)
   path.write_bytes(_lines(1, 2) + b'{"step": 3}')  # whole, only the newline lost
   assert [r["step"] for r in files.read_jsonl(path)[0]] == [1, 2, 3]
+
+
+def _save_small(directory: pathlib.Path, step: int):
+  import jax.numpy as jnp
+  from rise_jax.train import checkpoint as checkpoint_lib
+  state = {"w": jnp.arange(1000.0), "step": jnp.int32(step)}
+  ckpt = checkpoint_lib.Checkpointer(directory, every=1, keep=2, async_save=False)
+  ckpt.save(step, state, {"step": step}, force=True)
+  ckpt.close()
+  return state
+
+
+def test_an_unreadable_only_checkpoint_is_moved_aside_so_retraining_can_save_its_step(tmp_path):
+  from rise_jax.train import checkpoint as checkpoint_lib
+  directory = tmp_path / "ckpt"
+  state = _save_small(directory, 2)
+  data = [p for p in (directory / "2" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  big = max(data, key=lambda p: p.stat().st_size)
+  big.write_bytes(big.read_bytes()[:10])
+  ckpt = checkpoint_lib.Checkpointer(directory, every=1, keep=2, async_save=False)
+  with pytest.warns(RuntimeWarning, match=r"(?s)ckpt/2 is unreadable .*moved to .*2\.unreadable"):
+    assert ckpt.restore_latest(checkpoint_lib.abstract_like(state)) is None
+  assert ckpt.save(2, state, {"step": 2}, force=True)  # was StepAlreadyExistsError on every rerun
+  ckpt.close()
+  assert (directory / "2.unreadable").is_dir() and checkpoint_lib.latest_meta(directory)[0] == 2
+  ckpt = checkpoint_lib.Checkpointer(directory, every=1, keep=2, async_save=False)
+  assert ckpt.steps() == [2] and ckpt.restore_latest(checkpoint_lib.abstract_like(state))[0] == 2
+  ckpt.close()

@@ -4,8 +4,8 @@ A checkpoint holds two items: `state` (a pytree of global jax arrays: params, op
 `meta` (JSON: the data position and the fingerprints that must match on resume). Restores go straight into an
 abstract target that carries the *current* shardings, so a checkpoint written on one mesh restores onto
 another. A checkpoint whose leaves differ from the target (missing or extra) is an error — never a silent
-partial restore; one that fails to read (a torn or corrupted latest step) is skipped with a warning in favour of
-the previous one, which is why `keep >= 2`.
+partial restore; one that fails to read (a torn or corrupted latest step) is moved aside to `<step>.unreadable`
+with a warning in favour of the previous one (which is why `keep >= 2`), so retraining can save that step again.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+UNREADABLE_SUFFIX = ".unreadable"  # `<step>.unreadable`: a step that failed to restore, moved out of orbax's view
 
 
 class CheckpointMismatchError(ValueError):
@@ -98,11 +100,26 @@ class Checkpointer:
       except CheckpointMismatchError:
         raise
       except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable; try the previous
-        warnings.warn(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: {e}); "
-                      "falling back to the previous one", RuntimeWarning, stacklevel=2)
+        aside = self._move_aside(step)
+        warnings.warn(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: {str(e)[:300]}); "
+                      f"moved to {aside} and falling back to the previous one", RuntimeWarning, stacklevel=2)
         continue
       return step, restored["state"], restored["meta"]
     return None
+
+  def _move_aside(self, step: int) -> pathlib.Path:
+    """Rename an unreadable step out of the manager's view (kept for inspection): retraining then saves that step
+    again instead of failing with StepAlreadyExistsError."""
+    aside = self.directory / f"{step}{UNREADABLE_SUFFIX}"
+    n = 1
+    while aside.exists():
+      aside, n = self.directory / f"{step}{UNREADABLE_SUFFIX}.{n}", n + 1
+    try:
+      (self.directory / str(step)).rename(aside)
+    except FileNotFoundError:
+      pass  # another process of the run moved it first
+    self.manager.reload()
+    return aside
 
   def close(self):
     self.manager.wait_until_finished()
