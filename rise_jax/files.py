@@ -7,6 +7,7 @@ and config refusal, are `rise_jax.pipeline.rundir`).
   exclusive `flock`; a second writer fails at once naming the holder. A lock left by a dead process (same host,
   pid gone: a SIGKILL skips every cleanup) is taken over; one naming another host is refused (its pid cannot be
   checked from here), and the message says which file to delete if that run is gone.
+- `read_json`: a bookkeeping file that does not parse is an error naming it, never a bare JSONDecodeError.
 - `read_jsonl` / `append_jsonl`: the append-only jsonl files beside the rollout log (metrics.jsonl,
   validation.jsonl) with its crash rule: a torn last line (no newline and not JSON, NUL bytes included) is ignored
   and counted, and the writer's resume truncates it.
@@ -67,6 +68,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class CorruptFileError(RunDirError):
+  """A bookkeeping file of a run directory (config.json, run.json, a DONE marker) does not parse."""
+
+
+def read_json(path: str | os.PathLike, hint: str = "restore it, or use another output_dir") -> Any:
+  """A JSON file's value; a file that does not parse raises CorruptFileError naming it (exit 2 in a command)."""
+  path = pathlib.Path(path)
+  try:
+    return json.loads(path.read_bytes().decode("utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CorruptFileError(f"{path}: not valid JSON ({e}); the file is damaged: {hint}") from None
 
 
 # -- append-only jsonl -------------------------------------------------------------------------------------------

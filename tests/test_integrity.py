@@ -68,3 +68,32 @@ def test_an_unreadable_only_checkpoint_is_moved_aside_so_retraining_can_save_its
   ckpt = checkpoint_lib.Checkpointer(directory, every=1, keep=2, async_save=False)
   assert ckpt.steps() == [2] and ckpt.restore_latest(checkpoint_lib.abstract_like(state))[0] == 2
   ckpt.close()
+
+
+def _smoke_config(out: pathlib.Path):
+  from rise_jax.config import finalize
+  from rise_jax.pipeline import recipes
+  c = recipes.toy_smoke()
+  c.output_dir = str(out)
+  return finalize(c)
+
+
+@pytest.mark.parametrize("name", ["config.json", "run.json", "iter_0/eval/DONE"])
+def test_a_corrupt_bookkeeping_file_is_named(tmp_path, name):
+  from rise_jax.pipeline import plan, rundir, summary
+  cfg = _smoke_config(tmp_path / "run")
+  run_dir = rundir.RunDir(cfg.output_dir, cfg)
+  run_dir.open()
+  run_dir.mark_done("iter_0/eval", {"seconds": 1.0})
+  (run_dir.root / name).write_text('{"config_hash": "ab')
+  with pytest.raises(files.CorruptFileError, match=rf"{run_dir.root / name}: not valid JSON"):
+    run_dir.check()
+    run_dir.info("iter_0/eval")
+    summary.compute_table(plan.plan(cfg), run_dir.root)
+
+
+def test_a_truncated_tokenizer_json_is_named(tmp_path):
+  from rise_jax.chat import tokenizer as tokenizer_lib
+  (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, ')
+  with pytest.raises(tokenizer_lib.TokenizerLoadError, match=rf"{tmp_path / 'tokenizer.json'}: cannot be read"):
+    tokenizer_lib.load_tokenizer(tmp_path)

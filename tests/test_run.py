@@ -223,6 +223,21 @@ def test_interrupted_run_resumes_to_identical_artifacts(smoke_run, tmp_path, xla
   assert not list(out.rglob(".lock"))  # the killed invocations' locks were taken over, then released
 
 
+@pytest.mark.timeout(300)
+def test_a_finished_stage_with_a_lost_output_is_recomputed(smoke_run, tmp_path, xla_cache):
+  import shutil
+  reference, _ = smoke_run
+  out = tmp_path / "run"
+  shutil.copytree(reference, out)
+  (out / "iter_1/eval/metrics.json").unlink()  # was a TypeError in the summary on every rerun
+  proc = run_smoke(out, xla_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"iter_1/eval: marked done but {out}/iter_1/eval/metrics.json is missing; recomputing" in proc.stdout
+  assert "iter_1/train: done (skipped)" in proc.stdout
+  summary = lambda run: json.loads((run / "summary.json").read_text())  # noqa: E731
+  assert summary(out)["metrics"] == summary(reference)["metrics"]
+
+
 def test_help_exits_zero():
   proc = subprocess.run([sys.executable, "-m", "rise_jax.run", "--help"], cwd=REPO, capture_output=True, text=True,
                         timeout=120)

@@ -30,6 +30,21 @@ def run_stage(res: Resources, stage: Stage, run_dir, *, limit: int | None) -> di
   return body(res, stage, out_dir, limit=limit)
 
 
+def missing_output(root: pathlib.Path, stage: Stage, config) -> pathlib.Path | None:
+  """The first file a later stage or the summary reads from a finished stage that is not there (None: all are)."""
+  out = root / stage.name
+  if stage.kind == "eval":
+    wanted = [out / "metrics.json"]
+  elif stage.kind == "train":
+    if not list((out / "hf").glob("*.safetensors")):
+      return out / "hf" / "model.safetensors"
+    wanted = [out / "hf" / "config.json"]
+  else:  # collect / boost_data: the dataset directories the trainer reads
+    subs = ["data"] + (["control/data"] if stage.kind == "collect" and config.rise.single_turn_control else [])
+    wanted = [out / sub / name for sub in subs for name in (dataset_lib.DATA_FILE, "manifest.json")]
+  return next((p for p in wanted if not p.is_file()), None)
+
+
 def _log_accounting(log_path: pathlib.Path, problems) -> dict[str, Any]:
   """The log's records in problem order, whatever order episodes finished in (a resumed run's chunks differ
   from an uninterrupted run's, its dataset must not), and the log's token accounting."""
