@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import socket
 import sys
 import tempfile
@@ -230,13 +231,25 @@ class RunLock:
 
 # -- how a command ends -----------------------------------------------------------------------------------------
 
+# tensorstore (orbax's writer) raises a ValueError with no errno: 'RESOURCE_EXHAUSTED: ... "<path>": Failed to write
+# ... No space left on device [os_error_code='28']'.
+_STATUS_ERRNO = re.compile(r"os_error_code='(\d+)'")
+_STATUS_PATH = re.compile(r'"(/[^"]+)"')
+
+
 def _disk_full(exc: BaseException | None) -> OSError | None:
-  """The ENOSPC / EDQUOT error behind `exc` (libraries wrap it), if any."""
+  """The ENOSPC / EDQUOT error behind `exc` (libraries wrap it; tensorstore's status text is read), if any."""
   seen = set()
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
       return exc
+    text = str(exc)
+    code = _STATUS_ERRNO.search(text)
+    if (code and int(code.group(1)) in DISK_FULL) or ("RESOURCE_EXHAUSTED" in text and "No space left" in text):
+      number = int(code.group(1)) if code else errno.ENOSPC
+      paths = _STATUS_PATH.findall(text)
+      return OSError(number, os.strerror(number), paths[-1] if paths else None)
     exc = exc.__cause__ or exc.__context__
   return None
 
