@@ -97,3 +97,24 @@ def test_a_truncated_tokenizer_json_is_named(tmp_path):
   (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, ')
   with pytest.raises(tokenizer_lib.TokenizerLoadError, match=rf"{tmp_path / 'tokenizer.json'}: cannot be read"):
     tokenizer_lib.load_tokenizer(tmp_path)
+
+
+def test_run_identity_survives_the_loss_of_config_json(tmp_path):
+  from rise_jax.pipeline import rundir
+  cfg = _smoke_config(tmp_path / "run")
+  first = rundir.RunDir(cfg.output_dir, cfg)
+  first.open()
+  first.mark_done("iter_0/eval", {"seconds": 1.0})
+  (first.root / "config.json").unlink()
+  other = _smoke_config(tmp_path / "run")
+  other.eval.turns = 3  # was accepted: config.json and run.json rewritten to turns=3 over 2-turn metrics
+  with pytest.raises(rundir.ConfigMismatch, match=r"config\.json is missing and .*run\.json names config hash"):
+    rundir.RunDir(other.output_dir, other).check()
+  assert not (first.root / "config.json").exists()  # a refusal writes nothing
+  again = rundir.RunDir(cfg.output_dir, cfg)
+  again.open()  # the original config resumes and rewrites config.json
+  assert (first.root / "config.json").is_file() and again.check()
+  (first.root / "config.json").unlink()
+  (first.root / "run.json").unlink()
+  with pytest.raises(rundir.ConfigMismatch, match=r"neither config\.json nor run\.json"):
+    rundir.RunDir(cfg.output_dir, cfg).check()

@@ -77,6 +77,8 @@ class RunDir:
     """Whether the directory holds results of this config (False: new, or nothing in it yet). Raises
     ConfigMismatch naming the differing fields. Writes nothing, so a refused config leaves no trace."""
     if check_config(self.root, self.config) is None:
+      if self.root.is_dir() and not (self.root / CONFIG_FILE).is_file() and holds_results(self.root):
+        return self._check_without_config()
       return False
     run_json = self.root / RUN_FILE
     if not run_json.is_file():
@@ -89,6 +91,22 @@ class RunDir:
           "names no differing field: the directory predates output_dir leaving the hash (docs/contracts.md) "
           "or config.json was edited. Finish it with the code that made it, or use another output_dir.")
     return True
+
+  def _check_without_config(self) -> bool:
+    """config.json was lost but results remain: run.json's config hash still names the run's identity, so only
+    the config that made them may resume (and rewrite config.json)."""
+    run_json = self.root / RUN_FILE
+    if not run_json.is_file():
+      raise ConfigMismatch(f"{self.root} holds results but neither {CONFIG_FILE} nor {RUN_FILE}: which config "
+                           "made them is unknown. Use another output_dir.")
+    saved_hash = files.read_json(run_json).get("config_hash")
+    if saved_hash != self.hash:
+      raise ConfigMismatch(f"{self.root}/{CONFIG_FILE} is missing and {run_json} names config hash {saved_hash}, "
+                           f"this config's is {self.hash}: the results were made by another config. Resume with "
+                           "the original config (it rewrites config.json), or use another output_dir.")
+    log.warning("%s: %s was missing; run.json's config hash matches this config, rewriting it", self.root,
+                CONFIG_FILE)
+    return False  # open() writes config.json (and run.json, with the same hash) again
 
   def open(self) -> None:
     """Check the directory (under the run's lock) and initialise it when it is new."""
