@@ -118,3 +118,15 @@ def test_run_identity_survives_the_loss_of_config_json(tmp_path):
   (first.root / "run.json").unlink()
   with pytest.raises(rundir.ConfigMismatch, match=r"neither config\.json nor run\.json"):
     rundir.RunDir(cfg.output_dir, cfg).check()
+
+
+def test_training_records_edited_after_the_data_build_are_refused(tmp_path):
+  from rise_jax.rise import dataset
+  data = tmp_path / "data"
+  data.mkdir()
+  sha = dataset.write_records([{"id": "a", "weight": 1.0}], data / dataset.DATA_FILE)
+  (data / "manifest.json").write_text(json.dumps({"sha256": sha}))
+  dataset.verify_dataset(data, "rebuild it")
+  (data / dataset.DATA_FILE).write_text(json.dumps({"id": "a", "weight": 100.0}) + "\n")
+  with pytest.raises(files.IntegrityError, match=r"sft\.jsonl: sha256 .* recorded in .*manifest\.json: .*rebuild it"):
+    dataset.verify_dataset(data, "rebuild it")

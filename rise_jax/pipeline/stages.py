@@ -147,7 +147,9 @@ def train(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | N
   sub = "control/data" if stage.control else "data"
   records = []  # validated by the trainer's own sft/1 reader
   for collect_stage in plan_lib.data_stages(c, t):
-    records += train_data.read_records(res.root / collect_stage / sub / dataset_lib.DATA_FILE)
+    data_dir = res.root / collect_stage / sub
+    dataset_lib.verify_dataset(data_dir, f"restore it, or delete {res.root / collect_stage}/DONE to rebuild it")
+    records += train_data.read_records(data_dir / dataset_lib.DATA_FILE)
   model = res.load_model(init)  # train() leaves it untouched and returns the trained model
   res.forget_model()
   train_config = _train_config(config_lib.for_iteration(c, t) if t else c, boost=(t == 0), limit=limit)
@@ -161,9 +163,18 @@ def train(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | N
                            validation=validation)
   seconds = time.perf_counter() - t0
   info = {"init": init or "base", "num_records": len(records), "train_seconds": seconds,
-          "stopped_early_at": result.stopped_early_at}
+          "stopped_early_at": result.stopped_early_at, HF_DIGESTS: hf_digests(out_dir / "hf")}
   info.update(_train_result(result))
   return info
+
+
+HF_DIGESTS = "hf_sha256"  # the train stage's DONE: {weights file: sha256}, checked before a later stage loads it
+
+
+def hf_digests(hf_dir: pathlib.Path) -> dict[str, str]:
+  """sha256 of each weights file of an HF export (off the step path: once per stage, after training)."""
+  from rise_jax import files
+  return {p.name: files.sha256_file(p) for p in sorted(hf_dir.glob("*.safetensors"))}
 
 
 def _dev_accuracy(res: Resources):
