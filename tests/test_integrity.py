@@ -130,3 +130,29 @@ def test_training_records_edited_after_the_data_build_are_refused(tmp_path):
   (data / dataset.DATA_FILE).write_text(json.dumps({"id": "a", "weight": 100.0}) + "\n")
   with pytest.raises(files.IntegrityError, match=r"sft\.jsonl: sha256 .* recorded in .*manifest\.json: .*rebuild it"):
     dataset.verify_dataset(data, "rebuild it")
+
+
+def test_a_flipped_byte_or_a_missing_digest_falls_back_to_the_last_verified_step(tmp_path):
+  import jax.numpy as jnp
+  from rise_jax.train import checkpoint as checkpoint_lib
+  directory = tmp_path / "ckpt"
+  ckpt = checkpoint_lib.Checkpointer(directory, every=1, keep=3, async_save=True)
+  for step in (1, 2, 3):
+    ckpt.save(step, {"w": jnp.arange(1000.0) + step}, {"step": step}, force=True)
+  ckpt.close()
+  assert all((directory / str(s) / checkpoint_lib.DIGEST_FILE).is_file() for s in (1, 2, 3))
+  data = [p for p in (directory / "3" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  big = max(data, key=lambda p: p.stat().st_size)
+  raw = bytearray(big.read_bytes())
+  raw[len(raw) // 2] ^= 0x01  # was restored silently: different weights, exit 0
+  big.write_bytes(bytes(raw))
+  (directory / "2" / checkpoint_lib.DIGEST_FILE).unlink()  # killed before it was hashed
+  target = checkpoint_lib.abstract_like({"w": jnp.zeros(1000)})
+  ckpt = checkpoint_lib.Checkpointer(directory, every=1, keep=3, async_save=True)
+  with pytest.warns(RuntimeWarning) as caught:
+    step, state, _ = ckpt.restore_latest(target)
+  ckpt.close()
+  messages = [str(w.message) for w in caught]
+  assert step == 1 and float(state["w"][0]) == 1.0
+  assert any(f"{big.relative_to(directory / '3')}: differs" in m and "3.unreadable" in m for m in messages), messages
+  assert any("has no rise_digest.json" in m and "2.unreadable" in m for m in messages), messages

@@ -6,12 +6,18 @@ abstract target that carries the *current* shardings, so a checkpoint written on
 another. A checkpoint whose leaves differ from the target (missing or extra) is an error — never a silent
 partial restore; one that fails to read (a torn or corrupted latest step) is moved aside to `<step>.unreadable`
 with a warning in favour of the previous one (which is why `keep >= 2`), so retraining can save that step again.
+
+Integrity: once a save has committed, process 0 writes `<step>/rise_digest.json` (sha256 of every item file) on
+a thread while training goes on (the next save, `wait` and `close` join it), so hashing never sits on the step
+path and a step is unverified only for the seconds between its commit and its digest. A restore verifies the digest first: a step whose files differ, or which has no digest (the run
+stopped before hashing it), is moved aside and the previous verified step is used, with a warning saying so.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import threading
 import warnings
 from typing import Any
 
@@ -21,6 +27,36 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 UNREADABLE_SUFFIX = ".unreadable"  # `<step>.unreadable`: a step that failed to restore, moved out of orbax's view
+DIGEST_FILE = "rise_digest.json"   # in a step's directory: sha256 of every file of its `state` and `meta` items
+DIGESTED_ITEMS = ("state", "meta")
+COMMIT_MARKER = "commit_success.txt"  # orbax's, in a finalized step directory
+
+
+class DigestMismatchError(OSError):
+  """A checkpoint step's files differ from the digest written after its save committed."""
+
+
+def step_digest(step_dir: pathlib.Path) -> dict[str, str]:
+  """{relative path: sha256} of the step's item files (the files a restore reads)."""
+  from rise_jax import files
+  return {str(p.relative_to(step_dir)): files.sha256_file(p)
+          for item in DIGESTED_ITEMS for p in sorted((step_dir / item).rglob("*")) if p.is_file()}
+
+
+def verify_step(step_dir: pathlib.Path) -> bool:
+  """True when the step matches its digest; False when it has none (the run stopped before hashing it).
+  Raises DigestMismatchError naming the first file that differs."""
+  path = step_dir / DIGEST_FILE
+  if not path.is_file():
+    return False
+  from rise_jax import files
+  recorded = files.read_json(path)
+  actual = step_digest(step_dir)
+  for name in sorted(set(recorded) | set(actual)):
+    if recorded.get(name) != actual.get(name):
+      what = "missing" if name not in actual else ("not in the digest" if name not in recorded else "differs")
+      raise DigestMismatchError(f"{step_dir / name}: {what} from {path} (the file changed after the save)")
+  return True
 
 
 class CheckpointMismatchError(ValueError):
@@ -52,6 +88,9 @@ class Checkpointer:
       raise ValueError(f"keep={keep}: keep at least 2 checkpoints so a torn latest one can fall back")
     self.directory = pathlib.Path(directory).absolute()
     self.every = every
+    self._digest_thread: threading.Thread | None = None
+    self._committed = threading.Event()
+    self._digest_error: BaseException | None = None
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
                                            enable_async_checkpointing=async_save)
     # Handlers named up front, so a fresh process can read metadata before any save of its own.
@@ -65,11 +104,42 @@ class Checkpointer:
                                                             meta=ocp.args.JsonSave(meta)), force=force)
     if saved:
       log.info("checkpoint: saving step %d to %s", step, self.directory)
+      self._finish_digest()  # orbax's save waited for the previous commit, so its digest thread can finish
+      if jax.process_index() == 0:
+        self._committed = threading.Event()
+        self._digest_thread = threading.Thread(target=self._digest, args=(step, self._committed), daemon=True,
+                                               name=f"ckpt-digest-{step}")
+        self._digest_thread.start()
     return saved
 
+  def _digest(self, step: int, committed: threading.Event):
+    """Hash the step as soon as its commit shows (the final directory with orbax's commit marker), or once the
+    training thread knows it committed. No orbax call here: its barriers must stay on the training thread."""
+    step_dir = self.directory / str(step)
+    try:
+      while not (step_dir.is_dir() and (step_dir / COMMIT_MARKER).is_file()):
+        if committed.wait(0.2):
+          break
+      if step_dir.is_dir():  # absent: the save failed (raised on the training thread) or max_to_keep removed it
+        from rise_jax import files
+        files.atomic_write_json(step_dir / DIGEST_FILE, step_digest(step_dir))
+    except BaseException as e:  # noqa: BLE001 - reported on the training thread at the next join
+      self._digest_error = e
+
+  def _finish_digest(self):
+    """Tell the digest thread its step committed, wait for it, and raise what it raised."""
+    if self._digest_thread is not None:
+      self._committed.set()
+      self._digest_thread.join()
+      self._digest_thread = None
+    if self._digest_error is not None:
+      error, self._digest_error = self._digest_error, None
+      raise error
+
   def wait(self):
-    """Block until every started save is committed."""
+    """Block until every started save is committed and hashed."""
     self.manager.wait_until_finished()
+    self._finish_digest()
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -94,6 +164,9 @@ class Checkpointer:
     self.manager.reload()
     for step in reversed(self.steps()):
       try:
+        if not verify_step(self.directory / str(step)):
+          raise DigestMismatchError(f"{self.directory / str(step)} has no {DIGEST_FILE} (the run stopped before "
+                                    "hashing it): unverified")
         self._check_tree(step, target)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
@@ -122,7 +195,7 @@ class Checkpointer:
     return aside
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
