@@ -288,7 +288,8 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(config.task.dev_size >= 0, "task.dev_size", "must be >= 0")
   _one_of(config, "task.grader", GRADERS)
   s = config.sampling
-  _check(_finite(s.temperature) and s.temperature >= 0, "sampling.temperature", f"must be finite and >= 0 (0 = greedy), got {s.temperature}")
+  _check(_finite(s.temperature) and s.temperature >= 0, "sampling.temperature",
+         f"must be finite and >= 0 (0 = greedy), got {s.temperature}")
   _check(0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
   _check(s.top_k >= 0, "sampling.top_k", "must be >= 0 (0 disables)")
   _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")

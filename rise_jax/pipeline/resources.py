@@ -92,7 +92,6 @@ class Resources:
   def _verify_export(self, train_stage: str, path: pathlib.Path) -> None:
     """The export's weights against the digests its stage's DONE recorded (markers older than them: unchecked)."""
     from rise_jax import files
-    from rise_jax.pipeline.stages import HF_DIGESTS
     done = self.root / train_stage / "DONE"
     if not done.is_file():
       return
@@ -200,6 +199,15 @@ class Resources:
       raise ValueError(f"config field task.train_size: {size} fresh problems for iteration {iteration} exceed "
                        f"the {len(full)} training problems")
     return full[lo:lo + size]
+
+
+HF_DIGESTS = "hf_sha256"  # the train stage's DONE: {weights file: sha256}, checked before a later stage loads it
+
+
+def hf_digests(hf_dir: pathlib.Path) -> dict[str, str]:
+  """sha256 of each weights file of an HF export (off the step path: once per stage, after training)."""
+  from rise_jax import files
+  return {p.name: files.sha256_file(p) for p in sorted(hf_dir.glob("*.safetensors"))}
 
 
 def eval_split_field(config) -> str:

@@ -16,7 +16,7 @@ from rise_jax import config as config_lib
 from rise_jax.pipeline import evaluation
 from rise_jax.pipeline import plan as plan_lib
 from rise_jax.pipeline.plan import Stage
-from rise_jax.pipeline.resources import Resources
+from rise_jax.pipeline.resources import HF_DIGESTS, Resources, hf_digests
 from rise_jax.rise import algorithm
 from rise_jax.rise import conversion as conversion_lib
 from rise_jax.rise import dataset as dataset_lib
@@ -166,15 +166,6 @@ def train(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | N
           "stopped_early_at": result.stopped_early_at, HF_DIGESTS: hf_digests(out_dir / "hf")}
   info.update(_train_result(result))
   return info
-
-
-HF_DIGESTS = "hf_sha256"  # the train stage's DONE: {weights file: sha256}, checked before a later stage loads it
-
-
-def hf_digests(hf_dir: pathlib.Path) -> dict[str, str]:
-  """sha256 of each weights file of an HF export (off the step path: once per stage, after training)."""
-  from rise_jax import files
-  return {p.name: files.sha256_file(p) for p in sorted(hf_dir.glob("*.safetensors"))}
 
 
 def _dev_accuracy(res: Resources):

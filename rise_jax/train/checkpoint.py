@@ -9,8 +9,9 @@ with a warning in favour of the previous one (which is why `keep >= 2`), so retr
 
 Integrity: once a save has committed, process 0 writes `<step>/rise_digest.json` (sha256 of every item file) on
 a thread while training goes on (the next save, `wait` and `close` join it), so hashing never sits on the step
-path and a step is unverified only for the seconds between its commit and its digest. A restore verifies the digest first: a step whose files differ, or which has no digest (the run
-stopped before hashing it), is moved aside and the previous verified step is used, with a warning saying so.
+path and a step is unverified only for the seconds between its commit and its digest. A restore verifies the
+digest first: a step whose files differ, or which has no digest (the run stopped before hashing it), is moved
+aside and the previous verified step is used, with a warning saying so.
 """
 
 from __future__ import annotations
