@@ -156,3 +156,21 @@ def test_a_flipped_byte_or_a_missing_digest_falls_back_to_the_last_verified_step
   assert step == 1 and float(state["w"][0]) == 1.0
   assert any(f"{big.relative_to(directory / '3')}: differs" in m and "3.unreadable" in m for m in messages), messages
   assert any("has no rise_digest.json" in m and "2.unreadable" in m for m in messages), messages
+
+
+def test_a_checkpoint_written_before_digests_is_restored_with_a_warning(tmp_path):
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  from rise_jax.train import checkpoint as checkpoint_lib
+  directory = tmp_path / "ckpt"
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True),
+                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                 "meta": ocp.JsonCheckpointHandler()})
+  manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": jnp.ones(8)}),
+                                          meta=ocp.args.JsonSave({"step": 4})))
+  manager.close()
+  ckpt = checkpoint_lib.Checkpointer(directory, every=1, keep=2)
+  with pytest.warns(RuntimeWarning, match="written before checkpoint digests"):
+    step, _, meta = ckpt.restore_latest(checkpoint_lib.abstract_like({"w": jnp.zeros(8)}))
+  ckpt.close()
+  assert step == 4 and meta == {"step": 4} and checkpoint_lib.latest_meta(directory) == (4, {"step": 4})

@@ -11,7 +11,8 @@ Integrity: once a save has committed, process 0 writes `<step>/rise_digest.json`
 a thread while training goes on (the next save, `wait` and `close` join it), so hashing never sits on the step
 path and a step is unverified only for the seconds between its commit and its digest. A restore verifies the
 digest first: a step whose files differ, or which has no digest (the run stopped before hashing it), is moved
-aside and the previous verified step is used, with a warning saying so.
+aside and the previous verified step is used, with a warning saying so. A step whose meta lacks `rise_digested`
+was written before digests existed: it is restored unverified, with a warning, so a run in flight keeps its work.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ UNREADABLE_SUFFIX = ".unreadable"  # `<step>.unreadable`: a step that failed to 
 DIGEST_FILE = "rise_digest.json"   # in a step's directory: sha256 of every file of its `state` and `meta` items
 DIGESTED_ITEMS = ("state", "meta")
 COMMIT_MARKER = "commit_success.txt"  # orbax's, in a finalized step directory
+DIGESTED_KEY = "rise_digested"  # in a step's meta from the save on: a step without it predates digests
 
 
 class DigestMismatchError(OSError):
@@ -101,6 +103,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
     """Start an (async) save when `step` is due, or always with `force`; returns whether one started."""
+    meta = {**meta, DIGESTED_KEY: True}
     saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                             meta=ocp.args.JsonSave(meta)), force=force)
     if saved:
@@ -166,8 +169,11 @@ class Checkpointer:
     for step in reversed(self.steps()):
       try:
         if not verify_step(self.directory / str(step)):
-          raise DigestMismatchError(f"{self.directory / str(step)} has no {DIGEST_FILE} (the run stopped before "
-                                    "hashing it): unverified")
+          if _read_meta(self.directory / str(step)).get(DIGESTED_KEY):
+            raise DigestMismatchError(f"{self.directory / str(step)} has no {DIGEST_FILE} (the run stopped before "
+                                      "hashing it): unverified")
+          warnings.warn(f"checkpoint {self.directory}/{step} was written before checkpoint digests: restoring it "
+                        "unverified", RuntimeWarning, stacklevel=2)
         self._check_tree(step, target)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
@@ -178,7 +184,9 @@ class Checkpointer:
         warnings.warn(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: {str(e)[:300]}); "
                       f"moved to {aside} and falling back to the previous one", RuntimeWarning, stacklevel=2)
         continue
-      return step, restored["state"], restored["meta"]
+      meta = dict(restored["meta"])
+      meta.pop(DIGESTED_KEY, None)
+      return step, restored["state"], meta
     return None
 
   def _move_aside(self, step: int) -> pathlib.Path:
@@ -200,6 +208,10 @@ class Checkpointer:
     self.manager.close()
 
 
+def _read_meta(step_dir: pathlib.Path) -> dict[str, Any]:
+  return ocp.JsonCheckpointHandler().restore(step_dir / "meta", ocp.args.JsonRestore())
+
+
 def latest_meta(directory: str | pathlib.Path) -> tuple[int, dict[str, Any]] | None:
   """(step, meta) of the newest checkpoint whose meta reads, without touching its state (None: no checkpoint), so
   a resume can be refused before the model is loaded.
@@ -210,7 +222,9 @@ def latest_meta(directory: str | pathlib.Path) -> tuple[int, dict[str, Any]] | N
   directory = pathlib.Path(directory).absolute()
   for step in sorted(ocp.utils.checkpoint_steps(directory), reverse=True):  # finalized steps only
     try:
-      return step, ocp.JsonCheckpointHandler().restore(directory / str(step) / "meta", ocp.args.JsonRestore())
+      meta = _read_meta(directory / str(step))
+      meta.pop(DIGESTED_KEY, None)
+      return step, meta
     except Exception:  # noqa: BLE001 - a torn step: restore_latest falls back past it too
       continue
   return None
