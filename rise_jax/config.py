@@ -194,6 +194,10 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check(cond: bool, field: str, msg: str):
   if not cond:
     raise ValueError(f"config field {field}: {msg}")
@@ -225,6 +229,26 @@ def _check_names(config) -> None:
              f"{source!r} is not a file (a local .jsonl, or a hub id 'owner/name[:config]')")
 
 
+def looks_local(path: str) -> bool:
+  """Whether a model or tokenizer path names a local directory, which must then exist: absolute, starting with
+  ~, ./ or ../, more than one '/', or a first component that exists here. Anything else ('owner/name',
+  'gpt2') may be a hub id and is left to the loader."""
+  if path.startswith(("/", "~", "./", "../")) or path in (".", "..") or path.count("/") > 1:
+    return True
+  return "/" in path and os.path.isdir(path.split("/", 1)[0])
+
+
+def _check_local_paths(config) -> None:
+  # train.demo_data writes the toy tokenizer where tokenizer.path points on first use
+  fields = ([] if config.train.demo_data else ["tokenizer.path"]) + (
+      ["model.hf_path"] if config.model.source == "hf" else [])
+  for field in fields:
+    path = _get(config, field)
+    if path is not None and looks_local(path):
+      _check(os.path.exists(os.path.expanduser(path)), field, f"{path!r} is a local path that does not exist "
+             "(a hub id is 'owner/name')")
+
+
 def _check_mesh(config, num_devices: int) -> None:
   from rise_jax.sharding import resolve_mesh_shape  # local: imports jax
   for name in ("train", "sample"):
@@ -245,6 +269,7 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   else:
     _check(bool(config.model.preset), "model.preset", "required when model.source == 'preset'")
   _check_names(config)
+  _check_local_paths(config)
   _one_of(config, "model.param_dtype", DTYPES)
   _one_of(config, "model.dtype", DTYPES)
   from rise_jax.models.attention import BACKENDS  # local: imports jax
@@ -263,7 +288,8 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(config.task.dev_size >= 0, "task.dev_size", "must be >= 0")
   _one_of(config, "task.grader", GRADERS)
   s = config.sampling
-  _check(s.temperature >= 0, "sampling.temperature", "must be >= 0")
+  _check(_finite(s.temperature) and s.temperature >= 0, "sampling.temperature",
+         f"must be finite and >= 0 (0 = greedy), got {s.temperature}")
   _check(0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
   _check(s.top_k >= 0, "sampling.top_k", "must be >= 0 (0 disables)")
   _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
@@ -276,12 +302,21 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
          f"must be a power of two >= 1, got {s.block_size}")
   _check(s.chunk_steps >= 1, "sampling.chunk_steps", "must be >= 1")
   _check(s.num_blocks >= 0, "sampling.num_blocks", f"must be >= 0 (0 = sized for every slot), got {s.num_blocks}")
+  _check(s.block_size <= s.max_cache_length, "sampling.block_size",
+         f"{s.block_size} exceeds sampling.max_cache_length ({s.max_cache_length}): every request pads to a block")
+  # A request may grow to the cache length (on_overflow keeps it there), so the pool must hold one that long.
+  full = -(-s.max_cache_length // s.block_size)
+  _check(s.engine != "paged" or s.num_blocks == 0 or s.num_blocks >= full, "sampling.num_blocks",
+         f"{s.num_blocks} blocks cannot hold one request of sampling.max_cache_length ({s.max_cache_length} tokens "
+         f"= {full} blocks of {s.block_size}); use >= {full}, or 0 (sized for every slot)")
   co = config.collect
   _check(co.turns >= 1, "collect.turns", "must be >= 1")
   _check(co.samples_per_turn >= 1, "collect.samples_per_turn", "must be >= 1")
   _check(co.improvement_samples >= 1, "collect.improvement_samples", "must be >= 1")
   _one_of(config, "collect.improvement", IMPROVEMENTS)
   _one_of(config, "collect.teacher.kind", TEACHER_KINDS)
+  _check(_finite(co.teacher.temperature) and co.teacher.temperature >= 0, "collect.teacher.temperature",
+         f"must be finite and >= 0 (0 = greedy), got {co.teacher.temperature}")
   if co.improvement == "teacher":
     if co.teacher.kind == "model":
       _check(co.teacher.path is not None, "collect.teacher.path", "required for a model teacher")
@@ -290,17 +325,18 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
       _check(co.teacher.model is not None, "collect.teacher.model", "required for an openai teacher")
   _one_of(config, "collect.criteria", CRITERIA)
   _one_of(config, "collect.weighting", WEIGHTINGS)
-  _check(co.tau > 0, "collect.tau", "must be > 0 (use collect.only_success for filtering)")
+  _check(_finite(co.tau) and co.tau > 0, "collect.tau", "must be > 0 (use collect.only_success for filtering)")
   _check(co.weighting != "exp" or 1.0 / co.tau <= math.log(MAX_EXAMPLE_WEIGHT), "collect.tau",
          f"{co.tau}: exp(1 / tau) exceeds the largest training weight, {MAX_EXAMPLE_WEIGHT:g}")
   _check(co.max_resample_rounds >= 0, "collect.max_resample_rounds", "must be >= 0")
   _check(co.window is None or co.window >= 1, "collect.window", "must be None (full history) or >= 1")
   t = config.train
   _one_of(config, "train.estimator", ESTIMATORS)
-  _check(t.lr > 0, "train.lr", "must be > 0")
+  _check(_finite(t.lr) and t.lr > 0, "train.lr", f"must be finite and > 0, got {t.lr}")
   _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
   _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-  _check(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "must be None or > 0")
+  _check(t.max_grad_norm is None or (_finite(t.max_grad_norm) and t.max_grad_norm > 0), "train.max_grad_norm",
+         "must be None or finite and > 0")
   _check(t.global_batch >= 1 and t.micro_batch >= 1, "train.global_batch", "batches must be >= 1")
   _check(t.global_batch % t.micro_batch == 0, "train.micro_batch",
          f"must divide train.global_batch ({t.micro_batch} vs {t.global_batch})")
@@ -331,7 +367,8 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _one_of(config, "rise.init_from", INIT_FROM)
   _one_of(config, "rise.data", RISE_DATA)
   _one_of(config, "rise.evaluate", RISE_EVALUATE)
-  _check(r.boost_lr is None or r.boost_lr > 0, "rise.boost_lr", "must be None or > 0")
+  _check(r.boost_lr is None or (_finite(r.boost_lr) and r.boost_lr > 0), "rise.boost_lr",
+         f"must be None or finite and > 0, got {r.boost_lr}")
   _check(r.boost_epochs is None or r.boost_epochs >= 1, "rise.boost_epochs", "must be None or >= 1")
   _check(r.boost_size is None or r.boost_size >= 1, "rise.boost_size", "must be None or >= 1")
   _check(r.boost_validate_every is None or r.boost_validate_every >= 1, "rise.boost_validate_every",
@@ -344,8 +381,12 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
          "needs task.train_size (the number of fresh problems per iteration)")
   overrides = parse_overrides(r.iteration_overrides, r.iterations)
   for t in sorted(overrides) if _per_iteration else ():  # each iteration's own settings must be valid too
-    validate(for_iteration(config, t), require_training=require_training, num_devices=num_devices,
-             _per_iteration=False)
+    try:
+      validate(for_iteration(config, t), require_training=require_training, num_devices=num_devices,
+               _per_iteration=False)
+    except ValueError as e:
+      entries = ", ".join(repr(x) for x in r.iteration_overrides if str(x).partition(":")[0].strip() == str(t))
+      raise ValueError(f"{e} (iteration {t}, from rise.iteration_overrides {entries})") from None
   return config
 
 
@@ -391,8 +432,45 @@ def parse_overrides(overrides, iterations: int) -> dict[int, list[tuple[str, Any
       value = ast.literal_eval(value_text.strip())
     except (ValueError, SyntaxError):
       value = value_text.strip()
-    out.setdefault(t, []).append((field, value))
+    out.setdefault(t, []).append((field, _typed_override(field, value, where)))
   return out
+
+
+def _field_type(field: str) -> tuple[type | None, bool]:
+  """(the base field's value type, whether None is allowed) from base_config(); (None, True) when unknown."""
+  node = base_config()
+  *parents, leaf = field.split(".")
+  try:
+    for p in parents:
+      node = node[p]
+    ref = node.get_ref(leaf)
+  except (KeyError, AttributeError):
+    return None, True  # a misspelt field: for_iteration's locked tree names it
+  value = ref.get()
+  return ref.get_type(), value is None
+
+
+def _typed_override(field: str, value: Any, where: str) -> Any:
+  """An override value of the base field's type (int, float, bool, str, tuple; None where the default is None),
+  so a bad one is refused here, by type, and then ranged by validate() like the base field."""
+  kind, nullable = _field_type(field)
+  if value is None or kind is None:
+    if value is None and not nullable:
+      raise ValueError(f"{where}: field {field} may not be None")
+    return value
+  if kind is float and isinstance(value, str):
+    try:
+      value = float(value)  # "inf" / "nan" are not Python literals; validate() refuses them by range
+    except ValueError:
+      pass
+  ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+        tuple: lambda v: isinstance(v, (tuple, list))}.get(kind, lambda v: True)
+  if not ok(value):
+    allowed = f"{kind.__name__}{' or None' if nullable else ''}"
+    raise ValueError(f"{where}: field {field} expects {allowed}, got {value!r} ({type(value).__name__})")
+  return float(value) if kind is float else (tuple(value) if kind is tuple else value)
 
 
 def for_iteration(config: ml_collections.ConfigDict, iteration: int) -> ml_collections.ConfigDict:

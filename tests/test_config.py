@@ -38,6 +38,14 @@ def test_locked_config_rejects_a_typo():
     ("sampling.block_size", 0, "sampling.block_size: must be a power of two"),
     ("sampling.slots", 0, "sampling.slots"),
     ("sampling.chunk_steps", 0, "sampling.chunk_steps"),
+    ("train.lr", float("inf"), "train.lr: must be finite"),
+    ("train.lr", float("nan"), "train.lr: must be finite"),
+    ("train.lr", 0.0, "train.lr: must be finite and > 0"),
+    ("sampling.temperature", float("inf"), "sampling.temperature: must be finite"),
+    ("sampling.temperature", -0.5, "sampling.temperature: must be finite and >= 0"),
+    ("rise.boost_lr", float("inf"), "rise.boost_lr: must be None or finite"),
+    ("collect.tau", float("inf"), "collect.tau"),
+    ("sampling.block_size", 8192, "sampling.block_size: 8192 exceeds sampling.max_cache_length"),
 ])
 def test_validate_names_the_bad_field(field, value, needle):
   c = _fresh()
@@ -139,3 +147,74 @@ def test_boost_validation_needs_a_dev_split_before_any_work():
   c.lock()
   with pytest.raises(ValueError, match=r"rise\.boost_validate_every: validates on the dev split"):
     config_lib.validate(c)
+
+
+def test_a_paged_pool_must_hold_one_request_at_the_cache_length():
+  c = _fresh()
+  c.sampling.engine, c.sampling.max_cache_length, c.sampling.block_size = "paged", 64, 16
+  c.sampling.max_new_tokens = 16
+  for ok in (0, 4, 100):
+    c.sampling.num_blocks = ok
+    config_lib.validate(c)
+  c.sampling.num_blocks = 3  # was refused only mid-run, by the engine, at the first long request
+  with pytest.raises(ValueError, match=r"sampling\.num_blocks: 3 blocks cannot hold one request .* use >= 4"):
+    config_lib.validate(c)
+  c.sampling.engine = "static"  # the static sampler has no pool
+  config_lib.validate(c)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("1:collect.window=two", r"'1:collect\.window=two': field collect\.window expects int or None, got 'two'"),
+    ("1:collect.window=1.5", r"field collect\.window expects int or None, got 1\.5"),
+    ("1:train.max_grad_norm=big", r"field train\.max_grad_norm expects float or None, got 'big'"),
+    ("1:collect.turns=True", r"field collect\.turns expects int, got True"),
+    ("1:train.lr=inf", r"train\.lr: must be finite and > 0, got inf \(iteration 1, from rise\.iteration_overrides"),
+    ("1:collect.window=0", r"collect\.window: must be None .*\(iteration 1"),
+])
+def test_override_values_are_typed_and_ranged_like_the_base_field(override, needle):
+  from rise_jax.pipeline import recipes
+  c = recipes.toy()
+  c.rise.iterations = 1
+  c.rise.iteration_overrides = (override,)
+  c.lock()
+  with pytest.raises(ValueError, match=needle):
+    config_lib.validate(c)
+
+
+def test_override_values_keep_their_type():
+  from rise_jax.pipeline import recipes
+  c = recipes.toy()
+  c.rise.iterations = 1
+  c.rise.iteration_overrides = ("1:train.lr=1", "1:train.max_grad_norm=None", "1:collect.window=2")
+  c.lock()
+  config_lib.validate(c)
+  one = config_lib.for_iteration(c, 1)
+  assert (one.train.lr, type(one.train.lr), one.train.max_grad_norm, one.collect.window) == (1.0, float, None, 2)
+
+
+@pytest.mark.parametrize("path, local", [
+    ("meta-llama/Llama-2-7b-chat-hf", False), ("gpt2", False), ("/no/such/dir", True), ("./ckpt", True),
+    ("../ckpt", True), ("~/ckpt", True), ("runs/a/hf", True)])
+def test_local_looking_model_paths_must_exist(path, local):
+  assert config_lib.looks_local(path) == local
+  c = _fresh()
+  c.model.source, c.model.hf_path = "hf", path
+  if local:
+    with pytest.raises(ValueError, match=r"model\.hf_path: .* is a local path that does not exist"):
+      config_lib.validate(c)
+    c.model.hf_path, c.tokenizer.path = "meta-llama/Llama-2-7b-chat-hf", path
+    with pytest.raises(ValueError, match=r"tokenizer\.path: .* is a local path that does not exist"):
+      config_lib.validate(c)
+  else:
+    config_lib.validate(c)
+
+
+def test_a_local_path_whose_first_component_exists_is_checked(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "models").mkdir()
+  c = _fresh()
+  c.model.source, c.model.hf_path = "hf", "models/llama"
+  with pytest.raises(ValueError, match=r"model\.hf_path: 'models/llama' is a local path"):
+    config_lib.validate(c)
+  (tmp_path / "models" / "llama").mkdir()
+  config_lib.validate(c)

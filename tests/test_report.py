@@ -117,3 +117,46 @@ def test_offline_cli_recomputes_from_logs(tmp_path):
   assert json.loads((tmp_path / "out" / "metrics.json").read_text())["sources"]["m3@t1"] == str(tmp_path / "par.jsonl")
   with pytest.raises(SystemExit):
     report.main(["--out", str(tmp_path / "x")])
+
+
+def _log(path, records, model="rise@iter_1", config_hash="cafe0123"):
+  from rise_jax.rollout import log as rollout_log
+  header = rollout_log.make_header(config_hash, model, versions={"rise_jax": "0.1.0"}, git_commit="0" * 40)
+  with rollout_log.RolloutWriter(path, header, fsync=False) as w:
+    for r in records:
+      w.write(r)
+  return str(path)
+
+
+def _refused(capsys, argv, needle):
+  with pytest.raises(SystemExit) as e:
+    report.main(argv)
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+  assert needle in err, err
+
+
+def test_offline_cli_refuses_what_would_merge_into_wrong_numbers(tmp_path, capsys):
+  seq, par = _logs(0.5, 3, n=6)
+  a = _log(tmp_path / "a.jsonl", seq)
+  b = _log(tmp_path / "b.jsonl", [dict(r, protocol=dict(r["protocol"], seed=9)) for r in seq], model="rise@iter_2")
+  c = _log(tmp_path / "c.jsonl", [dict(r, protocol=dict(r["protocol"], seed=9)) for r in seq], config_hash="beef")
+  p = _log(tmp_path / "p.jsonl", par, model="rise@iter_2")
+  out = ["--out", str(tmp_path / "out"), "--num_bootstrap", "50"]
+  _refused(capsys, ["--sequential", a, "--sequential", b, *out], "field 'model': 'rise@iter_2', but")
+  _refused(capsys, ["--sequential", a, "--parallel", p, *out], "field 'model'")
+  _refused(capsys, ["--sequential", a, "--sequential", c, *out], "field 'config_hash': 'beef'")
+  _refused(capsys, ["--sequential", a, "--sequential", a, *out], "the same file as")
+  copy = tmp_path / "copy.jsonl"
+  copy.write_bytes((tmp_path / "a.jsonl").read_bytes())
+  _refused(capsys, ["--sequential", a, "--sequential", str(copy), *out], "draw seed 0 again")
+  dup = _log(tmp_path / "dup.jsonl", seq + seq[:1])
+  _refused(capsys, ["--sequential", dup, *out], "dup.jsonl:8: problem 'toy/test/0' again (first at line 2)")
+  high = [rb.sequential("p0", [("1", 7.0)])]
+  _refused(capsys, ["--sequential", _log(tmp_path / "high.jsonl", high), *out],
+           "high.jsonl:2: field 'turns[0].candidates[0].reward': 7.0 is outside the robust grader's range")
+  _refused(capsys, ["--sequential", _log(tmp_path / "empty.jsonl", []), *out], "empty.jsonl: holds no episodes")
+  _refused(capsys, ["--sequential", str(tmp_path / "missing.jsonl"), *out], "missing.jsonl: no such file")
+  (tmp_path / "file").write_text("x\n")
+  _refused(capsys, ["--sequential", a, "--out", str(tmp_path / "file")], "is a file")
+  assert report.main(["--sequential", a, *out])["num_problems"] == 6  # one clean log still reports

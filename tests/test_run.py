@@ -223,6 +223,52 @@ def test_interrupted_run_resumes_to_identical_artifacts(smoke_run, tmp_path, xla
   assert not list(out.rglob(".lock"))  # the killed invocations' locks were taken over, then released
 
 
+@pytest.mark.timeout(300)
+def test_a_finished_stage_with_a_lost_output_is_recomputed(smoke_run, tmp_path, xla_cache):
+  import shutil
+  reference, _ = smoke_run
+  out = tmp_path / "run"
+  shutil.copytree(reference, out)
+  (out / "iter_1/eval/metrics.json").unlink()  # was a TypeError in the summary on every rerun
+  proc = run_smoke(out, xla_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"iter_1/eval: marked done but {out}/iter_1/eval/metrics.json is missing; recomputing" in proc.stdout
+  assert "iter_1/train: done (skipped)" in proc.stdout
+  summary = lambda run: json.loads((run / "summary.json").read_text())  # noqa: E731
+  assert summary(out)["metrics"] == summary(reference)["metrics"]
+
+
+@pytest.mark.timeout(300)
+def test_tampered_weights_and_training_records_are_refused_naming_the_file(smoke_run, tmp_path, xla_cache):
+  import shutil
+  reference, _ = smoke_run
+  out = tmp_path / "run"
+  shutil.copytree(reference, out)
+  weights = out / "iter_1/train/hf/model.safetensors"
+  data = bytearray(weights.read_bytes())
+  data[len(data) // 2] ^= 0x01  # one flipped bit was evaluated, and trained on, without a warning
+  weights.write_bytes(bytes(data))
+  shutil.rmtree(out / "iter_1/eval")
+  proc = run_smoke(out, xla_cache)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert f"{weights}: sha256" in last and "iter_1/train/DONE" in last and "export it again" in last, last
+  assert not (out / "iter_1/eval/DONE").exists()
+  shutil.rmtree(out / "iter_1/train/hf")  # as the message says: re-exported from the last checkpoint
+  records = out / "iter_2/collect/data/sft.jsonl"
+  lines = [json.loads(line) for line in records.read_text().splitlines()]
+  lines[0]["weight"] *= 100
+  records.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
+  (out / "iter_2/train/DONE").unlink()
+  proc = run_smoke(out, xla_cache)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "iter_1/train: marked done but" in proc.stdout and "iter_1/eval: done in" in proc.stdout
+  last = proc.stderr.strip().splitlines()[-1]
+  assert f"{records}: sha256" in last and "manifest.json" in last, last
+  assert json.loads((out / "iter_1/eval/metrics.json").read_text())["m1@t1"] == json.loads(
+      (reference / "iter_1/eval/metrics.json").read_text())["m1@t1"]
+
+
 def test_help_exits_zero():
   proc = subprocess.run([sys.executable, "-m", "rise_jax.run", "--help"], cwd=REPO, capture_output=True, text=True,
                         timeout=120)

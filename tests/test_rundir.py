@@ -118,3 +118,32 @@ def test_disk_full_ends_the_command_with_one_clear_message_last(tmp_path):
   assert last.startswith("[rise_jax.evaluate] disk full (ENOSPC: No space left on device)") and str(out) in last
   assert "Traceback" not in proc.stderr and "re-run the same command" in last
   assert not (out / rundir.LOCK_FILE).exists()  # the lock was released on the way out
+
+
+TENSORSTORE_FULL = ('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "{d}/ckpt/1.orbax-'
+                    'checkpoint-tmp/state/ocdbt.process_0/": Failed writing: "{d}/ckpt/1.orbax-checkpoint-tmp/state/'
+                    'ocdbt.process_0/d/e386": Failed to write 215776 bytes to file 4: No space left on device '
+                    "[os_error_code='28']")
+TENSORSTORE_SCRIPT = r"""
+import sys
+from rise_jax import files
+with files.cli_errors("rise_jax.run", sys.argv[1]):
+  try:
+    raise ValueError(sys.argv[2])  # what orbax's async save raises at the next wait: no errno
+  except ValueError as e:
+    raise RuntimeError("checkpoint save failed") from e
+"""
+
+
+def test_a_full_disk_under_tensorstore_exits_4_naming_the_file(tmp_path):
+  message = TENSORSTORE_FULL.format(d=tmp_path)
+  proc = subprocess.run([sys.executable, "-c", TENSORSTORE_SCRIPT, str(tmp_path), message], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == rundir.DISK_FULL_EXIT, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("[rise_jax.run] disk full (ENOSPC: No space left on device) while writing "
+                         f"{tmp_path}/ckpt/1.orbax-checkpoint-tmp/state/ocdbt.process_0/d/e386"), last
+  assert "Traceback" not in proc.stderr
+  other = subprocess.run([sys.executable, "-c", TENSORSTORE_SCRIPT, str(tmp_path), "RESOURCE_EXHAUSTED: out of "
+                          "memory allocating 2 GiB"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert other.returncode == 1 and "Traceback" in other.stderr  # not a disk: propagates unchanged

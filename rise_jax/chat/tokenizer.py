@@ -106,7 +106,10 @@ class _TokenizersEngine:
   def __init__(self, tokenizer_json: pathlib.Path):
     import tokenizers
     self.path = tokenizer_json
-    self.tok = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+    try:
+      self.tok = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+    except Exception as e:  # noqa: BLE001 - the library's parse errors name no file
+      raise TokenizerLoadError(f"{tokenizer_json}: cannot be read as a tokenizer ({e})") from None
     self.tok.no_padding()
     self.tok.no_truncation()
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)

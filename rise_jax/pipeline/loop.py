@@ -41,8 +41,13 @@ def run(config, *, log: Callable[[str], None] = print,
     start = time.perf_counter()
     for stage in plan(config):
       if run_dir.done(stage.name):
-        log(f"[rise_jax.run] {stage.name}: done (skipped)")
-        continue
+        missing = stages_lib.missing_output(run_dir.root, stage, config)
+        if missing is None:
+          log(f"[rise_jax.run] {stage.name}: done (skipped)")
+          continue
+        # The stage resumes from what it kept (logs, checkpoints), so recomputing the lost file is cheap.
+        log(f"[rise_jax.run] {stage.name}: marked done but {missing} is missing; recomputing the stage")
+        run_dir.clear_done(stage.name)
       log(f"[rise_jax.run] {stage.name}: running")
       limit = stop.units_for(stage.name) if stop else None
       t0 = time.perf_counter()

@@ -84,9 +84,22 @@ class Resources:
     path = self.root / train_stage / "hf"
     if not path.is_dir():
       raise FileNotFoundError(f"{path}: the model of stage {train_stage} is missing (was its directory edited?)")
+    self._verify_export(train_stage, path)
     return models.load_hf_checkpoint(path, dtype=c.model.param_dtype, mesh=on, compute_dtype=c.model.dtype,
                                      attention=c.model.attention, scan_layers=c.model.scan_layers,
                                      remat=c.model.remat, on_indivisible=c.mesh.on_indivisible)
+
+  def _verify_export(self, train_stage: str, path: pathlib.Path) -> None:
+    """The export's weights against the digests its stage's DONE recorded (markers older than them: unchecked)."""
+    from rise_jax import files
+    done = self.root / train_stage / "DONE"
+    if not done.is_file():
+      return
+    hint = f"delete {path} and re-run the same command to export it again from the last checkpoint"
+    for name, digest in (files.read_json(done).get(HF_DIGESTS) or {}).items():
+      if not (path / name).is_file():
+        raise files.IntegrityError(f"{path / name}: missing though {done} records it; {hint}")
+      files.verify_sha256(path / name, digest, done, hint)
 
   def forget_model(self):
     self._model, self._model_key = None, ()
@@ -186,6 +199,15 @@ class Resources:
       raise ValueError(f"config field task.train_size: {size} fresh problems for iteration {iteration} exceed "
                        f"the {len(full)} training problems")
     return full[lo:lo + size]
+
+
+HF_DIGESTS = "hf_sha256"  # the train stage's DONE: {weights file: sha256}, checked before a later stage loads it
+
+
+def hf_digests(hf_dir: pathlib.Path) -> dict[str, str]:
+  """sha256 of each weights file of an HF export (off the step path: once per stage, after training)."""
+  from rise_jax import files
+  return {p.name: files.sha256_file(p) for p in sorted(hf_dir.glob("*.safetensors"))}
 
 
 def eval_split_field(config) -> str:

@@ -10,7 +10,6 @@ Writing goes through `rise_jax.files` (atomic writes, the one-writer lock).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -28,6 +27,7 @@ RUN_SCHEMA = "rise_jax.run/1"
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 DONE_FILE = "DONE"
+DONE_HINT = "delete it and re-run the same command to redo that stage (it resumes from what it kept)"
 # Top-level entries that are bookkeeping, not results: the config itself, the run record, the lock, and the toy
 # tokenizer (a pure function of the code).
 BOOKKEEPING = frozenset({CONFIG_FILE, RUN_FILE, LOCK_FILE, "tokenizer"})
@@ -54,7 +54,7 @@ def check_config(root: str | os.PathLike, config) -> dict[str, Any] | None:
   path = root / CONFIG_FILE
   if not path.is_file():
     return None
-  saved = json.loads(path.read_text(encoding="utf-8"))
+  saved = files.read_json(path)
   fields = config_lib.diff_fields(config_lib.identity(saved), config_lib.identity(config_lib.to_dict(config)))
   if not fields:
     return saved
@@ -77,18 +77,36 @@ class RunDir:
     """Whether the directory holds results of this config (False: new, or nothing in it yet). Raises
     ConfigMismatch naming the differing fields. Writes nothing, so a refused config leaves no trace."""
     if check_config(self.root, self.config) is None:
+      if self.root.is_dir() and not (self.root / CONFIG_FILE).is_file() and holds_results(self.root):
+        return self._check_without_config()
       return False
     run_json = self.root / RUN_FILE
     if not run_json.is_file():
       raise ConfigMismatch(f"{self.root} holds results but no run.json: it is not a RISE run directory (an "
                            "evaluation's?). Use another output_dir.")
-    saved_hash = json.loads(run_json.read_text()).get("config_hash")
+    saved_hash = files.read_json(run_json).get("config_hash")
     if saved_hash != self.hash:
       raise ConfigMismatch(
           f"{self.root} was made under config hash {saved_hash}, this config's is {self.hash}, though config.json "
           "names no differing field: the directory predates output_dir leaving the hash (docs/contracts.md) "
           "or config.json was edited. Finish it with the code that made it, or use another output_dir.")
     return True
+
+  def _check_without_config(self) -> bool:
+    """config.json was lost but results remain: run.json's config hash still names the run's identity, so only
+    the config that made them may resume (and rewrite config.json)."""
+    run_json = self.root / RUN_FILE
+    if not run_json.is_file():
+      raise ConfigMismatch(f"{self.root} holds results but neither {CONFIG_FILE} nor {RUN_FILE}: which config "
+                           "made them is unknown. Use another output_dir.")
+    saved_hash = files.read_json(run_json).get("config_hash")
+    if saved_hash != self.hash:
+      raise ConfigMismatch(f"{self.root}/{CONFIG_FILE} is missing and {run_json} names config hash {saved_hash}, "
+                           f"this config's is {self.hash}: the results were made by another config. Resume with "
+                           "the original config (it rewrites config.json), or use another output_dir.")
+    log.warning("%s: %s was missing; run.json's config hash matches this config, rewriting it", self.root,
+                CONFIG_FILE)
+    return False  # open() writes config.json (and run.json, with the same hash) again
 
   def open(self) -> None:
     """Check the directory (under the run's lock) and initialise it when it is new."""
@@ -113,5 +131,9 @@ class RunDir:
   def mark_done(self, stage: str, info: dict[str, Any]) -> None:
     files.atomic_write_json(self.stage_dir(stage) / DONE_FILE, {"stage": stage, **info})
 
+  def clear_done(self, stage: str) -> None:
+    """Reopen a finished stage (one of its outputs was lost): it runs again, resuming from what it kept."""
+    (self.stage_dir(stage) / DONE_FILE).unlink(missing_ok=True)
+
   def info(self, stage: str) -> dict[str, Any]:
-    return json.loads((self.stage_dir(stage) / DONE_FILE).read_text())
+    return files.read_json(self.stage_dir(stage) / DONE_FILE, DONE_HINT)

@@ -16,7 +16,7 @@ from rise_jax import config as config_lib
 from rise_jax.pipeline import evaluation
 from rise_jax.pipeline import plan as plan_lib
 from rise_jax.pipeline.plan import Stage
-from rise_jax.pipeline.resources import Resources
+from rise_jax.pipeline.resources import HF_DIGESTS, Resources, hf_digests
 from rise_jax.rise import algorithm
 from rise_jax.rise import conversion as conversion_lib
 from rise_jax.rise import dataset as dataset_lib
@@ -28,6 +28,21 @@ def run_stage(res: Resources, stage: Stage, run_dir, *, limit: int | None) -> di
   out_dir = run_dir.stage_dir(stage.name)
   out_dir.mkdir(parents=True, exist_ok=True)
   return body(res, stage, out_dir, limit=limit)
+
+
+def missing_output(root: pathlib.Path, stage: Stage, config) -> pathlib.Path | None:
+  """The first file a later stage or the summary reads from a finished stage that is not there (None: all are)."""
+  out = root / stage.name
+  if stage.kind == "eval":
+    wanted = [out / "metrics.json"]
+  elif stage.kind == "train":
+    if not list((out / "hf").glob("*.safetensors")):
+      return out / "hf" / "model.safetensors"
+    wanted = [out / "hf" / "config.json"]
+  else:  # collect / boost_data: the dataset directories the trainer reads
+    subs = ["data"] + (["control/data"] if stage.kind == "collect" and config.rise.single_turn_control else [])
+    wanted = [out / sub / name for sub in subs for name in (dataset_lib.DATA_FILE, "manifest.json")]
+  return next((p for p in wanted if not p.is_file()), None)
 
 
 def _log_accounting(log_path: pathlib.Path, problems) -> dict[str, Any]:
@@ -132,7 +147,9 @@ def train(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | N
   sub = "control/data" if stage.control else "data"
   records = []  # validated by the trainer's own sft/1 reader
   for collect_stage in plan_lib.data_stages(c, t):
-    records += train_data.read_records(res.root / collect_stage / sub / dataset_lib.DATA_FILE)
+    data_dir = res.root / collect_stage / sub
+    dataset_lib.verify_dataset(data_dir, f"restore it, or delete {res.root / collect_stage}/DONE to rebuild it")
+    records += train_data.read_records(data_dir / dataset_lib.DATA_FILE)
   model = res.load_model(init)  # train() leaves it untouched and returns the trained model
   res.forget_model()
   train_config = _train_config(config_lib.for_iteration(c, t) if t else c, boost=(t == 0), limit=limit)
@@ -146,7 +163,7 @@ def train(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | N
                            validation=validation)
   seconds = time.perf_counter() - t0
   info = {"init": init or "base", "num_records": len(records), "train_seconds": seconds,
-          "stopped_early_at": result.stopped_early_at}
+          "stopped_early_at": result.stopped_early_at, HF_DIGESTS: hf_digests(out_dir / "hf")}
   info.update(_train_result(result))
   return info
 

@@ -13,7 +13,7 @@ import json
 import pathlib
 from typing import Any, Sequence
 
-from rise_jax.files import atomic_write_text
+from rise_jax.files import atomic_write_text, read_json
 
 
 def model_label(stage: str, config) -> str:
@@ -31,7 +31,8 @@ def headline(config) -> list[str]:
 
 
 def _load(path: pathlib.Path) -> dict[str, Any] | None:
-  return json.loads(path.read_text()) if path.exists() else None
+  hint = "delete it and re-run the same command" + (" to redo that stage" if path.name == "DONE" else "")
+  return read_json(path, hint) if path.exists() else None
 
 
 def compute_table(stages: Sequence[Any], root: pathlib.Path) -> list[dict[str, Any]]:
@@ -90,7 +91,11 @@ def write_summary(config, root: pathlib.Path, stages: Sequence[Any]) -> dict[str
   rows = {}
   for stage in stages:
     if stage.kind == "eval" and (root / stage.name / "DONE").exists():
-      rows[model_label(stage.name, config)] = _load(root / stage.name / "metrics.json")
+      metrics = _load(root / stage.name / "metrics.json")
+      if metrics is None:  # the loop recomputes a lost one before this; a summary rebuilt by hand must not guess
+        raise FileNotFoundError(f"{root / stage.name / 'metrics.json'}: missing though {stage.name} is done; "
+                                "re-run the same command to recompute it")
+      rows[model_label(stage.name, config)] = metrics
   compute = compute_table(stages, root)
   written = {}
   if rows:

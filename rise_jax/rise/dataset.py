@@ -32,6 +32,13 @@ def write_records(records: Iterable[dict[str, Any]], path: pathlib.Path) -> str:
   return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def verify_dataset(data_dir: pathlib.Path, hint: str) -> None:
+  """Refuse a data directory whose sft.jsonl no longer has the sha256 its manifest.json recorded."""
+  from rise_jax import files
+  manifest = data_dir / "manifest.json"
+  files.verify_sha256(data_dir / DATA_FILE, files.read_json(manifest, hint)["sha256"], manifest, hint)
+
+
 def _strip_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
   ids = list(ids)
   while ids and ids[-1] in eos:

@@ -384,6 +384,55 @@ def _is_headline(key: str) -> bool:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
+def check_logs(sequential: Sequence[str], parallel: str | None, out: str) -> list[dict[str, Any]]:
+  """Refuse what would silently merge into wrong numbers: logs of different models or config hashes, the same
+  file or the same draw (seed) twice, a problem twice in one log, a log with no episodes, rewards outside the
+  logged grader's range; and `out` naming a file. Returns the first log's records."""
+  from rise_jax.rise.algorithm import reward_range
+  from rise_jax.rollout import log as rollout_log
+  if pathlib.Path(out).exists() and not pathlib.Path(out).is_dir():
+    raise ValueError(f"--out {out}: is a file; give a directory for metrics.json, report.md and the plots")
+  paths = [*sequential, *([parallel] if parallel is not None else [])]
+  seen: dict[tuple[int, int], str] = {}
+  for path in paths:
+    if not os.path.isfile(path):
+      raise ValueError(f"{path}: no such file")
+    st = os.stat(path)
+    if (st.st_dev, st.st_ino) in seen:
+      raise ValueError(f"{path}: the same file as {seen[st.st_dev, st.st_ino]}; each log counts once")
+    seen[st.st_dev, st.st_ino] = path
+  first, draws = None, {}
+  for path in paths:
+    header, records, _ = rollout_log.read_rollouts(path)
+    if not records:
+      raise ValueError(f"{path}: holds no episodes (a header only)")
+    if first is None:
+      first = (path, header, records)
+    for key in ("model", "config_hash"):
+      if header[key] != first[1][key]:
+        raise ValueError(f"{path}:1: field {key!r}: {header[key]!r}, but {first[0]} has {first[1][key]!r}; "
+                         "a report covers one model of one config")
+    ids: dict[str, int] = {}
+    for number, r in enumerate(records, start=2):
+      if r["problem_id"] in ids:
+        raise ValueError(f"{path}:{number}: problem {r['problem_id']!r} again (first at line {ids[r['problem_id']]}); "
+                         "a duplicated record would count twice")
+      ids[r["problem_id"]] = number
+      allowed = reward_range(r["task"], r["protocol"]["grader"])
+      for turn in r["turns"]:
+        for j, c in enumerate(turn["candidates"]):
+          if not min(allowed) <= c["reward"] <= max(allowed):
+            raise ValueError(f"{path}:{number}: field 'turns[{turn['t'] - 1}].candidates[{j}].reward': "
+                             f"{c['reward']} is outside the {r['protocol']['grader']} grader's range {list(allowed)}")
+    if path in sequential:
+      seed = records[0]["protocol"]["seed"]
+      if seed in draws:
+        raise ValueError(f"{path}: draw seed {seed} again (as in {draws[seed]}): the same draw counted twice")
+      draws[seed] = path
+  return first[2]
+
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Recompute metrics and the report offline from rollout logs alone:
 
@@ -406,11 +455,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if not args.sequential and args.parallel is None:
     parser.error("give --sequential and/or --parallel")
   from rise_jax.tasks import get_task
-  from rise_jax.rollout import log as rollout_log
 
-  first = args.sequential[0] if args.sequential else args.parallel
-  _, records, _ = rollout_log.read_rollouts(first)
-  task = get_task(records[0]["task"]) if records else None  # answers_equivalent / re-grading need the task
+  try:
+    records = check_logs(args.sequential, args.parallel, args.out)
+  except (ValueError, OSError) as e:  # RolloutLogError is a ValueError
+    parser.exit(2, f"{parser.prog}: error: {e}\n")
+  task = get_task(records[0]["task"])  # answers_equivalent / re-grading need the task
   m = metrics_lib.metrics_from_logs(args.sequential or None, args.parallel, task, args.grader, args.tie_break,
                                     seed=args.seed, num_bootstrap=args.num_bootstrap)
   for path in write_report(m, args.out, title=args.title).values():

@@ -231,21 +231,15 @@ class _MetricsSink:
     self.tb = None
     if not self.active:
       return
-    if path.exists():  # drop lines a killed run wrote past its last checkpoint: they will be rerun
-      kept = [l for l in path.read_text().splitlines(keepends=True)
-              if l.strip() and json.loads(l)["step"] <= resume_step]
-      files.atomic_write_text(path, "".join(kept))
+    if path.exists():  # drop lines a killed run wrote past its last checkpoint (they will be rerun) and a torn tail
+      _truncate_log(path, resume_step)
     from tensorboardX import SummaryWriter  # imported here: only process 0 of a training run pays for it
     self.tb = SummaryWriter(str(path.parent / "tb"))
 
   def write(self, records: list[dict[str, Any]]):
     if not self.active:
       return
-    with open(self.path, "a", encoding="utf-8") as f:
-      for r in records:
-        f.write(json.dumps(r, sort_keys=True) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+    files.append_jsonl(self.path, records)
     if self.tb is not None:
       for r in records:
         for k, v in r.items():
@@ -501,6 +495,17 @@ def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: boo
                      stopped_at)
 
 
+def _truncate_log(path: pathlib.Path, resume_step: int) -> None:
+  """Keep the lines of steps <= resume_step; a torn last line (a crash mid-append) is counted and dropped."""
+  records, torn = files.read_jsonl(path)
+  for number, r in enumerate(records, start=1):
+    if not isinstance(r.get("step"), int):
+      raise files.JsonlError(f"{path}: record {number}: field 'step': expected an int, got {r.get('step')!r:.40}")
+  if torn:
+    log.warning("%s: dropped a torn last line (a crash mid-write); its step is rerun", path)
+  files.rewrite_jsonl(path, [r for r in records if r["step"] <= resume_step])
+
+
 class _ValidationLog:
   """validation.jsonl on process 0: one line per validation, lines past a resumed step dropped (rerun)."""
 
@@ -508,13 +513,11 @@ class _ValidationLog:
     self.path = path
     self.active = jax.process_index() == 0
     if self.active and path.exists():
-      kept = [l for l in path.read_text().splitlines(keepends=True) if json.loads(l)["step"] <= resume_step]
-      files.atomic_write_text(path, "".join(kept))
+      _truncate_log(path, resume_step)
 
   def write(self, record: dict[str, Any]) -> None:
     if self.active:
-      with open(self.path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+      files.append_jsonl(self.path, [record])  # fsynced: an early stop's score must survive a node crash
       log.info("validation at step %d: %.4f", record["step"], record["score"])
 
 
