@@ -222,6 +222,12 @@ def _check_names(config) -> None:
     from rise_jax.models.configs import PRESETS
     _one_of(config, "model.preset", sorted(PRESETS))
   _one_of(config, "task.name", sorted(TASKS))
+  from rise_jax.chat.templates import shipped_templates
+  template = config.tokenizer.chat_template
+  _check(template in ("auto", *shipped_templates()) or (str(template).endswith(".jinja") and os.path.isfile(
+      os.path.expanduser(template))), "tokenizer.chat_template",
+         f"{template!r} is not 'auto' (the checkpoint's own), one of {list(shipped_templates())} or an existing "
+         ".jinja file")
   if config.task.name != "toy":  # the toy task enumerates its problems and reads no source
     for field in ("train_source", "test_source"):
       source = config.task[field]

@@ -27,6 +27,8 @@ def test_locked_config_rejects_a_typo():
 
 @pytest.mark.parametrize("field,value,needle", [
     ("sampling.top_p", 0.0, "sampling.top_p"),
+    ("tokenizer.chat_template", "llama9", "tokenizer.chat_template"),
+    ("tokenizer.chat_template", "/nowhere/chatml.jinja", "tokenizer.chat_template"),
     ("collect.criteria", "bestest", "collect.criteria"),
     ("train.estimator", "mean", "train.estimator"),
     ("eval.window", 1, "eval.window"),
