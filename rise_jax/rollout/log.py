@@ -5,7 +5,7 @@ crash loses at most the episode being written. A crash mid-write leaves a *torn*
 not valid JSON); readers ignore it and count it, and a writer reopening the file for resume truncates it.
 Everything the metrics need is in the records, so metrics can be recomputed offline from the log alone.
 
-Optional fields beyond contracts §3 (docs/contracts.md, "§3 Rollout log"):
+Optional fields of contracts §3 (docs/contracts.md §3, "Optional fields"):
   turn.prefill_tokens / turn.decode_tokens  tokens actually prefilled / decoded for that turn, or null when unknown
                                              (compute accounting; readers fall back to history_tokens / the sum
                                              of num_tokens).
