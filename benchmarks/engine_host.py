@@ -1,4 +1,4 @@
-"""The engine's host bookkeeping, this tree against an earlier commit's, side by side (issue 14, host overhead).
+"""The engine's host bookkeeping, this tree against an earlier commit's, side by side.
 
     python benchmarks/engine_host.py --baseline 656e834 --passes 5
 

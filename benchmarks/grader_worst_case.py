@@ -3,7 +3,7 @@
   python benchmarks/grader_worst_case.py                  # this checkout
   python benchmarks/grader_worst_case.py --code DIR       # the rise_jax under DIR (e.g. an export of an old commit)
 
-Each call runs in its own process, killed after --timeout seconds (the pre-issue-16 graders take minutes on some).
+Each call runs in its own process, killed after --timeout seconds (earlier graders took minutes on some).
 """
 
 import argparse

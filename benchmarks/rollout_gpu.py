@@ -1,4 +1,4 @@
-"""Issue 14's GPU numbers in one command (< 5 minutes on one H200): the engine's decode step against the HBM
+"""The rollout engine's GPU numbers in one command (< 5 minutes on one H200): the engine's decode step against the HBM
 roofline, and the GSM8K-length workload against today's sampler, side by side in one process.
 
     python benchmarks/rollout_gpu.py                         # on the GPU machine

@@ -1,4 +1,4 @@
-"""Issue 15's training table on one GPU, rise_jax beside transformers + torch, in one command (< 5 minutes):
+"""The training table on one GPU, rise_jax beside transformers + torch, in one command (< 5 minutes):
 
     python benchmarks/train_gpu.py                 # on the GPU machine; prints a markdown table
     python benchmarks/train_gpu.py --smoke         # the same rows at toy sizes, on any machine (CPU check)

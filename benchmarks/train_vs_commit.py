@@ -1,6 +1,6 @@
-"""The toy boost's training throughput in this tree against an earlier commit's, side by side (issue 11 item 3).
+"""The toy boost's training throughput in this tree against an earlier commit's, side by side.
 
-    python benchmarks/train_vs_commit.py --baseline 86c3dd5       # the code when issue 11 was filed
+    python benchmarks/train_vs_commit.py --baseline 86c3dd5       # the trainer before the toy's speed work
 
 `benchmarks/train_loop.py` times the old loop *emulated on this tree's training step*; this script times the
 earlier commit's own code, so every change since then counts (the loop, the padding buckets, the model's
@@ -70,7 +70,7 @@ def run_pass(tree: pathlib.Path, records: str, tokenizer: str, log_every: int) -
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--baseline", default="86c3dd5", help="commit to compare against (default: issue 11's start)")
+  parser.add_argument("--baseline", default="86c3dd5", help="commit to compare against (default: the trainer before the toy's speed work)")
   parser.add_argument("--steps", type=int, default=400, help="optimiser steps per pass")
   parser.add_argument("--log_every", type=int, default=50, help="the same metric interval in both trees")
   parser.add_argument("--repeats", type=int, default=5)

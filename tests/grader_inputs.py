@@ -1,13 +1,13 @@
-"""Adversarial responses for the graders (issue 16): the issue's inputs and the shapes that break naive parsers
+"""Adversarial responses for the graders: huge boxed numbers and the shapes that break naive parsers
 (unclosed groups repeated, deep nesting, huge digit runs, long whitespace after a cue), up to 1 MB each."""
 
 MB = 1_000_000
 
 # Texts the graders must grade in linear time (name -> response).
 LONG = {
-    "unclosed \\boxed{ x14k (issue)": "\\boxed{" * 14_000,
-    "unclosed \\boxed{ x140k (issue)": "\\boxed{" * 140_000,
-    "boxed 100k digits (issue)": "\\boxed{" + "9" * 100_000 + "}",
+    "unclosed \\boxed{ x14k": "\\boxed{" * 14_000,
+    "unclosed \\boxed{ x140k": "\\boxed{" * 140_000,
+    "boxed 100k digits": "\\boxed{" + "9" * 100_000 + "}",
     "boxed 1 MB digits": "\\boxed{" + "9" * MB + "}",
     "stated 1 MB digits": "The answer is " + "9" * MB,
     "boxed{{ x140k then }": "boxed{{" * 140_000 + "}",
@@ -27,7 +27,7 @@ LONG = {
     "= then 1 MB digits": "=" + "7" * MB,
 }
 
-# Short answers that make math-verify run into its timeout (issue 16); each alone in a box.
+# Short answers that make math-verify run into its timeout; each alone in a box.
 SLOW_MATH_ANSWERS = [
     "10^{1000000000}",
     "10000000!",

@@ -89,7 +89,7 @@ def test_each_command_reads_every_field_of_its_job(command):
   assert sorted(JOBS[command] - reads(command)) == []
 
 
-def test_the_drift_issue_13_found_stays_fixed():
+def test_run_and_evaluate_both_honour_overflow_draws_and_self_refine():
   """sampling.on_overflow, eval.draws and eval.self_refine were honoured by rise_jax.evaluate and ignored by
   rise_jax.run; both now run the one evaluation stage."""
   for command in ("run", "evaluate"):

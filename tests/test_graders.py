@@ -82,7 +82,7 @@ def test_gsm8k_answers_for_majority_vote():
 
 
 def _spec_gsm8k_paper(response: str, reference: str) -> float:
-  """The issue's wording of the reference grader, written independently of rise_jax's code."""
+  """The reference grader as its source reads, written independently of rise_jax's code."""
   found = re.findall(r"boxed{([^}]+)}", response)
   if not found:
     return -1.0
@@ -94,7 +94,7 @@ def _spec_gsm8k_paper(response: str, reference: str) -> float:
   return 1.0 if float(value) == gold else 0.0
 
 
-# 309 nines overflow the reference's float(); 4301 digits exceed its int()'s limit (issue 16).
+# 309 nines overflow the reference's float(); 4301 digits exceed its int()'s limit.
 _pieces = st.sampled_from(["\\boxed{", "boxed{", "}", "18", "+", "-", ",", ".", "0", " ", "\\$", "x", "{", "7",
                            "9" * 309, "9" * 4301, "_"])
 
@@ -195,7 +195,7 @@ def test_math_verify_off_the_main_thread_uses_a_spawn_pool(monkeypatch):
   def work():
     results["equal"] = grade("math", "\\boxed{\\sqrt{2}/2}", "\\boxed{\\frac{\\sqrt{2}}{2}}", mode="robust")
     results["different"] = grade("math", "\\boxed{\\sqrt{2}}", "\\boxed{\\frac{\\sqrt{2}}{2}}", mode="robust")
-    start = time.monotonic()  # issue 16: a pathological answer is bounded by the deadline in the worker too
+    start = time.monotonic()  # a pathological answer is bounded by the deadline in the worker too
     results["slow"] = grade("math", "\\boxed{10^{1000000000}}", "\\boxed{\\frac{\\sqrt{2}}{2}}", mode="robust")
     results["slow_s"] = time.monotonic() - start
 

@@ -234,7 +234,7 @@ def test_teacher_tokens_unknown_are_counted():
 
 
 class FractionTask:
-  """A stand-in task: answers are numbers, equivalent when equal as fractions (the tasks helper's API)."""
+  """A stand-in task: answers are numbers, equivalent when equal as fractions (the API of `rise_jax.tasks.Task`)."""
   name = "fractions"
 
   @staticmethod

@@ -269,8 +269,8 @@ def test_a_grader_error_is_a_counted_zero_reward_not_an_abort(tmp_path, caplog):
   assert any(A.id in r.getMessage() and "OverflowError" in r.getMessage() for r in caplog.records)
 
 
-def test_the_issues_gsm8k_sample_is_graded_in_both_modes(tmp_path):
-  """Issue 16: 309 nines in a box crashed paper grading and aborted the stage on every resume."""
+def test_a_gsm8k_sample_of_309_nines_is_graded_in_both_modes(tmp_path):
+  """309 nines in a box once crashed paper grading and aborted the stage on every resume; both modes grade it."""
   problem = Problem(id="gsm8k/test/0", question="How many ducks?", reference="9 + 9 = 18\n#### 18")
   texts = ["\\boxed{" + "9" * 309 + "}", "The answer is " + "9" * 309 + ".25"]
   for mode in ("paper", "robust"):

@@ -27,7 +27,7 @@ def _batch(seed=0, vocab=11):
 
 
 def _numpy_loss(logits, targets, mask, weights, estimator):
-  """The estimator definitions of the issue, example by example, in float64."""
+  """The estimator definitions (docs/training.md), example by example, in float64."""
   logits = np.asarray(logits, np.float64)
   terms, norm_terms = [], []
   for e in range(logits.shape[0]):

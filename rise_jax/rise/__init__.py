@@ -4,8 +4,8 @@ and `report`. Problems live in `rise_jax.tasks`, the episode engine in `rise_jax
 `rise_jax.pipeline` (docs/architecture.md).
 """
 
-# Kept for one release (issue 13 moved tasks, graders and prompt sets to `rise_jax.tasks`): old callers'
-# `from rise_jax.rise import grade, get_task, get_prompt_set` keeps working. Importing it imports no JAX.
+# Tasks, graders and prompt sets live in `rise_jax.tasks`; this re-export keeps older callers'
+# `from rise_jax.rise import grade, get_task, get_prompt_set` working. Importing it imports no JAX.
 from rise_jax.tasks import Problem, PromptSet, Task, get_prompt_set, get_task, grade
 
 __all__ = ["Problem", "PromptSet", "Task", "get_prompt_set", "get_task", "grade"]

@@ -5,12 +5,13 @@ crash loses at most the episode being written. A crash mid-write leaves a *torn*
 not valid JSON); readers ignore it and count it, and a writer reopening the file for resume truncates it.
 Everything the metrics need is in the records, so metrics can be recomputed offline from the log alone.
 
-Optional fields beyond contracts §3 (docs/contracts.md, "§3 Rollout log"):
+Optional fields of contracts §3 (docs/contracts.md §3, "Optional fields"):
   turn.prefill_tokens / turn.decode_tokens  tokens actually prefilled / decoded for that turn, or null when unknown
                                              (compute accounting; readers fall back to history_tokens / the sum
                                              of num_tokens).
   candidate.num_tokens may be null for a teacher candidate (no token ids, no usage count).
-Unknown extra fields (the runner's `question`, `protocol.turns`, `candidate.degenerate`, ...) are kept as they are.
+  candidate.grader_error (string): the grader raised on this sample; its reward is 0 and its answer null.
+Unknown extra fields (the runner's `question`, `protocol.turns`, `candidate.flagged_degenerate`, ...) are kept as they are.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Mapping
 from rise_jax import provenance
 from rise_jax.rollout.protocol import KINDS, SELECTIONS
 
-# /2 (issue 13): same record format as /1; rise_jax.evaluate's seeds changed to the one evaluation seed rule
+# /2: the same record format as /1; rise_jax.evaluate's seeds changed to the one evaluation seed rule
 # (rise.algorithm.eval_seed), so a /1 log of rise_jax.evaluate holds samples /2 code would not draw. Both are read.
 SCHEMA = "rise_jax.rollout/2"
 READABLE_SCHEMAS = ("rise_jax.rollout/1", SCHEMA)

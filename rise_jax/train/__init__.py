@@ -1,4 +1,4 @@
-"""Sharded reward-weighted likelihood training (issue 5).
+"""Sharded reward-weighted likelihood training.
 
 `loss` (the estimators), `data` (sft/1 records -> planned global batches), `optim` (the AdamW recipe and its
 schedule, analytic FLOPs), `checkpoint` (orbax), `trainer` (state, step, loop and the `train` library call);
