@@ -21,13 +21,16 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+  import jax
+
   from rise_jax import compile_cache
   from rise_jax import config as config_lib
   from rise_jax import files
   from rise_jax.train import demo, trainer
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<name>.py is required")
-  cfg = config_lib.validate(_CONFIG.value, require_training=True)
+  trainer.initialize_distributed(_CONFIG.value)  # before anything asks jax for its devices
+  cfg = config_lib.validate(_CONFIG.value, require_training=True, num_devices=jax.device_count())
   compile_cache.enable()
   data = _DATA.value or cfg.train.data_path
   if data is None:

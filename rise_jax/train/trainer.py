@@ -33,7 +33,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rise_jax import chat
-from rise_jax import config as config_lib
 from rise_jax import files
 from rise_jax import sharding as sharding_lib
 from rise_jax.train import checkpoint as checkpoint_lib
@@ -380,9 +379,9 @@ def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str 
   `export_hf=False` skips the hf/ export (which imports transformers).
   `cfg.debug.stop_after = "train:N"` SIGKILLs the process right after step N's checkpoint commits (a preemption
   at the worst moment, for resume tests). `validation`: held-out scoring every N steps, optionally stopping early.
+  `cfg` is validated by the caller, once per process after `initialize_distributed` (the `rise_jax.train` command,
+  the RISE loop), not here: the loop trains several stages per run.
   """
-  initialize_distributed(cfg)  # before anything asks jax for its devices
-  config_lib.validate(cfg, require_training=True, num_devices=jax.device_count())
   out_dir = pathlib.Path(out_dir)
   records = _records(records_or_path)  # every record checked before the run directory is touched
   # Process 0 writes the shared files, so it alone holds the directory's lock.
