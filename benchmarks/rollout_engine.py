@@ -39,7 +39,7 @@ import numpy as np
 
 from rise_jax.models.build import build_model
 from rise_jax.models.configs import ModelConfig
-from rise_jax.sampling import Sampler, SamplingParams, kv_bytes_per_token
+from rise_jax.sampling import Sampler, SamplingParams
 from rise_jax.sampling.engine import Engine, Request
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -96,7 +96,7 @@ def timed(fn):
 
 def best_of_16_memory(model, history: list[int], max_new: int) -> dict:
   """KV bytes held for 16 samples of one 400-token history: engine peak blocks vs the sampler's arrays."""
-  block_bytes = 16 * kv_bytes_per_token(MODEL, "float32")
+  block_bytes = 16 * MODEL.kv_bytes_per_token("float32")
   engine = Engine(model, slots=16, max_seq_len=MAX_SEQ_LEN, block_size=16, num_blocks=16 * 64 + 2)
   engine.run([Request(history, uid=0, n=16, max_new_tokens=max_new, temperature=1.0)], seed=0)
   sampler = Sampler(model, None, max_cache_length=MAX_SEQ_LEN)

@@ -39,7 +39,7 @@ import numpy as np
 
 from rise_jax.models.build import build_model
 from rise_jax.models.configs import ModelConfig
-from rise_jax.sampling import Sampler, SamplingParams, kv_bytes_per_token, param_count
+from rise_jax.sampling import Sampler, SamplingParams
 from rise_jax.sampling.engine import Engine, Request
 
 # The CPU benchmarks' workload and timing: the same GSM8K draw, static batches and interleaving.
@@ -103,8 +103,8 @@ def bench_step(model, config, batch: int, prompt_len: int, new: int, bandwidth: 
   first, t = first_and_steady({
       "engine": engine_call(engine, prompts, [new] * batch), "engine_1": engine_call(engine, prompts, [1] * batch),
       "sampler": sampler_call(sampler, prompts, new), "sampler_1": sampler_call(sampler, prompts, 1)}, reps)
-  kv_bytes = batch * (prompt_len + new / 2) * kv_bytes_per_token(config, "bfloat16")
-  roofline = (param_count(config) * 2 + kv_bytes) / bandwidth
+  kv_bytes = batch * (prompt_len + new / 2) * config.kv_bytes_per_token("bfloat16")
+  roofline = (config.param_count() * 2 + kv_bytes) / bandwidth
   row = dict(part="step", batch=batch, prompt=prompt_len, new=new, chunk_steps=chunk_steps,
              roofline_ms=roofline * 1e3, first_call_s={k: round(v, 1) for k, v in first.items()})
   for side in ("engine", "sampler"):
@@ -159,7 +159,7 @@ def main() -> int:
   parts = set(args.parts.split(","))
   config = SIZE[mode]
   device = jax.devices()[0]
-  print(f"jax {jax.__version__} on {device.device_kind} ({device.platform}); {param_count(config) / 1e6:,.1f}M "
+  print(f"jax {jax.__version__} on {device.device_kind} ({device.platform}); {config.param_count() / 1e6:,.1f}M "
         f"parameters, bfloat16", flush=True)
 
   def report(row):

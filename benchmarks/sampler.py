@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rise_jax.models import ModelConfig, load_hf_checkpoint
-from rise_jax.sampling import Sampler, SamplingParams, param_count
+from rise_jax.sampling import Sampler, SamplingParams
 
 SIZES = {
     # ~3M parameters: per-step overhead dominates.
@@ -148,12 +148,12 @@ def bench_decode(name: str, config: ModelConfig, batches, prompt_len: int, max_n
     tokens = batch * max_new
     step = (t["ours"] - t["ours_prefill"]) / (max_new - 1)
     floor = matmul_floor(config, batch)
-    row = dict(model=name, params=param_count(config), batch=batch, prompt=prompt_len, new=max_new,
+    row = dict(model=name, params=config.param_count(), batch=batch, prompt=prompt_len, new=max_new,
                ours_tok_s=tokens / t["ours"], hf_tok_s=tokens / t["hf"], hf_1thread_tok_s=tokens / t["hf_1thread"],
                ratio=t["hf"] / t["ours"], ratio_vs_best_hf=min(t["hf"], t["hf_1thread"]) / t["ours"],
                step_ms=step * 1e3, matmul_floor_ms=floor * 1e3, step_over_floor=step / floor)
     if bandwidth is not None:
-      bound = param_count(config) * 4 / bandwidth
+      bound = config.param_count() * 4 / bandwidth
       row.update(bw_bound_ms=bound * 1e3, step_over_bw=step / bound)
     print(row, flush=True)
     rows.append(row)
@@ -205,7 +205,7 @@ def bench_gpu(workdir: str, batch: int = 64, prompt_len: int = 128, max_new: int
   prompts = np.random.default_rng(3).integers(3, config.vocab_size, (batch, prompt_len)).tolist()
   ours_generate(sampler, prompts, max_new)
   t = median_time(lambda: ours_generate(sampler, prompts, max_new), reps)
-  row = dict(model="1b", params=param_count(config), dtype="bfloat16", batch=batch, new=max_new,
+  row = dict(model="1b", params=config.param_count(), dtype="bfloat16", batch=batch, new=max_new,
              device=str(jax.devices()[0]), tok_s=batch * max_new / t)
   print(row, flush=True)
   return row

@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.top_k = 0                   # 0 = no top-k filter
   c.sampling.max_new_tokens = 1000
   c.sampling.max_cache_length = 4096
-  c.sampling.batch_size = 32             # problems per turn call (plan() may lower it); paged: the queue length
+  c.sampling.batch_size = 32             # problems per turn call; paged: the queue length
   c.sampling.on_overflow = "raise"
   c.sampling.engine = "static"           # static (Sampler, batches per n) | paged (Engine, continuous batching)
   c.sampling.slots = 64                  # paged: decode rows run together in every chunk

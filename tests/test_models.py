@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rise_jax.models import (PRESETS, ModelConfig, build_model, init_cache, load_hf_checkpoint, load_model,
-                             save_hf_checkpoint)
+from rise_jax.models import (PRESETS, ModelConfig, abstract_model, build_model, init_cache, load_hf_checkpoint,
+                             load_model, save_hf_checkpoint)
 from rise_jax.models import attention as attention_lib
 from rise_jax.models import convert, hf_io
+from rise_jax.sharding import single_device_mesh
 from tests.fixtures_models import torch_logits
 
 HIGHEST = jax.default_matmul_precision("highest")
@@ -355,6 +356,18 @@ def test_paper_presets_name_their_repositories():
   assert PRESETS["mistral-7b-instruct-v0.2"].hf_repo == "mistralai/Mistral-7B-Instruct-v0.2"
   assert PRESETS["mistral-7b-instruct-v0.2"].config.sliding_window is None
   assert PRESETS["llama-3-8b-instruct"].config.rope_theta == 500_000.0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_param_count_and_cache_bytes(tied):
+  llama2 = PRESETS["llama-2-7b-chat"].config
+  assert llama2.param_count() == 6_738_415_616  # the published size of Llama-2-7b-hf
+  assert llama2.kv_bytes_per_token("bfloat16") == 512 * 1024  # 2 x 32 layers x 32 heads x 128 x 2 bytes
+  assert llama2.kv_bytes_per_token(np.float32) == 1024 * 1024
+  small = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=4, tie_word_embeddings=tied)
+  _, state, _ = abstract_model(small, single_device_mesh())
+  assert small.param_count() == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
 
 def test_load_model_from_config_sections(tiny_llama_gqa_path):

@@ -205,6 +205,26 @@ def test_paged_sampling_builds_an_engine_policy(tmp_path, monkeypatch):
   assert res.tokenizer.vocab_size < 128
 
 
+def test_a_model_teacher_loads_with_the_learners_options(tmp_path, monkeypatch, tiny_llama_gqa_path):
+  """A `model` teacher gets the config's parameter dtype (not its compute dtype), compute dtype, attention, scan
+  and remat settings, as the learner does."""
+  import jax.numpy as jnp
+  from rise_jax.config import finalize
+  from rise_jax.pipeline import recipes
+  from rise_jax.pipeline.resources import Resources
+
+  c = recipes.toy_smoke()
+  c.output_dir, c.collect.teacher.kind, c.collect.teacher.path = str(tmp_path), "model", str(tiny_llama_gqa_path)
+  c.model.param_dtype, c.model.dtype, c.model.remat = "float32", "bfloat16", "full"
+  c.model.scan_layers = not c.model.scan_layers
+  res = Resources(finalize(c), tmp_path)
+  monkeypatch.setattr(res, "learner", lambda model, name: (model, name))
+  model, name = res.teacher(res.config, PROBLEMS)
+  assert name == f"teacher:{tiny_llama_gqa_path.name}" and model.config.num_kv_heads == 2
+  assert model.embedder[...].dtype == jnp.float32 and model.dtype == jnp.bfloat16
+  assert (model.scan_layers, model.remat, model.attention) == (c.model.scan_layers, "full", "xla")
+
+
 def test_boost_validation_swaps_weights_into_one_learner():
   """The learner is built once and each later checkpoint's weights are swapped in (`update_params`, which both
   model policies have), so no validation scores a stale model and none recompiles."""

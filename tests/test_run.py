@@ -320,6 +320,30 @@ def _smoke_config(tmp_path, **fields):
   return finalize(c)
 
 
+def test_a_run_initialises_distributed_and_validates_once(tmp_path, monkeypatch):
+  """Once per process, by the loop: the train stage hands the trainer the validated config."""
+  from rise_jax.train import trainer
+  calls = {"initialize_distributed": 0, "validate": 0}
+  init, validate = trainer.initialize_distributed, config_lib.validate
+
+  def counted_init(cfg):
+    calls["initialize_distributed"] += 1
+    return init(cfg)
+
+  def counted_validate(cfg, **kwargs):
+    calls["validate"] += kwargs.get("_per_iteration", True)  # not validate's own per-iteration recursion
+    return validate(cfg, **kwargs)
+
+  monkeypatch.setattr(trainer, "initialize_distributed", counted_init)
+  monkeypatch.setattr(config_lib, "validate", counted_validate)
+  cfg = _smoke_config(tmp_path, **{"rise.boost_validate_every": None, "rise.boost_stop_accuracy": None,
+                                   "debug.stop_after": "iter_0/train:done"})
+  with pytest.raises(plan.StopRequested, match="stopped after iter_0/train"):
+    loop.run(cfg, log=lambda line: None)
+  assert (tmp_path / "run" / "iter_0" / "train" / "DONE").is_file()
+  assert calls == {"initialize_distributed": 1, "validate": 1}
+
+
 def test_run_refuses_a_locked_directory_at_once(tmp_path):
   from rise_jax import files
   cfg = _smoke_config(tmp_path)

@@ -230,13 +230,13 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path, ref
   the same loss for every step and the same final parameters."""
   _, data, ref = reference_run
   spec = {"data": str(data), "tokenizer": str(toy_tokenizer_dir), "out_dir": str(tmp_path / "run"),
-          "result": str(tmp_path / "killed.json"), "stop_after": "train:2"}
+          "result": str(tmp_path / "killed.json"), "stop_after_step": 2}
   [(code, out)] = _finish_all([_launch(spec, 8, tmp_path / "jax_cache")])
   assert code == -signal.SIGKILL, out[-3000:]
   assert not (tmp_path / "killed.json").exists()
   steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2]
-  [(code, out)] = _finish_all([_launch({**spec, "stop_after": None, "result": str(tmp_path / "resumed.json")}, 8,
+  [(code, out)] = _finish_all([_launch({**spec, "stop_after_step": None, "result": str(tmp_path / "resumed.json")}, 8,
                                         tmp_path / "jax_cache")])
   assert code == 0, out[-3000:]
   resumed = json.loads((tmp_path / "resumed.json").read_text())

@@ -1,7 +1,7 @@
 """A training process launched by the trainer tests: one host of a two-process run, or a run to be SIGKILLed.
 
     python tests/train_worker.py SPEC_JSON
-SPEC: {data, tokenizer, out_dir, result, process_id?, num_processes?, port?, stop_after?}. Writes the per-step
+SPEC: {data, tokenizer, out_dir, result, process_id?, num_processes?, port?, stop_after_step?}. Writes the per-step
 losses, the rows this process read and the final parameters' checksum to `result` (process 0 only for the
 parameters).
 """
@@ -17,6 +17,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout, not the installed copy
 from train_helpers import TINY, tiny_config  # noqa: E402
 
 
@@ -34,7 +35,6 @@ def main(spec):
     cfg.distributed.coordinator_address = f"127.0.0.1:{spec['port']}"
     cfg.distributed.num_processes = spec["num_processes"]
     cfg.distributed.process_id = spec["process_id"]
-  cfg.debug.stop_after = spec.get("stop_after")
   cfg.lock()
   trainer_lib.initialize_distributed(cfg)
   mesh = sharding_lib.make_mesh(cfg.mesh.train)
@@ -44,7 +44,7 @@ def main(spec):
   model = build_model(TINY, mesh=mesh, seed=0)
   # No HF export here (importing transformers costs seconds per process); the in-process tests check it.
   result = trainer_lib.train(cfg, spec["data"], spec["out_dir"], model=model, tokenizer=tokenizer,
-                             export_hf=False)
+                             export_hf=False, stop_after_step=spec.get("stop_after_step"))
   out["losses"] = {m["step"]: m["loss"] for m in result.metrics}
   out["resumed_from"] = result.resumed_from
   # The rows of each planned step this process materialised (the batch axis is sharded over processes).

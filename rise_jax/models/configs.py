@@ -12,8 +12,11 @@ import dataclasses
 import os
 from typing import Any
 
+import numpy as np
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,21 @@ class ModelConfig:
   def num_groups(self) -> int:
     """Query heads per key/value head (grouped-query attention)."""
     return self.num_heads // self.num_kv_heads
+
+  def param_count(self) -> int:
+    """Parameters of the decoder (embeddings, attention, MLP, norms, head), without building it."""
+    d, hd = self.hidden_size, self.head_dim
+    attention = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+    layer = attention + 3 * d * self.intermediate_size + 2 * d
+    head = 0 if self.tie_word_embeddings else self.vocab_size * d
+    return self.vocab_size * d + self.num_layers * layer + d + head
+
+  def kv_bytes_per_token(self, cache_dtype: Any = "bfloat16") -> int:
+    """Bytes one token of one row occupies in the KV cache (k and v, every layer)."""
+    name = cache_dtype if isinstance(cache_dtype, str) else np.dtype(cache_dtype).name
+    if name not in _DTYPE_BYTES:
+      raise ValueError(f"kv_bytes_per_token: unsupported dtype {cache_dtype!r} (one of {sorted(_DTYPE_BYTES)})")
+    return 2 * self.num_layers * self.num_kv_heads * self.head_dim * _DTYPE_BYTES[name]
 
   @classmethod
   def from_hf(cls, path_or_config: str | os.PathLike | Any) -> "ModelConfig":

@@ -15,7 +15,7 @@ is only the data layout, chosen from CPU measurements (`benchmarks/sampler_calls
     copied a dynamically indexed layer out every step (toy model, 2,048 rows, 320 slots: 4 x 168 MB per step);
   * slicing layer i out of the stacked [layers, ...] weights inside the loop copies the slice every step (110M
     model, batch 1: 90 ms/step against a 24 ms matmul floor). `layer_weights` slices them once per call (29
-    ms/step), at the cost of a transient second copy of the layer weights (counted by `sampling.plan`).
+    ms/step), at the cost of a transient second copy of the layer weights.
 
 The attention backend: `cudnn` and `splash` are full-sequence kernels, so one-token decode runs the xla
 multiply-and-reduce whatever `model.attention` says, as `hidden` does for any call with a cache.

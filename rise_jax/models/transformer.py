@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.sharding import NamedSharding
 
 from rise_jax.models import attention as attention_lib
 from rise_jax.models.configs import ModelConfig
-from rise_jax.sharding import constrain
+from rise_jax.sharding import constrain, logical_to_spec
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -67,8 +68,6 @@ def init_cache(config: ModelConfig, batch: int, cache_len: int, dtype: Any = jnp
 
 def cache_shardings(cache: KVCache, mesh, rules, on_indivisible: str = "replicate") -> KVCache:
   """NamedShardings for a cache on `mesh`: rows over the batch axes, kv heads over tensor (per `rules`)."""
-  from jax.sharding import NamedSharding
-  from rise_jax.sharding import logical_to_spec
   spec = lambda x, axes, name: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules, on_indivisible, name))
   return KVCache(k=spec(cache.k, CACHE_AXES, "cache.k"), v=spec(cache.v, CACHE_AXES, "cache.v"),
                  positions=spec(cache.positions, ("batch", "cache_length"), "cache.positions"),

@@ -85,9 +85,7 @@ class Resources:
     if not path.is_dir():
       raise FileNotFoundError(f"{path}: the model of stage {train_stage} is missing (was its directory edited?)")
     self._verify_export(train_stage, path)
-    return models.load_hf_checkpoint(path, dtype=c.model.param_dtype, mesh=on, compute_dtype=c.model.dtype,
-                                     attention=c.model.attention, scan_layers=c.model.scan_layers,
-                                     remat=c.model.remat, on_indivisible=c.mesh.on_indivisible)
+    return models.load_model(c.model, mesh=on, on_indivisible=c.mesh.on_indivisible, path=path)
 
   def _verify_export(self, train_stage: str, path: pathlib.Path) -> None:
     """The export's weights against the digests its stage's DONE recorded (markers older than them: unchecked)."""
@@ -134,7 +132,8 @@ class Resources:
       return ReferencePolicy({p.id: self.task.solution(p) for p in problems})
     if t.kind == "model":
       from rise_jax import models
-      model = models.load_hf_checkpoint(t.path, dtype=config.model.dtype, mesh=self.mesh("train"))
+      model = models.load_model(config.model, mesh=self.mesh("train"), on_indivisible=config.mesh.on_indivisible,
+                                path=t.path)
       return self.learner(model, name=f"teacher:{pathlib.Path(t.path).name}")
     from rise_jax.rollout.teacher import OpenAIChatPolicy
     return OpenAIChatPolicy(base_url=t.base_url, model=t.model, cache_dir=self.root / "teacher_cache")

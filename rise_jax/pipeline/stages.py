@@ -152,7 +152,7 @@ def train(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | N
     records += train_data.read_records(data_dir / dataset_lib.DATA_FILE)
   model = res.load_model(init)  # train() leaves it untouched and returns the trained model
   res.forget_model()
-  train_config = _train_config(config_lib.for_iteration(c, t) if t else c, boost=(t == 0), limit=limit)
+  train_config = _train_config(config_lib.for_iteration(c, t) if t else c, boost=(t == 0))
   validation = None
   if t == 0 and c.rise.boost_validate_every is not None:
     validation = train_lib.Validation(every=c.rise.boost_validate_every, score=_dev_accuracy(res),
@@ -160,7 +160,7 @@ def train(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | N
   t0 = time.perf_counter()
   # With a stop limit the trainer SIGKILLs this process right after step `limit`'s checkpoint commits.
   result = train_lib.train(train_config, records, out_dir, model=model, tokenizer=res.tokenizer,
-                           validation=validation)
+                           validation=validation, stop_after_step=limit)
   seconds = time.perf_counter() - t0
   info = {"init": init or "base", "num_records": len(records), "train_seconds": seconds,
           "stopped_early_at": result.stopped_early_at, HF_DIGESTS: hf_digests(out_dir / "hf")}
@@ -191,8 +191,8 @@ def _dev_accuracy(res: Resources):
   return score
 
 
-def _train_config(config, *, boost: bool, limit: int | None):
-  """The config the trainer sees: boost overrides applied, the stop hook turned into a step limit."""
+def _train_config(config, *, boost: bool):
+  """The config the trainer sees: boost overrides applied."""
   c = config_lib.to_dict(config)
   import ml_collections
   out = ml_collections.ConfigDict(c)
@@ -201,7 +201,6 @@ def _train_config(config, *, boost: bool, limit: int | None):
       out.train.lr = config.rise.boost_lr
     if config.rise.boost_epochs is not None:
       out.train.epochs = config.rise.boost_epochs
-  out.debug.stop_after = None if limit is None else f"train:{limit}"
   return out
 
 

@@ -3,9 +3,3 @@ dedupe, exp(r / tau) weights, iteration schedule), `dataset` (rollouts -> weight
 and `report`. Problems live in `rise_jax.tasks`, the episode engine in `rise_jax.rollout`, the run in
 `rise_jax.pipeline` (docs/architecture.md).
 """
-
-# Tasks, graders and prompt sets live in `rise_jax.tasks`; this re-export keeps older callers'
-# `from rise_jax.rise import grade, get_task, get_prompt_set` working. Importing it imports no JAX.
-from rise_jax.tasks import Problem, PromptSet, Task, get_prompt_set, get_task, grade
-
-__all__ = ["Problem", "PromptSet", "Task", "get_prompt_set", "get_task", "grade"]

@@ -55,7 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rise_jax import sharding as sharding_lib
 from rise_jax.config import ON_OVERFLOW
-from rise_jax.models.transformer import CACHE_AXES, KVCache, init_cache
+from rise_jax.models.transformer import KVCache, cache_shardings, init_cache
 from rise_jax.sampling import loop
 from rise_jax.sampling import select
 from rise_jax.sampling.params import SamplingParams
@@ -240,18 +240,11 @@ class Sampler:
 
   # -- layout ------------------------------------------------------------------------------------------------
 
-  def _cache_sharding(self, cache: KVCache) -> KVCache:
-    spec = lambda axes, shape: NamedSharding(self.mesh, sharding_lib.logical_to_spec(
-        axes, shape, self.mesh, self.rules, "replicate", "kv_cache"))
-    return KVCache(k=spec(CACHE_AXES, cache.k.shape), v=spec(CACHE_AXES, cache.v.shape),
-                   positions=spec(("batch", "cache_length"), cache.positions.shape),
-                   end_index=spec(("batch",), cache.end_index.shape))
-
   def _constrain(self, tree):
     """Pin every KVCache in `tree` to the sampling layout (rows over data/fsdp, kv heads over tensor)."""
     def one(x):
       if isinstance(x, KVCache):
-        return jax.lax.with_sharding_constraint(x, self._cache_sharding(x))
+        return jax.lax.with_sharding_constraint(x, cache_shardings(x, self.mesh, self.rules))
       return x
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, KVCache))
 

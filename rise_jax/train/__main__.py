@@ -21,13 +21,18 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+  import jax
+
   from rise_jax import compile_cache
   from rise_jax import config as config_lib
   from rise_jax import files
+  from rise_jax.pipeline.plan import StopAfter
   from rise_jax.train import demo, trainer
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<name>.py is required")
-  cfg = config_lib.validate(_CONFIG.value, require_training=True)
+  trainer.initialize_distributed(_CONFIG.value)  # before anything asks jax for its devices
+  cfg = config_lib.validate(_CONFIG.value, require_training=True, num_devices=jax.device_count())
+  stop = StopAfter.parse(cfg.debug.stop_after)  # only "train:N" applies to this one stage
   compile_cache.enable()
   data = _DATA.value or cfg.train.data_path
   if data is None:
@@ -36,7 +41,7 @@ def main(argv):
     demo.ensure_demo_data(data, cfg.tokenizer.path)
   out_dir = _OUT.value or cfg.output_dir
   with files.cli_errors("rise_jax.train", out_dir):  # refused directory: exit 2; disk full: exit 4
-    result = trainer.train(cfg, data, out_dir)
+    result = trainer.train(cfg, data, out_dir, stop_after_step=stop.units_for("train") if stop else None)
   last = result.metrics[-1] if result.metrics else {}
   print(f"trained {result.steps} steps (resumed from {result.resumed_from}); final loss "
         f"{last.get('loss', float('nan')):.4f}; {result.encode_report.summary()}; HF export: {result.hf_dir}")

@@ -33,7 +33,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rise_jax import chat
-from rise_jax import config as config_lib
 from rise_jax import files
 from rise_jax import sharding as sharding_lib
 from rise_jax.train import checkpoint as checkpoint_lib
@@ -350,13 +349,6 @@ def check_resume_settings(saved: dict[str, Any] | None, current: dict[str, Any],
                      "or the original settings to resume.")
 
 
-def _stop_after_step(cfg) -> int | None:
-  spec = cfg.debug.stop_after
-  if spec and spec.startswith("train:"):
-    return int(spec.split(":", 1)[1])
-  return None
-
-
 @dataclasses.dataclass(frozen=True)
 class Validation:
   """Held-out validation during training: `score(model)` (higher is better, e.g. dev accuracy) every `every`
@@ -372,26 +364,28 @@ class Validation:
 
 
 def train(cfg, records_or_path: str | os.PathLike | Iterable[Any], out_dir: str | os.PathLike, model=None,
-          tokenizer=None, *, export_hf: bool = True, validation: Validation | None = None) -> TrainResult:
+          tokenizer=None, *, export_hf: bool = True, validation: Validation | None = None,
+          stop_after_step: int | None = None) -> TrainResult:
   """Train `model` (or the config's model) on sft/1 records; write ckpt/, metrics.jsonl and hf/ under out_dir.
 
   Resumes from out_dir/ckpt when it holds a checkpoint (params, optimiser, step, rng, data position). Raises
   `NonFiniteLossError` when the loss goes non-finite (checked every `log_every` steps and before each save).
   `export_hf=False` skips the hf/ export (which imports transformers).
-  `cfg.debug.stop_after = "train:N"` SIGKILLs the process right after step N's checkpoint commits (a preemption
-  at the worst moment, for resume tests). `validation`: held-out scoring every N steps, optionally stopping early.
+  `stop_after_step=N` (the `debug.stop_after` hook) SIGKILLs the process right after step N's checkpoint commits
+  (a preemption at the worst moment, for resume tests). `validation`: held-out scoring every N steps, optionally
+  stopping early.
+  `cfg` is validated by the caller, once per process after `initialize_distributed` (the `rise_jax.train` command,
+  the RISE loop), not here: the loop trains several stages per run.
   """
-  initialize_distributed(cfg)  # before anything asks jax for its devices
-  config_lib.validate(cfg, require_training=True, num_devices=jax.device_count())
   out_dir = pathlib.Path(out_dir)
   records = _records(records_or_path)  # every record checked before the run directory is touched
   # Process 0 writes the shared files, so it alone holds the directory's lock.
   with files.RunLock(out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
-    return _train(cfg, records, out_dir, model, tokenizer, export_hf, validation)
+    return _train(cfg, records, out_dir, model, tokenizer, export_hf, validation, stop_after_step)
 
 
 def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: bool,
-           validation: Validation | None) -> TrainResult:
+           validation: Validation | None, stop_after: int | None) -> TrainResult:
   t = cfg.train
   settings = resume_settings(cfg)
   latest = checkpoint_lib.latest_meta(out_dir / "ckpt")
@@ -432,7 +426,6 @@ def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: boo
 
   model_config = trainer.model(state).config
   logger = _StepLogger(out_dir, model_config, total, start)
-  stop_after = _stop_after_step(cfg)
   profile = tuple(t.profile_steps) if t.profile_steps is not None else None
   per_call = steps_per_call(t.steps_per_call, model_config, t.global_batch, max(s.length for s in steps))
   # A call ends at every checkpoint step (and the stop / profile steps): the state exists there.
