@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -29,16 +28,6 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def _median_interleaved(fns: dict, reps: int) -> dict:
-  times = {k: [] for k in fns}
-  for _ in range(reps):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _first(fn) -> float:
@@ -62,6 +51,7 @@ def main(argv=None) -> int:
   import torch
   from transformers import LlamaForCausalLM
 
+  from benchmarks.sampler import interleaved
   from experiments.real_model import smollm2_gguf
   from rise_jax import chat, gguf, sharding
   from rise_jax.models import load_hf_checkpoint
@@ -108,7 +98,7 @@ def main(argv=None) -> int:
 
       fns = {"engine": run_engine, "sampler": run_sampler, "transformers": run_torch}
       first = {k: _first(f) for k, f in fns.items()}
-      med = _median_interleaved(fns, args.reps)
+      med = interleaved(fns, args.reps)
       tokens = batch * args.new
       print(json.dumps({"part": "generation", "batch": batch, "new_tokens": args.new, "first_call_s": first,
                         "median_s": med, "tokens_per_s": {k: tokens / v for k, v in med.items()},
@@ -127,7 +117,7 @@ def main(argv=None) -> int:
 
       fns = {"rise_jax": ours, "torch": theirs}
       first = {k: _first(f) for k, f in fns.items()}
-      med = _median_interleaved(fns, args.reps)
+      med = interleaved(fns, args.reps)
       print(json.dumps({"part": "prefill", "batch": batch, "tokens": int(mask.sum()), "first_call_s": first,
                         "median_s": med, "rise_jax_vs_torch": med["torch"] / med["rise_jax"]}), flush=True)
   if "train" in parts:
@@ -138,7 +128,8 @@ def main(argv=None) -> int:
 def _train_rows(args, model, ref, tok, ids_all, jax, jnp, torch, sharding):
   """One AdamW step on B x L rows of real prompt tokens, every target trained, weights 1."""
   import types
-  from rise_jax.train import data as data_lib, optim, trainer as trainer_lib
+  from benchmarks.sampler import interleaved
+  from rise_jax.train import optim, trainer as trainer_lib
   batch, length = min(args.batches), args.train_length
   rows = np.array([(x * (length // len(x) + 2))[:length + 1] for x in ids_all[:batch]], np.int32)
   cfg = types.SimpleNamespace(lr=1e-5, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=None, b1=0.9, b2=0.999,
@@ -170,7 +161,7 @@ def _train_rows(args, model, ref, tok, ids_all, jax, jnp, torch, sharding):
 
   fns = {"rise_jax": ours, "torch": theirs}
   first = {k: _first(f) for k, f in fns.items()}
-  med = _median_interleaved(fns, args.reps)
+  med = interleaved(fns, args.reps)
   print(json.dumps({"part": "train_step", "batch": batch, "length": length, "first_call_s": first,
                     "median_s": med, "tokens_per_s": {k: batch * length / v for k, v in med.items()},
                     "rise_jax_vs_torch": med["torch"] / med["rise_jax"]}), flush=True)

@@ -6,19 +6,11 @@ from __future__ import annotations
 import pathlib
 import re
 
-import ml_collections
 
 from rise_jax import config as config_lib
+from test_config_fields import _leaves
 
 CONTRACTS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "contracts.md"
-
-
-def _leaves(node, prefix=""):
-  for key, value in node.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from _leaves(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}"
 
 
 def _section_1() -> str:
