@@ -3,9 +3,6 @@
 from setuptools import find_packages, setup
 
 _TEST_CORE = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "scipy>=1.10"]
-# Reading .gguf files (rise_jax.gguf); accelerate because transformers' own GGUF loader, the tests' reference,
-# needs it.
-_GGUF = ["gguf>=0.10,<1", "accelerate>=1"]
 
 setup(
     name="rise_jax",
@@ -37,12 +34,13 @@ setup(
         "ml_dtypes>=0.5",
         "tokenizers>=0.22,<1",
         "tensorboardX>=2.6,<3",
+        "gguf>=0.10,<1",                 # reading .gguf checkpoints (rise_jax.gguf)
     ],
     extras_require={
         # test-core: what the suite needs besides torch (the Python 3.12 CI leg, where no CPU-only torch is on PyPI).
         "test-core": _TEST_CORE,
-        "test": _TEST_CORE + _GGUF + ["torch>=2.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
-        "gguf": _GGUF,
+        # accelerate: transformers' own GGUF loader (the tests' reference for rise_jax.gguf) requires it.
+        "test": _TEST_CORE + ["accelerate>=1", "torch>=2.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

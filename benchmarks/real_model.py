@@ -107,19 +107,19 @@ def main(argv=None) -> int:
     if "prefill" in parts:
       forward = jax.jit(lambda m, x, a: m(x, attention_mask=a))
       x, a = jnp.asarray(padded), jnp.asarray(mask.astype(bool))
-
-      def ours():
-        jax.block_until_ready(forward(model, x, a))
+      unrolled = load_hf_checkpoint(directory, dtype="float32", scan_layers=False)  # is the scan the cost?
 
       def theirs():
         with torch.no_grad():
           ref(torch.as_tensor(padded), attention_mask=torch.as_tensor(mask))
 
-      fns = {"rise_jax": ours, "torch": theirs}
+      fns = {"rise_jax": lambda: jax.block_until_ready(forward(model, x, a)),
+             "rise_jax_unrolled": lambda: jax.block_until_ready(forward(unrolled, x, a)), "torch": theirs}
       first = {k: _first(f) for k, f in fns.items()}
       med = interleaved(fns, args.reps)
       print(json.dumps({"part": "prefill", "batch": batch, "tokens": int(mask.sum()), "first_call_s": first,
-                        "median_s": med, "rise_jax_vs_torch": med["torch"] / med["rise_jax"]}), flush=True)
+                        "median_s": med, "rise_jax_vs_torch": med["torch"] / med["rise_jax"],
+                        "unrolled_vs_torch": med["torch"] / med["rise_jax_unrolled"]}), flush=True)
   if "train" in parts:
     _train_rows(args, model, ref, tok, ids_all, jax, jnp, torch, sharding)
   return 0

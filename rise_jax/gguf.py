@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -75,10 +76,8 @@ class _Metadata:
 
 
 def _gguf_package():
-  try:
-    import gguf
-  except ImportError:
-    raise ImportError("reading GGUF files needs the gguf package: pip install 'rise_jax[gguf]'") from None
+  """The gguf package, imported on first use: it costs ~0.25 s, and every command imports this module."""
+  import gguf
   return gguf
 
 
@@ -285,6 +284,15 @@ def _save_tokenizer(meta: _Metadata, out: str) -> None:
 # -- the directory -----------------------------------------------------------------------------------------------
 
 def _sha256(path: str) -> str:
+  stat = os.stat(path)
+  return _sha256_of(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+  """sha256 of a file, once per process for the same size and mtime (a run resolves its checkpoint for the
+  tokenizer and for every model load; a 7B file takes seconds)."""
+  del size, mtime_ns  # the cache key: a rewritten file is hashed again
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 24), b""):

@@ -16,12 +16,17 @@ def tokenizer_path(cfg, build_dir: str | os.PathLike | None = None) -> str:
   the code: a resumed run rebuilds it identically). Anything else has no tokenizer and is an error naming the
   field."""
   if cfg.tokenizer.path is not None:
-    return gguf.as_hf_dir(cfg.tokenizer.path) if gguf.is_gguf(cfg.tokenizer.path) else cfg.tokenizer.path
+    return _gguf_as_dir(cfg.tokenizer.path)
   if cfg.model.source == "hf":
-    return gguf.as_hf_dir(cfg.model.hf_path) if gguf.is_gguf(cfg.model.hf_path) else cfg.model.hf_path
+    return _gguf_as_dir(cfg.model.hf_path)
   if cfg.task.name == "toy" and build_dir is not None:
     return build_toy_tokenizer(pathlib.Path(build_dir) / "tokenizer")
   raise ValueError("config field tokenizer.path: required (a preset model on a non-toy task has no tokenizer)")
+
+
+def _gguf_as_dir(path: str) -> str:
+  """A .gguf file's converted directory; anything else (a directory, a hub id) as is."""
+  return gguf.as_hf_dir(path) if gguf.is_gguf(path) else path
 
 
 def tokenizer_from_config(cfg, build_dir: str | os.PathLike | None = None) -> ChatTokenizer:

@@ -329,9 +329,9 @@ def _check_probe(tokenizer: ChatTokenizer) -> None:
   """Renders a RISE-shaped exchange, so a template whose spans cannot be derived fails at load, naming itself."""
   from rise_jax.chat import rendering
   try:
-    rendering.render(tokenizer, _PROBE)
+    whole = rendering.render(tokenizer, _PROBE).ids
     prompt = rendering.render(tokenizer, _PROBE[:3], add_generation_prompt=True).ids
-    if rendering.render(tokenizer, _PROBE).ids[:len(prompt)] != prompt:
+    if whole[:len(prompt)] != prompt:
       raise templates_lib.ChatTemplateError("the generation prompt's ids are not a prefix of the reply's")
   except templates_lib.ChatTemplateError as e:
     raise TokenizerLoadError(f"{tokenizer.source}: chat template {tokenizer.chat_template_name!r} cannot be used "
@@ -362,29 +362,30 @@ def load_tokenizer(path: str | pathlib.Path, chat_template: str = AUTO) -> ChatT
       raise TokenizerLoadError(f"{path}: no tokenizer.model or tokenizer.json in this directory")
   else:
     raise TokenizerLoadError(f"{path}: no such file or directory")
+  # A .model file given alone is that vocabulary alone: no config, template or generation config beside it.
   config = _read_tokenizer_config(directory) if path.is_dir() else {}
-  if chat_template == AUTO:
-    spec = None
-  elif pathlib.Path(chat_template).suffix == ".jinja":
-    spec = ("file", chat_template)
-  else:
-    spec = templates_lib.get_template(chat_template)
   if sp_model is not None:
-    probe = _SentencePieceEngine(sp_model, "text_start") if not isinstance(spec, templates_lib.TemplateSpec) else None
-    if spec is None:
-      spec = _auto_template(probe, config, directory if path.is_dir() else path, sentencepiece=True)
-    elif isinstance(spec, tuple):
-      spec = _file_template(spec[1], probe, config)
+    # The dummy-prefix rule is part of the template spec: resolve it on a plain engine, then build the real one.
+    named = chat_template != AUTO and pathlib.Path(chat_template).suffix != ".jinja"
+    spec = templates_lib.get_template(chat_template) if named else _resolve_template(
+        chat_template, _SentencePieceEngine(sp_model, "text_start"), config, path, sentencepiece=True)
     engine = _SentencePieceEngine(sp_model, spec.sentencepiece_prefix)
   else:
     engine = _TokenizersEngine(path / "tokenizer.json")
-    if spec is None:
-      spec = _auto_template(engine, config, path, sentencepiece=False)
-    elif isinstance(spec, tuple):
-      spec = _file_template(spec[1], engine, config)
-  tokenizer = ChatTokenizer(engine, spec, path, config, extra_stop_ids=_generation_eos_ids(directory))
+    spec = _resolve_template(chat_template, engine, config, directory, sentencepiece=False)
+  tokenizer = ChatTokenizer(engine, spec, path, config, extra_stop_ids=_generation_eos_ids(path))
   _check_probe(tokenizer)
   return tokenizer
+
+
+def _resolve_template(chat_template: str, engine, config: dict[str, Any], directory: pathlib.Path,
+                      sentencepiece: bool) -> templates_lib.TemplateSpec:
+  """The spec `chat_template` names for this vocabulary: "auto", a .jinja path, or a shipped/registered name."""
+  if chat_template == AUTO:
+    return _auto_template(engine, config, directory, sentencepiece)
+  if pathlib.Path(chat_template).suffix == ".jinja":
+    return _file_template(chat_template, engine, config)
+  return templates_lib.get_template(chat_template)
 
 
 def _file_template(path: str, engine, config: dict[str, Any]) -> templates_lib.TemplateSpec:
