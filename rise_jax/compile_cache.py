@@ -1,7 +1,7 @@
 """The persistent XLA compilation cache the command-line entry points turn on (`rise_jax.run`, `.evaluate`,
 `.train`).
 
-Every stage builds fresh jitted closures (a new sampler, a new trainer) for shapes an earlier stage already
+Every stage builds fresh jitted closures (a new engine, a new trainer) for shapes an earlier stage already
 compiled, and a resumed run compiles everything again; with the cache on disk those compiles become lookups. The
 location is `~/.cache/rise_jax/xla` unless `JAX_COMPILATION_CACHE_DIR` names another (JAX's own variable, as are
 `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` and the rest, which override the defaults set here); an empty

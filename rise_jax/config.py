@@ -37,7 +37,6 @@ INIT_FROM = ("base", "previous")
 RISE_DATA = ("current", "accumulated")
 RISE_EVALUATE = ("all", "final")
 ON_OVERFLOW = ("raise", "report")
-SAMPLING_ENGINES = ("static", "paged")
 ON_INDIVISIBLE = ("replicate", "raise")
 MOMENTS_DTYPES = ("float32", "bfloat16")
 # The largest example weight training accepts: Adam's second moment grows like weight**2, and float32 overflows
@@ -93,13 +92,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.top_k = 0                   # 0 = no top-k filter
   c.sampling.max_new_tokens = 1000
   c.sampling.max_cache_length = 4096
-  c.sampling.batch_size = 32             # problems per turn call; paged: the queue length
+  c.sampling.batch_size = 32             # episodes in flight (the engine's queue holds their requests)
   c.sampling.on_overflow = "raise"
-  c.sampling.engine = "static"           # static (Sampler, batches per n) | paged (Engine, continuous batching)
-  c.sampling.slots = 64                  # paged: decode rows run together in every chunk
-  c.sampling.block_size = 16             # paged: tokens per KV pool block (a power of two)
-  c.sampling.chunk_steps = 8             # paged: decode steps per jitted chunk (a finished row waits <= this)
-  c.sampling.num_blocks = 0              # paged: KV pool blocks; 0 = every slot at full length (a smaller pool waits)
+  c.sampling.slots = 64                  # decode rows run together in every chunk
+  c.sampling.block_size = 16             # tokens per KV pool block (a power of two)
+  c.sampling.chunk_steps = 8             # decode steps per jitted chunk (a finished row waits <= this)
+  c.sampling.num_blocks = 0              # KV pool blocks; 0 = every slot at full length (a smaller pool waits)
 
   c.collect = ml_collections.ConfigDict()
   c.collect.turns = 2                    # K: the last turn is the improvement turn
@@ -107,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.collect.improvement = "self"         # self (best-of-N from the learner) | teacher
   c.collect.improvement_samples = 16     # N at the improvement turn (self-distillation best-of-N)
   c.collect.teacher = ml_collections.ConfigDict()
-  c.collect.teacher.kind = "model"       # model (through the sampler) | openai (chat-completions endpoint) |
+  c.collect.teacher.kind = "model"       # model (through the engine) | openai (chat-completions endpoint) |
                                          # reference (the task's reference solutions: distillation from ground truth)
   c.collect.teacher.path = placeholder(str)
   c.collect.teacher.base_url = placeholder(str)
@@ -302,7 +300,6 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(s.max_cache_length > s.max_new_tokens, "sampling.max_cache_length", "must exceed max_new_tokens")
   _check(s.batch_size >= 1, "sampling.batch_size", "must be >= 1")
   _one_of(config, "sampling.on_overflow", ON_OVERFLOW)
-  _one_of(config, "sampling.engine", SAMPLING_ENGINES)
   _check(s.slots >= 1, "sampling.slots", "must be >= 1")
   _check(s.block_size >= 1 and not s.block_size & (s.block_size - 1), "sampling.block_size",
          f"must be a power of two >= 1, got {s.block_size}")
@@ -312,7 +309,7 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
          f"{s.block_size} exceeds sampling.max_cache_length ({s.max_cache_length}): every request pads to a block")
   # A request may grow to the cache length (on_overflow keeps it there), so the pool must hold one that long.
   full = -(-s.max_cache_length // s.block_size)
-  _check(s.engine != "paged" or s.num_blocks == 0 or s.num_blocks >= full, "sampling.num_blocks",
+  _check(s.num_blocks == 0 or s.num_blocks >= full, "sampling.num_blocks",
          f"{s.num_blocks} blocks cannot hold one request of sampling.max_cache_length ({s.max_cache_length} tokens "
          f"= {full} blocks of {s.block_size}); use >= {full}, or 0 (sized for every slot)")
   co = config.collect

@@ -83,36 +83,52 @@ def test_cached_incremental_equals_full_forward(tiny_mistral_path, scan_layers):
 
 
 
-def test_decode_path_equals_full_forward_and_skips_inactive_rows(tiny_mistral_path):
-  """`models.decode` (the sampler's one-token path, on its own cache layout) against the full-sequence forward,
-  decoding past the sliding window; a row marked inactive for a step is fed nothing and resumes where it was."""
-  from rise_jax.models import decode
+def test_decode_layers_equal_the_full_forward_and_skip_inactive_rows(tiny_mistral_path):
+  """`models.decode.decode_layers` (the engine's one-token layer stack) over a plain contiguous cache written
+  here, against the full-sequence forward, decoding past the sliding window; a row marked inactive for a step
+  is fed nothing and resumes where it was."""
+  from rise_jax.models import attention, decode
   model = load_hf_checkpoint(tiny_mistral_path)
+  c = model.config
   rng = np.random.RandomState(1)
-  b, prompt, total = 3, 6, 24  # window 16
+  b, prompt, total, slots = 3, 6, 24, 32  # window 16
   ids = jnp.asarray(rng.randint(3, 256, (b, total)))
   with HIGHEST:
     full = _forward(model, ids, jnp.ones((b, total), jnp.int32))
-    _, kv = _cached(model, ids[:, :prompt], jnp.ones((b, prompt), jnp.int32), init_cache(model.config, b, 32))
-    cache, layers = decode.DecodeCache.from_kv(kv), decode.layer_weights(model)
-    step = jax.jit(lambda c, t, a: decode.decode_hidden(model, t, a, c, layers))
+    _, kv = _cached(model, ids[:, :prompt], jnp.ones((b, prompt), jnp.int32), init_cache(c, b, slots))
+    layers = decode.layer_weights(model)
+    per_layer = [(jnp.transpose(kv.k[i], (0, 2, 1, 3)), jnp.transpose(kv.v[i], (0, 2, 1, 3)))
+                 for i in range(c.num_layers)]  # [b, kv_heads, slots, d]
+
+    @jax.jit
+    def step(per_layer, tokens, fed, active):
+      rows = jnp.arange(b)
+      slot = jnp.where(active, fed, slots - 1)  # an inactive row writes a slot nobody attends
+      keys = jnp.arange(slots)[None, :]
+      visible = (keys <= fed[:, None]) & (fed[:, None] - keys < c.sliding_window)
+
+      def attend(q, k, v, layer):
+        k_cache = layer[0].at[rows, :, slot].set(k)
+        v_cache = layer[1].at[rows, :, slot].set(v)
+        return attention.decode_attention(q, k_cache, v_cache, visible), (k_cache, v_cache)
+
+      return decode.decode_layers(model, tokens, fed, layers, per_layer, attend)
+
     fed = np.full(b, prompt)
     for t in range(2 * (total - prompt)):
       active = np.ones(b, bool) if t % 3 else np.array([True, False, True])  # row 1 sits out every third step
       active &= fed < total
       if not active.any():
         continue
-      hidden, cache = step(cache, jnp.asarray(ids[np.arange(b), np.minimum(fed, total - 1)]), jnp.asarray(active))
+      hidden, per_layer = step(per_layer, jnp.asarray(ids[np.arange(b), np.minimum(fed, total - 1)]),
+                               jnp.asarray(fed), jnp.asarray(active))
       logits = np.asarray(model.unembed(hidden))
       for r in np.flatnonzero(active):
         got, want = logits[r], np.asarray(full[r, fed[r]])
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5, (t, r)
       fed += active
   assert (fed == total).all()
-  back = cache.to_kv()
-  np.testing.assert_array_equal(back.end_index, [total] * b)
-  np.testing.assert_array_equal(np.asarray(back.positions)[:, :total], np.tile(np.arange(total), (b, 1)))
-  assert (np.asarray(back.positions)[:, total:] == -1).all()
+
 
 # -- scan / remat / dtypes ---------------------------------------------------------------------------------
 

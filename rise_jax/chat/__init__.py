@@ -1,6 +1,6 @@
 """rise_jax.chat: the only code that turns messages into tokens (contracts §2).
 
-The sampler, the trainer and the evaluator all render through here, so training and sampling contexts cannot
+The engine's policy, the trainer and the evaluator all render through here, so training and sampling contexts cannot
 drift. Public API: load_tokenizer, ChatTokenizer, check_vocab, render, RenderedChat, train_arrays,
 truncate_history, window, continuation_ids, register_template, get_template, build_toy_tokenizer (the toy
 task's char-level vocabulary), tokenizer_from_config (the one resolution rule: tokenizer.path, model.hf_path, toy).

@@ -18,11 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
-from jax.sharding import NamedSharding
 
 from rise_jax.models import attention as attention_lib
 from rise_jax.models.configs import ModelConfig
-from rise_jax.sharding import constrain, logical_to_spec
+from rise_jax.sharding import constrain
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -42,7 +41,6 @@ LAYER_AXES = {
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
 }
-CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 ACTIVATION_AXES = ("batch", "length", None)  # the residual stream: rows split, embed whole on every device
 
 
@@ -64,14 +62,6 @@ def init_cache(config: ModelConfig, batch: int, cache_len: int, dtype: Any = jnp
   shape = (config.num_layers, batch, cache_len, config.num_kv_heads, config.head_dim)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                  positions=jnp.full((batch, cache_len), -1, jnp.int32), end_index=jnp.zeros((batch,), jnp.int32))
-
-
-def cache_shardings(cache: KVCache, mesh, rules, on_indivisible: str = "replicate") -> KVCache:
-  """NamedShardings for a cache on `mesh`: rows over the batch axes, kv heads over tensor (per `rules`)."""
-  spec = lambda x, axes, name: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules, on_indivisible, name))
-  return KVCache(k=spec(cache.k, CACHE_AXES, "cache.k"), v=spec(cache.v, CACHE_AXES, "cache.v"),
-                 positions=spec(cache.positions, ("batch", "cache_length"), "cache.positions"),
-                 end_index=spec(cache.end_index, ("batch",), "cache.end_index"))
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -379,5 +369,5 @@ class Transformer(nnx.Module):
     return h, new_cache
 
 
-__all__ = ["KVCache", "Transformer", "init_cache", "cache_shardings", "rope_inv_freq", "apply_rope", "rms_norm",
+__all__ = ["KVCache", "Transformer", "init_cache", "rope_inv_freq", "apply_rope", "rms_norm",
            "swiglu_down", "dense", "attention_inputs", "layer_output"]

@@ -1,13 +1,13 @@
 """Static checks that a config fits the hardware it documents, without a single real array.
 
 `check(config, hardware)`:
-  * builds the model abstractly (`nnx.eval_shape`) and the sampler's KV cache (`jax.eval_shape`), maps every
+  * builds the model abstractly (`nnx.eval_shape`) and the engine's KV pool (`jax.eval_shape`), maps every
     array's logical axes onto a `jax.sharding.AbstractMesh` of the documented shape with the training and sampling
     rules, and raises if any dimension does not divide its mesh axes (`on_indivisible="raise"`);
   * estimates per-device memory analytically for the training phase (parameters, gradients, Adam moments,
-    activations under the configured remat policy and attention backend, logits) and the sampling phase (parameters in compute dtype
-    plus the KV cache: the Sampler's batch x samples rows, or the engine's block pool when sampling.engine is
-    "paged"), and raises when the larger exceeds the chip's HBM less a headroom for XLA temporaries.
+    activations under the configured remat policy and attention backend, logits) and the sampling phase
+    (parameters in compute dtype plus the engine's block pool), and raises when the larger exceeds the chip's HBM
+    less a headroom for XLA temporaries.
 The training estimate (`train_estimate`) is calibrated against the compiled step's `memory_analysis()`
 (`rise_jax.train.memory`): within 15% at three sizes on CPU (tests/test_train_memory.py), and it reproduces the
 126.7 GiB measured for a Llama-2-7B step on an H200 (docs/benchmarks.md). It is still a model: it catches a config
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import numpy as np
@@ -208,35 +207,13 @@ def check(config, hardware: Hardware) -> Estimate:
     spec = sharding.logical_to_spec(axes, shape, sample_mesh, sharding.SAMPLE_RULES, "raise", f"sample {name}")
     est.sample_params += _sharded_bytes(shape, spec, sample_mesh, c_bytes)
 
-  if config.sampling.engine == "paged":
-    est.kv_cache = _pool_bytes(config, mc, sample_mesh, c_bytes)
-  else:
-    est.kv_cache = _static_cache_bytes(config, mc, sample_mesh, c_bytes)
+  est.kv_cache = _pool_bytes(config, mc, sample_mesh, c_bytes)
 
   budget = hardware.hbm_gib * GiB * hardware.headroom
   if est.peak > budget:
     raise ValueError(f"estimated peak {est.peak / GiB:.1f} GiB per device exceeds {hardware.headroom:.0%} of "
                      f"{hardware.hbm_gib} GiB on {hardware.name}:\n{est.table()}")
   return est
-
-
-def _static_cache_bytes(config, mc, sample_mesh, c_bytes: int) -> float:
-  """The Sampler's cache: the whole batch of rows (prompts x samples) at max_cache_length slots each."""
-  from rise_jax import sharding
-  from rise_jax.models.transformer import CACHE_AXES, init_cache
-  co = config.collect
-  samples = max(co.samples_per_turn, co.improvement_samples if co.improvement == "self" else 1,
-                config.eval.parallel_k)
-  cache_rows = config.sampling.batch_size * samples
-  cache = jax.eval_shape(lambda: init_cache(mc, cache_rows, config.sampling.max_cache_length,
-                                            np.dtype("float32") if c_bytes == 4 else "bfloat16"))
-  total = 0.0
-  for name in ("k", "v"):
-    leaf = getattr(cache, name)
-    spec = sharding.logical_to_spec(CACHE_AXES, leaf.shape, sample_mesh, sharding.SAMPLE_RULES, "raise",
-                                    f"KV cache {name} ({cache_rows} rows = sampling.batch_size x {samples})")
-    total += _sharded_bytes(leaf.shape, spec, sample_mesh, leaf.dtype.itemsize)
-  return total
 
 
 def _pool_bytes(config, mc, sample_mesh, c_bytes: int) -> float:

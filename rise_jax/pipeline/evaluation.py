@@ -50,7 +50,7 @@ def evaluate_config(cfg, *, out_dir=None, policy=None, problems: Sequence[Any] |
                     progress: bool = True, on_open=None) -> dict[str, Any]:
   """`rise_jax.evaluate`: check the config and the output directory, then `evaluate` into it; returns the metrics.
 
-  policy: the learner (default: `cfg.model` behind a sampler, built by `Resources`); model: how the log header
+  policy: the learner (default: `cfg.model` behind the engine, built by `Resources`); model: how the log header
   names it (default `cfg.model`'s description); problems: default the `eval.split` split.
   """
   num_devices = None

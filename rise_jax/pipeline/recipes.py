@@ -95,8 +95,8 @@ def smollm2_self() -> ml_collections.ConfigDict:
   """The paper's self-distillation recipe on GSM8K with SmolLM2-135M-Instruct, sized for one 80 GB GPU.
 
   The checkpoint's own ChatML template ("auto"), the paper prompts and grader, K = 2 with best-of-16 from the
-  learner at turn 2, criteria all, exp(r / 0.4), one iteration beside its single-turn control. Sampling runs on the
-  paged engine (its prefix cache holds the paper prompt's 400-token worked example once for every problem);
+  learner at turn 2, criteria all, exp(r / 0.4), one iteration beside its single-turn control. The engine's prefix
+  cache holds the paper prompt's 400-token worked example once for every problem; 256 slots keep one GPU busy.
   135M parameters need no sharding: one device for both meshes.
   """
   c = paper(name="gsm8k_smollm2_self", preset="smollm2-135m-instruct", task="gsm8k", improvement="self")
@@ -105,7 +105,6 @@ def smollm2_self() -> ml_collections.ConfigDict:
   c.model.remat = "none"          # 135M parameters: activations fit without recomputation
   c.mesh.train = (1, 1, 1)
   c.mesh.sample = (1, 1, 1)
-  c.sampling.engine = "paged"
   c.sampling.slots = 256
   c.sampling.batch_size = 256
   c.train.micro_batch = 16
@@ -175,7 +174,8 @@ def toy() -> ml_collections.ConfigDict:
   c.sampling.temperature = 1.0
   c.sampling.max_new_tokens = 20         # a worked answer is at most 16 characters + end of turn
   c.sampling.max_cache_length = 256      # the turn-5 prompt of 20-token attempts (210 tokens) + 20 new (docs/toy.md)
-  c.sampling.batch_size = 2000           # the whole test set per call: the CPU sampler is bound by per-step overhead
+  c.sampling.batch_size = 2000           # episodes in flight: the whole test set queued at once
+  c.sampling.slots = 512                 # 20-token replies: wide chunks amortise the per-chunk host work on a CPU
   c.collect.turns = 2
   c.collect.samples_per_turn = 1
   c.collect.improvement = "self"

@@ -103,29 +103,23 @@ class Resources:
     self._model, self._model_key = None, ()
 
   def learner(self, model, name: str):
-    """`model` as a runner policy on the sampling mesh, set up by `sampling` (cache length, overflow policy): a
-    `Sampler` (`sampling.engine = "static"`) or a continuous-batching `Engine` ("paged": slots, block_size,
-    chunk_steps, num_blocks; ids past the tokenizer's vocabulary never sampled, as the Sampler). Every learner of every
-    command is built here."""
+    """`model` as a runner policy: the continuous-batching engine on the sampling mesh, set up by `sampling`
+    (cache length, overflow policy, slots, block_size, chunk_steps, num_blocks; ids past the tokenizer's
+    vocabulary never sampled). Every learner of every command is built here."""
     from rise_jax import chat
-    from rise_jax.rollout.policies import EnginePolicy, SamplerPolicy
-    from rise_jax.sampling import Engine, Sampler
-    from rise_jax.sampling.sampler import vocab_limit
+    from rise_jax.rollout.policies import EnginePolicy
+    from rise_jax.sampling import requests
+    from rise_jax.sampling.engine import Engine
     s = self.config.sampling
-    if model is not None:
-      chat.check_vocab(self.tokenizer, model.config)
-    if s.engine == "paged":
-      engine = Engine(model, slots=s.slots, max_seq_len=s.max_cache_length, block_size=s.block_size,
-                      chunk_steps=s.chunk_steps, num_blocks=s.num_blocks or None, on_overflow=s.on_overflow,
-                      vocab_limit=vocab_limit(self.tokenizer, model.config), mesh=self.mesh("sample"))
-      return EnginePolicy(engine, self.tokenizer, name=name)
-    sampler = Sampler(model, self.tokenizer, max_cache_length=s.max_cache_length, mesh=self.mesh("sample"),
-                      on_overflow=s.on_overflow)
-    return SamplerPolicy(sampler, self.tokenizer, name=name)
+    chat.check_vocab(self.tokenizer, model.config)
+    engine = Engine(model, slots=s.slots, max_seq_len=s.max_cache_length, block_size=s.block_size,
+                    chunk_steps=s.chunk_steps, num_blocks=s.num_blocks or None, on_overflow=s.on_overflow,
+                    vocab_limit=requests.vocab_limit(self.tokenizer, model.config), mesh=self.mesh("sample"))
+    return EnginePolicy(engine, self.tokenizer, name=name)
 
   def teacher(self, config, problems):
     """The improvement policy of distillation (config: the iteration's): the task's reference solutions, a
-    checkpoint through the sampler, or an OpenAI-compatible API."""
+    checkpoint through the engine, or an OpenAI-compatible API."""
     t = config.collect.teacher
     if t.kind == "reference":
       from rise_jax.rollout.policies import ReferencePolicy

@@ -73,7 +73,7 @@ def _add_sampling(row: dict[str, Any], done: dict[str, Any], seconds_key: str) -
 def compute_markdown(rows: Sequence[dict[str, Any]]) -> str:
   lines = ["## Compute per iteration", "",
            "Seconds of each stage as run (a resumed stage counts its last invocation only); decode tokens of "
-           "collection and evaluation (all invocations) and the sampler's tokens/s (last invocation); tokens seen "
+           "collection and evaluation (all invocations) and the engine's tokens/s (last invocation); tokens seen "
            "by training (all invocations).", "",
            "| iteration | collect s | train s | eval s | decode tokens | sampling tokens/s | train tokens |",
            "|---|---|---|---|---|---|---|"]

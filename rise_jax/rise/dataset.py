@@ -48,7 +48,7 @@ def _strip_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
 
 def token_drift(records: Sequence[dict[str, Any]], sampled_ids: Sequence[Sequence[int] | None],
                 tokenizer) -> dict[str, Any]:
-  """How many trained actions re-tokenise differently from the ids the sampler produced.
+  """How many trained actions re-tokenise differently from the ids the engine produced.
 
   The trainer renders each record through `rise_jax.chat.render`; the tokens of the trained assistant span
   (its end-of-turn token stripped) are compared with the sampled ids (eos stripped). Teacher text (ids None) is

@@ -1,18 +1,16 @@
 """Policies: whatever answers a turn of a RISE episode, behind one small protocol.
 
-The episode runner (`rise_jax.rollout.runner`) asks a policy for `n` responses to each of a batch of
-conversations (`Request`s) and gets `Completion`s back. These kinds implement it:
-- `SamplerPolicy`: the learner (or a teacher checkpoint) through `rise_jax.sampling.Sampler`, batched, keeping each
-  conversation's KV cache across turns;
-- `EnginePolicy`: the same model through the continuous-batching `rise_jax.sampling.Engine` (`sampling.engine =
-  "paged"`), a whole turn's requests as one queue, any mix of `n`; same samples as `SamplerPolicy` for a seed;
+The episode runner (`rise_jax.rollout.runner`) opens a policy's stream (`open_stream(seed) -> PolicyStream`),
+submits a `Request` (n responses wanted for one conversation) the moment an episode needs one, and collects each
+`Completion` as it finishes. These kinds implement it:
+- `EnginePolicy`: the learner (or a teacher checkpoint) through the continuous-batching engine
+  (`rise_jax.sampling.engine`): one queue across turns and episodes, any mix of `n`, a previous turn's cache
+  reused through the engine's prefix cache;
 - `ReferencePolicy`: the task's reference solutions as the teacher;
 - `rise_jax.rollout.teacher.OpenAIChatPolicy`: a chat-completions endpoint (GPT-3.5 in the paper);
 - `ScriptedPolicy`: a function from request to text, for tests and for replaying known answers.
-
-A policy may also offer `open_stream(seed) -> PolicyStream`: requests submitted one at a time, completions
-returned as they finish (the engine's continuous batching; `InstantStream` for a policy that answers at once).
-When every turn's policy streams, the runner streams episodes instead of stepping them turn by turn.
+The last three answer a batch at once (`sample`); their stream (`InstantStream`) answers everything submitted
+since the last step in one `sample` call per sampling setting.
 
 Randomness: a request's stream (the protocol kind), key (the problem id), turn and resample round name its random
 stream (`sample_uid`), so a sample never depends on which other problems share its batch, a resumed run redraws
@@ -28,6 +26,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from rise_jax import chat
+from rise_jax.sampling import requests as sampling_requests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +90,9 @@ class Policy(Protocol):
   def release(self, keys: Sequence[str]) -> None:
     """The conversations `keys` are over: drop any state (KV caches) held for them."""
 
+  def open_stream(self, seed: int) -> "PolicyStream":
+    """A queue that takes requests one at a time and returns their completions as they finish."""
+
 
 @runtime_checkable
 class PolicyStream(Protocol):
@@ -108,31 +110,36 @@ class PolicyStream(Protocol):
 
 
 class InstantStream:
-  """The stream of a policy that answers without waiting (the reference teacher, a script): each request is
-  answered at `submit` through `policy.sample` and returned by the next `step`."""
+  """The stream of a policy that answers a batch at once (the reference teacher, an HTTP teacher, a script):
+  everything submitted since the last `step` is answered there, in one `policy.sample` call per sampling
+  setting, so an HTTP teacher still sends a turn's requests concurrently."""
 
   def __init__(self, policy, seed: int):
     self.policy = policy
     self.seed = seed
-    self._done: list[tuple[Any, Completion]] = []
+    self._queued: list[tuple[Request, TurnSampling, Any]] = []
 
   def submit(self, request: Request, sampling: TurnSampling, tag: Any) -> None:
-    completions = self.policy.sample([request], sampling, self.seed)
-    if len(completions) != 1:
-      raise RuntimeError(f"policy {self.policy.name!r} answered {len(completions)} of 1 requests")
-    self._done.append((tag, completions[0]))
+    self._queued.append((request, sampling, tag))
 
   def step(self) -> list[tuple[Any, Completion]]:
-    done, self._done = self._done, []
+    queued, self._queued = self._queued, []
+    done = []
+    for sampling in dict.fromkeys(s for _, s, _ in queued):
+      batch = [(r, tag) for r, s, tag in queued if s == sampling]
+      completions = self.policy.sample([r for r, _ in batch], sampling, self.seed)
+      if len(completions) != len(batch):
+        raise RuntimeError(f"policy {self.policy.name!r} answered {len(completions)} of {len(batch)} requests")
+      done += [(tag, c) for (_, tag), c in zip(batch, completions)]
     return done
 
   @property
   def busy(self) -> bool:
-    return bool(self._done)
+    return bool(self._queued)
 
 
 def sample_uid(key: str, turn: int, round_: int = 0, stream: str = "") -> int:
-  """A stable 31-bit id for (stream, conversation, turn, resample round): the sampler's per-prompt random stream."""
+  """A stable 31-bit id for (stream, conversation, turn, resample round): the engine's per-request random stream."""
   digest = hashlib.blake2b(f"{stream}\x1f{key}\x1f{turn}\x1f{round_}".encode(), digest_size=8).digest()
   return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
@@ -163,6 +170,9 @@ class ScriptedPolicy:
 
   def release(self, keys: Sequence[str]) -> None:
     self.released.extend(keys)
+
+  def open_stream(self, seed: int) -> InstantStream:
+    return InstantStream(self, seed)
 
 
 class ReferencePolicy:
@@ -196,98 +206,27 @@ class ReferencePolicy:
     return InstantStream(self, seed)
 
 
-class SamplerPolicy:
-  """The learner (or a teacher checkpoint) through `rise_jax.sampling.Sampler`, continuing cached conversations.
+class EnginePolicy:
+  """The learner (or a teacher checkpoint) through the continuous-batching engine (`rise_jax.sampling.engine`).
 
   Conversations are rendered here through the chat template (`rise_jax.chat.render`), so the ids the model sees
-  are exactly the template's, and handed to the sampler as token ids with per-request random streams
-  (`sample_uid`). After each call the policy holds every sample's `Conversation` (its KV-cache row) per key; the
-  next request for that key continues the held conversation sharing the longest prefix with the new prompt —
-  the candidate the runner chose — so only the appended feedback turn is prefilled. A windowed history breaks the
-  prefix; the sampler then re-prefills from the first differing token. Requests wanting different numbers of
-  samples go in separate sampler calls. `reuse_cache=False` prefills every turn's whole history (what the reference
-  does; kept for the benchmark that measures the difference).
-  """
-
-  def __init__(self, sampler, tokenizer, *, name: str = "learner", stop_token_ids=None, reuse_cache: bool = True):
-    self.sampler = sampler
-    self.tokenizer = tokenizer
-    self.name = name
-    self.stop_token_ids = stop_token_ids
-    self.reuse_cache = reuse_cache
-    self._held: dict[str, list[Any]] = {}
-
-  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
-    from rise_jax.sampling.params import SamplingParams  # local: the runner and teacher work without JAX
-
-    prompts = [list(chat.render(self.tokenizer, list(r.messages), add_generation_prompt=True).ids)
-               for r in requests]
-    history = [self._best_held(r.key, ids) for r, ids in zip(requests, prompts)]
-    out: list[Completion | None] = [None] * len(requests)
-    for n in sorted({r.n for r in requests}):
-      rows = [i for i, r in enumerate(requests) if r.n == n]
-      params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                              top_p=sampling.top_p, top_k=sampling.top_k, n=n, stop_token_ids=self.stop_token_ids)
-      uids = [sample_uid(requests[i].key, requests[i].turn, requests[i].round, requests[i].stream) for i in rows]
-      results = self.sampler.generate([prompts[i] for i in rows], params, seed=seed, prompt_ids=uids,
-                                      history=[history[i][0] for i in rows])
-      for i, samples in zip(rows, results):
-        request = requests[i]
-        conversations = [s.conversation for s in samples if getattr(s, "conversation", None) is not None]
-        if request.round == 0:  # a new turn: the previous turn's conversations are no longer continued
-          self._held[request.key] = conversations
-        else:                   # resamples of this turn: any of its candidates may be chosen
-          self._held.setdefault(request.key, []).extend(conversations)
-        out[i] = Completion(samples=tuple(_from_sampler(s) for s in samples), history_tokens=len(prompts[i]),
-                            prefill_tokens=len(prompts[i]) - history[i][1])
-    return out
-
-  def _best_held(self, key: str, ids: list[int]) -> tuple[Any, int]:
-    """(held conversation sharing the longest prefix with `ids`, or None; cached tokens it lets us skip)."""
-    best, best_reuse = None, 0
-    if not self.reuse_cache:
-      return best, best_reuse
-    for conversation in self._held.get(key, ()):
-      held = conversation.token_ids
-      common = next((k for k, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
-      # As the sampler: at most what is cached, and the last prompt token is always fed again for its logits.
-      reuse = min(common, conversation.cached, len(ids) - 1)
-      if reuse > best_reuse:
-        best, best_reuse = conversation, reuse
-    return best, best_reuse
-
-  def release(self, keys: Sequence[str]) -> None:
-    for key in keys:
-      self._held.pop(key, None)
-
-  def update_params(self, model) -> None:
-    """New weights for the same sampler (its compiled programs kept); held conversations are dropped, since the
-    old weights computed their caches."""
-    self.sampler.update_params(model)
-    self._held.clear()
-
-
-class EnginePolicy:
-  """The learner (or a teacher checkpoint) through the continuous-batching `rise_jax.sampling.Engine`.
-
-  Rendering, random streams (`sample_uid`), stop ids (`stop_token_ids=None`: the sampler's default,
-  `default_stop_ids`) and reply text (`reply_text`) are `SamplerPolicy`'s, so the samples are too, token for
-  token. One engine queue per call takes every request of the turn, whatever its `n`: the engine's queue keeps
-  its slots full; `open_stream` keeps that queue open across turns (the runner's streamed episodes). Reuse of a
-  previous turn's cache is the engine's business (its prefix cache reports `cached_tokens`); the policy holds no
-  per-conversation state.
+  are exactly the template's, and submitted as token ids with per-request random streams (`sample_uid`); stop
+  ids default to `requests.default_stop_ids` (the tokenizer's EOS and generation_config.json's). `open_stream`
+  keeps one engine queue open across turns (the runner's streamed episodes); `sample` runs one batch through a
+  fresh queue. Reuse of a previous turn's cache is the engine's business (its prefix cache reports
+  `cached_tokens`); the policy holds no per-conversation state.
   """
 
   def __init__(self, engine, tokenizer, *, name: str = "learner", stop_token_ids=None, generation_config=None):
-    from rise_jax.sampling.sampler import STOP_SLOTS, default_stop_ids  # local: the runner works without JAX
     self.engine = engine
     self.tokenizer = tokenizer
     self.name = name
-    ids = default_stop_ids(engine.config, tokenizer, generation_config) if stop_token_ids is None else stop_token_ids
+    ids = (sampling_requests.default_stop_ids(engine.config, tokenizer, generation_config)
+           if stop_token_ids is None else stop_token_ids)
     self.stop_ids = tuple(dict.fromkeys(int(i) for i in ids))
-    if len(self.stop_ids) > STOP_SLOTS:  # the engine's limit (the Sampler takes more): refused now, not mid-run
+    if len(self.stop_ids) > sampling_requests.STOP_SLOTS:  # refused now, not at the first request mid-run
       raise ValueError(f"EnginePolicy {name}: {len(self.stop_ids)} stop ids {self.stop_ids}; the engine takes at "
-                       f"most {STOP_SLOTS}")
+                       f"most {sampling_requests.STOP_SLOTS}")
 
   def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
     stream = _EngineQueue(self, self.engine.stream(seed))
@@ -319,19 +258,17 @@ class _EngineQueue:
     self.stream = stream
 
   def submit(self, request: Request, sampling: TurnSampling, tag: Any) -> None:
-    from rise_jax.sampling.engine import Request as EngineRequest
     ids = list(chat.render(self.policy.tokenizer, list(request.messages), add_generation_prompt=True).ids)
-    self.stream.submit(EngineRequest(ids, uid=sample_uid(request.key, request.turn, request.round, request.stream),
+    self.stream.submit(sampling_requests.Request(ids, uid=sample_uid(request.key, request.turn, request.round, request.stream),
                                      n=request.n, max_new_tokens=sampling.max_new_tokens,
                                      temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                                      stop_ids=self.policy.stop_ids), tag=(tag, len(ids)))
 
   def step(self) -> list[tuple[Any, Completion]]:
-    from rise_jax.sampling.sampler import reply_text
     out = []
     for (tag, history_tokens), results in self.stream.step():
-      samples = tuple(_sample(s.token_ids, reply_text(self.policy.tokenizer, s.token_ids, s.finish_reason),
-                              s.finish_reason, s.logprobs) for s in results)
+      text = lambda s: sampling_requests.reply_text(self.policy.tokenizer, s.token_ids, s.finish_reason)
+      samples = tuple(_sample(s.token_ids, text(s), s.finish_reason, s.logprobs) for s in results)
       cached = min(s.cached_tokens for s in results)  # the samples of a request share its prompt
       out.append((tag, Completion(samples=samples, history_tokens=history_tokens,
                                   prefill_tokens=history_tokens - cached)))
@@ -340,10 +277,6 @@ class _EngineQueue:
   @property
   def busy(self) -> bool:
     return self.stream.busy
-
-
-def _from_sampler(s) -> Sample:
-  return _sample(s.token_ids, s.text, s.finish_reason, s.logprobs)
 
 
 def _sample(token_ids, text: str, finish_reason: str, logprobs) -> Sample:

@@ -4,17 +4,12 @@ which candidate continues (`best_reward`, first on ties, for collection; `first`
 stops a row at its first correct answer, the history window, and per-turn sampling parameters. A parallel
 baseline (k first-turn samples) is the same loop with one turn and k samples.
 
-Each episode is a small state machine (`_begin_turn` -> `_absorb` each sampled round -> `_end_turn`), driven one of
-two ways:
-- turn by turn (any policy): problems run in chunks of `batch_size` rows, one policy call per turn (and per
-  resampling round) for the whole chunk; a policy that keeps state (the sampler's KV caches) continues the
-  remaining rows' conversations;
-- streamed (every turn's policy has `open_stream`: the continuous-batching engine, the reference teacher): up to
-  `batch_size` episodes in flight, each request submitted the moment its episode needs it, so a conversation's
-  next turn (or resampling round) joins the engine's queue while other episodes are still on their first turn,
-  and a finished episode's place goes to the next problem; the slots never wait for a turn to drain.
-Either way a row that stops (oracle success, last turn) has its record appended to the rollout log (contracts §3)
-and flushed at once; the records are the same, only their order in the log may differ. On restart the runner
+Each episode is a small state machine (`_begin_turn` -> `_absorb` each sampled round -> `_end_turn`), streamed:
+up to `batch_size` episodes in flight, each request submitted to its turn's policy stream the moment its episode
+needs it, so a conversation's next turn (or resampling round) joins the engine's queue while other episodes are
+still on their first turn, and a finished episode's place goes to the next problem; the engine's slots never
+wait for a turn to drain. An episode that stops (oracle success, last turn) has its record appended to the
+rollout log (contracts §3) and flushed at once, in the order episodes finish. On restart the runner
 skips problems already in the log; since every random stream is named by (seed, problem id, turn, resample
 round, sample, step), a resumed log holds exactly the records an uninterrupted run would have written.
 
@@ -33,7 +28,7 @@ from typing import Any, Iterator, Sequence
 from rise_jax import chat
 from rise_jax.rollout import log as rollout_log
 from rise_jax.rollout.degenerate import degenerate_reason
-from rise_jax.rollout.policies import Completion, Policy, Request, Sample, TurnSampling
+from rise_jax.rollout.policies import Completion, Policy, Request, Sample
 from rise_jax.rollout.protocol import Protocol
 
 @dataclasses.dataclass
@@ -88,6 +83,9 @@ def run_episodes(problems: Sequence[Any], policies: Policy | Sequence[Policy], p
   policies = list(policies)
   if len(policies) != protocol.turns:
     raise ValueError(f"{len(policies)} policies for {protocol.turns} turns")
+  for policy in policies:
+    if not callable(getattr(policy, "open_stream", None)):
+      raise TypeError(f"policy {getattr(policy, 'name', policy)!r} has no open_stream (see rollout.policies.Policy)")
   ids = [p.id for p in problems]
   if len(set(ids)) != len(ids):
     dup = next(i for i in ids if ids.count(i) > 1)
@@ -109,11 +107,7 @@ def run_episodes(problems: Sequence[Any], policies: Policy | Sequence[Policy], p
     summary.skipped = len(problems) - len(todo)
     start = time.perf_counter()
     bar = _progress_bar(len(problems), summary.skipped, desc or f"{protocol.kind} x{protocol.turns}", progress)
-    if all(callable(getattr(q, "open_stream", None)) for q in policies):
-      records = _run_streamed(todo, policies, protocol, task, prompts, summary, batch_size)
-    else:
-      records = (record for lo in range(0, len(todo), batch_size)
-                 for record in _run_chunk(todo[lo:lo + batch_size], policies, protocol, task, prompts, summary))
+    records = _run_streamed(todo, policies, protocol, task, prompts, summary, batch_size)
     try:
       for record in records:
         writer.write(record)
@@ -140,36 +134,6 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
     return None
   from tqdm.auto import tqdm
   return tqdm(total=total, initial=initial, desc=desc, unit="problem", dynamic_ncols=True)
-
-
-def _run_chunk(problems, policies, protocol: Protocol, task, prompts, summary: RunSummary) -> Iterator[dict]:
-  """Run a chunk of episodes turn by turn (one policy call per turn and resampling round for the whole chunk);
-  yield each record as soon as its episode stops."""
-  active = [_Episode(problem=p, messages=list(prompts.initial_messages(p.question))) for p in problems]
-  distinct_policies = list({id(q): q for q in policies}.values())
-  try:
-    for t in range(1, protocol.turns + 1):
-      policy = policies[t - 1]
-      pending = [(e, _begin_turn(e, protocol)) for e in active]
-      while pending:  # the turn's requests, then each resampling round's
-        completions = _checked_sample(policy, [r for _, r in pending], protocol.sampling[t - 1], protocol.seed)
-        follow = [(e, _absorb(e, r, c, protocol, summary)) for (e, r), c in zip(pending, completions)]
-        pending = [(e, r) for e, r in follow if r is not None]
-      still_active = []
-      for episode in active:
-        if _end_turn(episode, policy, protocol, task, prompts, summary):
-          yield _record(episode, task, protocol)
-        else:
-          still_active.append(episode)
-      finished = [e.problem.id for e in active if e.stop is not None]
-      if finished:
-        for holder in distinct_policies:
-          holder.release(finished)
-      active = still_active
-  finally:
-    if active:  # an exception (or a closed generator) leaves rows behind: free their state
-      for holder in distinct_policies:
-        holder.release([e.problem.id for e in active])
 
 
 def _run_streamed(problems, policies, protocol: Protocol, task, prompts, summary: RunSummary,
@@ -265,15 +229,6 @@ def _end_turn(episode: _Episode, policy: Policy, protocol: Protocol, task, promp
   episode.messages += [{"role": "assistant", "content": turn["candidates"][turn["chosen"]]["text"]},
                        {"role": "user", "content": turn["feedback"]}]
   return False
-
-
-def _checked_sample(policy: Policy, requests: list[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
-  completions = policy.sample(requests, sampling, seed)
-  if len(completions) != len(requests):
-    raise RuntimeError(f"policy {policy.name!r} answered {len(completions)} of {len(requests)} requests")
-  for request, completion in zip(requests, completions):
-    _check_completion(policy, request, completion)
-  return completions
 
 
 def _check_completion(policy: Policy, request: Request, completion: Completion) -> None:

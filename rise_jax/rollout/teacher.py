@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Sequence
 
-from rise_jax.rollout.policies import Completion, Request, Sample, TurnSampling
+from rise_jax.rollout.policies import Completion, InstantStream, Request, Sample, TurnSampling
 from rise_jax.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -200,3 +200,6 @@ class OpenAIChatPolicy:
 
   def release(self, keys: Sequence[str]) -> None:
     del keys  # stateless
+
+  def open_stream(self, seed: int) -> InstantStream:
+    return InstantStream(self, seed)

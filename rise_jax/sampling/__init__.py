@@ -1,12 +1,5 @@
-"""Batched, jitted, multi-turn sampling over an explicit KV cache (see `sampler.py` for the API and contracts).
+"""Generation: the continuous-batching engine over a paged KV pool, the project's one generator.
 
-`Sampler` (prefill + `lax.while_loop` decode, continuation across turns), `SamplingParams` (what to sample),
-`Engine` (continuous batching over a paged, shared KV pool).
+`requests` (what is asked and returned; no JAX), `engine` (the host scheduler), `paged` (its device programs),
+`blocks` (the block table and prefix cache), `select` (token selection and random keys).
 """
-
-from rise_jax.sampling.engine import Engine, EngineStream, Request, SampleResult
-from rise_jax.sampling.params import SamplingParams
-from rise_jax.sampling.sampler import Conversation, SampleOutput, Sampler
-
-__all__ = ["Conversation", "Engine", "EngineStream", "Request", "SampleOutput", "SampleResult", "Sampler",
-           "SamplingParams"]

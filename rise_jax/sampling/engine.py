@@ -4,11 +4,11 @@
     outs = engine.run([Request(prompt_ids, uid="q17", n=16, max_new_tokens=300, temperature=1.0)], seed=0)
     outs[i][j].token_ids / .logprobs / .finish_reason          # sample j of request i
 
-Why. `Sampler.generate` batches statically: a call decodes until its longest row finishes (on GSM8K-length
-replies ~40% of decode slots produce a token) and the n samples of a prompt each hold a full copy of the
-prompt's cache. Here a fixed set of `slots` decode rows runs jitted chunks of `chunk_steps` decode steps; each
-row has its own token count, `max_new_tokens`, stops and capacity, and between chunks the host moves finished
-rows out and prefills queued requests into the free slots, so the slots stay full.
+The project's one generator: the rollout policies, the pipeline, the CLIs, the notebook and the benchmarks
+sample through it. A fixed set of `slots` decode rows runs jitted chunks of `chunk_steps` decode steps; each row
+has its own token count, `max_new_tokens`, stops and capacity, and between chunks the host moves finished rows
+out and prefills queued requests into the free slots, so the slots stay full (a static batch decodes until its
+longest row finishes: on GSM8K-length replies ~40% of its decode slots produce a token).
 
 Memory. Keys and values live in a pool of `block_size`-token blocks (`paged.PagedPool`); a slot reads its
 conversation through its row of the block table. A request's prompt is prefilled once into blocks its n samples
@@ -17,11 +17,11 @@ per sample (copy-on-write), so an extra sample costs its own tokens plus at most
 for a sample's whole budget (min(prompt + max_new, capacity) - 1 tokens) when it enters a slot, so a running row
 never runs out of blocks (no preemption); a row that stops early returns the unused rest at once.
 
-Guarantees kept from the sampler. Token t of sample j of request `uid` is drawn with the key
-fold_in(seed, uid, j, position) and the sampler's selection (`select`), so output does not depend on slot
-assignment, queue order or slot count. Greedy decoding equals `Sampler` token for token (and so transformers
-`generate`); log-probabilities agree to float32 rounding (~1e-6: the attention reduces over a different padded
-length). Overflow raises (`on_overflow="raise"`) or decodes to `cache_full` ("report"), never drops a request.
+Guarantees. Token t of sample j of request `uid` is drawn with the key fold_in(seed, uid, j, position) and
+`select`'s rule, so output does not depend on slot assignment, queue order or slot count; it equals a
+re-forward of the whole sequence at every step (tests/reference_generator.py) token for token, and greedy
+decoding equals transformers `generate` on real weights; log-probabilities agree to float32 rounding.
+Overflow raises (`on_overflow="raise"`) or decodes to `cache_full` ("report"), never drops a request.
 
 Shapes (compiles are bounded and counted by `compile_counts()`). A decode chunk runs the occupied slots packed
 into the smallest of CHUNK_ROW_BUCKETS row buckets (slots, slots / 2, slots / 4, slots / 8) that holds them, with
@@ -31,22 +31,22 @@ the attention span bucketed to a power of two of blocks, at least MIN_SPAN_TOKEN
 padded to a power of 4 >= max(16, rows) samples (one bucket per row bucket when n = 1): with n = 1, <= 4 x
 (widths met) prefill programs for 64 slots.
 
-Mesh: as the Sampler, rows over data and fsdp, kv heads over tensor; the pool's blocks are replicated over data
+Mesh: rows over data and fsdp, kv heads over tensor; the pool's blocks are replicated over data
 (any slot may read any block), so each step's new keys and values reach every data shard.
 
 Prefix cache (`prefix_cache=True`). Every full block is registered under a digest of its tokens and all before
 them (`blocks.BlockTable`), prompts' blocks at prefill and each finished sample's reply blocks; a new request
 takes the longest cached run of its prompt's blocks and prefills only the rest, attending to the cached keys and
 values. Continuation of a conversation is therefore just a request for its next prompt: the previous turn's
-prompt and reply come from the cache, and only the feedback is prefilled (as the sampler continues a cached
-conversation; both equal a re-prefill to float rounding). Blocks nobody holds stay cached until a request needs
-them, least recently released first.
+prompt and reply come from the cache, and only the feedback is prefilled (equal to a re-prefill to float
+rounding). Blocks nobody holds stay cached until a request needs them, least recently released first.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,14 +58,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rise_jax import sharding as sharding_lib
 from rise_jax.config import ON_OVERFLOW
 from rise_jax.sampling import blocks as blocks_lib
-from rise_jax.sampling import loop
 from rise_jax.sampling import paged
 from rise_jax.sampling import select
-from rise_jax.sampling.sampler import STOP_SLOTS, pow2_at_least, swapped_params
+from rise_jax.sampling.requests import STOP_SLOTS, Request, SampleResult
 
 MIN_FIRST_TOKENS = 16   # smallest first-token batch bucket (a power of 4)
 MIN_SPAN_TOKENS = 64    # smallest attention-span bucket (fewer chunk compiles for short conversations)
 CHUNK_ROW_BUCKETS = 4   # decode chunks run slots, slots / 2, slots / 4 or slots / 8 rows (the occupied ones)
+
+
+def pow2_at_least(x: int, floor: int = 1) -> int:
+  """The smallest power of two >= x and >= floor (the engine's shape buckets)."""
+  return max(floor, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
 
 
 def pow4_at_least(x: int, floor: int = 1) -> int:
@@ -74,36 +78,19 @@ def pow4_at_least(x: int, floor: int = 1) -> int:
   return p * 2 if (p.bit_length() - 1) % 2 else p
 
 
-@dataclasses.dataclass(frozen=True)
-class Request:
-  """One prompt and how to sample its `n` continuations (sample j = 0 .. n - 1 of `uid`).
-
-  `stop_ids=()` generates exactly `max_new_tokens` (unless the capacity ends it first); a sampled stop id ends
-  its sample and is kept as its last token. temperature / top_k / top_p mean what `SamplingParams` says.
-  """
-  prompt: Sequence[int]
-  uid: Any
-  n: int = 1
-  max_new_tokens: int = 256
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  stop_ids: Sequence[int] = ()
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class SampleResult:
-  """One sample: `logprobs[t]` = log-softmax of the raw logits at token_ids[t] (as `SampleOutput`).
-
-  cached_tokens: how many of the prompt's tokens were read from the prefix cache instead of prefilled.
-  """
-  token_ids: list[int]
-  logprobs: np.ndarray
-  sampling_logprobs: np.ndarray
-  finish_reason: str
-  prompt_tokens: int
-  cached_tokens: int = 0
-
+def swapped_params(params, model_or_state, shardings, who: str):
+  """New weights in the layout of `params` (same structure and shapes, cast to its dtypes, placed by
+  `shardings`): the compiled programs keep working, only values change."""
+  state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+  old, new = jax.tree.structure(params), jax.tree.structure(state)
+  if old != new:
+    raise ValueError(f"{who}: the new state's structure differs from the model's ({new} vs {old})")
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state)):
+    if a.shape != b.shape:
+      raise ValueError(f"{who}: a leaf of shape {b.shape} replaces one of shape {a.shape}")
+  # Training may keep float32 masters while sampling runs in bfloat16: cast to the generator's dtypes.
+  state = jax.tree.map(lambda new, old: new.astype(old.dtype) if new.dtype != old.dtype else new, state, params)
+  return jax.device_put(state, shardings)
 
 @dataclasses.dataclass(eq=False)  # identity: the host loops compare groups and slots with `is` / `in`
 class _Group:
@@ -181,7 +168,7 @@ class EngineStream:
 
 
 class Engine:
-  """Continuous-batching sampler over a paged KV pool (see the module docstring)."""
+  """Continuous-batching generation over a paged KV pool (see the module docstring)."""
 
   def __init__(self, model: nnx.Module, *, slots: int = 64, max_seq_len: int, block_size: int = 16,
                num_blocks: int | None = None, chunk_steps: int = 8, prefill_tokens: int = 4096,
@@ -189,7 +176,7 @@ class Engine:
                rules=sharding_lib.SAMPLE_RULES):
     """
     Args:
-      model: the Transformer (any sharding; its weights are resharded to the sampling layout, as the Sampler's).
+      model: the Transformer (any sharding; its weights are resharded to the sampling layout).
       slots: decode rows run together in every chunk.
       max_seq_len: the most tokens a sample may hold (prompt + reply), capped by max_position_embeddings.
       block_size: tokens per pool block (a power of two).
@@ -206,7 +193,7 @@ class Engine:
       mesh: a ('data', 'fsdp', 'tensor') mesh; None = one device. Chunk and prefill rows are spread over data and
         fsdp (a row bucket they do not divide is replicated), kv heads of the pool and the weights over tensor
         (`rules`); the pool's blocks are whole on every data shard, since any slot may read any block.
-      rules: the logical-axis rules of weights, pool and rows (default: the Sampler's).
+      rules: the logical-axis rules of weights, pool and rows (default: `sharding.SAMPLE_RULES`).
     """
     if on_overflow not in ON_OVERFLOW:
       raise ValueError(f"Engine.on_overflow: {on_overflow!r} is not one of {ON_OVERFLOW}")
@@ -278,7 +265,7 @@ class Engine:
     return jax.device_put(tree, shardings)  # one transfer call for the whole tree, not one per array
 
   def update_params(self, model_or_state) -> None:
-    """Swap in new weights (as `Sampler.update_params`: compiled programs reused) and empty the prefix cache,
+    """Swap in new weights (compiled programs reused) and empty the prefix cache,
     whose keys and values the old weights computed."""
     self._params = swapped_params(self._params, model_or_state, self._param_shardings, "Engine.update_params")
     self.forget_prefix_cache()
@@ -317,10 +304,6 @@ class Engine:
       raise ValueError(f"request {index}: empty prompt")
     if any(not 0 <= t < self.config.vocab_size for t in prompt):
       raise ValueError(f"request {index}: token ids outside the vocabulary [0, {self.config.vocab_size})")
-    if request.n < 1 or request.max_new_tokens < 1:
-      raise ValueError(f"request {index}: n and max_new_tokens must be >= 1")
-    if len(request.stop_ids) > STOP_SLOTS:
-      raise ValueError(f"request {index}: at most {STOP_SLOTS} stop ids")
     need = len(prompt) + request.max_new_tokens
     if need > self.capacity:
       msg = (f"request {request.uid!r}: {len(prompt)} prompt tokens + max_new_tokens {request.max_new_tokens} = "
@@ -402,7 +385,7 @@ class Engine:
 
   def _key_data(self, samples: list[tuple[int, _Group, int]], m: int) -> np.ndarray:
     """The raw [m, 2] keys of `samples` padded to m (one program per first-token bucket): (seed, uid, sample j),
-    the sampler's rule, elementwise, so a sample's key does not depend on the batch it was prefilled in."""
+    select.row_keys elementwise, so a sample's key does not depend on the batch it was prefilled in."""
     uids = np.zeros(m, np.uint32)
     index = np.zeros(m, np.uint32)
     uids[:len(samples)] = [select.uid_to_int(g.request.uid) for _, g, _ in samples]
@@ -543,10 +526,10 @@ class Engine:
     """Samples whose first token already ends them (a stop id, max_new 1, a full capacity) never take a slot."""
     for j in list(group.waiting):
       token, logprob, sampling_logprob, code = group.first[j]
-      if code != loop.RUNNING:
+      if code != paged.RUNNING:
         group.waiting.remove(j)
         self._deliver(group, j, SampleResult([token], np.asarray([logprob], np.float32),
-                                             np.asarray([sampling_logprob], np.float32), loop.FINISH_REASONS[code],
+                                             np.asarray([sampling_logprob], np.float32), paged.FINISH_REASONS[code],
                                              len(group.prompt), len(group.cached_blocks) * self.block_size))
         self._release_sample(group)
     if not group.waiting:
@@ -653,11 +636,11 @@ class Engine:
       slot.sampling_logprobs += sampling_logprobs[r][:produced]
       slot.length += produced
       slot.last_token = slot.tokens[-1]
-      if finish[r] != loop.RUNNING:
+      if finish[r] != paged.RUNNING:
         group = slot.group
         self._deliver(group, slot.sample, SampleResult(
             slot.tokens, np.asarray(slot.logprobs, np.float32), np.asarray(slot.sampling_logprobs, np.float32),
-            loop.FINISH_REASONS[finish[r]], len(group.prompt), len(group.cached_blocks) * self.block_size))
+            paged.FINISH_REASONS[finish[r]], len(group.prompt), len(group.cached_blocks) * self.block_size))
         self._register_reply(slot)
         self._blocks.release(slot.own_blocks[::-1])
         self._release_sample(group)

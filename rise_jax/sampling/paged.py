@@ -4,7 +4,7 @@ Pure functions of (model, arrays); `engine.Engine` jits them and owns every deci
 Pool layout: per layer one [num_blocks, kv_heads, block_size, head_dim] array (per-layer arrays, not one stacked
 array: XLA:CPU copies a dynamically indexed layer out every step, see `rise_jax.models.decode`). Head-major
 blocks: a slot's gathered blocks transpose into the contiguous decode cache's [kv_heads, tokens, head_dim] inside
-the gather's own fusion, so the attention is the sampler's (measured on CPU: the token-major [blocks, block_size,
+the gather's own fusion, so the attention is the contiguous cache's (measured on CPU: the token-major [blocks, block_size,
 kv_heads, head_dim] pool's attention was 1.14x slower, `benchmarks/paged_attention.py`). Token i of a slot's
 conversation lives at offset i % block_size of block `block_table[slot, i // block_size]`; positions are
 implicit (token i has position i, no holes), so a slot needs no positions array. Block `TRASH_BLOCK` is never
@@ -20,10 +20,11 @@ import jax.numpy as jnp
 from rise_jax.models import attention as attention_lib
 from rise_jax.models import decode as decode_lib
 from rise_jax.models.transformer import KVCache, init_cache
-from rise_jax.sampling import loop
 from rise_jax.sampling import select
 
 TRASH_BLOCK = 0
+RUNNING, STOP, LENGTH, CACHE_FULL = 0, 1, 2, 3
+FINISH_REASONS = {STOP: "stop", LENGTH: "length", CACHE_FULL: "cache_full"}
 
 
 @flax.struct.dataclass
@@ -66,7 +67,7 @@ class ChunkOutput:
   logprobs: jax.Array           # [slots, chunk] float32, raw log-softmax at the token
   sampling_logprobs: jax.Array  # [slots, chunk] float32
   produced: jax.Array           # [slots] int32
-  finish: jax.Array             # [slots] int32 (loop.RUNNING, STOP, LENGTH, CACHE_FULL)
+  finish: jax.Array             # [slots] int32 (RUNNING, STOP, LENGTH, CACHE_FULL)
   steps: jax.Array              # [] int32, decode steps the chunk ran (it ends early when every slot is done)
 
 
@@ -76,6 +77,41 @@ def init_pool(config, num_blocks: int, block_size: int, dtype) -> PagedPool:
   return PagedPool(k=zeros(), v=zeros())
 
 
+def _rollback(cache: KVCache, keep: jax.Array) -> KVCache:
+  """Keep each row's first `keep[row]` tokens; later slots become empty (position -1)."""
+  slots = jnp.arange(cache.positions.shape[1], dtype=jnp.int32)[None, :]
+  return cache.replace(positions=jnp.where(slots < keep[:, None], cache.positions, -1),
+                       end_index=keep.astype(jnp.int32))
+
+
+def _extend(model, cache: KVCache, ids: jax.Array, lengths: jax.Array, keep: jax.Array,
+            last_hidden: jax.Array) -> tuple[KVCache, jax.Array]:
+  """Roll each row back to `keep` tokens, then append its first `lengths[row]` ids (right-padded chunk).
+
+  Returns the cache and the final hidden state of each row's last appended token ([batch, d]; rows that append
+  nothing keep `last_hidden`). The padded tail of a chunk is written as empty slots and overwritten by the
+  next write, so the cache stays hole-free. Requires keep + ids.shape[1] <= cache length for every row.
+  """
+  cache = _rollback(cache, keep)
+  width = ids.shape[1]
+  offsets = jnp.arange(width, dtype=jnp.int32)[None, :]
+  mask = offsets < lengths[:, None]
+  hidden, cache = model.hidden(ids, positions=keep[:, None] + offsets, attention_mask=mask, cache=cache)
+  cache = cache.replace(end_index=(keep + lengths).astype(jnp.int32))
+  last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+  return cache, jnp.where((lengths > 0)[:, None], last.astype(last_hidden.dtype), last_hidden)
+
+
+def finish_code(token: jax.Array, count: jax.Array, position: jax.Array, stop_ids: jax.Array, max_new: jax.Array,
+                capacity: jax.Array) -> jax.Array:
+  """[rows] finish code after sampling `token` (the `count`-th token of its row, at conversation index
+  `position`): STOP on a stop id (stop_ids [1 or rows, k], padded with -1), else LENGTH at `max_new` tokens, else
+  CACHE_FULL when the token fills the row's `capacity`, else RUNNING. Prefill's first tokens and decode share it."""
+  stop = jnp.any(token[:, None] == stop_ids, axis=-1)
+  return jnp.where(stop, STOP, jnp.where(count >= max_new, LENGTH,
+                                         jnp.where(position + 1 >= capacity, CACHE_FULL, RUNNING)))
+
+
 def prefill(model, pool: PagedPool, ids: jax.Array, lengths: jax.Array, block_ids: jax.Array,
             context_table: jax.Array, cached: jax.Array) -> tuple[PagedPool, jax.Array]:
   """Prefill right-padded prompt tails ids [rows, width] (width a multiple of the block size) after each row's
@@ -83,7 +119,7 @@ def prefill(model, pool: PagedPool, ids: jax.Array, lengths: jax.Array, block_id
   context_blocks; 0 blocks: no row has a cached prefix], and store the tails' keys and values: block j of row r's
   tail goes to block_ids[r, j] (TRASH_BLOCK for blocks past the prompt).
 
-  The forward is the model's own cached one (`loop.extend`, as the sampler prefills and continues); returns the
+  The forward is the model's own cached one (`_extend`); returns the
   pool and each row's last hidden state [rows, d] (float32), which samples every sample's first token.
   """
   rows, width = ids.shape
@@ -91,7 +127,7 @@ def prefill(model, pool: PagedPool, ids: jax.Array, lengths: jax.Array, block_id
     cache = _context_cache(model.config, pool, context_table, cached, width)
   else:
     cache = init_cache(model.config, rows, width, pool.k[0].dtype)
-  cache, hidden = loop.extend(model, cache, ids, lengths, cached,
+  cache, hidden = _extend(model, cache, ids, lengths, cached,
                               jnp.zeros((rows, model.config.hidden_size), jnp.float32))
   if context_table.shape[1]:  # the tail's slots, cached[r] .. cached[r] + width
     slots = (cached[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :])[None, :, :, None, None]
@@ -124,12 +160,12 @@ def first_tokens(model, hidden: jax.Array, rows: jax.Array, key_data: jax.Array,
                  temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, stop_ids: jax.Array,
                  max_new: jax.Array, capacity: jax.Array, vocab_limit: int | None):
   """Sample j's first token from its prompt's last hidden state hidden[rows[j]], drawn at conversation index
-  `position[j]` (the prompt length) with the sampler's key rule: (tokens, logprobs, sampling_logprobs, finish
+  `position[j]` (the prompt length) with `select`'s key rule: (tokens, logprobs, sampling_logprobs, finish
   codes); a sample whose first token finishes it never takes a decode slot."""
   keys = select.token_keys(jax.random.wrap_key_data(key_data), position)
   logits = model.unembed(jnp.take(hidden, rows, axis=0))
   token, logprob, sampling_logprob = select.select_tokens(logits, keys, temperature, top_k, top_p, vocab_limit)
-  finish = loop.finish_code(token, jnp.ones_like(token), position, stop_ids, max_new, capacity)
+  finish = finish_code(token, jnp.ones_like(token), position, stop_ids, max_new, capacity)
   return token, logprob, sampling_logprob, finish
 
 
@@ -191,7 +227,7 @@ def decode_chunk(model, pool: PagedPool, slots: SlotBatch, chunk_steps: int, spa
   """Up to `chunk_steps` decode steps for every active slot, each row with its own count, stops and capacity.
 
   Step: feed each running slot's last token at its own position, sample the next (key = (seed, uid, sample,
-  position), as the sampler), settle who finished (`loop.finish_code`). Ends early when no slot runs.
+  position)), settle who finished (`finish_code`). Ends early when no slot runs.
   """
   pool = copy_blocks(pool, slots.copy_src, slots.copy_dst)
   layers = decode_lib.layer_weights(model)
@@ -200,7 +236,7 @@ def decode_chunk(model, pool: PagedPool, slots: SlotBatch, chunk_steps: int, spa
   out = ChunkOutput(tokens=jnp.zeros((n, chunk_steps), jnp.int32),
                     logprobs=jnp.zeros((n, chunk_steps), jnp.float32),
                     sampling_logprobs=jnp.zeros((n, chunk_steps), jnp.float32),
-                    produced=jnp.zeros((n,), jnp.int32), finish=jnp.full((n,), loop.RUNNING, jnp.int32),
+                    produced=jnp.zeros((n,), jnp.int32), finish=jnp.full((n,), RUNNING, jnp.int32),
                     steps=jnp.zeros((), jnp.int32))
   carry = _ChunkCarry(step=jnp.zeros((), jnp.int32), pool=pool, length=slots.length, last_token=slots.last_token,
                       generated=slots.generated, done=~slots.active, finish=out.finish, out=out)
@@ -217,7 +253,7 @@ def decode_chunk(model, pool: PagedPool, slots: SlotBatch, chunk_steps: int, spa
         model.unembed(hidden), select.token_keys(keys, position), slots.temperature, slots.top_k, slots.top_p,
         vocab_limit)
     count = carry.generated + 1
-    finish = jnp.where(running, loop.finish_code(token, count, position, slots.stop_ids, slots.max_new,
+    finish = jnp.where(running, finish_code(token, count, position, slots.stop_ids, slots.max_new,
                                                  slots.capacity), carry.finish)
     at = lambda buf, value: buf.at[:, carry.step].set(jnp.where(running, value, buf[:, carry.step]))
     out = carry.out.replace(tokens=at(carry.out.tokens, token), logprobs=at(carry.out.logprobs, logprob),
@@ -226,7 +262,7 @@ def decode_chunk(model, pool: PagedPool, slots: SlotBatch, chunk_steps: int, spa
     keep = lambda new, old: jnp.where(running, new, old)
     return _ChunkCarry(step=carry.step + 1, pool=pool, length=keep(position, carry.length),
                        last_token=keep(token, carry.last_token), generated=keep(count, carry.generated),
-                       done=finish != loop.RUNNING, finish=finish, out=out)
+                       done=finish != RUNNING, finish=finish, out=out)
 
   carry = jax.lax.while_loop(cond, body, carry)
   return carry.pool, carry.out.replace(finish=carry.finish, steps=carry.step)

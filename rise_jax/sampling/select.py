@@ -1,7 +1,7 @@
 """Choosing the next token from logits: temperature -> top-k -> top-p, and the per-(prompt, sample, token) keys.
 
-Pure, jittable functions with per-row traced parameters; the sampler's decode loop calls `select_tokens` once per
-step. Semantics are documented on `SamplingParams`.
+Pure, jittable functions with per-row traced parameters; the engine's programs call `select_tokens` once per
+step. Semantics are documented in `rise_jax.sampling.requests`.
 """
 
 from __future__ import annotations
