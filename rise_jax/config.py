@@ -504,11 +504,18 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # Fields that are not part of a run's identity: debug hooks, and where the run directory is (the same directory
 # spelled `/abs/x`, `./x` or `x/`, or moved, must resume).
 NOT_IDENTITY = ("debug", "output_dir")
+# Removed fields, with the value that meant what the code does now: a saved config holding that value resumes; any
+# other value is a differing field (the results were made by a path the code no longer has).
+RETIRED = {("sampling", "engine"): "paged"}
 
 
 def identity(d: dict[str, Any]) -> dict[str, Any]:
-  """A config dict without the fields that do not change results (`NOT_IDENTITY`)."""
-  return {k: v for k, v in d.items() if k not in NOT_IDENTITY}
+  """A config dict without the fields that do not change results (`NOT_IDENTITY`, `RETIRED` at their value)."""
+  out = {k: v for k, v in d.items() if k not in NOT_IDENTITY}
+  for (section, name), value in RETIRED.items():
+    if isinstance(out.get(section), dict) and out[section].get(name) == value:
+      out[section] = {k: v for k, v in out[section].items() if k != name}
+  return out
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
