@@ -263,3 +263,22 @@ def test_run_summary_compares_rise_with_its_control_and_the_boost():
                    ("iter_2 RISE", "iter_1 single-turn control"),
                    ("iter_1 RISE", "iter_1 single-turn control"), ("iter_2 RISE", boost),
                    ("iter_2 RISE", "iter_1 RISE")]
+
+
+def test_run_summary_writes_scores_differences_from_the_run_directory(tmp_path):
+  import types
+  from rise_jax.pipeline import summary
+  config = types.SimpleNamespace(name="toy", seed=0, rise=types.SimpleNamespace(boost=True),
+                                 eval=types.SimpleNamespace(parallel_k=2, turns=2))
+  stages = [types.SimpleNamespace(name=n, kind="eval", iteration=i)
+            for n, i in (("iter_0/eval", 0), ("iter_1/eval", 1), ("iter_1/control/eval", 1))]
+  for stage, rows in zip(stages, (BOOST, RISE, CONTROL)):
+    report.write_report(metrics.compute_metrics(_turn_logs(rows), num_bootstrap=100), tmp_path / stage.name,
+                        plots=False)
+    (tmp_path / stage.name / "DONE").write_text(json.dumps({"seconds": 1.0}))
+  out = summary.write_summary(config, tmp_path, stages)
+  d = out["score_differences"]
+  assert d["iter_1 RISE - iter_1 single-turn control"]["delta_i_to_c"][0]["diff"] == pytest.approx(
+      _flip_rates(RISE)["delta_i_to_c"] - _flip_rates(CONTROL)["delta_i_to_c"])
+  assert d["iter_1 RISE - iter_0 (base + boost)"]["delta_c_to_i"][0]["diff"] == pytest.approx(-0.25)
+  assert "## SCoRe's metrics, paired differences" in out["table_md"]
