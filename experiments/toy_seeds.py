@@ -181,8 +181,8 @@ def _pp(x: float | None) -> str:
 
 def paired_lines(rows: list[dict], seeds: list[int]) -> list[str]:
   """The paired differences as a markdown table, in percentage points."""
-  lines = [f"Paired differences per seed (percentage points; each seed's two models are evaluated on the same test "
-           f"problems); mean and 95% t-interval over the seeds (Student's t, n - 1 degrees of freedom):", "",
+  lines = ["Paired differences per seed (percentage points; each seed's two models are evaluated on the same test "
+           "problems); mean and 95% t-interval over the seeds (Student's t, n - 1 degrees of freedom):", "",
            "| comparison | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean [95% t-interval] |",
            "|---|---|" + "---|" * (len(seeds) + 1)]
   for r in rows:
