@@ -7,8 +7,10 @@ Each seed is one `python -m rise_jax.run` (so a seed that was interrupted resume
 the last iteration (`rise.evaluate="final"`, inside the time budget); this script then evaluates the intermediate
 iterations and controls through the run's own eval stage. Then, per seed, the boosted model is evaluated once more sequentially with all history dropped (every turn sees only the opening messages):
 such a run is parallel sampling in disguise and must reproduce the parallel numbers (the sanity check). The
-table reports mean +- sd over seeds of m1@t1, m5@t1, m1@t5, p1@t5, p5@t1 and the conditional accuracies, the
-uniform guesser's chance p1@t5, and the sanity check.
+table reports mean +- sd over seeds of m1@t1, m5@t1, m1@t5, p1@t5, p5@t1, the conditional accuracies and SCoRe's
+turn-1 -> turn-2 metrics (no oracle), the uniform guesser's chance p1@t5, and the sanity check; then per-seed paired
+differences (RISE - control, RISE - boost, m1@t5 - m5@t1 within RISE) with their mean and a 95% t-interval over
+seeds (Student's t, n - 1 degrees of freedom).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ MODELS = [("iter_0/eval", "boost"),
           ("iter_3/eval", "RISE iteration 3 (self-distillation, best-of-4, no oracle)"),
           ("iter_3/control/eval", "single-turn control 3")]
 METRICS = ["m1@t1", "m5@t1", "m1@t5", "p1@t5", "p5@t1"]
+# SCoRe's metrics of turn pair 1 -> 2 (metrics.json "score", no oracle), by key and column name.
+SCORE = {"acc_t1": "acc t1", "acc_t2": "acc t2", "delta_t1_t2": "Δ(t1, t2)", "delta_i_to_c": "Δi→c(t1, t2)",
+         "delta_c_to_i": "Δc→i(t1, t2)"}
+SCORE_DIFFERENCES = ["acc_t2", "delta_t1_t2", "delta_i_to_c", "delta_c_to_i"]  # acc_t1 is m1@t1, in METRICS
 
 
 def run_seed(seed: int, out: pathlib.Path, extra: list[str]) -> float:
@@ -120,6 +126,73 @@ def _ms(values) -> str:
   return f"{mean:.1f} ± {sd:.1f}"
 
 
+def metric_value(m: dict, name: str) -> float | None:
+  """A top-level metric, or a SCoRe metric of turn pair 1 -> 2; None where the metrics have none (an oracle
+  log, or a metrics.json written before SCoRe's metrics were reported)."""
+  if name not in SCORE:
+    return m.get(name)
+  score = m.get("score") or {}
+  return score[name][0] if score.get("available") else None
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, list[float] | None]:
+  """Mean and Student's t interval over seeds (n - 1 degrees of freedom; no interval from one seed)."""
+  from scipy import stats  # local: only the aggregation needs it
+
+  mean = statistics.mean(values)
+  if len(values) < 2:
+    return mean, None
+  half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+  return mean, [mean - half, mean + half]
+
+
+def paired_over_seeds(load: dict, seeds: list[int], stages: list[str]) -> list[dict]:
+  """Per-seed paired differences and their mean with a 95% t-interval over seeds: for each RISE iteration T,
+  RISE T - control T and RISE T - boost (the headline metrics and SCoRe's), and m1@t5 - m5@t1 within RISE T.
+  load: (seed, stage) -> metrics dict; stages: the eval stages present for every seed."""
+  def row(comparison, metric, per_seed):
+    values = [v for v in per_seed.values() if v is not None]
+    mean, ci = t_interval(values) if values else (None, None)
+    return {"comparison": comparison, "metric": metric, "per_seed": per_seed, "mean": mean, "ci95": ci,
+            "num_seeds": len(values)}
+
+  def diff(a, b, seed, name_a, name_b):
+    va, vb = metric_value(load[seed, a], name_a), metric_value(load[seed, b], name_b)
+    return None if va is None or vb is None else va - vb
+
+  rows = []
+  for stage in stages:
+    if stage == "iter_0/eval" or "/control/" in stage:
+      continue
+    t = stage.split("/")[0].removeprefix("iter_")
+    others = [(stage.replace("/eval", "/control/eval"), f"RISE {t} − control {t}"),
+              ("iter_0/eval", f"RISE {t} − boost")]
+    for other, label in others:
+      if other in stages:
+        rows += [row(label, name, {s: diff(stage, other, s, name, name) for s in seeds})
+                 for name in METRICS + SCORE_DIFFERENCES]
+    rows.append(row(f"RISE {t}", "m1@t5 − m5@t1", {s: diff(stage, stage, s, "m1@t5", "m5@t1") for s in seeds}))
+  return rows
+
+
+def _pp(x: float | None) -> str:
+  return "-" if x is None else f"{100 * x:+.1f}"
+
+
+def paired_lines(rows: list[dict], seeds: list[int]) -> list[str]:
+  """The paired differences as a markdown table, in percentage points."""
+  lines = ["Paired differences per seed (percentage points; each seed's two models are evaluated on the same test "
+           "problems); mean and 95% t-interval over the seeds (Student's t, n - 1 degrees of freedom):", "",
+           "| comparison | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean [95% t-interval] |",
+           "|---|---|" + "---|" * (len(seeds) + 1)]
+  for r in rows:
+    summary = "-" if r["mean"] is None else _pp(r["mean"]) + (
+        f" [{_pp(r['ci95'][0])}, {_pp(r['ci95'][1])}]" if r["ci95"] else " (one seed)")
+    lines.append(f"| {r['comparison']} | {SCORE.get(r['metric'], r['metric'])} | " + " | ".join(_pp(r["per_seed"][s]) for s in seeds)
+                 + f" | {summary} |")
+  return lines
+
+
 def table(runs: dict[int, pathlib.Path], walls: dict[int, float], sanity_seeds=None) -> str:
   seeds = sorted(runs)
   models = [(stage, label) for stage, label in MODELS if all((runs[s] / stage / "metrics.json").exists() for s in seeds)]
@@ -142,6 +215,13 @@ def table(runs: dict[int, pathlib.Path], walls: dict[int, float], sanity_seeds=N
     row = [_ms([load[s, stage][k][0] for s in seeds])
            for k in ("acc_given_wrong", "fresh_acc_given_wrong", "acc_given_right", "repeat_rate")]
     lines.append(f"| {label} | " + " | ".join(row) + " |")
+  lines += ["", "SCoRe's turn-to-turn metrics without oracle (turn 1 -> turn 2; mean ± sd over seeds, %; "
+            "Δi→c / Δc→i: fraction of problems wrong / right at t1 and right / wrong at t2):", "",
+            "| model | " + " | ".join(SCORE.values()) + " |", "|---|" + "---|" * len(SCORE)]
+  for stage, label in models:
+    lines.append(f"| {label} | " + " | ".join(_ms([metric_value(load[s, stage], k) for s in seeds]) for k in SCORE)
+                 + " |")
+  lines += [""] + paired_lines(paired_over_seeds(load, seeds, [stage for stage, _ in models]), seeds)
   sanity_seeds = seeds if sanity_seeds is None else [s for s in seeds if s in sanity_seeds]
   sanity = {s: history_dropped_eval(runs[s]) for s in sanity_seeds}
   lines += ["", f"Sanity check, boosted model (seeds {', '.join(map(str, sanity_seeds))}): sequential with all "

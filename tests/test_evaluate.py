@@ -203,6 +203,36 @@ def test_evaluate_protocols_draws_and_self_refine_with_a_scripted_learner(tmp_pa
                                              "resamples": 0, "flagged_degenerate": 0}
   assert written["sampling"]["sequential"]["candidates"] == 2 * 4 * 2  # two draws of 4 problems x 2 turns
   assert "## Sampling" in (out / "report.md").read_text()
+  # SCoRe's metrics from the no-oracle logs of both draws: every episode goes wrong -> right.
+  assert written["score"]["num_episodes"] == [8] and written["score"]["delta_i_to_c"] == [1.0]
+  assert written["score"]["delta_c_to_i"] == [0.0] and written["score"]["delta_t1_t2"] == [1.0]
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_scores_metrics_come_from_the_sequential_log_without_oracle_only(tmp_path, oracle):
+  """With `eval.oracle` the only sequential log stops at the first correct turn: no SCoRe metrics from it."""
+  from rise_jax import evaluate
+  from rise_jax.rollout.policies import ScriptedPolicy
+
+  cfg = _eval_toy_config(tmp_path)
+  cfg.task.test_size, cfg.eval.turns, cfg.eval.parallel_k, cfg.eval.oracle = 4, 3, 2, oracle
+  # Turn 1 right only for some problems, then always right: no-oracle i->c is the problems wrong at turn 1.
+  from rise_jax.tasks import task_from_config
+  problems = task_from_config(cfg.task).load("test")
+  references = {p.id: p.reference.split("=")[-1] for p in problems}
+  first_right = {p.id for p in problems[:1]}
+  learner = ScriptedPolicy(lambda r, j: f"={references[r.key]}" if r.turn > 1 or r.key in first_right else "=0",
+                           name="scripted")
+  evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)
+  written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  md = (tmp_path / "run" / "report.md").read_text()
+  if oracle:
+    assert written["score"]["available"] is False and "oracle" in written["score"]["reason"]
+    assert "not available (the sequential log used an oracle" in md
+  else:
+    assert written["score"]["delta_i_to_c"] == [0.75, 0.0] and written["score"]["delta_c_to_i"] == [0.0, 0.0]
+    assert written["score"]["acc_t1"] == [0.25, 1.0] and written["sources"]["score"].endswith("rollouts.jsonl")
+    assert "| t1->t2 | 4 |" in md
 
 
 @pytest.mark.slow

@@ -70,6 +70,83 @@ def test_hand_computed_table():
                                       "samples": 9}
 
 
+def _score_logs():
+  # Turn correctness per problem; chosen so that every metric differs between the two pairs and i->c != c->i.
+  table = {"a": [0, 1, 1], "b": [1, 0, 1], "c": [0, 1, 0], "d": [0, 1, 1], "e": [1, 1, 0], "f": [0, 0, 0]}
+  seq = [rb.sequential(pid, [(f"{pid}{t}", float(r)) for t, r in enumerate(rs)]) for pid, rs in table.items()]
+  return table, seq
+
+
+def test_score_metrics_by_hand():
+  table, seq = _score_logs()
+  m = compute_metrics(seq, num_bootstrap=B)
+  score = m["score"]
+  assert score["available"] and score["pairs"] == ["t1->t2", "t2->t3"] and score["num_episodes"] == [6, 6]
+  # Counted by hand from `table`: pair 1 right at t1 b, e; at t2 a, c, d, e; i->c a, c, d; c->i b.
+  # Pair 2 right at t2 a, c, d, e; at t3 a, b, d; i->c b; c->i c, e.
+  expected = {"acc_t1": [2 / 6, 4 / 6], "acc_t2": [4 / 6, 3 / 6], "delta_t1_t2": [2 / 6, -1 / 6],
+              "delta_i_to_c": [3 / 6, 1 / 6], "delta_c_to_i": [1 / 6, 2 / 6]}
+  for name, values in expected.items():
+    assert score[name] == pytest.approx(values), name
+  # The same from the definitions in plain numpy.
+  r = np.array(list(table.values()), dtype=bool)
+  for t in range(2):
+    assert score["delta_i_to_c"][t] == pytest.approx(np.mean(~r[:, t] & r[:, t + 1]))
+    assert score["delta_c_to_i"][t] == pytest.approx(np.mean(r[:, t] & ~r[:, t + 1]))
+    assert score["acc_t2"][t] - score["acc_t1"][t] == pytest.approx(score["delta_t1_t2"][t])
+  assert score["acc_t1"] == pytest.approx(m["per_turn_accuracy"][:2])
+  assert m["sources"]["score"] == m["sources"]["per_turn_accuracy"]
+
+
+def test_score_metrics_pool_the_draws_of_a_problem():
+  # Two draws of p (i->c, then c->c) and one of q twice over (c->i, i->i): four episodes.
+  seq = [rb.sequential("p", [("1", 0), ("2", 1)], seed=0), rb.sequential("p", [("2", 1), ("2", 1)], seed=1),
+         rb.sequential("q", [("3", 1), ("4", 0)], seed=0), rb.sequential("q", [("4", 0), ("4", 0)], seed=1)]
+  score = compute_metrics(seq, num_bootstrap=B)["score"]
+  assert score["num_episodes"] == [4]
+  assert score["delta_i_to_c"] == [0.25] and score["delta_c_to_i"] == [0.25] and score["delta_t1_t2"] == [0.0]
+  assert score["acc_t1"] == [0.5] and score["acc_t2"] == [0.5]
+
+
+def test_score_intervals_come_from_the_one_resampling_matrix():
+  table, seq = _score_logs()
+  m = compute_metrics(seq, num_bootstrap=B, seed=3)
+  score = m["score"]
+  # acc_t1 / acc_t2 are per-turn accuracies: the same intervals, not a second resampling.
+  assert score["ci95"]["acc_t1"] == m["ci95"]["per_turn_accuracy"][:2]
+  assert score["ci95"]["acc_t2"] == m["ci95"]["per_turn_accuracy"][1:]
+  # The flip-rate intervals by a plain loop over the rows of the sequential source's resampling counts.
+  weights = metrics.bootstrap_counts(len(table), B, (3, 1))
+  r = np.array([table[pid] for pid in sorted(table)], dtype=float)
+  for t in range(2):
+    flips = {"delta_i_to_c": (1 - r[:, t]) * r[:, t + 1], "delta_c_to_i": r[:, t] * (1 - r[:, t + 1]),
+             "delta_t1_t2": r[:, t + 1] - r[:, t]}
+    for name, per_problem in flips.items():
+      replicates = [float(w @ per_problem / w.sum()) for w in weights]
+      assert score["ci95"][name][t] == pytest.approx(list(np.percentile(replicates, [2.5, 97.5]))), (name, t)
+
+
+def test_score_metrics_are_not_computed_from_an_oracle_log():
+  seq = [rb.sequential("a", [("1", 0), ("2", 1)], oracle=True), rb.sequential("b", [("1", 0), ("3", 0)], oracle=True)]
+  m = compute_metrics(seq, num_bootstrap=B)
+  assert m["score"]["available"] is False and "oracle" in m["score"]["reason"]
+  assert not any(name.startswith("delta") for name in m["per_problem"]["sequential"]["metrics"])
+  assert m["transitions"] == [{"c->c": 0, "c->i": 0, "i->c": 1, "i->i": 1}]  # still reported, as before
+  only_parallel = compute_metrics(parallel_records=[rb.parallel("a", [("1", 1)])], num_bootstrap=B)
+  assert only_parallel["score"] == {"available": False, "reason": "no sequential run"}
+  one_turn = compute_metrics([rb.sequential("a", [("1", 1)])], num_bootstrap=B)
+  assert one_turn["score"]["available"] is False
+
+
+def test_score_per_problem_values_for_paired_differences():
+  table, seq = _score_logs()
+  m = compute_metrics(seq, num_bootstrap=B)
+  names = metrics.score_table_names(2)
+  assert metrics.per_problem_values(m, names["delta_c_to_i"]) == {
+      pid: (float(rs[1] == 1 and rs[2] == 0), 1.0) for pid, rs in table.items()}
+  assert metrics.per_problem_values(m, names["acc_t1"]) == {pid: (float(rs[1]), 1.0) for pid, rs in table.items()}
+
+
 def test_contract_keys_and_sources():
   seq, par = _hand_logs()
   m = compute_metrics(seq, par, num_bootstrap=B, sources={"sequential": "seq.jsonl", "parallel": "par.jsonl"})
@@ -310,6 +387,16 @@ def ref_metrics(seq_draws, par_samples, turns, n, tie_break):
     fresh.append(mean([mean([right(r) for _, r in par_samples[p]]) for _, _, p in wrong]))
     rep.append(mean([x[0] == y[0] for x, y, _ in pairs if x[0] is not None]))
   out.update(transitions=trans, acc_given_wrong=cond_w, acc_given_right=cond_r, fresh=fresh, repeat=rep)
+  # SCoRe's metrics: fractions of the episodes, pair (t, t+1) compares e[t-1] with e[t].
+  score = {name: [] for name in metrics.SCORE_METRICS}
+  for t in range(turns - 1):
+    both = [(right(e[t][1]), right(e[t + 1][1])) for _, e in episodes if len(e) > t + 1]
+    score["acc_t1"].append(mean([x for x, _ in both]))
+    score["acc_t2"].append(mean([y for _, y in both]))
+    score["delta_t1_t2"].append(mean([y - x for x, y in both]))
+    score["delta_i_to_c"].append(mean([not x and y for x, y in both]))
+    score["delta_c_to_i"].append(mean([x and not y for x, y in both]))
+  out["score"] = score
   unsolved = [p for p in problems if not any(right(r) for _, r in par_samples[p])]
   out["unsolved"] = [mean([mean([any(right(r) for _, r in e[:k]) for e in seq_draws[p]]) for p in unsolved])
                      for k in range(1, turns + 1)]
@@ -362,6 +449,12 @@ def test_against_reference_implementation(seed, oracle, tie_break, draws, n):
                        ("fresh_acc_given_wrong", "fresh"), ("repeat_rate", "repeat")):
     assert all(_close(x, y) for x, y in zip(m[mine], ref[theirs], strict=True)), mine
   assert all(_close(x, y) for x, y in zip(m["unsolved_by_pass@B"]["solved_by_turn"], ref["unsolved"]))
+  if oracle:
+    assert m["score"]["available"] is False and "oracle" in m["score"]["reason"]
+  else:
+    assert m["score"]["pairs"] == [f"t{t}->t{t + 1}" for t in range(1, turns)]
+    for name in metrics.SCORE_METRICS:
+      assert all(_close(x, y) for x, y in zip(m["score"][name], ref["score"][name], strict=True)), name
 
 
 # ---------------------------------------------------------------------------------------------- uncertainty

@@ -80,7 +80,9 @@ def test_write_summary(tmp_path, two_iterations):
   assert diff["ci95"][0] <= diff["diff"] <= diff["ci95"][1] and diff["num_problems"] == 30
   assert "iter_1 - iter_0 (base): p1@t3" in summary["differences"]
   md = (tmp_path / "summary.md").read_text()
-  assert sum(line.startswith(("| iter_0 (base) |", "| iter_1 |")) for line in md.splitlines()) == 4  # 2 tables
+  # Table 1 and accuracy per turn (a row each), SCoRe's metrics (a row per turn pair: 2 of 3 turns).
+  assert sum(line.startswith(("| iter_0 (base) |", "| iter_1 |")) for line in md.splitlines()) == 2 + 2 + 4
+  assert summary["score_differences"]["iter_1 - iter_0 (base)"]["pairs"] == ["t1->t2", "t2->t3"]
   assert (tmp_path / "accuracy_vs_turn.png").read_bytes()[:8] == PNG_MAGIC
 
 
@@ -160,3 +162,123 @@ def test_offline_cli_refuses_what_would_merge_into_wrong_numbers(tmp_path, capsy
   (tmp_path / "file").write_text("x\n")
   _refused(capsys, ["--sequential", a, "--out", str(tmp_path / "file")], "is a file")
   assert report.main(["--sequential", a, *out])["num_problems"] == 6  # one clean log still reports
+
+
+# ------------------------------------------------------------------------------------ SCoRe's metrics
+
+
+def _turn_logs(rows, oracle=False):
+  """Sequential records from per-problem turn correctness lists (answers distinct per turn)."""
+  return [rb.sequential(pid, [(f"{pid}{t}", float(r)) for t, r in enumerate(rs)], oracle=oracle)
+          for pid, rs in rows.items()]
+
+
+def _flip_rates(rows):
+  """SCoRe's metrics of turn pair 1 -> 2 straight from the definitions (fractions of problems)."""
+  n = len(rows)
+  return {"acc_t1": sum(r[0] for r in rows.values()) / n, "acc_t2": sum(r[1] for r in rows.values()) / n,
+          "delta_t1_t2": sum(r[1] - r[0] for r in rows.values()) / n,
+          "delta_i_to_c": sum(not r[0] and r[1] for r in rows.values()) / n,
+          "delta_c_to_i": sum(r[0] and not r[1] for r in rows.values()) / n}
+
+
+BOOST = {"a": [0, 0], "b": [1, 0], "c": [0, 0], "d": [1, 1]}
+RISE = {"a": [0, 1], "b": [1, 1], "c": [0, 1], "d": [1, 1]}
+CONTROL = {"a": [0, 0], "b": [1, 1], "c": [0, 1], "d": [0, 0]}
+
+
+def test_report_md_has_scores_turn_to_turn_table(tmp_path):
+  rows = {"a": [0, 1, 1], "b": [1, 0, 1], "c": [0, 1, 0], "d": [0, 1, 1], "e": [1, 1, 0], "f": [0, 0, 0]}
+  m = metrics.compute_metrics(_turn_logs(rows), num_bootstrap=200)
+  report.write_report(m, tmp_path, plots=False)
+  md = (tmp_path / "report.md").read_text()
+  assert "## Turn to turn without oracle (SCoRe's metrics)" in md
+  score, hand = m["score"], _flip_rates(rows)
+
+  def cell(name, signed):
+    fmt = (lambda x: f"{100 * x:+.1f}") if signed else (lambda x: f"{100 * x:.1f}")  # noqa: E731
+    low, high = score["ci95"][name][0]
+    return f"{fmt(hand[name])} [{fmt(low)}, {fmt(high)}]"
+
+  row = " | ".join([cell("acc_t1", False), cell("acc_t2", False), cell("delta_t1_t2", True),
+                    cell("delta_i_to_c", False), cell("delta_c_to_i", False)])
+  assert f"| t1->t2 | 6 | {row} |" in md
+  assert "| t2->t3 | 6 |" in md
+  assert json.loads((tmp_path / "metrics.json").read_text())["score"] == json.loads(json.dumps(score))
+
+
+def test_report_says_scores_metrics_are_not_available_from_an_oracle_log(tmp_path):
+  m = metrics.compute_metrics(_turn_logs({"a": [0, 1], "b": [0, 0]}, oracle=True), num_bootstrap=100)
+  report.write_report(m, tmp_path, plots=False)
+  md = (tmp_path / "report.md").read_text()
+  assert "not available (the sequential log used an oracle" in md and "| t1->t2 |" not in md
+
+
+def test_summary_paired_differences_of_scores_metrics(tmp_path):
+  rows = {name: metrics.compute_metrics(_turn_logs(r), num_bootstrap=100)
+          for name, r in (("boost", BOOST), ("RISE", RISE), ("control", CONTROL))}
+  rows["oracle"] = metrics.compute_metrics(_turn_logs(RISE, oracle=True), num_bootstrap=100)
+  report.write_summary(rows, tmp_path, num_bootstrap=300, plots=False,
+                       comparisons=[("RISE", "control"), ("RISE", "boost"), ("RISE", "oracle")])
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert list(summary["score_differences"]) == ["RISE - control", "RISE - boost", "RISE - oracle"]
+  for other, table in (("control", CONTROL), ("boost", BOOST)):
+    d, mine, theirs = summary["score_differences"][f"RISE - {other}"], _flip_rates(RISE), _flip_rates(table)
+    assert d["available"] and d["pairs"] == ["t1->t2"]
+    for name in metrics.SCORE_METRICS:
+      assert d[name][0]["diff"] == pytest.approx(mine[name] - theirs[name]), (other, name)
+      assert d[name][0]["num_problems"] == 4
+  # RISE - boost: i->c +50, c->i -25 (a swap of the two would show)
+  assert summary["score_differences"]["RISE - boost"]["delta_i_to_c"][0]["diff"] == pytest.approx(0.5)
+  assert summary["score_differences"]["RISE - boost"]["delta_c_to_i"][0]["diff"] == pytest.approx(-0.25)
+  oracle = summary["score_differences"]["RISE - oracle"]
+  assert oracle["available"] is False and oracle["reason"].startswith("oracle: the sequential log used an oracle")
+  assert summary["differences"]["RISE - control: m1@t1"]["diff"] == pytest.approx(0.25)
+  assert summary["metrics"]["RISE"]["score"] == json.loads(json.dumps(rows["RISE"]["score"]))
+  md = (tmp_path / "summary.md").read_text()
+  assert "## SCoRe's metrics, paired differences" in md and "| RISE - boost: delta_i_to_c t1->t2 | 50.0 |" in md
+  assert "RISE - oracle: not available" in md
+  with pytest.raises(ValueError, match="not among"):
+    report.write_summary(rows, tmp_path, plots=False, comparisons=[("RISE", "iter_9")])
+
+
+def test_summary_of_metrics_written_before_scores_metrics(tmp_path):
+  old = {name: metrics.compute_metrics(_turn_logs(r), num_bootstrap=100) for name, r in (("a", BOOST), ("b", RISE))}
+  del old["a"]["score"]  # a metrics.json from before the key existed still summarises
+  report.write_summary(old, tmp_path, num_bootstrap=100, plots=False)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["score_differences"]["b - a"] == {
+      "available": False, "reason": "a: computed before SCoRe's metrics were reported"}
+  assert "b - a: m1@t1" in summary["differences"]
+
+
+def test_run_summary_compares_rise_with_its_control_and_the_boost():
+  import types
+  from rise_jax.pipeline import summary
+  config = types.SimpleNamespace(rise=types.SimpleNamespace(boost=True))
+  stages = ["iter_0/eval", "iter_1/eval", "iter_1/control/eval", "iter_2/eval"]
+  pairs = summary.comparisons(stages, config)
+  boost = "iter_0 (base + boost)"
+  assert pairs == [("iter_1 RISE", boost), ("iter_1 single-turn control", "iter_1 RISE"),
+                   ("iter_2 RISE", "iter_1 single-turn control"),
+                   ("iter_1 RISE", "iter_1 single-turn control"), ("iter_2 RISE", boost),
+                   ("iter_2 RISE", "iter_1 RISE")]
+
+
+def test_run_summary_writes_scores_differences_from_the_run_directory(tmp_path):
+  import types
+  from rise_jax.pipeline import summary
+  config = types.SimpleNamespace(name="toy", seed=0, rise=types.SimpleNamespace(boost=True),
+                                 eval=types.SimpleNamespace(parallel_k=2, turns=2))
+  stages = [types.SimpleNamespace(name=n, kind="eval", iteration=i)
+            for n, i in (("iter_0/eval", 0), ("iter_1/eval", 1), ("iter_1/control/eval", 1))]
+  for stage, rows in zip(stages, (BOOST, RISE, CONTROL)):
+    report.write_report(metrics.compute_metrics(_turn_logs(rows), num_bootstrap=100), tmp_path / stage.name,
+                        plots=False)
+    (tmp_path / stage.name / "DONE").write_text(json.dumps({"seconds": 1.0}))
+  out = summary.write_summary(config, tmp_path, stages)
+  d = out["score_differences"]
+  assert d["iter_1 RISE - iter_1 single-turn control"]["delta_i_to_c"][0]["diff"] == pytest.approx(
+      _flip_rates(RISE)["delta_i_to_c"] - _flip_rates(CONTROL)["delta_i_to_c"])
+  assert d["iter_1 RISE - iter_0 (base + boost)"]["delta_c_to_i"][0]["diff"] == pytest.approx(-0.25)
+  assert "## SCoRe's metrics, paired differences" in out["table_md"]

@@ -24,6 +24,19 @@ def model_label(stage: str, config) -> str:
   return f"{it} single-turn control" if "/control/" in stage else f"{it} RISE"
 
 
+def comparisons(stage_names: Sequence[str], config) -> list[tuple[str, str]]:
+  """Row pairs (a, b) whose paired differences a - b the summary reports: consecutive rows, then each RISE
+  iteration against its single-turn control, iter_0 (the boost) and the RISE iteration before it, of the stages
+  evaluated."""
+  from rise_jax.rise import report
+  out = report.consecutive_comparisons([model_label(name, config) for name in stage_names])
+  rise = [name for name in stage_names if name != "iter_0/eval" and not name.endswith("/control/eval")]
+  for i, name in enumerate(rise):
+    others = [name.replace("/eval", "/control/eval"), "iter_0/eval"] + rise[i - 1:i]
+    out += [(model_label(name, config), model_label(other, config)) for other in others if other in stage_names]
+  return list(dict.fromkeys(out))  # a consecutive pair may be one of these too
+
+
 def headline(config) -> list[str]:
   """Table 1 columns: m1@t1, mk@t1 (sample-matched parallel), m1@tk, p1@tk (oracle), pk@t1."""
   k, t = config.eval.parallel_k, config.eval.turns
@@ -88,9 +101,10 @@ def write_summary(config, root: pathlib.Path, stages: Sequence[Any]) -> dict[str
   """summary.md / summary.json / accuracy_vs_turn.png at the top of the run directory; returns the summary."""
   from rise_jax.rise import report
   root = pathlib.Path(root)
-  rows = {}
+  rows, evaluated = {}, []
   for stage in stages:
     if stage.kind == "eval" and (root / stage.name / "DONE").exists():
+      evaluated.append(stage.name)
       metrics = _load(root / stage.name / "metrics.json")
       if metrics is None:  # the loop recomputes a lost one before this; a summary rebuilt by hand must not guess
         raise FileNotFoundError(f"{root / stage.name / 'metrics.json'}: missing though {stage.name} is done; "
@@ -99,7 +113,8 @@ def write_summary(config, root: pathlib.Path, stages: Sequence[Any]) -> dict[str
   compute = compute_table(stages, root)
   written = {}
   if rows:
-    written = report.write_summary(rows, root, title=f"{config.name}: RISE", seed=config.seed)
+    written = report.write_summary(rows, root, title=f"{config.name}: RISE", seed=config.seed,
+                                   comparisons=comparisons(evaluated, config))
   summary = _load(root / "summary.json") if rows else {}
   summary["compute"] = compute
   summary["headline"] = headline(config)

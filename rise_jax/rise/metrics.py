@@ -6,6 +6,10 @@ Sources (the paper's definitions, rise.md "Inference"):
                   p1@tk is valid from a no-oracle log: before the first correct turn the feedback is identical.
                   From an oracle log that stopped early, p1@tk counts any correct turn and m1@tk votes over the
                   turns that exist, and per-turn accuracy and transitions are over the episodes that reached them.
+                  SCoRe's turn-to-turn metrics (`score`) per pair t -> t+1: acc_t1, acc_t2, delta_t1_t2 =
+                  acc_t2 - acc_t1, delta_i_to_c / delta_c_to_i = fraction of episodes wrong at t and right at t+1 /
+                  right at t and wrong at t+1, so delta_t1_t2 = delta_i_to_c - delta_c_to_i; only from a no-oracle
+                  log (an oracle log stops at the first correct turn: they are reported as not available).
   parallel run    mk@t1 (majority over k first-turn samples), pk@t1 (any of k correct), the fresh first-turn
                   accuracy that the conditional "acc at t+1 given t wrong" is compared with, and Fig. 5's pass@B.
 Invariants (p1@tk >= m1@tk >= ..., p1@tk >= m1@t1, pk@t1 >= mk@t1 on the same samples) are checked per problem,
@@ -50,6 +54,14 @@ from rise_jax.config import TIE_BREAKS
 
 TRANSITIONS = ("c->c", "c->i", "i->c", "i->i")
 DEFAULT_NUM_BOOTSTRAP = 2000
+# SCoRe's (arXiv 2409.12917) turn-to-turn metrics, reported for every consecutive turn pair t -> t+1.
+SCORE_METRICS = ("acc_t1", "acc_t2", "delta_t1_t2", "delta_i_to_c", "delta_c_to_i")
+
+
+def score_table_names(t: int) -> dict[str, str]:
+  """The per-problem table metric behind each SCoRe metric of turn pair t -> t+1 (for `per_problem_values`)."""
+  return {"acc_t1": f"turn{t}_accuracy", "acc_t2": f"turn{t + 1}_accuracy", "delta_t1_t2": f"delta_t{t}_t{t + 1}",
+          "delta_i_to_c": f"delta_i_to_c_t{t}_t{t + 1}", "delta_c_to_i": f"delta_c_to_i_t{t}_t{t + 1}"}
 
 
 def is_correct(reward: float) -> bool:
@@ -341,7 +353,7 @@ def _invariant(cond: bool, what: str, pid: str):
 
 
 def _sequential_table(groups, grading: _Grading, turns: int, tie_break: str, seed: int, tally: _Tally,
-                      fresh: Mapping[str, float], unsolved: Mapping[str, bool]) -> tuple[Table, dict]:
+                      fresh: Mapping[str, float], unsolved: Mapping[str, bool], oracle: bool) -> tuple[Table, dict]:
   table = Table(list(groups))
   pairs = turns - 1
   cols = collections.defaultdict(lambda: np.zeros(len(table.problem_ids)))
@@ -408,6 +420,12 @@ def _sequential_table(groups, grading: _Grading, turns: int, tie_break: str, see
     table.add(f"fresh_acc_given_t{t}_wrong", cols.get(f"fresh_given_wrong@t{t}", zeros),
               cols.get(f"fresh_den@t{t}", zeros))
     extra.setdefault("transitions", []).append({name: int(v.sum()) for name, v in c.items()})
+    if not oracle:  # an oracle log has no c->i and its i->c is over survivors: SCoRe's rates would be biased
+      episodes = sum(c.values())
+      names = score_table_names(t)
+      table.add(names["delta_t1_t2"], c["i->c"] - c["c->i"], episodes)
+      table.add(names["delta_i_to_c"], c["i->c"], episodes)
+      table.add(names["delta_c_to_i"], c["c->i"], episodes)
   in_unsolved = np.array([float(bool(unsolved.get(pid))) for pid in table.problem_ids])
   if unsolved:
     for k in range(1, turns + 1):
@@ -533,9 +551,11 @@ def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = Non
       turns = logged.pop() if len(logged) == 1 and None not in logged else max(len(r["turns"]) for r in seq)
     fresh = par_extra["first_turn_accuracy"] if par_extra else {}
     unsolved = par_extra["unsolved"] if par_extra else {}
-    seq_table, seq_extra = _sequential_table(_group(seq), grading, turns, tie_break, seed, tally, fresh, unsolved)
+    oracle = any(r["protocol"]["oracle"] for r in seq)
+    seq_table, seq_extra = _sequential_table(_group(seq), grading, turns, tie_break, seed, tally, fresh, unsolved,
+                                             oracle)
     tables["sequential"] = seq_table
-    if any(r["protocol"]["oracle"] for r in seq):
+    if oracle:
       notes.append("the sequential log used an oracle: m1@tk votes over the turns each episode reached, and "
                    "per-turn accuracy / transitions are over the episodes that reached each turn")
 
@@ -591,10 +611,14 @@ def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = Non
           "solved_by_turn": [t_seq.value(n) for n in names],
           "ci95": [cis["sequential"][n] for n in names]}
       src["unsolved_by_pass@B"] = f"{sources['parallel']} + {sources['sequential']}"
+    out["score"] = _score(t_seq, cis["sequential"], turns, oracle)
+    src["score"] = sources["sequential"]
     draws = seq_extra["per_draw"]
     if len(draws) > 1:
       out["m1@t1_per_draw"] = {str(s): float(np.mean([ok for _, ok in v])) for s, v in sorted(draws.items())}
     out["num_draws"] = {str(n): c for n, c in sorted(seq_extra["draws"].items())}
+  else:
+    out["score"] = {"available": False, "reason": "no sequential run"}
   if seq and par:
     out["paired"] = _paired(tables, turns, par_extra["max_k"], num_bootstrap, seed)
 
@@ -615,6 +639,22 @@ def compute_metrics(sequential_records: Sequence[Mapping[str, Any]] | None = Non
   out["sources"] = src
   out["notes"] = notes
   out["per_problem"] = {name: t.to_json() for name, t in tables.items()}
+  return out
+
+
+def _score(table: Table, cis: Mapping[str, list[float] | None], turns: int, oracle: bool) -> dict[str, Any]:
+  """SCoRe's metrics per consecutive turn pair from the no-oracle sequential table, or why there are none."""
+  if oracle:
+    return {"available": False, "reason": "the sequential log used an oracle: episodes stop at their first correct "
+                                          "turn, so c->i cannot occur and i->c counts only the episodes still going"}
+  if turns < 2:
+    return {"available": False, "reason": "one turn: no consecutive turn pair"}
+  pairs = range(1, turns)
+  out: dict[str, Any] = {"available": True, "pairs": [f"t{t}->t{t + 1}" for t in pairs],
+                         "num_episodes": [int(table.den[score_table_names(t)["delta_t1_t2"]].sum()) for t in pairs]}
+  for metric in SCORE_METRICS:
+    out[metric] = [table.value(score_table_names(t)[metric]) for t in pairs]
+  out["ci95"] = {metric: [cis[score_table_names(t)[metric]] for t in pairs] for metric in SCORE_METRICS}
   return out
 
 

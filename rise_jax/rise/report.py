@@ -51,6 +51,14 @@ def _with_ci(m: Mapping[str, Any], name: str) -> str:
   return f"{_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else _pct(value)
 
 
+def _value_ci(value: float | None, ci: Sequence[float] | None, signed: bool = False) -> str:
+  """A fraction as % with its interval; signed for differences."""
+  if value is None:
+    return "–"
+  fmt = (lambda x: f"{100 * x:+.1f}") if signed else _pct
+  return fmt(value) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+
+
 def _delta(m: Mapping[str, Any], name: str, base: str) -> str:
   if m.get(name) is None or m.get(base) is None:
     return ""
@@ -142,9 +150,7 @@ def _report_md(m: Mapping[str, Any], title: str, plots: Sequence[str]) -> str:
       for t, tr in enumerate(m["transitions"]):
         def at(key, i=t):
           vals, cis = m.get(key), m["ci95"].get(key)
-          if vals is None or vals[i] is None:
-            return "–"
-          return _pct(vals[i]) + (f" [{_pct(cis[i][0])}, {_pct(cis[i][1])}]" if cis and cis[i] else "")
+          return _value_ci(vals[i] if vals else None, cis[i] if cis else None)
         rows.append([f"{t + 1}->{t + 2}", tr["c->c"], tr["c->i"], tr["i->c"], tr["i->i"], at("acc_given_wrong"),
                      at("fresh_acc_given_wrong"), at("acc_given_right"), at("repeat_rate")])
       lines += _table(["turns", "c->c", "c->i", "i->c", "i->i", "acc t+1 given t wrong",
@@ -152,6 +158,9 @@ def _report_md(m: Mapping[str, Any], title: str, plots: Sequence[str]) -> str:
       lines += ["", "A retry beats a fresh first-turn sample on the problems it failed when `acc t+1 given t wrong` "
                 "> `fresh sample`: the condition for sequential turns to beat parallel sampling. "
                 "`acc t+1 given t right` is how often a right answer survives the failure message.", ""]
+
+  if m.get("score") and m.get("per_turn_accuracy") is not None:
+    lines += ["## Turn to turn without oracle (SCoRe's metrics)", ""] + _score_md([("", m["score"])]) + [""]
 
   unsolved = m.get("unsolved_by_pass@B")
   if unsolved:
@@ -192,6 +201,28 @@ def _report_md(m: Mapping[str, Any], title: str, plots: Sequence[str]) -> str:
   if plots:
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
   return "\n".join(lines) + "\n"
+
+
+_SCORE_HEADER = ["turns", "episodes", "acc t", "acc t+1", "Δ(t, t+1)", "Δi→c", "Δc→i"]
+
+
+def _score_md(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+  """SCoRe's metrics of one or more models (name, metrics["score"]) as one table, unavailable ones said so."""
+  named = len(rows) > 1 or rows[0][0]
+  table_rows, missing = [], []
+  for name, score in rows:
+    if not score.get("available"):
+      missing.append(f"{name + ': ' if named else ''}not available ({score.get('reason')}).")
+      continue
+    for i, pair in enumerate(score["pairs"]):
+      cells = [_value_ci(score[k][i], score["ci95"][k][i], signed=k == "delta_t1_t2") for k in
+               metrics_lib.SCORE_METRICS]
+      table_rows.append(([name] if named else []) + [pair, score["num_episodes"][i]] + cells)
+  lines = _table((["model"] if named else []) + _SCORE_HEADER, table_rows) + [""] if table_rows else []
+  lines += missing + ([""] if missing else [])
+  return lines + ["SCoRe (arXiv 2409.12917), from the sequential log without oracle: Δ(t, t+1) = acc t+1 − acc t "
+                  "= Δi→c − Δc→i; Δi→c (Δc→i): fraction of episodes wrong (right) at t and right (wrong) at t+1. "
+                  "95% bootstrap intervals over problems."]
 
 
 def _new_figure(ncols: int = 1):
@@ -290,25 +321,54 @@ def write_report(m: Mapping[str, Any], out_dir: str | os.PathLike, *, title: str
 # ------------------------------------------------------------------------------------------------ summary
 
 
-def _iteration_differences(per_iteration: Mapping[str, Mapping[str, Any]], num_bootstrap: int,
-                           seed: int) -> dict[str, dict[str, Any]]:
-  """Paired bootstrap differences between consecutive iterations on the Table 1 metrics they share."""
-  names = list(per_iteration)
-  out = {}
-  for before, after in zip(names, names[1:]):
+def consecutive_comparisons(names: Sequence[str]) -> list[tuple[str, str]]:
+  """(later, earlier) for each pair of consecutive rows: the summary's default comparisons."""
+  return [(after, before) for before, after in zip(names, names[1:])]
+
+
+def _iteration_differences(per_iteration: Mapping[str, Mapping[str, Any]], comparisons: Sequence[tuple[str, str]],
+                           num_bootstrap: int, seed: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+  """Paired bootstrap differences a - b, for each (a, b) in `comparisons`, on the Table 1 metrics they share, and
+  on SCoRe's metrics per turn pair where both have them (second dict)."""
+  out, score = {}, {}
+  for after, before in comparisons:
     a, b = per_iteration[after], per_iteration[before]
     if "per_problem" not in a or "per_problem" not in b:
       continue
-    k = _budget(a) if _budget(a) == _budget(b) else None
-    candidates = ["m1@t1"] + ([f"m1@t{k}", f"p1@t{k}", f"m{k}@t1", f"p{k}@t1"] if k else [])
-    for metric in dict.fromkeys(candidates):
+
+    def diff(metric):
       try:
         va, vb = metrics_lib.per_problem_values(a, metric), metrics_lib.per_problem_values(b, metric)
       except KeyError:
-        continue
-      out[f"{after} - {before}: {metric}"] = metrics_lib.paired_difference(va, vb, num_bootstrap=num_bootstrap,
-                                                                           seed=seed)
+        return None
+      return metrics_lib.paired_difference(va, vb, num_bootstrap=num_bootstrap, seed=seed)
+
+    k = _budget(a) if _budget(a) == _budget(b) else None
+    candidates = ["m1@t1"] + ([f"m1@t{k}", f"p1@t{k}", f"m{k}@t1", f"p{k}@t1"] if k else [])
+    for metric in dict.fromkeys(candidates):
+      d = diff(metric)
+      if d is not None:
+        out[f"{after} - {before}: {metric}"] = d
+    score[f"{after} - {before}"] = _score_difference(a, b, after, before, diff)
+  return out, score
+
+
+def _score_difference(a: Mapping[str, Any], b: Mapping[str, Any], name_a: str, name_b: str, diff) -> dict[str, Any]:
+  """SCoRe's metrics of a minus b per turn pair both have, through `diff(table metric name)`."""
+  for name, m in ((name_a, a), (name_b, b)):
+    if not (m.get("score") or {}).get("available"):
+      reason = (m.get("score") or {}).get("reason", "computed before SCoRe's metrics were reported")
+      return {"available": False, "reason": f"{name}: {reason}"}
+  pairs = range(1, min(len(a["score"]["pairs"]), len(b["score"]["pairs"])) + 1)
+  out: dict[str, Any] = {"available": True, "pairs": [f"t{t}->t{t + 1}" for t in pairs]}
+  for metric in metrics_lib.SCORE_METRICS:
+    out[metric] = [diff(metrics_lib.score_table_names(t)[metric]) for t in pairs]
   return out
+
+
+def _difference_row(name: str, d: Mapping[str, Any]) -> list:
+  return [name, _pct(d["diff"]), f"[{_pct(d['ci95'][0])}, {_pct(d['ci95'][1])}]" if d["ci95"] else "–",
+          f"{d['p_value']:.3f}" if d["p_value"] is not None else "–", d["num_problems"]]
 
 
 def _plot_iterations(per_iteration: Mapping[str, Mapping[str, Any]], path: pathlib.Path):
@@ -332,24 +392,32 @@ def _plot_iterations(per_iteration: Mapping[str, Mapping[str, Any]], path: pathl
 
 def write_summary(per_iteration_metrics: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike, *,
                   title: str = "RISE iterations", num_bootstrap: int = metrics_lib.DEFAULT_NUM_BOOTSTRAP,
-                  seed: int = 0, plots: bool = True) -> dict[str, pathlib.Path]:
-  """Cross-iteration summary of a RISE run: summary.md (Table 1, one row per iteration, and paired differences
-  between consecutive iterations), summary.json and accuracy_vs_turn.png.
+                  seed: int = 0, plots: bool = True,
+                  comparisons: Sequence[tuple[str, str]] | None = None) -> dict[str, pathlib.Path]:
+  """Cross-iteration summary of a RISE run: summary.md (Table 1, one row per iteration, SCoRe's turn-to-turn
+  metrics, and paired differences), summary.json and accuracy_vs_turn.png.
 
   per_iteration_metrics: iteration name (e.g. "iter_0 (base)", "iter_1") -> that iteration's metrics dict, in
   order. Differences need each dict's `per_problem` tables (present in every metrics.json compute_metrics wrote).
+  comparisons: (a, b) row names whose paired differences a - b are reported (default: consecutive rows).
   """
   out = pathlib.Path(out_dir)
   rows = dict(per_iteration_metrics)
-  differences = _iteration_differences(rows, num_bootstrap, seed)
+  comparisons = consecutive_comparisons(list(rows)) if comparisons is None else list(comparisons)
+  unknown = sorted({n for pair in comparisons for n in pair} - set(rows))
+  if unknown:
+    raise ValueError(f"comparisons name rows {unknown} that are not among {list(rows)}")
+  differences, score_differences = _iteration_differences(rows, comparisons, num_bootstrap, seed)
   keys = ("m1@t1", "per_turn_accuracy", "num_problems", "grader", "tie_break", "turns", "parallel_k")
   summary = {
       "iterations": list(rows),
       "metrics": {name: {**{k: m.get(k) for k in keys},
                          **{k: v for k, v in m.items() if _is_headline(k)},
-                         "ci95": {k: v for k, v in m.get("ci95", {}).items() if _is_headline(k)}}
+                         "ci95": {k: v for k, v in m.get("ci95", {}).items() if _is_headline(k)},
+                         **({"score": m["score"]} if "score" in m else {})}
                   for name, m in rows.items()},
       "differences": differences,
+      "score_differences": score_differences,
   }
   written = {"summary.json": out / "summary.json", "summary.md": out / "summary.md"}
   write_json(written["summary.json"], summary)
@@ -361,12 +429,25 @@ def write_summary(per_iteration_metrics: Mapping[str, Mapping[str, Any]], out_di
     lines += _table(["iteration"] + [f"t{t}" for t in range(1, turns + 1)],
                     [[name] + [_pct(v) for v in (m.get("per_turn_accuracy") or [])] + ["–"] * (
                         turns - len(m.get("per_turn_accuracy") or [])) for name, m in rows.items()])
+  scored = [(name, m["score"]) for name, m in rows.items() if m.get("score") and m.get("per_turn_accuracy")]
+  if scored:
+    lines += ["", "## Turn to turn without oracle (SCoRe's metrics)", ""] + _score_md(scored)
   if differences:
-    lines += ["", "## Consecutive iterations (paired bootstrap over shared problems)", ""]
+    lines += ["", "## Paired differences (paired bootstrap over shared problems)", ""]
     lines += _table(["difference", "Δ", "95% CI", "p", "problems"],
-                    [[name, _pct(d["diff"]), f"[{_pct(d['ci95'][0])}, {_pct(d['ci95'][1])}]" if d["ci95"] else "–",
-                      f"{d['p_value']:.3f}" if d["p_value"] is not None else "–", d["num_problems"]]
-                     for name, d in differences.items()])
+                    [_difference_row(name, d) for name, d in differences.items()])
+  score_rows, score_missing = [], []
+  for name, d in score_differences.items():
+    if not d["available"]:
+      score_missing.append(f"{name}: not available ({d['reason']}).")
+      continue
+    for i, pair in enumerate(d["pairs"]):
+      score_rows += [_difference_row(f"{name}: {metric} {pair}", d[metric][i]) for metric in
+                     metrics_lib.SCORE_METRICS if d[metric][i] is not None]
+  if score_rows or score_missing:
+    lines += ["", "## SCoRe's metrics, paired differences (paired bootstrap over shared problems)", ""]
+    lines += (_table(["difference", "Δ", "95% CI", "p", "problems"], score_rows) if score_rows else [])
+    lines += ([""] if score_rows and score_missing else []) + score_missing
   if plots and any(m.get("per_turn_accuracy") or m.get("parallel_k") for m in rows.values()):
     _plot_iterations(rows, out / "accuracy_vs_turn.png")
     written["accuracy_vs_turn.png"] = out / "accuracy_vs_turn.png"
