@@ -125,3 +125,106 @@ class BlockTable:
     self.stats["lookup_blocks"] += len(digests)
     self.stats["hit_blocks"] += len(hit)
     return hit
+
+
+class KVBlocks:
+  """The engine's pool bookkeeping per request and sample, over a `BlockTable`: how many blocks a sample needs,
+  a prompt's cached prefix and fresh blocks, a sample's own blocks, and what goes back (or into the prefix cache)
+  when a sample or request ends. Works on the scheduler's records (`scheduler.Group`, `scheduler.Slot`)."""
+
+  def __init__(self, num_blocks: int, block_size: int, capacity: int, prefix_cache: bool):
+    self.table = BlockTable(num_blocks)  # block 0 (the pool's trash block) is never handed out
+    self.block_size = block_size
+    self.capacity = capacity
+    self.prefix_cache = prefix_cache
+    self._after_chunk: list[int] = []  # partial prompt blocks whose copies the next chunk makes
+
+  def reset(self) -> None:
+    """Forget every reference (a stream abandoned mid-run); the prefix cache goes with them."""
+    self.table = BlockTable(self.table.num_blocks)
+    self._after_chunk.clear()
+
+  @property
+  def pending_release(self) -> bool:
+    return bool(self._after_chunk)
+
+  def budget(self, prompt_len: int, max_new: int) -> int:
+    """Tokens a sample may hold in the pool: its last sampled token is never fed."""
+    return min(prompt_len + max_new, self.capacity) - 1
+
+  def own_blocks(self, prompt_len: int, max_new: int) -> int:
+    """Blocks one sample needs beyond the prompt's shared full blocks (its partial-block copy included)."""
+    return -(-self.budget(prompt_len, max_new) // self.block_size) - prompt_len // self.block_size
+
+  def prompt_blocks(self, prompt_len: int) -> int:
+    return -(-prompt_len // self.block_size)
+
+  def cached_prefix(self, group) -> list[int]:
+    """The blocks of the longest cached prefix of the group's prompt (a reference taken on each), leaving at
+    least its last token to prefill: the first sampled token needs that token's hidden state."""
+    if not self.prefix_cache:
+      return []
+    if not group.digests:
+      group.digests = chain_digests(group.prompt, self.block_size)
+    return self.table.lookup(group.digests[:(len(group.prompt) - 1) // self.block_size])
+
+  def store_prompt(self, group) -> tuple[list[int], list[tuple[int, bytes]]]:
+    """Fresh blocks for the prompt past its cached prefix: (those blocks, the (block, digest) pairs to register
+    once the prefill that writes them is dispatched). Sets the group's shared full blocks and partial block."""
+    prompt_len = len(group.prompt)
+    fresh = self.table.allocate(self.prompt_blocks(prompt_len) - len(group.cached_blocks))
+    blocks = group.cached_blocks + fresh
+    full = prompt_len // self.block_size
+    group.shared_blocks, group.partial_block = blocks[:full], (blocks[full] if len(blocks) > full else None)
+    group.live = group.request.n
+    registered = ([(blocks[j], group.digests[j]) for j in range(len(group.cached_blocks), full)]
+                  if self.prefix_cache else [])
+    return fresh, registered
+
+  def admit(self, group) -> tuple[list[int], tuple[int, int] | None] | None:
+    """One sample's own blocks and its copy-on-write pair (partial prompt block -> its first own block), or None
+    when the free blocks cannot hold its whole budget yet."""
+    need = self.own_blocks(len(group.prompt), group.request.max_new_tokens)
+    if need > self.table.available:
+      return None
+    own = self.table.allocate(need)
+    return own, (None if group.partial_block is None else (group.partial_block, own[0]))
+
+  def all_admitted(self, group) -> None:
+    """Every sample has its own copy of the partial prompt block: the group's copy goes back once the next chunk
+    (which makes the copies) is dispatched; freed now, a prefill before it could overwrite it."""
+    if group.partial_block is not None:
+      self._after_chunk.append(group.partial_block)
+      group.partial_block = None
+
+  def chunk_dispatched(self) -> None:
+    self.table.release(self._after_chunk)
+    self._after_chunk.clear()
+
+  def finish_slot(self, slot) -> None:
+    """A sample in a slot ended: its full blocks (prompt and reply up to its last fed token) join the prefix
+    cache — the next turn's prompt is this conversation plus the feedback, so it prefills only what follows
+    them — and its own blocks go back."""
+    group = slot.group
+    prompt_full = len(group.prompt) // self.block_size
+    full = slot.length // self.block_size
+    if self.prefix_cache and full > prompt_full:
+      fed = group.prompt + slot.tokens[:slot.length - len(group.prompt)]
+      parent = group.digests[prompt_full - 1] if prompt_full else b""
+      digests = chain_digests(fed[prompt_full * self.block_size:full * self.block_size], self.block_size, parent)
+      for own, digest in zip(slot.own_blocks, digests):
+        self.table.register(own, digest)
+    self.table.release(slot.own_blocks[::-1])
+    self.finish_sample(group)
+
+  def finish_sample(self, group) -> None:
+    """One sample of `group` is done: the last one returns the shared prompt blocks."""
+    group.live -= 1
+    if group.live == 0:
+      self.table.release(group.shared_blocks[::-1])
+      group.shared_blocks = []
+
+  def drop_lookup(self, group) -> None:
+    """A looked-up prefix the scheduler did not prefill after all: its references go back."""
+    self.table.release(group.cached_blocks[::-1])
+    group.cached_blocks = []

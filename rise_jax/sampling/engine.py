@@ -45,8 +45,6 @@ rounding). Blocks nobody holds stay cached until a request needs them, least rec
 from __future__ import annotations
 
 import collections
-import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,22 +58,10 @@ from rise_jax.config import ON_OVERFLOW
 from rise_jax.sampling import blocks as blocks_lib
 from rise_jax.sampling import paged
 from rise_jax.sampling import select
-from rise_jax.sampling.requests import STOP_SLOTS, Request, SampleResult
+from rise_jax.sampling.requests import Request, SampleResult
+from rise_jax.sampling.scheduler import CHUNK_ROW_BUCKETS, MIN_SPAN_TOKENS, EngineStream
 
-MIN_FIRST_TOKENS = 16   # smallest first-token batch bucket (a power of 4)
-MIN_SPAN_TOKENS = 64    # smallest attention-span bucket (fewer chunk compiles for short conversations)
-CHUNK_ROW_BUCKETS = 4   # decode chunks run slots, slots / 2, slots / 4 or slots / 8 rows (the occupied ones)
-
-
-def pow2_at_least(x: int, floor: int = 1) -> int:
-  """The smallest power of two >= x and >= floor (the engine's shape buckets)."""
-  return max(floor, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
-
-
-def pow4_at_least(x: int, floor: int = 1) -> int:
-  """The smallest power of 4 >= x and >= floor: the prefill row buckets (half the programs powers of two need)."""
-  p = pow2_at_least(x, floor)
-  return p * 2 if (p.bit_length() - 1) % 2 else p
+__all__ = ["CHUNK_ROW_BUCKETS", "Engine", "EngineStream", "MIN_SPAN_TOKENS", "default_num_blocks", "swapped_params"]
 
 
 def swapped_params(params, model_or_state, shardings, who: str):
@@ -92,79 +78,10 @@ def swapped_params(params, model_or_state, shardings, who: str):
   state = jax.tree.map(lambda new, old: new.astype(old.dtype) if new.dtype != old.dtype else new, state, params)
   return jax.device_put(state, shardings)
 
-@dataclasses.dataclass(eq=False)  # identity: the host loops compare groups and slots with `is` / `in`
-class _Group:
-  """A request on the host: its prompt blocks (shared by its samples) and the samples still to run."""
-  tag: Any                                  # the submitter's name for it (`run`: its index)
-  request: Request
-  prompt: list[int]
-  results: list                             # sample j's SampleResult once it finished, else None
-  pending: int                              # samples without a result yet
-  key_data: np.ndarray | None = None        # [n, 2] uint32 row keys of its samples (made at its prefill)
-  waiting: collections.deque = dataclasses.field(default_factory=collections.deque)  # sample indices
-  first: dict = dataclasses.field(default_factory=dict)   # sample -> (token, logprob, sampling_logprob)
-  digests: list[bytes] = dataclasses.field(default_factory=list)  # chain digests of the full prompt blocks
-  cached_blocks: list[int] = dataclasses.field(default_factory=list)  # its prompt's prefix found in the cache
-  shared_blocks: list[int] = dataclasses.field(default_factory=list)  # full prompt blocks (cached ones first)
-  partial_block: int | None = None          # the partly filled last prompt block, copied per sample
-  live: int = 0                             # samples waiting or in a slot (the shared blocks' reference count)
-
-
-@dataclasses.dataclass(eq=False)
-class _Slot:
-  """One occupied decode slot on the host."""
-  group: _Group
-  sample: int
-  own_blocks: list[int]
-  length: int
-  last_token: int
-  tokens: list[int]
-  logprobs: list[float]
-  sampling_logprobs: list[float]
-
 
 def default_num_blocks(slots: int, capacity: int, block_size: int) -> int:
   """Every slot at full length, plus the trash block and one spare (what `Engine` allocates unless told)."""
   return slots * -(-capacity // block_size) + 2
-
-
-class EngineStream:
-  """`Engine.run` for a queue that grows while it runs: submit requests at any time, take each request's samples
-  as soon as its last one finishes. RISE asks for a conversation's next turn only once its turn has been graded;
-  submitted then, it fills slots that would otherwise idle while the rest of the turn drains.
-
-      stream = engine.stream(seed=0)
-      stream.submit(request, tag="q17/t1")
-      while stream.busy:
-        for tag, samples in stream.step():   # refills, then one decode chunk
-          ...                                # may submit more
-
-  Samples are `run`'s, whatever the submission times (keys are (seed, uid, sample, position)). One stream per
-  engine at a time: opening another abandons this one (a `closed` stream refuses further use).
-  """
-
-  def __init__(self, engine: Engine, seed: int):
-    self.engine = engine
-    self.seed = int(seed)
-    self.closed = False
-
-  def submit(self, request: Request, tag: Any) -> None:
-    """Queue `request` (checked now: overflow raises here, as in `run`); `tag` comes back with its samples."""
-    self._open()._submit(request, tag)
-
-  def step(self) -> list[tuple[Any, list[SampleResult]]]:
-    """Refill free slots from the queue and run one decode chunk; (tag, samples) of every request finished."""
-    return self._open()._step()
-
-  @property
-  def busy(self) -> bool:
-    """Whether anything is queued, running, or finished and not yet returned by `step`."""
-    return not self.closed and self.engine._busy()
-
-  def _open(self) -> Engine:
-    if self.closed:
-      raise RuntimeError("EngineStream: closed (another stream was opened on its engine)")
-    return self.engine
 
 
 class Engine:
@@ -222,15 +139,8 @@ class Engine:
                                        jax.eval_shape(new_pool))
     self._pool = jax.jit(new_pool, out_shardings=self._pool_sharding)()  # created in place on its shards
     self.prefix_cache = bool(prefix_cache)
-    self._blocks = blocks_lib.BlockTable(self.num_blocks)  # block 0 (paged.TRASH_BLOCK) is never handed out
-    self._free_after_chunk: list[int] = []  # partial prompt blocks whose copies the next chunk makes
-    # The open stream's state: queued requests, prefilled ones with samples waiting for a slot, the slots, and
-    # requests whose every sample finished since the last step.
+    self.kv = blocks_lib.KVBlocks(self.num_blocks, self.block_size, self.capacity, self.prefix_cache)
     self._stream: EngineStream | None = None
-    self._queue: collections.deque[_Group] = collections.deque()
-    self._ready: collections.deque[_Group] = collections.deque()
-    self._slots: list[_Slot | None] = [None] * self.slots
-    self._finished: list[_Group] = []
     self.stats: collections.Counter = collections.Counter()
     merge = lambda p: nnx.merge(self.graphdef, p)
     self._prefill_jit = jax.jit(self._prefill_and_sample, donate_argnums=(1,))
@@ -272,7 +182,7 @@ class Engine:
 
   def forget_prefix_cache(self) -> None:
     """Empty the prefix cache: unheld cached blocks become free; held ones stay their holders' but unfindable."""
-    self._blocks.forget_cached()
+    self.kv.table.forget_cached()
 
   def compile_counts(self) -> dict[str, int]:
     """Entries in each jitted function's compilation cache (bounded by the buckets in the module docstring)."""
@@ -282,23 +192,16 @@ class Engine:
   @property
   def blocks_in_use(self) -> int:
     """Blocks a queued or running request holds (cached blocks nobody references are free to take)."""
-    return self._blocks.in_use
+    return self.kv.table.in_use
 
   @property
   def blocks_cached(self) -> int:
-    return self._blocks.cached
+    return self.kv.table.cached
 
   # -- request checks ----------------------------------------------------------------------------------------
 
-  def _budget(self, prompt_len: int, max_new: int) -> int:
-    """Tokens a sample may hold in the pool: its last sampled token is never fed."""
-    return min(prompt_len + max_new, self.capacity) - 1
-
-  def _own_blocks(self, prompt_len: int, max_new: int) -> int:
-    """Blocks one sample needs beyond the prompt's shared full blocks (its partial-block copy included)."""
-    return -(-self._budget(prompt_len, max_new) // self.block_size) - prompt_len // self.block_size
-
-  def _check(self, index: Any, request: Request) -> list[int]:
+  def check(self, index: Any, request: Request) -> list[int]:
+    """The request's prompt ids, refused (ValueError naming it) when it can never run here.""" 
     prompt = [int(t) for t in request.prompt]
     if not prompt:
       raise ValueError(f"request {index}: empty prompt")
@@ -310,7 +213,7 @@ class Engine:
              f"{need} exceeds the capacity {self.capacity}")
       if self.on_overflow == "raise":
         raise ValueError(msg + "; shorten the prompt or use on_overflow='report'")
-    blocks = -(-len(prompt) // self.block_size) + self._own_blocks(len(prompt), request.max_new_tokens)
+    blocks = self.kv.prompt_blocks(len(prompt)) + self.kv.own_blocks(len(prompt), request.max_new_tokens)
     if len(prompt) < self.capacity and blocks > self.num_blocks - 1:
       raise ValueError(f"request {request.uid!r}: its prompt and one sample need {blocks} blocks, the pool has "
                        f"{self.num_blocks - 1}; raise num_blocks")
@@ -330,318 +233,32 @@ class Engine:
     return results
 
   def stream(self, seed: int = 0) -> EngineStream:
-    """An open queue over this engine (see `EngineStream`); opening one abandons any earlier stream still busy."""
+    """An open queue over this engine (see `EngineStream`); opening one closes any earlier stream, and one that
+    still held blocks (its caller raised or stopped reading) gives them all back with the prefix cache."""
     if self._stream is not None:
       self._stream.closed = True
-    if self._ready or any(self._slots) or self._free_after_chunk:  # blocks still held by an unfinished stream
-      self._abandon()
+      if self._stream.holds_blocks or self.kv.pending_release:
+        self.kv.reset()
     self._stream = EngineStream(self, seed)
-    self._slots = [None] * self.slots
-    self._queue.clear()
-    self._ready.clear()
-    self._finished.clear()
     return self._stream
 
-  def _abandon(self) -> None:
-    """Forget a stream left busy (its caller raised or stopped reading): a fresh block table frees every block
-    its requests held; the prefix cache goes with it."""
-    self._blocks = blocks_lib.BlockTable(self.num_blocks)
-    self._free_after_chunk.clear()
+  # -- device calls (the scheduler's) ------------------------------------------------------------------------
 
-  def _submit(self, request: Request, tag: Any) -> None:
-    prompt = self._check(tag, request)
-    group = _Group(tag, request, prompt, [None] * request.n, request.n,
-                   waiting=collections.deque(range(request.n)))
-    if len(prompt) >= self.capacity:  # not even one reply token fits (report mode)
-      empty = SampleResult([], np.zeros(0, np.float32), np.zeros(0, np.float32), "cache_full", len(prompt))
-      for j in range(request.n):
-        self._deliver(group, j, empty)
-      return
-    self._queue.append(group)
-
-  def _busy(self) -> bool:
-    return bool(self._queue or self._ready or self._finished or any(self._slots))
-
-  def _step(self) -> list[tuple[Any, list[SampleResult]]]:
-    """Refill the free slots, run one decode chunk; the requests whose last sample finished meanwhile."""
-    if any(self._slots) or self._queue or self._ready:
-      copies = self._fill(self._slots, self._ready, self._queue)
-      if any(self._slots):
-        self._run_chunk(self._slots, copies)
-      elif self._ready or self._queue:
-        raise RuntimeError("Engine: no request fits in the free blocks with every slot idle (pool too small)")
-      # Partial prompt blocks go back once the chunk that copies them ran (or none will: no slot took them).
-      self._blocks.release(self._free_after_chunk)
-      self._free_after_chunk.clear()
-    done = [(group.tag, group.results) for group in self._finished]
-    self._finished.clear()
-    return done
-
-  def _deliver(self, group: _Group, sample: int, result: SampleResult) -> None:
-    group.results[sample] = result
-    group.pending -= 1
-    if group.pending == 0:
-      self._finished.append(group)
-
-  def _key_data(self, samples: list[tuple[int, _Group, int]], m: int) -> np.ndarray:
-    """The raw [m, 2] keys of `samples` padded to m (one program per first-token bucket): (seed, uid, sample j),
-    select.row_keys elementwise, so a sample's key does not depend on the batch it was prefilled in."""
-    uids = np.zeros(m, np.uint32)
+  def key_data(self, seed: int, uids: list, samples: list[int], m: int) -> np.ndarray:
+    """The raw [m, 2] keys of samples (seed, uid, j) padded to m (one program per first-token bucket), made
+    elementwise (`select.row_keys`), so a sample's key does not depend on the batch it was prefilled in."""
+    uid_ints = np.zeros(m, np.uint32)
     index = np.zeros(m, np.uint32)
-    uids[:len(samples)] = [select.uid_to_int(g.request.uid) for _, g, _ in samples]
-    index[:len(samples)] = [j for _, _, j in samples]
-    return np.asarray(jax.random.key_data(select.row_keys(self._stream.seed, uids, index)))
+    uid_ints[:len(uids)] = [select.uid_to_int(u) for u in uids]
+    index[:len(samples)] = samples
+    return np.asarray(jax.random.key_data(select.row_keys(seed, uid_ints, index)))
 
-  def _fill(self, slots, ready, queue) -> list[tuple[int, int]]:
-    """Admit waiting samples into free slots, prefilling queued requests as needed; the copy-on-write pairs."""
-    copies = []
-    free = [s for s in range(len(slots) - 1, -1, -1) if slots[s] is None]  # popped lowest first
-    while free:
-      if not ready:
-        if not queue or not self._prefill_some(len(free), ready, queue):
-          break
-        continue
-      group = ready[0]
-      if not group.waiting:
-        ready.popleft()
-        continue
-      need = self._own_blocks(len(group.prompt), group.request.max_new_tokens)
-      if need > self._blocks.available:
-        break  # wait for running rows to return blocks
-      sample = group.waiting.popleft()
-      own = self._blocks.allocate(need)
-      if group.partial_block is not None:
-        copies.append((group.partial_block, own[0]))
-      token, logprob, sampling_logprob, _ = group.first[sample]
-      slots[free.pop()] = _Slot(group, sample, own, len(group.prompt), token, [token], [logprob],
-                                [sampling_logprob])
-      self.stats["admitted"] += 1
-      if not group.waiting:
-        self._release_partial(group)
-    self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_in_use)
-    return copies
+  def prefill_call(self, *arrays) -> tuple[np.ndarray, ...]:
+    """One prefill dispatch (`paged.prefill` + `paged.first_tokens`) on host arrays; its first-token outputs."""
+    self._pool, outputs = self._prefill_jit(self._params, self._pool, *self._rows(arrays))
+    return jax.device_get(outputs)
 
-  def _prefill_some(self, free_slots: int, ready, queue) -> bool:
-    """Prefill queued requests (FIFO) while their prompts and the samples `free_slots` can take fit the free
-    blocks; False when not even the next request's prompt and one sample fit now."""
-    taken = 0
-    batch: list[_Group] = []
-    width = context = 0
-    while queue and free_slots > 0:
-      group = queue[0]
-      prompt_len = len(group.prompt)
-      group.cached_blocks = self._cached_prefix(group)
-      cached = len(group.cached_blocks)
-      prompt_blocks = -(-prompt_len // self.block_size) - cached
-      own = self._own_blocks(prompt_len, group.request.max_new_tokens)
-      free_blocks = self._blocks.available - taken
-      by_blocks = (free_blocks - prompt_blocks) // own if own else free_slots
-      takes = min(group.request.n, free_slots, by_blocks)
-      new_width = max(width, pow2_at_least(prompt_len - cached * self.block_size, self.block_size))
-      new_context = max(context, pow2_at_least(cached) if cached else 0)
-      too_wide = pow4_at_least(len(batch) + 1) * (new_width + new_context * self.block_size) > self.prefill_tokens
-      if takes < 1 or (batch and too_wide):
-        self._blocks.release(group.cached_blocks[::-1])
-        group.cached_blocks = []
-        break
-      batch.append(queue.popleft())
-      width, context, free_slots = new_width, new_context, free_slots - takes
-      taken += prompt_blocks + takes * own
-    if not batch:
-      return False
-    self._prefill(batch, width, context)
-    for group in batch:
-      self._finish_early_samples(group)
-      ready.append(group)
-    return True
-
-  def _cached_prefix(self, group: _Group) -> list[int]:
-    """The blocks of the longest cached prefix of the group's prompt (a reference taken on each), leaving at
-    least its last token to prefill: the first sampled token needs that token's hidden state."""
-    if not self.prefix_cache:
-      return []
-    if not group.digests:
-      group.digests = blocks_lib.chain_digests(group.prompt, self.block_size)
-    return self._blocks.lookup(group.digests[:(len(group.prompt) - 1) // self.block_size])
-
-  def _prefill(self, batch: list[_Group], width: int, context: int) -> None:
-    """One prefill call for `batch`: store each prompt past its cached prefix in fresh blocks (the prefix read
-    from its `context` blocks), then sample every sample's first token."""
-    rows = pow4_at_least(len(batch))
-    ids = np.zeros((rows, width), np.int32)
-    lengths = np.zeros(rows, np.int32)
-    block_ids = np.full((rows, width // self.block_size), paged.TRASH_BLOCK, np.int32)
-    context_table = np.full((rows, context), paged.TRASH_BLOCK, np.int32)
-    cached_lengths = np.zeros(rows, np.int32)
-    registered = []
-    for r, group in enumerate(batch):
-      prompt_len = len(group.prompt)
-      start = len(group.cached_blocks) * self.block_size
-      ids[r, :prompt_len - start] = group.prompt[start:]
-      lengths[r], cached_lengths[r] = prompt_len - start, start
-      context_table[r, :len(group.cached_blocks)] = group.cached_blocks
-      blocks = self._blocks.allocate(-(-prompt_len // self.block_size) - len(group.cached_blocks))
-      block_ids[r, :len(blocks)] = blocks
-      blocks = group.cached_blocks + blocks
-      full = prompt_len // self.block_size
-      group.shared_blocks, group.partial_block = blocks[:full], (blocks[full] if len(blocks) > full else None)
-      group.live = group.request.n
-      registered += [(blocks[j], group.digests[j]) for j in range(len(group.cached_blocks), full)
-                     if self.prefix_cache]
-    samples = [(r, g, j) for r, g in enumerate(batch) for j in range(g.request.n)]
-    self._pool, outputs = self._prefill_jit(self._params, self._pool, *self._rows(
-        (ids, lengths, block_ids, context_table, cached_lengths, *self._first_token_inputs(samples, rows))))
-    # Registered after the batch's lookups: no prompt of a call reads blocks that the same call writes.
-    for block, digest in registered:
-      self._blocks.register(block, digest)
-    self.stats["prefill_calls"] += 1
-    self.stats["prefill_tokens"] += int(lengths.sum())
-    self.stats["cached_tokens"] += int(cached_lengths.sum())
-    # The prompts' blocks are held here even when every sample ends at its first token (never admitted to a slot).
-    self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_in_use)
-    outputs = jax.device_get(outputs)
-    for s, (_, group, j) in enumerate(samples):
-      group.first[j] = tuple(x[s].item() for x in outputs)  # token, logprob, sampling logprob, finish code
-
-  def _first_token_inputs(self, samples: list[tuple[int, _Group, int]], rows: int) -> tuple[np.ndarray, ...]:
-    """`paged.first_tokens`' per-sample inputs, padded to a bucket (>= the prefill rows: one bucket for n=1)."""
-    m = pow4_at_least(len(samples), max(MIN_FIRST_TOKENS, rows))
-    column = lambda values, dtype: np.asarray(list(values) + [0] * (m - len(samples)), dtype)
-    key_data = self._key_data(samples, m)
-    for s, (_, g, j) in enumerate(samples):
-      if g.key_data is None:
-        g.key_data = np.zeros((g.request.n, 2), np.uint32)
-      g.key_data[j] = key_data[s]
-    stop_ids = np.full((m, STOP_SLOTS), -1, np.int32)
-    for s, (_, g, _) in enumerate(samples):
-      stop_ids[s, :len(g.request.stop_ids)] = g.request.stop_ids
-    return (column((r for r, _, _ in samples), np.int32), key_data,
-            column((len(g.prompt) for _, g, _ in samples), np.int32),
-            column((g.request.temperature for _, g, _ in samples), np.float32),
-            column((g.request.top_k for _, g, _ in samples), np.int32),
-            column((g.request.top_p for _, g, _ in samples), np.float32), stop_ids,
-            column((g.request.max_new_tokens for _, g, _ in samples), np.int32), np.full(m, self.capacity, np.int32))
-
-  def _finish_early_samples(self, group: _Group) -> None:
-    """Samples whose first token already ends them (a stop id, max_new 1, a full capacity) never take a slot."""
-    for j in list(group.waiting):
-      token, logprob, sampling_logprob, code = group.first[j]
-      if code != paged.RUNNING:
-        group.waiting.remove(j)
-        self._deliver(group, j, SampleResult([token], np.asarray([logprob], np.float32),
-                                             np.asarray([sampling_logprob], np.float32), paged.FINISH_REASONS[code],
-                                             len(group.prompt), len(group.cached_blocks) * self.block_size))
-        self._release_sample(group)
-    if not group.waiting:
-      self._release_partial(group)
-
-  def _release_partial(self, group: _Group) -> None:
-    """Every sample has its own copy of the partial prompt block: the group's copy goes back to the pool once
-    the next chunk (which makes the copies) is dispatched; freed now, a prefill before it could overwrite it."""
-    if group.partial_block is not None:
-      self._free_after_chunk.append(group.partial_block)
-      group.partial_block = None
-
-  def _register_reply(self, slot: _Slot) -> None:
-    """Cache the finished sample's own full blocks (prompt and reply up to its last fed token): the next turn's
-    prompt is this conversation plus the feedback, so it prefills only what follows them."""
-    if not self.prefix_cache:
-      return
-    prompt_full = len(slot.group.prompt) // self.block_size
-    full = slot.length // self.block_size
-    if full <= prompt_full:
-      return
-    fed = slot.group.prompt + slot.tokens[:slot.length - len(slot.group.prompt)]
-    parent = slot.group.digests[prompt_full - 1] if prompt_full else b""
-    digests = blocks_lib.chain_digests(fed[prompt_full * self.block_size:full * self.block_size], self.block_size,
-                                       parent)
-    for own, digest in zip(slot.own_blocks, digests):
-      self._blocks.register(own, digest)
-
-  def _release_sample(self, group: _Group) -> None:
-    """One sample of `group` is done: the last one returns the shared prompt blocks."""
-    group.live -= 1
-    if group.live == 0:
-      self._blocks.release(group.shared_blocks[::-1])
-      group.shared_blocks = []
-
-  # -- one chunk ---------------------------------------------------------------------------------------------
-
-  def _chunk_rows(self, occupied: int) -> int:
-    """The chunk's row bucket: the smallest of slots, slots / 2, ... slots / 2**(CHUNK_ROW_BUCKETS - 1) (rounded
-    up) holding every occupied slot, so a draining queue's last rows do not pay for every idle slot."""
-    return min(b for b in (-(-self.slots // 2**k) for k in range(CHUNK_ROW_BUCKETS)) if b >= occupied)
-
-  def _slot_batch(self, occupied: list[_Slot], rows: int, copies: list[tuple[int, int]]) -> paged.SlotBatch:
-    """The chunk's inputs: row r runs occupied[r] (rows past them idle); where a slot sits on the host is
-    irrelevant, its keys and position decide what it samples. Built a column at a time from Python lists."""
-    n = len(occupied)
-    requests = [slot.group.request for slot in occupied]
-
-    def column(values, dtype):
-      out = np.zeros(rows, dtype)
-      out[:n] = values
-      return out
-
-    table = np.full((rows, self.max_blocks), paged.TRASH_BLOCK, np.int32)
-    stop_ids = np.full((rows, STOP_SLOTS), -1, np.int32)
-    for s, slot in enumerate(occupied):
-      blocks = slot.group.shared_blocks + slot.own_blocks
-      table[s, :len(blocks)] = blocks
-      stop_ids[s, :len(slot.group.request.stop_ids)] = slot.group.request.stop_ids
-    key_data = np.zeros((rows, 2), np.uint32)
-    if n:
-      key_data[:n] = [slot.group.key_data[slot.sample] for slot in occupied]
-    copy_src, copy_dst = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-    for i, (src, dst) in enumerate(copies):  # at most one per slot admitted since the last chunk
-      copy_src[i], copy_dst[i] = src, dst
-    return paged.SlotBatch(
-        block_table=table, active=np.arange(rows) < n, key_data=key_data, stop_ids=stop_ids,
-        length=column([slot.length for slot in occupied], np.int32),
-        last_token=column([slot.last_token for slot in occupied], np.int32),
-        generated=column([len(slot.tokens) for slot in occupied], np.int32),
-        max_new=column([r.max_new_tokens for r in requests], np.int32),
-        capacity=column(self.capacity, np.int32),
-        top_k=column([r.top_k for r in requests], np.int32),
-        temperature=column([r.temperature for r in requests], np.float32),
-        top_p=column([r.top_p for r in requests], np.float32), copy_src=copy_src, copy_dst=copy_dst)
-
-  def _span_blocks(self, slots: list[_Slot | None]) -> int:
-    """The attention span bucket: a power of two of blocks covering every active slot through this chunk."""
-    longest = max(slot.length for slot in slots if slot is not None) + self.chunk_steps
-    return min(pow2_at_least(-(-longest // self.block_size), MIN_SPAN_TOKENS // self.block_size), self.max_blocks)
-
-  def _run_chunk(self, slots: list[_Slot | None], copies: list[tuple[int, int]]) -> None:
-    where = [s for s, slot in enumerate(slots) if slot is not None]
-    rows = self._chunk_rows(len(where))
-    batch = self._slot_batch([slots[s] for s in where], rows, copies)
-    self._pool, out = self._chunk_jit(self._params, self._pool, self._rows(batch), self._span_blocks(slots))
-    out = jax.device_get(out)
-    steps = int(out.steps)
-    self.stats["chunks"] += 1
-    self.stats["decode_steps"] += steps
-    self.stats["slot_steps"] += steps * rows  # rows the chunk computed, idle ones included
-    self.stats["chunk_rows_below_slots"] += rows < self.slots
-    self.stats["cow_copies"] += len(copies)
-    n = len(where)  # each output array to Python lists once, then sliced per row
-    produced_all, finish = out.produced[:n].tolist(), out.finish[:n].tolist()
-    tokens, logprobs, sampling_logprobs = (x[:n].tolist() for x in (out.tokens, out.logprobs,
-                                                                    out.sampling_logprobs))
-    self.stats["decode_tokens"] += sum(produced_all)
-    for r, s in enumerate(where):
-      slot = slots[s]
-      produced = produced_all[r]
-      slot.tokens += tokens[r][:produced]
-      slot.logprobs += logprobs[r][:produced]
-      slot.sampling_logprobs += sampling_logprobs[r][:produced]
-      slot.length += produced
-      slot.last_token = slot.tokens[-1]
-      if finish[r] != paged.RUNNING:
-        group = slot.group
-        self._deliver(group, slot.sample, SampleResult(
-            slot.tokens, np.asarray(slot.logprobs, np.float32), np.asarray(slot.sampling_logprobs, np.float32),
-            paged.FINISH_REASONS[finish[r]], len(group.prompt), len(group.cached_blocks) * self.block_size))
-        self._register_reply(slot)
-        self._blocks.release(slot.own_blocks[::-1])
-        self._release_sample(group)
-        slots[s] = None
+  def chunk_call(self, batch: paged.SlotBatch, span_blocks: int) -> paged.ChunkOutput:
+    """One decode chunk (`paged.decode_chunk`) on a host slot batch; its outputs on the host."""
+    self._pool, out = self._chunk_jit(self._params, self._pool, self._rows(batch), span_blocks)
+    return jax.device_get(out)
