@@ -9,7 +9,7 @@ of --blocks blocks of 16 through a random block table):
     (the engine's layout before 2026-12-01);
   * head_major: blocks [num_blocks, kv_heads, block_size, d], gathered and transposed to [rows, kv_heads,
     tokens, d] for `attention.decode_attention` (the engine's layout now);
-  * contiguous: the sampler's decode cache [rows, kv_heads, tokens, d], no gather (the floor).
+  * contiguous: a contiguous decode cache [rows, kv_heads, tokens, d], no gather (the floor the pool is held to).
 Reported: per variant the median of --reps timings (ms per call) and its ratio to contiguous. The variants
 alternate within each repetition, so a shared machine's load hits them alike.
 """

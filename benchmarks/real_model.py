@@ -7,8 +7,8 @@ transformers (torch eager, float32) in one process, repetitions interleaved, rep
 Rows:
 - generation: B GSM8K test questions under the paper prompt set (461-545 tokens each: the instruction's worked
   example is ~450 of them), B greedy continuations of exactly `--new` tokens. rise_jax's engine (its prefix cache
-  shares the worked example's blocks between prompts, as in every RISE run) and its static sampler, against
-  `transformers.generate` on the same left-padded batch. tokens/s counts generated tokens.
+  shares the worked example's blocks between prompts, as in every RISE run) against `transformers.generate` on
+  the same left-padded batch. tokens/s counts generated tokens.
 - prefill: one forward of the same B prompts (no cache), rise_jax against torch: the cost of the prompt alone.
 - training step: one optimiser step (forward, backward, AdamW) on B x 512-token rows, rise_jax's Trainer against
   torch eager (`loss.backward()`, `torch.optim.AdamW`), float32 both.
@@ -51,12 +51,12 @@ def main(argv=None) -> int:
   import torch
   from transformers import LlamaForCausalLM
 
-  from benchmarks.sampler import interleaved
+  from benchmarks.timing import interleaved
   from experiments.real_model import smollm2_gguf
   from rise_jax import chat, gguf, sharding
   from rise_jax.models import load_hf_checkpoint
-  from rise_jax.sampling import Engine, Sampler, SamplingParams
-  from rise_jax.sampling.engine import Request
+  from rise_jax.sampling.engine import Engine
+  from rise_jax.sampling.requests import Request
   from rise_jax.tasks.prompts import get_prompt_set
 
   torch.set_num_threads(os.cpu_count())
@@ -78,15 +78,10 @@ def main(argv=None) -> int:
     mask = (np.arange(width)[None] >= (width - np.array([len(x) for x in ids]))[:, None]).astype(np.int64)
     if "generation" in parts:
       engine = Engine(model, slots=batch, max_seq_len=1024)
-      sampler = Sampler(model, tok, max_cache_length=1024)
 
       def run_engine():
         engine.forget_prefix_cache()  # every repetition pays its own prefill
         outs = engine.run([Request(x, uid=i, max_new_tokens=args.new, temperature=0.0) for i, x in enumerate(ids)])
-        assert all(len(o[0].token_ids) == args.new for o in outs)
-
-      def run_sampler():
-        outs = sampler.generate(ids, SamplingParams(max_new_tokens=args.new, temperature=0.0, stop_token_ids=[]))
         assert all(len(o[0].token_ids) == args.new for o in outs)
 
       def run_torch():
@@ -96,14 +91,13 @@ def main(argv=None) -> int:
                              pad_token_id=tok.pad_token_id)
         assert out.shape[1] == width + args.new
 
-      fns = {"engine": run_engine, "sampler": run_sampler, "transformers": run_torch}
+      fns = {"engine": run_engine, "transformers": run_torch}
       first = {k: _first(f) for k, f in fns.items()}
       med = interleaved(fns, args.reps)
       tokens = batch * args.new
       print(json.dumps({"part": "generation", "batch": batch, "new_tokens": args.new, "first_call_s": first,
                         "median_s": med, "tokens_per_s": {k: tokens / v for k, v in med.items()},
-                        "engine_vs_transformers": med["transformers"] / med["engine"],
-                        "sampler_vs_transformers": med["transformers"] / med["sampler"]}), flush=True)
+                        "engine_vs_transformers": med["transformers"] / med["engine"]}), flush=True)
     if "prefill" in parts:
       forward = jax.jit(lambda m, x, a: m(x, attention_mask=a))
       x, a = jnp.asarray(padded), jnp.asarray(mask.astype(bool))
@@ -128,7 +122,7 @@ def main(argv=None) -> int:
 def _train_rows(args, model, ref, tok, ids_all, jax, jnp, torch, sharding):
   """One AdamW step on B x L rows of real prompt tokens, every target trained, weights 1."""
   import types
-  from benchmarks.sampler import interleaved
+  from benchmarks.timing import interleaved
   from rise_jax.train import optim, trainer as trainer_lib
   batch, length = min(args.batches), args.train_length
   rows = np.array([(x * (length // len(x) + 2))[:length + 1] for x in ids_all[:batch]], np.int32)

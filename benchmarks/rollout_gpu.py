@@ -1,5 +1,5 @@
-"""The rollout engine's GPU numbers in one command (< 5 minutes on one H200): the engine's decode step against the HBM
-roofline, and the GSM8K-length workload against today's sampler, side by side in one process.
+"""The rollout engine's GPU numbers in one command (< 5 minutes on one H200): the device's copy bandwidth, the
+engine's decode step against the HBM roofline, and the GSM8K-length workload, in one process.
 
     python benchmarks/rollout_gpu.py                         # on the GPU machine
     python benchmarks/rollout_gpu.py --smoke                 # the same parts at toy sizes, on any machine
@@ -8,21 +8,21 @@ roofline, and the GSM8K-length workload against today's sampler, side by side in
 
 Model: TinyLlama-1.1B's shape (22 layers, width 2048, 32 query / 4 kv heads, Llama 2 vocabulary), random
 weights, bfloat16 parameters, compute and KV cache. Greedy or temperature 1, no stop tokens: every row generates
-exactly its `max_new_tokens`, so both sides do the same work.
+exactly its `max_new_tokens`.
 
-Parts, every timing the median of `--reps` interleaved repetitions (engine, sampler, engine, ...) after a first
-call that compiles (reported apart):
+Parts, every timing the median of `--reps` interleaved repetitions after a first call that compiles (reported
+apart):
   * bandwidth: the best device-to-device copy, (bytes read + bytes written) / time, over a 4 GiB array;
-  * step, batch 64 and 512: 128-token random prompts, greedy, NEW new tokens. The engine runs `batch` slots (one
-    request per slot), the sampler one call. A decode step = (t(NEW) - t(1)) / (NEW - 1): generate minus its
-    prefill and first token, per token. HBM roofline = (parameter bytes + mean KV bytes a step reads) / copy
-    bandwidth, the mean KV bytes being batch x (128 + NEW / 2) x KV bytes per token. Done means engine step /
-    roofline <= 1.5 at batch 64 and <= 2 at 512;
+  * step, batch 64 and 512: 128-token random prompts, greedy, NEW new tokens, the engine with `batch` slots (one
+    request per slot). A decode step = (t(NEW) - t(1)) / (NEW - 1): generation minus its prefill and first token,
+    per token. HBM roofline = (parameter bytes + mean KV bytes a step reads) / copy bandwidth, the mean KV bytes
+    being batch x (128 + NEW / 2) x KV bytes per token. Done means step / roofline <= 1.5 at batch 64 and <= 2
+    at 512;
   * workload: REQUESTS GSM8K train problems drawn at random (seed 0), each a random-token prompt of its
     question's length and exactly its reference answer's length of new tokens (both lengths with the Llama 2
-    tokenizer from ../shared, or `--lengths`; a random-weight model makes only the lengths matter), temperature 1.
-    The engine runs the queue through 64 slots; the sampler runs static batches of 64 in queue order, each call
-    decoding to its longest row (what `generate` costs on this workload). Done means engine tok/s >= 2x.
+    tokenizer from ../shared, or `--lengths`; a random-weight model makes only the lengths matter), temperature 1,
+    through 64 slots: tokens/s, and the useful-slot fraction beside static batching's counted one (batches of 64
+    in queue order, each decoding to its longest row, as `rollout_engine.py` counts it).
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ import numpy as np
 
 from rise_jax.models.build import build_model
 from rise_jax.models.configs import ModelConfig
-from rise_jax.sampling import Sampler, SamplingParams
-from rise_jax.sampling.engine import Engine, Request
+from rise_jax.sampling.engine import Engine
+from rise_jax.sampling.requests import Request
 
-# The CPU benchmarks' workload and timing: the same GSM8K draw, static batches and interleaving.
+# The CPU benchmark's workload (the same GSM8K draw and static-batch counts) and the shared timing.
 from rollout_engine import (GSM8K_TRAIN, MAX_SEQ_LEN, STATIC_BATCH, TOKENIZER, gsm8k_workload, run_engine,
-                            run_sampler, timed)
-from sampler import interleaved
+                            static_batch_counts)
+from timing import interleaved, timed
 
 SIZE = {  # TinyLlama-1.1B's shape, and a toy for --smoke
     "gpu": ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
@@ -89,29 +89,20 @@ def engine_call(engine: Engine, prompts, max_new: list[int]):
   return lambda: engine.run(requests, seed=0)
 
 
-def sampler_call(sampler: Sampler, prompts, max_new: int):
-  params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_token_ids=[])
-  return lambda: sampler.generate(prompts, params, seed=0)
-
-
 def bench_step(model, config, batch: int, prompt_len: int, new: int, bandwidth: float, chunk_steps: int,
                reps: int) -> dict:
   prompts = np.random.default_rng(batch).integers(3, config.vocab_size, (batch, prompt_len)).tolist()
   engine = Engine(model, slots=batch, max_seq_len=prompt_len + new, chunk_steps=chunk_steps,
                   prefill_tokens=max(4096, prompt_len * 16), prefix_cache=False)
-  sampler = Sampler(model, None, max_cache_length=prompt_len + new)
-  first, t = first_and_steady({
-      "engine": engine_call(engine, prompts, [new] * batch), "engine_1": engine_call(engine, prompts, [1] * batch),
-      "sampler": sampler_call(sampler, prompts, new), "sampler_1": sampler_call(sampler, prompts, 1)}, reps)
+  first, t = first_and_steady({"engine": engine_call(engine, prompts, [new] * batch),
+                               "engine_1": engine_call(engine, prompts, [1] * batch)}, reps)
   kv_bytes = batch * (prompt_len + new / 2) * config.kv_bytes_per_token("bfloat16")
   roofline = (config.param_count() * 2 + kv_bytes) / bandwidth
   row = dict(part="step", batch=batch, prompt=prompt_len, new=new, chunk_steps=chunk_steps,
              roofline_ms=roofline * 1e3, first_call_s={k: round(v, 1) for k, v in first.items()})
-  for side in ("engine", "sampler"):
-    step = (t[side] - t[f"{side}_1"]) / (new - 1)
-    row.update({f"{side}_step_ms": step * 1e3, f"{side}_over_roofline": step / roofline,
-                f"{side}_tok_s": batch * new / t[side]})
-  row["engine_compiles"] = engine.compile_counts()
+  step = (t["engine"] - t["engine_1"]) / (new - 1)
+  row.update(step_ms=step * 1e3, step_over_roofline=step / roofline, tok_s=batch * new / t["engine"],
+             compiles=engine.compile_counts())
   return row
 
 
@@ -119,21 +110,18 @@ def bench_workload(model, config, lengths, chunk_steps: int, reps: int) -> dict:
   rng = np.random.default_rng(7)  # random prompts of the drawn lengths: a random-weight model reads only lengths
   workload = [(rng.integers(3, config.vocab_size, p).tolist(), answer) for p, answer in lengths]
   engine = Engine(model, slots=STATIC_BATCH, max_seq_len=MAX_SEQ_LEN, chunk_steps=chunk_steps, prefix_cache=False)
-  sampler = Sampler(model, None, max_cache_length=MAX_SEQ_LEN)
-  runs = {"engine": lambda: run_engine(engine, workload), "sampler": lambda: run_sampler(sampler, workload)}
-  first, counts = {}, {}
-  for name, fn in runs.items():  # the first call compiles; its slot counts are every run's
-    first[name], counts[name] = timed(fn)
-  t = interleaved(runs, reps)
+  run = lambda: run_engine(engine, workload)
+  first, counts = timed(run)  # the first call compiles; its slot counts are every run's
+  t = interleaved({"engine": run}, reps)["engine"]
+  static = static_batch_counts(workload)
   answers = [answer for _, answer in lengths]
   tokens = sum(answers)
   return dict(part="workload", requests=len(lengths), slots=STATIC_BATCH, chunk_steps=chunk_steps, tokens=tokens,
               answer_mean=float(np.mean(answers)), answer_p99=float(np.percentile(answers, 99)),
-              engine_tok_s=tokens / t["engine"], sampler_tok_s=tokens / t["sampler"],
-              engine_over_sampler=t["sampler"] / t["engine"],
-              useful_slots={name: c["decode_tokens"] / c["slot_steps"] for name, c in counts.items()},
-              first_call_s={k: round(v, 1) for k, v in first.items()}, engine_compiles=engine.compile_counts(),
-              sampler_compiles=sampler.compile_counts())
+              tok_s=tokens / t, first_call_s=round(first, 1),
+              useful_slots=counts["decode_tokens"] / counts["slot_steps"],
+              static_useful_slots_counted=static["decode_tokens"] / static["slot_steps"],
+              compiles=engine.compile_counts())
 
 
 def main() -> int:

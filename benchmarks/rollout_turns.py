@@ -1,4 +1,5 @@
-"""RISE's sequential turns on the rollout engine against today's `Sampler`, side by side in one process.
+"""RISE's sequential turns on the rollout engine three ways, side by side in one process: turn by turn, turn by turn
+without the prefix cache, and streamed.
 
     python benchmarks/rollout_turns.py                        # 128 problems x 3 turns, 2 interleaved repetitions
     python benchmarks/rollout_turns.py --problems 64 --turns 5 --reps 1
@@ -8,22 +9,20 @@ question; turn t + 1's prompt is turn t's prompt, its reply and the failure mess
 incorrect. ...", tokenised). The reply of (problem, turn) has the length of a GSM8K reference answer drawn at
 random (seeded): stops are off and each request's `max_new_tokens` is its drawn length, so the workload is the
 length distribution (as `rollout_engine.py`). Everything is tokenised with the real Llama 2 tokenizer from
-`../shared`; the model is `rollout_engine.py`'s random-weight Llama-shaped one. Both sides draw with one key
+`../shared`; the model is `rollout_engine.py`'s random-weight Llama-shaped one. Every variant draws with one key
 rule; the conversations have the same lengths, hence the same work, and mostly the same tokens (the script says
-how many: the random model's flat distributions let float rounding flip an inverse-CDF draw).
+how many match the turn-by-turn engine's: the random model's flat distributions let float rounding flip an
+inverse-CDF draw).
 
 Three ways to run each turn:
-  * sampler  — today: static batches of 64 in queue order, each call decoding to its longest row's length, each
-    row continuing its conversation's cache from the previous call (`generate(history=...)`, as `SamplerPolicy`;
-    a row's reply past its drawn length is rolled back, as after a stop);
   * engine   — the whole turn queued through 64 slots; the prefix cache supplies every conversation's previous
     prompt and reply, so only the failure message is prefilled;
   * engine, no prefix cache — the same with `prefix_cache=False`: every turn re-prefills its whole history;
   * engine, streamed — one `Engine.stream` for all turns: a conversation's next turn is submitted the moment its
     reply is back (as the episode runner streams an `EnginePolicy`), so no turn waits for the others to drain.
-Reported: tokens/s (drawn reply tokens / wall time, all turns) and the ratios; prompt tokens prefilled;
-useful-slot fraction (decode-step tokens / (decode steps x slots)); first pass (compiles) apart from the steady
-state (median of the interleaved repetitions). Each engine pass starts with an empty prefix cache.
+Reported: tokens/s (drawn reply tokens / wall time, all turns) and the ratios to the turn-by-turn engine; prompt
+tokens prefilled; useful-slot fraction (decode-step tokens / (decode steps x slots)); first pass (compiles) apart
+from the steady state (median of the interleaved repetitions). Each pass starts with an empty prefix cache.
 """
 
 from __future__ import annotations
@@ -31,17 +30,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import jax
 import numpy as np
 
 import rollout_engine as single_turn  # this directory: the workload's model, tokenizer and GSM8K draw
 from rise_jax.models.build import build_model
-from rise_jax.sampling import Sampler, SamplingParams
-from rise_jax.sampling.engine import Engine, Request
+from rise_jax.sampling.engine import Engine
+from rise_jax.sampling.requests import Request
+from timing import timed  # this directory: the timing the benchmarks share
 
-STATIC_BATCH = single_turn.STATIC_BATCH
+SLOTS = single_turn.STATIC_BATCH  # the single-turn benchmark's 64 slots
 MAX_SEQ_LEN = 2048  # turn 5 of a long problem: question + 4 replies and failure messages + the 5th reply
 FEEDBACK = "Your previous answer was incorrect. Please try again, and reason step by step."
 
@@ -96,43 +95,6 @@ def _engine_counts(engine: Engine, before: dict, prompts) -> dict:
   return dict(counts, last_prompts=prompts)
 
 
-def run_sampler(sampler: Sampler, questions, feedback, lengths) -> dict:
-  prompts = [list(q) for q in questions]
-  held = [None] * len(prompts)
-  prefilled = decode_tokens = slot_steps = 0
-  for t in range(lengths.shape[1]):
-    for lo in range(0, len(prompts), STATIC_BATCH):
-      rows = range(lo, min(lo + STATIC_BATCH, len(prompts)))
-      params = SamplingParams(max_new_tokens=int(max(lengths[i, t] for i in rows)), temperature=1.0,
-                              stop_token_ids=[])
-      outs = sampler.generate([prompts[i] for i in rows], params, seed=0, prompt_ids=[uid(i, t) for i in rows],
-                              history=[held[i] for i in rows])
-      decode_tokens += sum(int(lengths[i, t]) - 1 for i in rows)  # the first token comes from the prefill
-      slot_steps += STATIC_BATCH * (params.max_new_tokens - 1)
-      for i, out in zip(rows, outs):
-        reply = out[0].token_ids[:lengths[i, t]]  # the row's drawn length: a stop there, as a real reply
-        reuse = 0 if held[i] is None else _reused(held[i], prompts[i])
-        prefilled += len(prompts[i]) - reuse
-        held[i] = out[0].conversation
-        prompts[i] = prompts[i] + reply + feedback
-  return dict(prefill_tokens=prefilled, cached_tokens=None, decode_tokens=decode_tokens, slot_steps=slot_steps,
-              last_prompts=prompts)
-
-
-def _reused(conversation, prompt) -> int:
-  """Tokens of `prompt` the sampler takes from the held conversation (its rule: common prefix, cached, not the
-  last prompt token)."""
-  common = next((k for k, (a, b) in enumerate(zip(conversation.token_ids, prompt)) if a != b),
-                min(len(conversation.token_ids), len(prompt)))
-  return min(common, conversation.cached, len(prompt) - 1)
-
-
-def timed(fn):
-  start = time.perf_counter()
-  result = fn()
-  return time.perf_counter() - start, result
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--problems", type=int, default=128)
@@ -149,13 +111,11 @@ def main():
         f"turns; question mean {np.mean([len(q) for q in questions]):.0f} tokens, feedback {len(feedback)}, reply "
         f"mean {lengths.mean():.0f} / max {lengths.max()} tokens; load average {_load()}", flush=True)
   model = build_model(single_turn.MODEL, seed=0)
-  engine_args = dict(slots=STATIC_BATCH, max_seq_len=MAX_SEQ_LEN, block_size=16, chunk_steps=args.chunk_steps)
+  engine_args = dict(slots=SLOTS, max_seq_len=MAX_SEQ_LEN, block_size=16, chunk_steps=args.chunk_steps)
   engine = Engine(model, **engine_args)
   uncached = Engine(model, **engine_args, prefix_cache=False)
   streamed = Engine(model, **engine_args)
-  sampler = Sampler(model, None, max_cache_length=MAX_SEQ_LEN)
-  runs = {"sampler": lambda: run_sampler(sampler, questions, feedback, lengths),
-          "engine": lambda: run_engine(engine, questions, feedback, lengths),
+  runs = {"engine": lambda: run_engine(engine, questions, feedback, lengths),
           "engine, no prefix cache": lambda: run_engine(uncached, questions, feedback, lengths),
           "engine, streamed": lambda: run_streamed(streamed, questions, feedback, lengths)}
   first, counts, times = {}, {}, {name: [] for name in runs}
@@ -164,12 +124,12 @@ def main():
     print(f"{name}: first pass {first[name]:.1f} s", flush=True)
   # Same keys, but an inverse-CDF draw from this random model's nearly flat distributions can flip on float32
   # rounding (~2e-6 in a log-prob); the lengths, and so the work, are equal whatever the tokens.
-  want = counts["sampler"]["last_prompts"]
-  for name in runs:
+  want = counts["engine"]["last_prompts"]
+  for name in list(runs)[1:]:
     got = counts[name]["last_prompts"]
     assert [len(p) for p in got] == [len(p) for p in want], name
     print(f"{name}: {sum(a == b for a, b in zip(got, want))} of {len(want)} conversations token for token the "
-          "sampler's", flush=True)
+          "turn-by-turn engine's", flush=True)
   for rep in range(args.reps):  # interleaved: the machine is shared, so only side-by-side ratios are meaningful
     for name, fn in runs.items():
       times[name].append(timed(fn)[0])
@@ -178,16 +138,16 @@ def main():
   tokens = int(lengths.sum())
   for name in runs:
     c = counts[name]
-    cached = "" if c["cached_tokens"] is None else f", {c['cached_tokens']:,} read from the prefix cache"
-    print(f"{name:>24}: prompt tokens prefilled {c['prefill_tokens']:,}{cached}; useful-slot fraction "
+    print(f"{name:>24}: prompt tokens prefilled {c['prefill_tokens']:,}, {c['cached_tokens']:,} read from the "
+          f"prefix cache; useful-slot fraction "
           f"{c['decode_tokens'] / c['slot_steps']:.3f}; first pass {first[name]:.1f} s", flush=True)
   if args.reps:
     steady = {name: statistics.median(t) for name, t in times.items()}
     for name in runs:
       print(f"{name:>24}: steady {steady[name]:.2f} s (runs {', '.join(f'{t:.2f}' for t in times[name])}), "
-            f"{tokens / steady[name]:.0f} tok/s, {steady['sampler'] / steady[name]:.2f}x the sampler's", flush=True)
+            f"{tokens / steady[name]:.0f} tok/s, {steady['engine'] / steady[name]:.2f}x turn by turn", flush=True)
   print(f"compiles: engine {engine.compile_counts()}, no prefix cache {uncached.compile_counts()}, streamed "
-        f"{streamed.compile_counts()}, sampler {sampler.compile_counts()}", flush=True)
+        f"{streamed.compile_counts()}", flush=True)
   return 0
 
 
