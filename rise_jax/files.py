@@ -183,6 +183,11 @@ def _read_holder(fd: int) -> dict[str, Any] | None:
   return holder if isinstance(holder, dict) else None
 
 
+# Why deleting a refused lock is safe once its writer is gone: the file is bookkeeping, not results.
+_SAFE_TO_DELETE = ("safe then: the lock file holds only the writer's pid and host, no results, and the run resumes "
+                   "from what it kept")
+
+
 class RunLock:
   """The exclusive writer lock of one run directory (a context manager; released on exit, exceptions included)."""
 
@@ -222,10 +227,12 @@ class RunLock:
     if holder and holder.get("host") != socket.gethostname():
       os.close(fd)
       raise self._refuse(holder, f"Its pid cannot be checked from {socket.gethostname()}: if that run is no "
-                                 f"longer running, delete {self.path} and re-run.")
+                                 f"longer running, delete {self.path} and re-run ({_SAFE_TO_DELETE}).")
     if holder and holder.get("pid") != os.getpid() and _alive(holder.get("pid")):
       os.close(fd)  # alive but not holding the flock: a file system without flock, or a reused pid
-      raise self._refuse(holder, f"If that process is not a run, delete {self.path} and re-run.")
+      raise self._refuse(holder, f"Its pid is alive but holds no lock on the file (a reused pid, or a file system "
+                                 f"without flock): if no run is writing here, delete {self.path} and re-run "
+                                 f"({_SAFE_TO_DELETE}).")
     if holder:
       log.warning("%s: taking over the lock of pid %s (started %s), which is no longer running", self.root,
                   holder.get("pid"), holder.get("started"))

@@ -68,11 +68,15 @@ def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplo
 
 def test_lock_naming_another_host_or_a_live_pid_is_refused_with_what_to_delete(tmp_path):
   _plant(tmp_path, pid=_dead_pid(), host="node-17")
-  with pytest.raises(rundir.RunDirLocked, match=r"on node-17.*if that run is no longer running, delete"):
+  lock = str(tmp_path / rundir.LOCK_FILE)
+  with pytest.raises(rundir.RunDirLocked, match=r"on node-17.*if that run is no longer running, delete") as e:
     rundir.RunLock(tmp_path).acquire()
+  assert f"delete {lock} and re-run" in str(e.value)
+  assert "holds only the writer's pid and host, no results" in str(e.value)
   _plant(tmp_path, pid=os.getppid(), host=socket.gethostname())  # alive, but not holding the flock
-  with pytest.raises(rundir.RunDirLocked, match=rf"pid {os.getppid()}"):
+  with pytest.raises(rundir.RunDirLocked, match=rf"pid {os.getppid()}.*a reused pid") as e:
     rundir.RunLock(tmp_path).acquire()
+  assert f"delete {lock} and re-run" in str(e.value) and "no results" in str(e.value)
   assert (tmp_path / rundir.LOCK_FILE).exists()  # a refused lock is left as it was
 
 
