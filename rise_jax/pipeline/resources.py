@@ -90,11 +90,12 @@ class Resources:
   def _verify_export(self, train_stage: str, path: pathlib.Path) -> None:
     """The export's weights against the digests its stage's DONE recorded (markers older than them: unchecked)."""
     from rise_jax import files
-    done = self.root / train_stage / "DONE"
+    from rise_jax.pipeline import rundir
+    done = self.root / train_stage / rundir.DONE_FILE
     if not done.is_file():
       return
     hint = f"delete {path} and re-run the same command to export it again from the last checkpoint"
-    for name, digest in (files.read_json(done).get(HF_DIGESTS) or {}).items():
+    for name, digest in (rundir.read_done(done).get(HF_DIGESTS) or {}).items():
       if not (path / name).is_file():
         raise files.IntegrityError(f"{path / name}: missing though {done} records it; {hint}")
       files.verify_sha256(path / name, digest, done, hint)

@@ -10,6 +10,8 @@ Writing goes through `rise_jax.files` (atomic writes, the one-writer lock).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -31,6 +33,36 @@ DONE_HINT = "delete it and re-run the same command to redo that stage (it resume
 # Top-level entries that are bookkeeping, not results: the config itself, the run record, the lock, and the toy
 # tokenizer (a pure function of the code).
 BOOKKEEPING = frozenset({CONFIG_FILE, RUN_FILE, LOCK_FILE, "tokenizer"})
+
+
+DONE_DIGEST = "digest"  # sha256 of the marker's canonical JSON without this field, written with it
+
+
+def done_digest(marker: dict[str, Any]) -> str:
+  """The self-digest of a DONE marker: sha256 over its sorted, compact JSON without the digest field."""
+  body = {k: v for k, v in marker.items() if k != DONE_DIGEST}
+  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_done(path: str | os.PathLike) -> dict[str, Any]:
+  """A DONE marker's record, verified against its self-digest (markers written before digests: trusted as read).
+  An edited marker is an IntegrityError naming the file, as an edited export or dataset is."""
+  path = pathlib.Path(path)
+  marker = files.read_json(path, DONE_HINT)
+  if not isinstance(marker, dict):
+    raise files.CorruptFileError(f"{path}: expected a JSON object, got {type(marker).__name__}; {DONE_HINT}")
+  recorded = marker.get(DONE_DIGEST)
+  if recorded is not None and recorded != done_digest(marker):
+    raise files.IntegrityError(f"{path}: field {DONE_DIGEST!r}: {str(recorded)[:16]}... is not the sha256 of the "
+                               "marker's other fields: the marker was edited after the stage finished; "
+                               f"{DONE_HINT}")
+  return marker
+
+
+def done_markers(root: pathlib.Path) -> dict[str, pathlib.Path]:
+  """{stage name: its DONE marker} of every finished stage in a run directory, in the plan's or any other."""
+  paths = list(root.glob(f"iter_*/*/{DONE_FILE}")) + list(root.glob(f"iter_*/control/*/{DONE_FILE}"))
+  return {p.parent.relative_to(root).as_posix(): p for p in sorted(paths)}
 
 
 class ConfigMismatch(RunDirError):
@@ -75,7 +107,11 @@ class RunDir:
 
   def check(self) -> bool:
     """Whether the directory holds results of this config (False: new, or nothing in it yet). Raises
-    ConfigMismatch naming the differing fields. Writes nothing, so a refused config leaves no trace."""
+    ConfigMismatch naming the differing fields, IntegrityError naming an edited DONE marker. Writes nothing, so a
+    refused config leaves no trace."""
+    if self.root.is_dir():
+      for marker in done_markers(self.root).values():
+        read_done(marker)
     if check_config(self.root, self.config) is None:
       if self.root.is_dir() and not (self.root / CONFIG_FILE).is_file() and holds_results(self.root):
         return self._check_without_config()
@@ -129,11 +165,13 @@ class RunDir:
     return (self.stage_dir(stage) / DONE_FILE).exists()
 
   def mark_done(self, stage: str, info: dict[str, Any]) -> None:
-    files.atomic_write_json(self.stage_dir(stage) / DONE_FILE, {"stage": stage, **info})
+    marker = {"stage": stage, **info}
+    marker = json.loads(json.dumps(marker))  # the digest covers what a reader parses (tuples as lists)
+    files.atomic_write_json(self.stage_dir(stage) / DONE_FILE, {**marker, DONE_DIGEST: done_digest(marker)})
 
   def clear_done(self, stage: str) -> None:
     """Reopen a finished stage (one of its outputs was lost): it runs again, resuming from what it kept."""
     (self.stage_dir(stage) / DONE_FILE).unlink(missing_ok=True)
 
   def info(self, stage: str) -> dict[str, Any]:
-    return files.read_json(self.stage_dir(stage) / DONE_FILE, DONE_HINT)
+    return read_done(self.stage_dir(stage) / DONE_FILE)
