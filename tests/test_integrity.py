@@ -129,13 +129,17 @@ def test_run_identity_survives_the_loss_of_config_json(tmp_path):
   (first.root / "config.json").unlink()
   other = _smoke_config(tmp_path / "run")
   other.eval.turns = 3  # was accepted: config.json and run.json rewritten to turns=3 over 2-turn metrics
-  with pytest.raises(rundir.ConfigMismatch, match=r"config\.json is missing and .*run\.json names config hash"):
+  with pytest.raises(rundir.ConfigMismatch, match=r"differing fields: eval\.turns \(used by iter_0/eval\)"):
     rundir.RunDir(other.output_dir, other).check()
   assert not (first.root / "config.json").exists()  # a refusal writes nothing
   again = rundir.RunDir(cfg.output_dir, cfg)
   again.open()  # the original config resumes and rewrites config.json
   assert (first.root / "config.json").is_file() and again.check()
   (first.root / "config.json").unlink()
+  marker = first.root / "iter_0" / "eval" / "DONE"
+  marker.write_text(json.dumps({"stage": "iter_0/eval", "seconds": 1.0}))  # from before markers recorded fields
+  with pytest.raises(rundir.ConfigMismatch, match=r"config\.json is missing and .*run\.json names config hash"):
+    rundir.RunDir(other.output_dir, other).check()
   (first.root / "run.json").unlink()
   with pytest.raises(rundir.ConfigMismatch, match=r"neither config\.json nor run\.json"):
     rundir.RunDir(cfg.output_dir, cfg).check()

@@ -81,14 +81,15 @@ def model_description(cfg) -> dict[str, Any]:
 
 def evaluate(resources: Resources, policy, out_dir: pathlib.Path, problems: Sequence[Any], *, model: Any,
              name: str | None = None, limit: int | None = None, what: str = "evaluation",
-             progress: bool = True) -> Evaluation:
+             progress: bool = True, stage=None) -> Evaluation:
   """Run Algorithm 2 with `policy` on `problems` into `out_dir`; the metrics are also written.
 
   model: how the log headers name the model; name: the metrics' and report's model name (Table 1 row), if any;
-  limit: the `debug.stop_after` hook (stop after that many problems of the first protocol).
+  limit: the `debug.stop_after` hook (stop after that many problems of the first protocol); stage: the RISE loop's
+  stage, whose fields' hash the logs carry (None: the whole config's).
   """
   c = resources.config
-  header = resources.header(model)
+  header = resources.header(model, stage)
   throughput: dict[str, dict[str, float]] = {}
   t0 = time.perf_counter()
   decode = 0
