@@ -152,18 +152,21 @@ class Resources:
     """`run_episodes` over `problems` (the first `limit` of them when the `debug.stop_after` hook asks, then
     StopRequested)."""
     from rise_jax.rollout import runner
-    from rise_jax.tasks.prompts import get_prompt_set
     todo = problems if limit is None else problems[:limit]
     if _logged_hash(log_path) == self.config_hash:  # begun before logs carried their stage's hash: resume it
       header = {**header, "config_hash": self.config_hash}
-    # The protocol names its prompt set (the Self-Refine baseline uses its own), so the log says what was run.
-    prompts = self.prompts if protocol.prompt_set == self.config.task.prompt_set else get_prompt_set(protocol.prompt_set)
-    summary = runner.run_episodes(todo, policies, protocol, log_path, task=self.task, prompts=prompts,
+    summary = runner.run_episodes(todo, policies, protocol, log_path, task=self.task,
+                                  prompts=self.prompts_for(protocol),
                                   batch_size=self.config.sampling.batch_size, header=header, desc=desc,
                                   progress=progress)
     if limit is not None and len(todo) < len(problems):
       raise StopRequested(f"debug.stop_after: stopped {what} after {limit} of {len(problems)} units")
     return summary
+
+  def prompts_for(self, protocol):
+    """The protocol's prompt set: it names its own (the Self-Refine baseline's), so the log says what was run."""
+    from rise_jax.tasks.prompts import get_prompt_set
+    return self.prompts if protocol.prompt_set == self.config.task.prompt_set else get_prompt_set(protocol.prompt_set)
 
   # -- problem slices --------------------------------------------------------------------------------------------
 

@@ -217,6 +217,11 @@ class SamplerPolicy:
     self.reuse_cache = reuse_cache
     self._held: dict[str, list[Any]] = {}
 
+  @property
+  def capacity(self) -> int | None:
+    """Tokens one conversation may hold when an overflow raises (None: "report" decodes until full)."""
+    return self.sampler.capacity if self.sampler.on_overflow == "raise" else None
+
   def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
     from rise_jax.sampling.params import SamplingParams  # local: the runner and teacher work without JAX
 
@@ -288,6 +293,11 @@ class EnginePolicy:
     if len(self.stop_ids) > STOP_SLOTS:  # the engine's limit (the Sampler takes more): refused now, not mid-run
       raise ValueError(f"EnginePolicy {name}: {len(self.stop_ids)} stop ids {self.stop_ids}; the engine takes at "
                        f"most {STOP_SLOTS}")
+
+  @property
+  def capacity(self) -> int | None:
+    """Tokens one conversation may hold when an overflow raises (None: "report" decodes until full)."""
+    return self.engine.capacity if self.engine.on_overflow == "raise" else None
 
   def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
     stream = _EngineQueue(self, self.engine.stream(seed))
