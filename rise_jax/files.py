@@ -284,12 +284,40 @@ def _disk_full(exc: BaseException | None) -> OSError | None:
   return None
 
 
+class _DiskFullRecords(logging.Filter):
+  """Drops the records background writers log for a full disk (orbax's save threads log each failure, with its
+  traceback, from every thread it passes through before the main thread sees it); counted, and the first kept, so
+  a full disk that never reaches the command is still reported when it ends."""
+
+  def __init__(self):
+    super().__init__()
+    self.dropped: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if record.levelno < logging.ERROR or _disk_full(exc or Exception(record.getMessage())) is None:
+      return True
+    self.dropped.append(record)
+    return False
+
+
+# The loggers orbax's background save threads report through (absl's Python logger).
+_BACKGROUND_LOGGERS = ("absl",)
+
+
 @contextlib.contextmanager
 def cli_errors(command: str, output_dir: str | os.PathLike) -> Iterator[None]:
   """A run-directory error ends the command with its message (exit 2). A full disk ends it with one line, last,
-  and no interpreter teardown (whose background writers would bury it under their own failures): exit 4."""
+  and no interpreter teardown (whose background writers would bury it under their own failures): exit 4. The
+  background writers' own disk-full records are dropped meanwhile (`_DiskFullRecords`); every other record passes."""
+  quiet = _DiskFullRecords()
+  for name in _BACKGROUND_LOGGERS:
+    logging.getLogger(name).addFilter(quiet)
   try:
     yield
+    if quiet.dropped:  # a writer hit a full disk the command did not see fail: said, never hidden
+      log.error("%d disk-full error(s) were logged by background writers though the command finished; the first: "
+                "%s", len(quiet.dropped), quiet.dropped[0].getMessage())
   except RunDirError as e:
     print(f"[{command}] {e}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -303,3 +331,6 @@ def cli_errors(command: str, output_dir: str | os.PathLike) -> Iterator[None]:
           f"{os.path.abspath(output_dir)} and re-run the same command: finished work is kept and the run resumes.",
           file=sys.stderr, flush=True)
     os._exit(DISK_FULL_EXIT)
+  finally:
+    for name in _BACKGROUND_LOGGERS:
+      logging.getLogger(name).removeFilter(quiet)
