@@ -524,6 +524,17 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{dotted field: value} of a config dict."""
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update(leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 def diff_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
   """Dotted names of the fields that differ between two config dicts (for refusing a resume)."""
   out = []

@@ -183,6 +183,11 @@ def _read_holder(fd: int) -> dict[str, Any] | None:
   return holder if isinstance(holder, dict) else None
 
 
+# Why deleting a refused lock is safe once its writer is gone: the file is bookkeeping, not results.
+_SAFE_TO_DELETE = ("safe then: the lock file holds only the writer's pid and host, no results, and the run resumes "
+                   "from what it kept")
+
+
 class RunLock:
   """The exclusive writer lock of one run directory (a context manager; released on exit, exceptions included)."""
 
@@ -222,10 +227,12 @@ class RunLock:
     if holder and holder.get("host") != socket.gethostname():
       os.close(fd)
       raise self._refuse(holder, f"Its pid cannot be checked from {socket.gethostname()}: if that run is no "
-                                 f"longer running, delete {self.path} and re-run.")
+                                 f"longer running, delete {self.path} and re-run ({_SAFE_TO_DELETE}).")
     if holder and holder.get("pid") != os.getpid() and _alive(holder.get("pid")):
       os.close(fd)  # alive but not holding the flock: a file system without flock, or a reused pid
-      raise self._refuse(holder, f"If that process is not a run, delete {self.path} and re-run.")
+      raise self._refuse(holder, f"Its pid is alive but holds no lock on the file (a reused pid, or a file system "
+                                 f"without flock): if no run is writing here, delete {self.path} and re-run "
+                                 f"({_SAFE_TO_DELETE}).")
     if holder:
       log.warning("%s: taking over the lock of pid %s (started %s), which is no longer running", self.root,
                   holder.get("pid"), holder.get("started"))
@@ -277,12 +284,40 @@ def _disk_full(exc: BaseException | None) -> OSError | None:
   return None
 
 
+class _DiskFullRecords(logging.Filter):
+  """Drops the records background writers log for a full disk (orbax's save threads log each failure, with its
+  traceback, from every thread it passes through before the main thread sees it); counted, and the first kept, so
+  a full disk that never reaches the command is still reported when it ends."""
+
+  def __init__(self):
+    super().__init__()
+    self.dropped: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if record.levelno < logging.ERROR or _disk_full(exc or Exception(record.getMessage())) is None:
+      return True
+    self.dropped.append(record)
+    return False
+
+
+# The loggers orbax's background save threads report through (absl's Python logger).
+_BACKGROUND_LOGGERS = ("absl",)
+
+
 @contextlib.contextmanager
 def cli_errors(command: str, output_dir: str | os.PathLike) -> Iterator[None]:
   """A run-directory error ends the command with its message (exit 2). A full disk ends it with one line, last,
-  and no interpreter teardown (whose background writers would bury it under their own failures): exit 4."""
+  and no interpreter teardown (whose background writers would bury it under their own failures): exit 4. The
+  background writers' own disk-full records are dropped meanwhile (`_DiskFullRecords`); every other record passes."""
+  quiet = _DiskFullRecords()
+  for name in _BACKGROUND_LOGGERS:
+    logging.getLogger(name).addFilter(quiet)
   try:
     yield
+    if quiet.dropped:  # a writer hit a full disk the command did not see fail: said, never hidden
+      log.error("%d disk-full error(s) were logged by background writers though the command finished; the first: "
+                "%s", len(quiet.dropped), quiet.dropped[0].getMessage())
   except RunDirError as e:
     print(f"[{command}] {e}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -296,3 +331,6 @@ def cli_errors(command: str, output_dir: str | os.PathLike) -> Iterator[None]:
           f"{os.path.abspath(output_dir)} and re-run the same command: finished work is kept and the run resumes.",
           file=sys.stderr, flush=True)
     os._exit(DISK_FULL_EXIT)
+  finally:
+    for name in _BACKGROUND_LOGGERS:
+      logging.getLogger(name).removeFilter(quiet)

@@ -15,10 +15,11 @@ The run is a fixed list of stages (`plan`), each writing into its own directory 
     iter_T/control/train, iter_T/control/eval   (rise.single_turn_control) the same data, history stripped
 
 Re-running the same command skips every stage with a `DONE` marker and resumes the first one without it (the
-runner resumes from its rollout log, the trainer from its last checkpoint). A run directory made under a different
-config hash is refused, naming the differing fields. `--config.debug.stop_after=<stage>:<n>` stops the run after
-n units of a stage (episodes for collect/eval, optimiser steps for train) or, with `<stage>:done`, right after the
-stage's marker: the resume tests use it to interrupt a run at a known point.
+runner resumes from its rollout log, the trainer from its last checkpoint). A changed config field that a
+finished (or started) stage used is refused, naming the field and the stage; other changes go on, logged.
+`--config.debug.stop_after=<stage>:<n>` stops the run after n units of a stage (episodes for collect/eval,
+optimiser steps for train) or, with `<stage>:done`, right after the stage's marker: the resume tests use it to
+interrupt a run at a known point.
 """
 
 from __future__ import annotations

@@ -274,6 +274,27 @@ def test_eval_split_dev_evaluates_the_dev_problems(tmp_path):
   assert {r["problem_id"] for r in records} == dev
 
 
+def test_an_evaluation_whose_turns_cannot_fit_the_cache_is_refused_before_any_episode_naming_the_problem(tmp_path):
+  from rise_jax import evaluate
+  from rise_jax.rollout.policies import ScriptedPolicy
+
+  class Capped(ScriptedPolicy):
+    capacity = 200  # a sampler's min(max_cache_length, max_position_embeddings) with on_overflow="raise"
+
+  cfg = _eval_toy_config(tmp_path)
+  cfg.task.test_size, cfg.eval.turns, cfg.eval.parallel_k, cfg.sampling.max_new_tokens = 3, 5, 1, 24
+  learner = Capped(lambda request, j: "=0", name="scripted")
+  # was: the sampler's overflow at turn 4 or 5, naming a hashed sample stream, after turns 1-3 were logged
+  with pytest.raises(ValueError, match=r"evaluation \(sequential, config field sampling\.max_cache_length\): "
+                                       r"problem toy/test/\d+ needs up to \d+ tokens at turn 5 \(\d+ prompt tokens "
+                                       r".*4 earlier turn\(s\).*but a conversation holds 200 \(\d of 3 problems"):
+    evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)
+  assert not (tmp_path / "run" / "rollouts.jsonl").exists()
+  cfg.eval.window = 2  # the window keeps one earlier turn: it fits
+  evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)
+  assert (tmp_path / "run" / "metrics.json").is_file()
+
+
 def _files(root: pathlib.Path):
   return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*")
                 if p.is_file())

@@ -92,6 +92,27 @@ def test_a_corrupt_bookkeeping_file_is_named(tmp_path, name):
     summary.compute_table(plan.plan(cfg), run_dir.root)
 
 
+def test_an_edited_done_marker_is_refused_naming_it(tmp_path):
+  from rise_jax.pipeline import plan, rundir, summary
+  cfg = _smoke_config(tmp_path / "run")
+  run_dir = rundir.RunDir(cfg.output_dir, cfg)
+  run_dir.open()
+  run_dir.mark_done("iter_0/eval", {"seconds": 1.0, "decode_tokens": 10})
+  marker = run_dir.root / "iter_0" / "eval" / "DONE"
+  assert run_dir.info("iter_0/eval")["decode_tokens"] == 10 and run_dir.check()
+  record = json.loads(marker.read_text())
+  record["decode_tokens"] = 99  # still parses: was trusted, and summed into the run's compute table
+  marker.write_text(json.dumps(record))
+  for read in (run_dir.check, lambda: run_dir.info("iter_0/eval"),
+               lambda: summary.compute_table(plan.plan(cfg), run_dir.root)):
+    with pytest.raises(files.IntegrityError, match=rf"{marker}: field 'digest': .*edited after the stage finished; "
+                                                   "delete it and re-run"):
+      read()
+  del record["digest"]  # a marker written before digests is read as it is
+  marker.write_text(json.dumps(record))
+  assert run_dir.info("iter_0/eval")["decode_tokens"] == 99 and run_dir.check()
+
+
 def test_a_truncated_tokenizer_json_is_named(tmp_path):
   from rise_jax.chat import tokenizer as tokenizer_lib
   (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, ')
@@ -108,13 +129,17 @@ def test_run_identity_survives_the_loss_of_config_json(tmp_path):
   (first.root / "config.json").unlink()
   other = _smoke_config(tmp_path / "run")
   other.eval.turns = 3  # was accepted: config.json and run.json rewritten to turns=3 over 2-turn metrics
-  with pytest.raises(rundir.ConfigMismatch, match=r"config\.json is missing and .*run\.json names config hash"):
+  with pytest.raises(rundir.ConfigMismatch, match=r"differing fields: eval\.turns \(used by iter_0/eval\)"):
     rundir.RunDir(other.output_dir, other).check()
   assert not (first.root / "config.json").exists()  # a refusal writes nothing
   again = rundir.RunDir(cfg.output_dir, cfg)
   again.open()  # the original config resumes and rewrites config.json
   assert (first.root / "config.json").is_file() and again.check()
   (first.root / "config.json").unlink()
+  marker = first.root / "iter_0" / "eval" / "DONE"
+  marker.write_text(json.dumps({"stage": "iter_0/eval", "seconds": 1.0}))  # from before markers recorded fields
+  with pytest.raises(rundir.ConfigMismatch, match=r"config\.json is missing and .*run\.json names config hash"):
+    rundir.RunDir(other.output_dir, other).check()
   (first.root / "run.json").unlink()
   with pytest.raises(rundir.ConfigMismatch, match=r"neither config\.json nor run\.json"):
     rundir.RunDir(cfg.output_dir, cfg).check()

@@ -413,6 +413,21 @@ def _copy(src, tmp_path, name):
   return dst
 
 
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_non_finite_weights_are_refused_at_load_naming_file_and_tensor(tiny_llama_gqa_path, tmp_path, bad):
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(tiny_llama_gqa_path / "model.safetensors")
+  d = _copy(tiny_llama_gqa_path, tmp_path, "nan")
+  name = "model.layers.1.self_attn.o_proj.weight"
+  w = tensors[name].copy()
+  w.reshape(-1)[5] = bad
+  save_file({**tensors, name: w}, d / "model.safetensors", metadata={"format": "pt"})
+  # was loaded silently: the NaN surfaced later as NaN log-probs in the rollout log
+  with pytest.raises(ValueError, match=rf"{d / 'model.safetensors'}: tensor {re.escape(name)} holds 1 non-finite "
+                                       r"value\(s\) \(NaN or inf; first at flat index 5\)"):
+    load_hf_checkpoint(d)
+
+
 def test_errors_name_the_tensor_or_field(tiny_llama_gqa_path, tmp_path):
   from safetensors.numpy import load_file, save_file
   tensors = load_file(tiny_llama_gqa_path / "model.safetensors")

@@ -97,10 +97,9 @@ def test_run_dir_refuses_another_config_naming_fields(tmp_path):
   b.debug.stop_after = "iter_1/train:1"  # debug fields do not count
   rundir.RunDir(tmp_path, finalize(b)).open()  # no results yet: nothing can be mislabelled, the new config is adopted
   rundir.RunDir(tmp_path, a).open()
-  (tmp_path / "iter_0" / "eval").mkdir(parents=True)
-  (tmp_path / "iter_0" / "eval" / "rollouts.jsonl").write_text("{}\n")
+  rundir.RunDir(tmp_path, a).mark_done("iter_0/collect", {"records": 3})
   config_before = (tmp_path / "config.json").read_bytes()
-  with pytest.raises(rundir.ConfigMismatch, match=r"differing fields: collect.tau, train.lr\."):
+  with pytest.raises(rundir.ConfigMismatch, match=r"differing fields: collect\.tau \(used by iter_0/collect\)\."):
     rundir.RunDir(tmp_path, finalize(b)).open()
   assert (tmp_path / "config.json").read_bytes() == config_before
   c = recipes.toy_smoke()
@@ -110,6 +109,43 @@ def test_run_dir_refuses_another_config_naming_fields(tmp_path):
   (tmp_path / "run.json").unlink()  # e.g. rise_jax.run pointed at an evaluation's directory
   with pytest.raises(rundir.ConfigMismatch, match="not a RISE run directory"):
     rundir.RunDir(tmp_path, a).open()
+
+
+def test_a_config_change_no_finished_stage_used_goes_on_and_one_it_used_is_refused(tmp_path, caplog):
+  from rise_jax.config import finalize
+
+  def config(**fields):
+    c = recipes.toy_smoke()
+    for name, value in fields.items():
+      section, _, field = name.rpartition("__")
+      (c[section] if section else c)[field] = value
+    return finalize(c)
+
+  a = config()
+  first = rundir.RunDir(tmp_path, a)
+  first.open()
+  first.mark_done("iter_0/collect", {"records": 3})  # the boost data: collect.*, sampling.*, rise.boost_*, ...
+  marker = json.loads((tmp_path / "iter_0" / "collect" / "DONE").read_text())
+  assert marker["config_fields"]["collect.tau"] == a.collect.tau and "eval.turns" not in marker["config_fields"]
+  assert "output_dir" not in marker["config_fields"] and "rise.iterations" not in marker["config_fields"]
+  b = config(eval__turns=3, train__lr=5e-4, rise__iterations=5, train__log_every=7)  # no finished stage used them
+  rundir.RunDir(tmp_path, b).open()  # was refused: "holds results made by a different config"
+  assert "config fields changed since the run started: eval.turns, rise.iterations, train.log_every, train.lr" \
+      in caplog.text
+  run = json.loads((tmp_path / "run.json").read_text())
+  assert run["config_hash"] == config_lib.config_hash(b) and json.loads((tmp_path / "config.json").read_text())[
+      "eval"]["turns"] == 3
+  assert run["config_changes"][-1]["previous_hash"] == config_lib.config_hash(a)
+  assert rundir.RunDir(tmp_path, b).check()  # resumed under b from now on
+  c = config(eval__turns=3, train__lr=5e-4, rise__iterations=5, collect__tau=0.9, sampling__top_k=5)
+  with pytest.raises(rundir.ConfigMismatch, match=r"differing fields: collect\.tau \(used by iter_0/collect\); "
+                                                  r"sampling\.top_k \(used by iter_0/collect\)\."):
+    rundir.RunDir(tmp_path, c).open()
+  (tmp_path / "iter_0" / "train").mkdir(parents=True)  # started, not finished: its checkpoints hold lr = 5e-4
+  (tmp_path / "iter_0" / "train" / "metrics.jsonl").write_text("{}\n")
+  with pytest.raises(rundir.ConfigMismatch, match=r"train\.lr \(used by iter_0/train \(started; delete it"):
+    rundir.RunDir(tmp_path, config(eval__turns=3, rise__iterations=5)).open()
+  rundir.RunDir(tmp_path, config(eval__turns=4, train__lr=5e-4, rise__iterations=5)).open()  # not started: goes on
 
 
 @pytest.mark.timeout(300)

@@ -68,11 +68,15 @@ def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplo
 
 def test_lock_naming_another_host_or_a_live_pid_is_refused_with_what_to_delete(tmp_path):
   _plant(tmp_path, pid=_dead_pid(), host="node-17")
-  with pytest.raises(rundir.RunDirLocked, match=r"on node-17.*if that run is no longer running, delete"):
+  lock = str(tmp_path / rundir.LOCK_FILE)
+  with pytest.raises(rundir.RunDirLocked, match=r"on node-17.*if that run is no longer running, delete") as e:
     rundir.RunLock(tmp_path).acquire()
+  assert f"delete {lock} and re-run" in str(e.value)
+  assert "holds only the writer's pid and host, no results" in str(e.value)
   _plant(tmp_path, pid=os.getppid(), host=socket.gethostname())  # alive, but not holding the flock
-  with pytest.raises(rundir.RunDirLocked, match=rf"pid {os.getppid()}"):
+  with pytest.raises(rundir.RunDirLocked, match=rf"pid {os.getppid()}.*a reused pid") as e:
     rundir.RunLock(tmp_path).acquire()
+  assert f"delete {lock} and re-run" in str(e.value) and "no results" in str(e.value)
   assert (tmp_path / rundir.LOCK_FILE).exists()  # a refused lock is left as it was
 
 
@@ -147,3 +151,60 @@ def test_a_full_disk_under_tensorstore_exits_4_naming_the_file(tmp_path):
   other = subprocess.run([sys.executable, "-c", TENSORSTORE_SCRIPT, str(tmp_path), "RESOURCE_EXHAUSTED: out of "
                           "memory allocating 2 GiB"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert other.returncode == 1 and "Traceback" in other.stderr  # not a disk: propagates unchanged
+
+
+ORBAX_FULL_SCRIPT = r"""
+import sys
+import jax.numpy as jnp
+from rise_jax import files
+from rise_jax.train import checkpoint as checkpoint_lib
+with files.cli_errors("rise_jax.train", sys.argv[1]):
+  ckpt = checkpoint_lib.Checkpointer(sys.argv[1] + "/ckpt", every=1, keep=2, async_save=True)
+  for step in (1, 2, 3):
+    ckpt.save(step, {"w": jnp.arange(1_000_000.0) + step}, {"step": step}, force=True)  # 4 MB on a 2 MB disk
+  ckpt.close()
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                                         capture_output=True).returncode != 0:
+    pytest.skip("mounting a 2 MB tmpfs needs root")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_during_an_orbax_save_ends_with_the_one_clear_line_alone(small_disk):
+  out = small_disk / "run"
+  proc = subprocess.run([sys.executable, "-c", ORBAX_FULL_SCRIPT, str(out)], cwd=REPO, capture_output=True,
+                        text=True, timeout=240, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == rundir.DISK_FULL_EXIT, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  # was: 4 ERROR records with tracebacks here (about 27 in a training run) from orbax's save threads
+  assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith("[rise_jax.train] disk full (ENOSPC: No space left on device) while writing "
+                             f"{out}/ckpt/1.orbax-checkpoint-tmp/")
+
+
+def test_background_disk_full_records_are_dropped_and_other_errors_pass(caplog):
+  import errno
+  import logging
+  absl = logging.getLogger("absl")
+  full = OSError(errno.ENOSPC, "No space left on device")
+  with rundir.cli_errors("rise_jax.train", "/tmp/out"):
+    absl.error("save thread failed", exc_info=(OSError, full, None))
+    absl.error('RESOURCE_EXHAUSTED: Error writing "w/0": No space left on device [os_error_code=\'28\']')
+    absl.error("a real error in the save thread")
+    absl.warning("a warning about no space left on device is not an error")
+  messages = [r.getMessage() for r in caplog.records]
+  assert "save thread failed" not in messages and not any(m.startswith("RESOURCE_EXHAUSTED") for m in messages)
+  assert "a real error in the save thread" in messages and any(m.startswith("a warning") for m in messages)
+  # the command finished though a writer hit the full disk: said once, not hidden
+  assert any(m.startswith("2 disk-full error(s) were logged by background writers") for m in messages)
+  absl.error("save thread failed", exc_info=(OSError, full, None))  # outside a command: untouched
+  assert caplog.records[-1].getMessage() == "save thread failed"

@@ -1,5 +1,6 @@
 """The sharded step, the loop, checkpoints and the HF export, in-process on 8 fake CPU devices."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -281,6 +282,18 @@ def test_non_finite_loss_stops_without_saving(tmp_path, tiny_model, toy_tokenize
     trainer_lib.train(tiny_config(toy_tokenizer_dir, tmp_path / "run"), data, tmp_path / "run", model=model,
                       tokenizer=toy_tokenizer)
   assert not any(p.name.isdigit() for p in (tmp_path / "run" / "ckpt").iterdir())
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_before_training(tmp_path, toy_tokenizer_dir,
+                                                                                 toy_tokenizer):
+  data = tmp_path / "sft.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in demo.demo_records(16, seed=3)))
+  small = build_model(dataclasses.replace(TINY, vocab_size=toy_tokenizer.vocab_size - 1), seed=0)
+  with pytest.raises(ValueError, match=rf"has {toy_tokenizer.vocab_size} ids but the model's vocab_size is "
+                                       rf"{toy_tokenizer.vocab_size - 1}"):  # was: loss is nan at step 1
+    trainer_lib.train(tiny_config(toy_tokenizer_dir, tmp_path / "run"), data, tmp_path / "run", model=small,
+                      tokenizer=toy_tokenizer)
+  assert not (tmp_path / "run" / "ckpt").exists()
 
 
 def test_latest_meta_reads_files_and_never_syncs_processes(reference_run, monkeypatch, tmp_path):

@@ -103,7 +103,14 @@ class _TensorReader:
     return tuple(self._handle(name).get_slice(name).get_shape())
 
   def get(self, name: str) -> np.ndarray:
-    return self._handle(name).get_tensor(name)
+    value = self._handle(name).get_tensor(name)
+    # A NaN or inf weight would surface much later as NaN log-probs or loss, blamed on the data: refused here.
+    if value.dtype.kind in "fcV" and not np.isfinite(value).all():
+      bad = np.flatnonzero(~np.isfinite(value.reshape(-1)))
+      raise ValueError(f"{self.file_of[name]}: tensor {name} holds {bad.size} non-finite value(s) (NaN or inf; "
+                       f"first at flat index {int(bad[0])}): the checkpoint is damaged or was saved from a diverged "
+                       "run; re-export it from a good checkpoint")
+    return value
 
   def __enter__(self) -> "_TensorReader":
     return self

@@ -81,18 +81,21 @@ def model_description(cfg) -> dict[str, Any]:
 
 def evaluate(resources: Resources, policy, out_dir: pathlib.Path, problems: Sequence[Any], *, model: Any,
              name: str | None = None, limit: int | None = None, what: str = "evaluation",
-             progress: bool = True) -> Evaluation:
+             progress: bool = True, stage=None) -> Evaluation:
   """Run Algorithm 2 with `policy` on `problems` into `out_dir`; the metrics are also written.
 
   model: how the log headers name the model; name: the metrics' and report's model name (Table 1 row), if any;
-  limit: the `debug.stop_after` hook (stop after that many problems of the first protocol).
+  limit: the `debug.stop_after` hook (stop after that many problems of the first protocol); stage: the RISE loop's
+  stage, whose fields' hash the logs carry (None: the whole config's).
   """
   c = resources.config
-  header = resources.header(model)
+  header = resources.header(model, stage)
+  protocols = algorithm.evaluation_protocols(c)
+  _check_capacity(resources, policy, problems, protocols, what)
   throughput: dict[str, dict[str, float]] = {}
   t0 = time.perf_counter()
   decode = 0
-  for label, protocol in algorithm.evaluation_protocols(c).items():
+  for label, protocol in protocols.items():
     path = log_path(out_dir, label)
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = resources.episodes(problems, policy, protocol, path, header, limit=limit, what=what,
@@ -112,6 +115,18 @@ def evaluate(resources: Resources, policy, out_dir: pathlib.Path, problems: Sequ
     refine = _metrics(resources, [log_path(out_dir, "self_refine")], None, None)
     _write(refine, out_dir / SELF_REFINE_DIR, {}, title="Self-Refine prompting baseline")
   return Evaluation(metrics=metrics, seconds=seconds, decode_tokens=decode)
+
+
+def _check_capacity(resources: Resources, policy, problems: Sequence[Any], protocols, what: str) -> None:
+  """Every protocol's longest conversation against the policy's capacity, before any episode runs."""
+  from rise_jax.rollout import runner
+  c = resources.config
+  capacity = getattr(policy, "capacity", None)  # scripted and HTTP policies hold no cache
+  fix = (f"raise sampling.max_cache_length ({c.sampling.max_cache_length}; the model's positions cap it too), "
+         "lower sampling.max_new_tokens or eval.turns, set eval.window, or set sampling.on_overflow='report'")
+  for label, protocol in protocols.items():
+    runner.check_capacity(problems, protocol, resources.prompts_for(protocol), resources.tokenizer, capacity,
+                          what=f"{what} ({label}, config field sampling.max_cache_length)", fix=fix)
 
 
 def _metrics(resources, sequential: list[pathlib.Path], parallel: pathlib.Path | None, name: str | None):

@@ -13,6 +13,7 @@ import pathlib
 from typing import Any
 
 from rise_jax import config as config_lib
+from rise_jax.pipeline import plan as plan_lib
 from rise_jax.pipeline.plan import StopRequested
 
 
@@ -90,11 +91,12 @@ class Resources:
   def _verify_export(self, train_stage: str, path: pathlib.Path) -> None:
     """The export's weights against the digests its stage's DONE recorded (markers older than them: unchecked)."""
     from rise_jax import files
-    done = self.root / train_stage / "DONE"
+    from rise_jax.pipeline import rundir
+    done = self.root / train_stage / rundir.DONE_FILE
     if not done.is_file():
       return
     hint = f"delete {path} and re-run the same command to export it again from the last checkpoint"
-    for name, digest in (files.read_json(done).get(HF_DIGESTS) or {}).items():
+    for name, digest in (rundir.read_done(done).get(HF_DIGESTS) or {}).items():
       if not (path / name).is_file():
         raise files.IntegrityError(f"{path / name}: missing though {done} records it; {hint}")
       files.verify_sha256(path / name, digest, done, hint)
@@ -132,26 +134,33 @@ class Resources:
     from rise_jax.rollout.teacher import OpenAIChatPolicy
     return OpenAIChatPolicy(base_url=t.base_url, model=t.model, cache_dir=self.root / "teacher_cache")
 
-  def header(self, model: Any) -> dict[str, Any]:
-    """A rollout log's header: this config's hash and how it names the model."""
+  def header(self, model: Any, stage=None) -> dict[str, Any]:
+    """A rollout log's header: how it names the model, and the config hash of the fields `stage` depends on
+    (`plan.stage_fields`: a change to other fields resumes the log; no stage: the whole config's)."""
     from rise_jax.rollout import log as rollout_log
-    return rollout_log.make_header(self.config_hash, model)
+    digest = self.config_hash if stage is None else plan_lib.fields_hash(plan_lib.stage_fields(self.config, stage))
+    return rollout_log.make_header(digest, model)
 
   def episodes(self, problems, policies, protocol, log_path: pathlib.Path, header, *, limit: int | None = None,
                what: str = "", desc: str | None = None, progress: bool = True):
     """`run_episodes` over `problems` (the first `limit` of them when the `debug.stop_after` hook asks, then
     StopRequested)."""
     from rise_jax.rollout import runner
-    from rise_jax.tasks.prompts import get_prompt_set
     todo = problems if limit is None else problems[:limit]
-    # The protocol names its prompt set (the Self-Refine baseline uses its own), so the log says what was run.
-    prompts = self.prompts if protocol.prompt_set == self.config.task.prompt_set else get_prompt_set(protocol.prompt_set)
-    summary = runner.run_episodes(todo, policies, protocol, log_path, task=self.task, prompts=prompts,
+    if _logged_hash(log_path) == self.config_hash:  # begun before logs carried their stage's hash: resume it
+      header = {**header, "config_hash": self.config_hash}
+    summary = runner.run_episodes(todo, policies, protocol, log_path, task=self.task,
+                                  prompts=self.prompts_for(protocol),
                                   batch_size=self.config.sampling.batch_size, header=header, desc=desc,
                                   progress=progress)
     if limit is not None and len(todo) < len(problems):
       raise StopRequested(f"debug.stop_after: stopped {what} after {limit} of {len(problems)} units")
     return summary
+
+  def prompts_for(self, protocol):
+    """The protocol's prompt set: it names its own (the Self-Refine baseline's), so the log says what was run."""
+    from rise_jax.tasks.prompts import get_prompt_set
+    return self.prompts if protocol.prompt_set == self.config.task.prompt_set else get_prompt_set(protocol.prompt_set)
 
   # -- problem slices --------------------------------------------------------------------------------------------
 
@@ -192,6 +201,16 @@ class Resources:
       raise ValueError(f"config field task.train_size: {size} fresh problems for iteration {iteration} exceed "
                        f"the {len(full)} training problems")
     return full[lo:lo + size]
+
+
+def _logged_hash(path: pathlib.Path) -> str | None:
+  """The config hash in a rollout log's header line, if the file has a readable one."""
+  import json
+  try:
+    with open(path, "rb") as f:
+      return json.loads(f.readline()).get("config_hash")
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 HF_DIGESTS = "hf_sha256"  # the train stage's DONE: {weights file: sha256}, checked before a later stage loads it

@@ -73,7 +73,7 @@ def collect(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int |
   policies = [learner] * (c.collect.turns - 1) + [improver]
   t0 = time.perf_counter()
   run = res.episodes(problems, policies, algorithm.collection_protocol(c), out_dir / "rollouts.jsonl",
-                     res.header(name), limit=limit, what=stage.name, desc=f"collect iter {t}")
+                     res.header(name, stage), limit=limit, what=stage.name, desc=f"collect iter {t}")
   seconds = time.perf_counter() - t0
   log = _log_accounting(out_dir / "rollouts.jsonl", problems)
   info = _build(res, c, log["records"], out_dir, t)
@@ -111,7 +111,7 @@ def boost_data(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: in
     problems = res.boost_problems()
     policy = res.teacher(c, problems) if teacher else res.learner(res.model(None), "learner@base")
     res.episodes(problems, policy, algorithm.boost_protocol(c, teacher), out_dir / "rollouts.jsonl",
-                 res.header(policy.name), limit=limit, what=stage.name, desc="boost samples")
+                 res.header(policy.name, stage), limit=limit, what=stage.name, desc="boost samples")
     records = _log_accounting(out_dir / "rollouts.jsonl", problems)["records"]
     questions = {r["problem_id"]: r["question"] for r in records}
     conversion = conversion_lib.convert_rollouts(records, lambda pid: res.prompts.initial_messages(questions[pid]),
@@ -224,7 +224,7 @@ def evaluate(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int 
     name = f"rise@iter_{t}"
   learner = res.learner(res.model(source), name)
   run = evaluation.evaluate(res, learner, out_dir, res.eval_problems(), model=name, name=name, limit=limit,
-                            what=stage.name)
+                            what=stage.name, stage=stage)
   metrics = run.metrics
   logged = sum(c["decode_tokens"] for c in metrics.get("compute", {}).values())  # earlier invocations' too
   return {"model": name, "num_problems": metrics.get("num_problems"), "eval_seconds_this_run": run.seconds,

@@ -14,6 +14,7 @@ import pathlib
 from typing import Any, Sequence
 
 from rise_jax.files import atomic_write_text, read_json
+from rise_jax.pipeline import rundir
 
 
 def model_label(stage: str, config) -> str:
@@ -44,8 +45,10 @@ def headline(config) -> list[str]:
 
 
 def _load(path: pathlib.Path) -> dict[str, Any] | None:
-  hint = "delete it and re-run the same command" + (" to redo that stage" if path.name == "DONE" else "")
-  return read_json(path, hint) if path.exists() else None
+  if not path.exists():
+    return None
+  return rundir.read_done(path) if path.name == rundir.DONE_FILE else read_json(
+      path, "delete it and re-run the same command")
 
 
 def compute_table(stages: Sequence[Any], root: pathlib.Path) -> list[dict[str, Any]]:

@@ -228,6 +228,11 @@ class EnginePolicy:
       raise ValueError(f"EnginePolicy {name}: {len(self.stop_ids)} stop ids {self.stop_ids}; the engine takes at "
                        f"most {sampling_requests.STOP_SLOTS}")
 
+  @property
+  def capacity(self) -> int | None:
+    """Tokens one conversation may hold when an overflow raises (None: "report" decodes until full)."""
+    return self.engine.capacity if self.engine.on_overflow == "raise" else None
+
   def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
     stream = _EngineQueue(self, self.engine.stream(seed))
     for i, request in enumerate(requests):

@@ -184,6 +184,37 @@ def _run_streamed(problems, policies, protocol: Protocol, task, prompts, summary
         holder.release(list(live))
 
 
+def check_capacity(problems: Sequence[Any], protocol: Protocol, prompts, tokenizer, capacity: int | None, *,
+                   what: str, fix: str) -> None:
+  """Refuse, before any episode runs, a protocol whose last turn cannot fit a conversation of `capacity` tokens
+  for some problem (None: the policy decodes until full, nothing to refuse): its prompt with the earlier turns the
+  window keeps, each reply at its max_new_tokens, under the chat template, plus the last reply. Names the problem
+  needing the most; mid-run, the overflow would name only a sample's hashed stream."""
+  if capacity is None or not problems:
+    return
+  turns, window = protocol.turns, protocol.window
+  kept = turns - 1 if window is None else min(turns - 1, window - 1)  # earlier replies the last prompt shows
+  budget = sorted((s.max_new_tokens for s in protocol.sampling[:-1]), reverse=True)[:kept]
+  last = protocol.sampling[-1].max_new_tokens
+  needs = []
+  for problem in problems:
+    messages = list(prompts.initial_messages(problem.question))
+    for _ in range(turns - 1):  # an empty reply: its content is counted as max_new_tokens below
+      messages += [{"role": "assistant", "content": ""},
+                   {"role": "user", "content": prompts.feedback(problem.question)}]
+    view = chat.window(messages, window) if window else messages
+    prompt = chat.rendered_length(tokenizer, view, add_generation_prompt=True)
+    needs.append((prompt + sum(budget) + last, prompt, problem.id))
+  need, prompt, problem_id = max(needs, key=lambda n: n[0])
+  if need > capacity:
+    over = sum(n[0] > capacity for n in needs)
+    raise ValueError(
+        f"{what}: problem {problem_id} needs up to {need} tokens at turn {turns} ({prompt} prompt tokens under the "
+        f"chat template with {kept} earlier turn(s) and their feedback in the window, + {len(budget)} earlier "
+        f"replies and the last at max_new_tokens {last}), but a conversation holds {capacity} ({over} of "
+        f"{len(needs)} problems cannot fit); {fix}")
+
+
 def _begin_turn(episode: _Episode, protocol: Protocol) -> Request:
   """Start the episode's next turn: its request, over the history as the protocol's window shows it."""
   episode.t += 1

@@ -405,6 +405,8 @@ def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: boo
   if model is None:
     from rise_jax.models import load_model
     model = load_model(cfg.model, mesh=mesh, on_indivisible=cfg.mesh.on_indivisible, seed=cfg.seed)
+  # An id past the embedding table gathers garbage (NaN on GPU): refused here, not as "loss is nan at step 1".
+  chat.check_vocab(tokenizer, model.config)
   optim.check_param_dtypes(nnx.state(model, nnx.Param), t.allow_bf16_params)
   tx, lr = optim.optimizer(t, total)
   trainer = Trainer(model, mesh, tx, lr, packing=t.packing, on_indivisible=cfg.mesh.on_indivisible)
