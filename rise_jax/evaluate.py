@@ -24,6 +24,10 @@ import json
 import sys
 from typing import Any, Sequence
 
+from absl import app, flags
+from ml_collections import config_flags
+
+from rise_jax import compile_cache, logs
 from rise_jax import files
 from rise_jax.pipeline.evaluation import evaluate_config as evaluate  # the API tests and notebooks call
 
@@ -39,8 +43,6 @@ _HELP_FLAGS = ("--help", "-h", "--helpshort", "-?", "--helpfull")
 
 def cli(argv: Sequence[str] | None = None):
   """`python -m rise_jax.evaluate --config=configs/<name>.py [--config.<field>=<value> ...]`."""
-  from absl import app, flags
-  from ml_collections import config_flags
 
   argv = list(sys.argv if argv is None else argv)
   config = config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file; override fields "
@@ -53,7 +55,6 @@ def cli(argv: Sequence[str] | None = None):
   flags.mark_flag_as_required("config")
 
   def run(_):
-    from rise_jax import compile_cache, logs
     compile_cache.enable()
     logs.setup()  # the terminal: progress, warnings, errors (--verbosity for more); the full log in output_dir
     with files.cli_errors("rise_jax.evaluate", config.value.output_dir):

@@ -15,11 +15,13 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import os
 import pathlib
 import shutil
 import tempfile
+from importlib.metadata import version
 from typing import Any, Iterator
 
 import numpy as np
@@ -200,7 +202,6 @@ def _check_tensors(reader: Any, cfg, src: str) -> list[tuple[str, Any]]:
 
 
 def _gguf_version() -> str:
-  from importlib.metadata import version
   return version("gguf")
 
 
@@ -349,7 +350,6 @@ def cache_root() -> pathlib.Path:
 
 
 def _complete(path: pathlib.Path, sha256: str) -> bool:
-  import json
   try:
     provenance = json.loads((path / PROVENANCE_FILE).read_text())
   except (OSError, ValueError):

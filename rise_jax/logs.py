@@ -13,6 +13,9 @@ import logging
 import logging.handlers
 import pathlib
 
+from absl import flags
+from absl import logging as absl_logging
+
 LOG_NAME = "run.log"
 _log = logging.getLogger("rise_jax")
 _buffer: logging.handlers.MemoryHandler | None = None
@@ -27,8 +30,6 @@ class _NotForConsole(logging.Filter):
 
 def console_level() -> int:
   """WARNING unless --verbosity was given on the command line; then absl's mapping (0 INFO, 1 DEBUG, ...)."""
-  from absl import flags
-  from absl import logging as absl_logging
   if not (flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present):
     return logging.WARNING
   verbosity = absl_logging.get_verbosity()
@@ -38,7 +39,6 @@ def console_level() -> int:
 def setup() -> None:
   """Call once, first thing in a command's main (absl flags parsed): quiet terminal, records buffered for the file."""
   global _buffer
-  from absl import logging as absl_logging
   console = console_level()
   handler = absl_logging.get_absl_handler()
   handler.setLevel(console)
@@ -56,7 +56,6 @@ def to_file(directory: str | pathlib.Path) -> pathlib.Path:
   path = pathlib.Path(directory) / LOG_NAME
   path.parent.mkdir(parents=True, exist_ok=True)
   file_handler = logging.FileHandler(path, encoding="utf-8")
-  from absl import logging as absl_logging
   file_handler.setFormatter(absl_logging.PythonFormatter())
   root = logging.getLogger()
   if _buffer is not None:

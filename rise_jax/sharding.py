@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return x
-  from flax.core import spmd
   rules = spmd.get_logical_axis_rules() or TRAIN_RULES
   spec = logical_to_spec(logical_axes, x.shape, mesh, rules, "replicate", "activation", warn=False)
   return jax.lax.with_sharding_constraint(x, spec)

@@ -7,6 +7,8 @@ import json
 import os
 import tempfile
 
+import tokenizers
+
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>")
 CHARS = tuple(chr(c) for c in range(32, 127)) + ("\n",)  # printable ASCII in code-point order, then newline
 MARKER = "rise_jax_toy_tokenizer.json"
@@ -18,7 +20,6 @@ def build_toy_tokenizer(out_dir: str | os.PathLike) -> str:
   Ids: the 7 specials of the toy chat template first (<pad>=0, <s>=1, </s>=2, <unk>=3, <|user|>=4,
   <|assistant|>=5, <|end|>=6), then one id per printable ASCII character (space..~) and "\\n": 103 in all.
   """
-  import tokenizers
   import transformers
 
   vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}

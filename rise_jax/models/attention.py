@@ -17,7 +17,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax.core import spmd
 from jax import lax
+
+from rise_jax import sharding as sharding_lib
 
 QUERY_BLOCK = 512          # most queries per block in the xla reference: scores are [block, keys], not [l, keys]
 SCORE_BUDGET = 1 << 25     # most float32 scores per block (128 MiB): the backward holds ~6 such arrays at once
@@ -193,8 +196,6 @@ def sharded_splash_attention(q, k, v, mask, segment_ids=None, window=None, inter
   `shard_map` with rows split over the batch axes and kv heads over the tensor axis (each shard keeps whole
   query groups, because head h belongs to kv head h // groups). Without a multi-device mesh it is a plain call.
   """
-  from flax.core import spmd
-  from rise_jax import sharding as sharding_lib
   mesh = jax.sharding.get_abstract_mesh()
   call = functools.partial(splash_attention, window=window, interpret=interpret)
   if mesh.empty or mesh.size == 1:

@@ -17,7 +17,9 @@ import argparse
 import sys
 
 from rise_jax import gguf
+from rise_jax.chat import load_tokenizer
 from rise_jax.config import DTYPES
+from rise_jax.models import hf_io, native
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,7 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from rise_jax.models import hf_io, native
   if args.to == "hf" and args.src.endswith(gguf.SUFFIX):
     if args.tokenizer or args.chat_template:
       raise SystemExit("--tokenizer/--chat_template: a GGUF file brings its own tokenizer and chat template")
@@ -54,7 +55,6 @@ def main(argv=None) -> int:
     model = native.load_model_dir(args.src, param_dtype=args.dtype, dtype=args.dtype)
     tokenizer = None
     if args.tokenizer is not None:
-      from rise_jax.chat import load_tokenizer
       tokenizer = load_tokenizer(args.tokenizer, chat_template=args.chat_template)
     path = hf_io.save_hf_checkpoint(model, args.dst, tokenizer=tokenizer,
                                     max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite)

@@ -19,10 +19,14 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from rise_jax import gguf, hf_files, sharding as sharding_lib
+from rise_jax.chat import templates
 from rise_jax.hf_files import INDEX_FILE, MAX_SHARD_BYTES, SINGLE_FILE, remove_partial_exports, tmp_prefix
 from rise_jax.models.build import abstract_model
 from rise_jax.models.configs import ModelConfig
@@ -76,7 +80,6 @@ class _TensorReader:
   """Lazy access to the tensors of a single-file or index-sharded safetensors checkpoint."""
 
   def __init__(self, path: str):
-    from safetensors import safe_open
     self._open = safe_open
     index = os.path.join(path, INDEX_FILE)
     single = os.path.join(path, SINGLE_FILE)
@@ -213,7 +216,6 @@ def _host(x: jax.Array) -> np.ndarray:
   """A full copy of a (possibly multi-host sharded) array on this host."""
   if getattr(x, "is_fully_addressable", True):
     return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -258,7 +260,6 @@ def _template_source(chat_template: str) -> str:
   """Jinja text as is; a name resolves through rise_jax.chat's template registry."""
   if "{%" in chat_template or "{{" in chat_template:
     return chat_template
-  from rise_jax.chat import templates
   return templates.get_template(chat_template).source
 
 
@@ -286,7 +287,6 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: A
   ChatTokenizer, saved with its own template); `chat_template` (jinja text or a rise_jax template name) overrides
   the template stored with it. Returns the path.
   """
-  from safetensors.numpy import save_file
   import transformers
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and os.listdir(path) and not overwrite:

@@ -21,6 +21,15 @@ import math
 
 import jax
 import numpy as np
+from flax import nnx
+
+from rise_jax import sharding
+from rise_jax.models import attention as attention_lib
+from rise_jax.models import configs as model_configs
+from rise_jax.models.transformer import Transformer
+from rise_jax.sampling import paged
+from rise_jax.sampling.engine import default_num_blocks
+from rise_jax.train.trainer import LOGITS_BUDGET, VOCAB_CHUNK
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -78,13 +87,11 @@ class Estimate:
 
 
 def abstract_mesh(shape) -> jax.sharding.AbstractMesh:
-  from rise_jax import sharding
   return jax.sharding.AbstractMesh(tuple(shape), sharding.MESH_AXES,
                                    axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 def _model_config(config):
-  from rise_jax.models import configs as model_configs
   if config.model.source == "preset":
     return model_configs.get_preset(config.model.preset).config
   for preset in model_configs.PRESETS.values():
@@ -104,8 +111,6 @@ def _sharded_bytes(shape, spec, mesh, itemsize: int) -> float:
 
 def _abstract_params(mc, param_dtype: str):
   """(name, shape, logical axes) of every parameter, from the real module built abstractly."""
-  from flax import nnx
-  from rise_jax.models.transformer import Transformer
   model = nnx.eval_shape(lambda: Transformer(mc, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   out = []
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -134,9 +139,6 @@ LOGITS_ONE_CHUNK, LOGITS_CHUNKED = 1.5, 3
 
 def train_estimate(config, mc, train_shape, platform: str) -> Estimate:
   """Per-device training memory of `config`'s model `mc` on a (data, fsdp, tensor) mesh of `platform` devices."""
-  from rise_jax import sharding
-  from rise_jax.models import attention as attention_lib
-  from rise_jax.train.trainer import LOGITS_BUDGET, VOCAB_CHUNK
   train_mesh = abstract_mesh(train_shape)
   est = Estimate(train_mesh=train_shape, sample_mesh=train_shape)
   p_bytes = DTYPE_BYTES[config.model.param_dtype]
@@ -195,7 +197,6 @@ def train_estimate(config, mc, train_shape, platform: str) -> Estimate:
 
 def check(config, hardware: Hardware) -> Estimate:
   """Raise ValueError naming the array (divisibility) or the budget (memory); return the estimate."""
-  from rise_jax import sharding
   mc = _model_config(config)
   train_shape = sharding.resolve_mesh_shape(config.mesh.train, hardware.num_devices)
   sample_shape = sharding.resolve_mesh_shape(config.mesh.sample, hardware.num_devices)
@@ -219,9 +220,6 @@ def check(config, hardware: Hardware) -> Estimate:
 def _pool_bytes(config, mc, sample_mesh, c_bytes: int) -> float:
   """The engine's block pool: independent of batch_size and samples (slots bound the rows in flight); whole
   on every data shard, kv heads split over tensor, as `Engine` places it."""
-  from rise_jax import sharding
-  from rise_jax.sampling import paged
-  from rise_jax.sampling.engine import default_num_blocks
   s = config.sampling
   capacity = min(s.max_cache_length, mc.max_position_embeddings)
   num_blocks = s.num_blocks or default_num_blocks(s.slots, capacity, s.block_size)

@@ -16,11 +16,17 @@ import pathlib
 import time
 from typing import Any, Sequence
 
+import jax
+
 from rise_jax import config as config_lib
 from rise_jax import files
 from rise_jax.pipeline import rundir
 from rise_jax.pipeline.resources import Resources
 from rise_jax.rise import algorithm
+from rise_jax.rise import metrics as metrics_lib
+from rise_jax.rise import report as report_lib
+from rise_jax.rollout import log as rollout_log
+from rise_jax.rollout import runner
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +61,6 @@ def evaluate_config(cfg, *, out_dir=None, policy=None, problems: Sequence[Any] |
   """
   num_devices = None
   if policy is None:  # the meshes must fit the devices the model will be loaded on
-    import jax
     num_devices = jax.device_count()
   config_lib.validate(cfg, num_devices=num_devices)
   config_lib.check_command(cfg, "evaluate")
@@ -119,7 +124,6 @@ def evaluate(resources: Resources, policy, out_dir: pathlib.Path, problems: Sequ
 
 def _check_capacity(resources: Resources, policy, problems: Sequence[Any], protocols, what: str) -> None:
   """Every protocol's longest conversation against the policy's capacity, before any episode runs."""
-  from rise_jax.rollout import runner
   c = resources.config
   capacity = getattr(policy, "capacity", None)  # scripted and HTTP policies hold no cache
   fix = (f"raise sampling.max_cache_length ({c.sampling.max_cache_length}; the model's positions cap it too), "
@@ -130,7 +134,6 @@ def _check_capacity(resources: Resources, policy, problems: Sequence[Any], proto
 
 
 def _metrics(resources, sequential: list[pathlib.Path], parallel: pathlib.Path | None, name: str | None):
-  from rise_jax.rise import metrics as metrics_lib
   c = resources.config
   metrics = metrics_lib.metrics_from_logs(sequential, parallel, task=resources.task, tie_break=c.eval.tie_break,
                                           seed=c.seed)
@@ -144,14 +147,12 @@ def _metrics(resources, sequential: list[pathlib.Path], parallel: pathlib.Path |
 
 def _write(metrics: dict[str, Any], out_dir: pathlib.Path, throughput: dict[str, dict[str, float]],
            title: str | None = None) -> None:
-  from rise_jax.rise import report as report_lib
   report_lib.write_report(metrics, out_dir, **({"title": title} if title else {}))
   _append_sampling_section(out_dir / "report.md", metrics["sampling"], throughput)
 
 
 def sampling_stats(paths: Sequence[pathlib.Path]) -> dict[str, int]:
   """Counts over every logged candidate: finish reasons, degenerate resamples, degenerate samples kept."""
-  from rise_jax.rollout import log as rollout_log
 
   stats = {"candidates": 0, "stop": 0, "length": 0, "cache_full": 0, "resamples": 0, "flagged_degenerate": 0}
   for path in paths:

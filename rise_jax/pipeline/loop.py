@@ -10,6 +10,8 @@ import pathlib
 import time
 from typing import Any, Callable
 
+import jax
+
 from rise_jax import config as config_lib
 from rise_jax import files
 from rise_jax.pipeline import stages as stages_lib
@@ -17,15 +19,14 @@ from rise_jax.pipeline import summary as summary_lib
 from rise_jax.pipeline.plan import StopAfter, StopRequested, plan
 from rise_jax.pipeline.resources import Resources
 from rise_jax.pipeline.rundir import RunDir
+from rise_jax.train.trainer import initialize_distributed
 
 
 def run(config, *, log: Callable[[str], None] = print,
         on_open: Callable[[pathlib.Path], Any] | None = None) -> dict[str, Any]:
   """Run (or resume) every stage of `config`; returns the final summary. `on_open(run_dir)` is called once the
   run directory is known to be this config's (the command line starts its log file there)."""
-  import jax
 
-  from rise_jax.train.trainer import initialize_distributed
   initialize_distributed(config)  # before anything asks jax for its devices
   config_lib.validate(config, require_training=True, num_devices=jax.device_count())
   config_lib.check_command(config, "run")

@@ -9,20 +9,36 @@ model is the config's `model` section.
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
+import ml_collections
+
+from rise_jax import chat
 from rise_jax import config as config_lib
+from rise_jax import files
+from rise_jax import models
+from rise_jax import sharding
 from rise_jax.pipeline import plan as plan_lib
+from rise_jax.pipeline import rundir
 from rise_jax.pipeline.plan import StopRequested
+from rise_jax.rollout import log as rollout_log
+from rise_jax.rollout import runner
+from rise_jax.rollout.policies import EnginePolicy
+from rise_jax.rollout.policies import ReferencePolicy
+from rise_jax.rollout.teacher import OpenAIChatPolicy
+from rise_jax.sampling import requests
+from rise_jax.sampling.engine import Engine
+from rise_jax.tasks import task_from_config
+from rise_jax.tasks.prompts import get_prompt_set
+from rise_jax.train import data as train_data
 
 
 class Resources:
   """What every stage of one run shares: config, task, prompt set, tokenizer, meshes, and the last model."""
 
   def __init__(self, config, root: str | pathlib.Path):
-    from rise_jax.tasks import task_from_config
-    from rise_jax.tasks.prompts import get_prompt_set
     self.config = config
     self.root = pathlib.Path(root)
     self.task = task_from_config(config.task)
@@ -49,7 +65,6 @@ class Resources:
       for t in range(1, c.rise.iterations + 1):
         self.train_problems(t)
     if c.rise.boost and c.rise.boost_data not in (None, "reference"):
-      from rise_jax.train import data as train_data
       train_data.read_records(c.rise.boost_data)  # errors name file, line and field
 
   # -- tokenizer, meshes, models, policies -----------------------------------------------------------------------
@@ -57,13 +72,11 @@ class Resources:
   @property
   def tokenizer(self):
     if self._tokenizer is None:
-      from rise_jax import chat
       self._tokenizer = chat.tokenizer_from_config(self.config, self.root)
     return self._tokenizer
 
   def mesh(self, kind: str):
     """The training or sampling mesh over all devices (the trainer builds the same training mesh)."""
-    from rise_jax import sharding
     return sharding.make_mesh(tuple(self.config.mesh[kind]))
 
   def model(self, train_stage: str | None, mesh: str = "train"):
@@ -77,7 +90,6 @@ class Resources:
     return self._model
 
   def load_model(self, train_stage: str | None, mesh: str = "train"):
-    from rise_jax import models
     c = self.config
     on = self.mesh(mesh)
     if train_stage is None:
@@ -90,8 +102,6 @@ class Resources:
 
   def _verify_export(self, train_stage: str, path: pathlib.Path) -> None:
     """The export's weights against the digests its stage's DONE recorded (markers older than them: unchecked)."""
-    from rise_jax import files
-    from rise_jax.pipeline import rundir
     done = self.root / train_stage / rundir.DONE_FILE
     if not done.is_file():
       return
@@ -108,10 +118,6 @@ class Resources:
     """`model` as a runner policy: the continuous-batching engine on the sampling mesh, set up by `sampling`
     (cache length, overflow policy, slots, block_size, chunk_steps, num_blocks; ids past the tokenizer's
     vocabulary never sampled). Every learner of every command is built here."""
-    from rise_jax import chat
-    from rise_jax.rollout.policies import EnginePolicy
-    from rise_jax.sampling import requests
-    from rise_jax.sampling.engine import Engine
     s = self.config.sampling
     chat.check_vocab(self.tokenizer, model.config)
     engine = Engine(model, slots=s.slots, max_seq_len=s.max_cache_length, block_size=s.block_size,
@@ -124,20 +130,16 @@ class Resources:
     checkpoint through the engine, or an OpenAI-compatible API."""
     t = config.collect.teacher
     if t.kind == "reference":
-      from rise_jax.rollout.policies import ReferencePolicy
       return ReferencePolicy({p.id: self.task.solution(p) for p in problems})
     if t.kind == "model":
-      from rise_jax import models
       model = models.load_model(config.model, mesh=self.mesh("train"), on_indivisible=config.mesh.on_indivisible,
                                 path=t.path)
       return self.learner(model, name=f"teacher:{pathlib.Path(t.path).name}")
-    from rise_jax.rollout.teacher import OpenAIChatPolicy
     return OpenAIChatPolicy(base_url=t.base_url, model=t.model, cache_dir=self.root / "teacher_cache")
 
   def header(self, model: Any, stage=None) -> dict[str, Any]:
     """A rollout log's header: how it names the model, and the config hash of the fields `stage` depends on
     (`plan.stage_fields`: a change to other fields resumes the log; no stage: the whole config's)."""
-    from rise_jax.rollout import log as rollout_log
     digest = self.config_hash if stage is None else plan_lib.fields_hash(plan_lib.stage_fields(self.config, stage))
     return rollout_log.make_header(digest, model)
 
@@ -145,7 +147,6 @@ class Resources:
                what: str = "", desc: str | None = None, progress: bool = True):
     """`run_episodes` over `problems` (the first `limit` of them when the `debug.stop_after` hook asks, then
     StopRequested)."""
-    from rise_jax.rollout import runner
     todo = problems if limit is None else problems[:limit]
     if _logged_hash(log_path) == self.config_hash:  # begun before logs carried their stage's hash: resume it
       header = {**header, "config_hash": self.config_hash}
@@ -159,7 +160,6 @@ class Resources:
 
   def prompts_for(self, protocol):
     """The protocol's prompt set: it names its own (the Self-Refine baseline's), so the log says what was run."""
-    from rise_jax.tasks.prompts import get_prompt_set
     return self.prompts if protocol.prompt_set == self.config.task.prompt_set else get_prompt_set(protocol.prompt_set)
 
   # -- problem slices --------------------------------------------------------------------------------------------
@@ -182,9 +182,7 @@ class Resources:
 
   def all_train_problems(self):
     """Every training problem (dev excluded), whatever task.train_size says."""
-    import ml_collections
 
-    from rise_jax.tasks import task_from_config
     uncapped = ml_collections.ConfigDict(config_lib.to_dict(self.config)["task"])
     uncapped.train_size = None
     return task_from_config(uncapped).load("train")
@@ -205,7 +203,6 @@ class Resources:
 
 def _logged_hash(path: pathlib.Path) -> str | None:
   """The config hash in a rollout log's header line, if the file has a readable one."""
-  import json
   try:
     with open(path, "rb") as f:
       return json.loads(f.readline()).get("config_hash")
@@ -218,7 +215,6 @@ HF_DIGESTS = "hf_sha256"  # the train stage's DONE: {weights file: sha256}, chec
 
 def hf_digests(hf_dir: pathlib.Path) -> dict[str, str]:
   """sha256 of each weights file of an HF export (off the step path: once per stage, after training)."""
-  from rise_jax import files
   return {p.name: files.sha256_file(p) for p in sorted(hf_dir.glob("*.safetensors"))}
 
 

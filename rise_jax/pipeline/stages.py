@@ -12,7 +12,10 @@ import pathlib
 import time
 from typing import Any
 
+import ml_collections
+
 from rise_jax import config as config_lib
+from rise_jax import train as train_lib
 from rise_jax.pipeline import evaluation
 from rise_jax.pipeline import plan as plan_lib
 from rise_jax.pipeline.plan import Stage
@@ -20,6 +23,10 @@ from rise_jax.pipeline.resources import HF_DIGESTS, Resources, hf_digests
 from rise_jax.rise import algorithm
 from rise_jax.rise import conversion as conversion_lib
 from rise_jax.rise import dataset as dataset_lib
+from rise_jax.rise import metrics
+from rise_jax.rollout import log as rollout_log
+from rise_jax.rollout.policies import Request
+from rise_jax.train import data as train_data
 
 
 def run_stage(res: Resources, stage: Stage, run_dir, *, limit: int | None) -> dict[str, Any]:
@@ -48,8 +55,6 @@ def missing_output(root: pathlib.Path, stage: Stage, config) -> pathlib.Path | N
 def _log_accounting(log_path: pathlib.Path, problems) -> dict[str, Any]:
   """The log's records in problem order, whatever order episodes finished in (a resumed run's chunks differ
   from an uninterrupted run's, its dataset must not), and the log's token accounting."""
-  from rise_jax.rise import metrics
-  from rise_jax.rollout import log as rollout_log
   _, records, torn = rollout_log.read_rollouts(log_path)
   order = {p.id: i for i, p in enumerate(problems)}
   missing = [r["problem_id"] for r in records if r["problem_id"] not in order]
@@ -128,7 +133,6 @@ def boost_data(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: in
       conversion.sampled_ids.append(None)
     conversion.stats.episodes = conversion.stats.examples = len(conversion.records)
   else:  # a file or directory of rise_jax.sft/1 records
-    from rise_jax.train import data as train_data
     records = [{"id": r.id, "weight": r.weight, "messages": [dict(m) for m in r.messages], "meta": {"reward": 1.0}}
                for r in train_data.read_records(source)]
     conversion = conversion_lib.Conversion(records=records, sampled_ids=[None] * len(records),
@@ -140,8 +144,6 @@ def boost_data(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: in
 
 def train(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | None) -> dict[str, Any]:
   """Train the stage's initial model on its data; the trainer resumes from out_dir/ckpt and exports out_dir/hf."""
-  from rise_jax import train as train_lib
-  from rise_jax.train import data as train_data
   c, t = res.config, stage.iteration
   init = plan_lib.init_stage(c, t, stage.control)
   sub = "control/data" if stage.control else "data"
@@ -171,7 +173,6 @@ def train(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | N
 def _dev_accuracy(res: Resources):
   """The boost's validation score: one first-turn sample per dev problem at the run's sampling settings (the
   m1@t1 of the dev split), from a fixed seed so a resumed run scores a checkpoint the same."""
-  from rise_jax.rollout.policies import Request
   c = res.config
   problems = res.task.load("dev")  # non-empty: validate() requires task.dev_size > 0 for boost validation
   requests = [Request(key=p.id, messages=tuple(res.prompts.initial_messages(p.question)), n=1, turn=1,
@@ -194,7 +195,6 @@ def _dev_accuracy(res: Resources):
 def _train_config(config, *, boost: bool):
   """The config the trainer sees: boost overrides applied."""
   c = config_lib.to_dict(config)
-  import ml_collections
   out = ml_collections.ConfigDict(c)
   if boost:
     if config.rise.boost_lr is not None:

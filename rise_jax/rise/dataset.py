@@ -18,6 +18,8 @@ import json
 import pathlib
 from typing import Any, Iterable, Sequence
 
+from rise_jax import chat
+from rise_jax import files
 from rise_jax.files import atomic_write_bytes, atomic_write_text
 from rise_jax.rise.algorithm import weight_table
 from rise_jax.rise.conversion import SFT_SCHEMA, Conversion, ConversionOptions
@@ -34,7 +36,6 @@ def write_records(records: Iterable[dict[str, Any]], path: pathlib.Path) -> str:
 
 def verify_dataset(data_dir: pathlib.Path, hint: str) -> None:
   """Refuse a data directory whose sft.jsonl no longer has the sha256 its manifest.json recorded."""
-  from rise_jax import files
   manifest = data_dir / "manifest.json"
   files.verify_sha256(data_dir / DATA_FILE, files.read_json(manifest, hint)["sha256"], manifest, hint)
 
@@ -54,7 +55,6 @@ def token_drift(records: Sequence[dict[str, Any]], sampled_ids: Sequence[Sequenc
   (its end-of-turn token stripped) are compared with the sampled ids (eos stripped). Teacher text (ids None) is
   not measured. A non-zero fraction means the trainer fits slightly different token sequences than were sampled.
   """
-  from rise_jax import chat  # local: conversion and writing work without a tokenizer
   eos = tuple(tokenizer.eos_token_ids)
   measured = differ = 0
   examples = []

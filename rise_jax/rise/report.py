@@ -9,6 +9,7 @@ matplotlib's object API on an Agg canvas, so importing this module never changes
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -16,8 +17,11 @@ import pathlib
 from typing import Any, Mapping, Sequence
 
 from rise_jax.config import TIE_BREAKS
-from rise_jax.rise import metrics as metrics_lib
 from rise_jax.files import atomic_write_bytes
+from rise_jax.rise import metrics as metrics_lib
+from rise_jax.rise.algorithm import reward_range
+from rise_jax.rollout import log as rollout_log
+from rise_jax.tasks import get_task
 
 _PLOT_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
 
@@ -469,8 +473,6 @@ def check_logs(sequential: Sequence[str], parallel: str | None, out: str) -> lis
   """Refuse what would silently merge into wrong numbers: logs of different models or config hashes, the same
   file or the same draw (seed) twice, a problem twice in one log, a log with no episodes, rewards outside the
   logged grader's range; and `out` naming a file. Returns the first log's records."""
-  from rise_jax.rise.algorithm import reward_range
-  from rise_jax.rollout import log as rollout_log
   if pathlib.Path(out).exists() and not pathlib.Path(out).is_dir():
     raise ValueError(f"--out {out}: is a file; give a directory for metrics.json, report.md and the plots")
   paths = [*sequential, *([parallel] if parallel is not None else [])]
@@ -519,7 +521,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     python -m rise_jax.rise.report --sequential rollouts.jsonl --parallel rollouts_parallel.jsonl --out eval/
   """
-  import argparse
 
   parser = argparse.ArgumentParser(prog="python -m rise_jax.rise.report", description=main.__doc__.split("\n")[0])
   parser.add_argument("--sequential", action="append", default=[],
@@ -535,7 +536,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parser.parse_args(argv)
   if not args.sequential and args.parallel is None:
     parser.error("give --sequential and/or --parallel")
-  from rise_jax.tasks import get_task
 
   try:
     records = check_logs(args.sequential, args.parallel, args.out)

@@ -9,8 +9,15 @@ from __future__ import annotations
 import logging
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from rise_jax import compile_cache
+from rise_jax import config as config_lib
+from rise_jax import files
+from rise_jax.pipeline.plan import StopAfter
+from rise_jax.train import demo, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).", lock_config=True)
 _DATA = flags.DEFINE_string("data", None, "sft/1 records (jsonl, parquet or a directory); default train.data_path.")
@@ -21,13 +28,7 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
-  import jax
 
-  from rise_jax import compile_cache
-  from rise_jax import config as config_lib
-  from rise_jax import files
-  from rise_jax.pipeline.plan import StopAfter
-  from rise_jax.train import demo, trainer
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<name>.py is required")
   trainer.initialize_distributed(_CONFIG.value)  # before anything asks jax for its devices

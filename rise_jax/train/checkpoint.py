@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rise_jax import files
+
 log = logging.getLogger(__name__)
 
 UNREADABLE_SUFFIX = ".unreadable"  # `<step>.unreadable`: a step that failed to restore, moved out of orbax's view
@@ -41,7 +43,6 @@ class DigestMismatchError(OSError):
 
 def step_digest(step_dir: pathlib.Path) -> dict[str, str]:
   """{relative path: sha256} of the step's item files (the files a restore reads)."""
-  from rise_jax import files
   return {str(p.relative_to(step_dir)): files.sha256_file(p)
           for item in DIGESTED_ITEMS for p in sorted((step_dir / item).rglob("*")) if p.is_file()}
 
@@ -52,7 +53,6 @@ def verify_step(step_dir: pathlib.Path) -> bool:
   path = step_dir / DIGEST_FILE
   if not path.is_file():
     return False
-  from rise_jax import files
   recorded = files.read_json(path)
   actual = step_digest(step_dir)
   for name in sorted(set(recorded) | set(actual)):
@@ -125,7 +125,6 @@ class Checkpointer:
         if committed.wait(0.2):
           break
       if step_dir.is_dir():  # absent: the save failed (raised on the training thread) or max_to_keep removed it
-        from rise_jax import files
         files.atomic_write_json(step_dir / DIGEST_FILE, step_digest(step_dir))
     except BaseException as e:  # noqa: BLE001 - reported on the training thread at the next join
       self._digest_error = e

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
+from rise_jax import chat
 from rise_jax.config import MAX_EXAMPLE_WEIGHT
 from rise_jax.tasks.base import decode_line
 from rise_jax.train import loss as loss_lib
@@ -182,7 +183,6 @@ class EncodeReport:
 def encode_records(records: Sequence[Record], tokenizer, max_length: int,
                    on_truncation: str = "report") -> tuple[list[Example], EncodeReport]:
   """Render every record once; count (or raise on) those whose trained span is cut or whose mask is empty."""
-  from rise_jax import chat
   report = EncodeReport(total=len(records))
   examples = []
   for record in records:

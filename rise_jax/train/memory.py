@@ -20,7 +20,12 @@ import re
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
+
+from rise_jax import sharding as sharding_lib
+from rise_jax.models.build import abstract_model
+from rise_jax.train.trainer import Trainer
 
 GiB = 1024 ** 3
 BATCH_DTYPES = {"input_ids": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
@@ -157,10 +162,6 @@ def step_memory(trainer, rows: int, length: int, micro: int = 1) -> StepMemory:
 
 def abstract_trainer(config, tx, lr_schedule, *, mesh=None, **model_options):
   """A `Trainer` for `config` whose model was built abstractly: its step compiles, nothing is allocated."""
-  from flax import nnx
-  from rise_jax import sharding as sharding_lib
-  from rise_jax.models.build import abstract_model
-  from rise_jax.train.trainer import Trainer
   mesh = sharding_lib.single_device_mesh() if mesh is None else mesh
   graphdef, state, _ = abstract_model(config, mesh, **model_options)
   return Trainer(nnx.merge(graphdef, state), mesh, tx, lr_schedule)

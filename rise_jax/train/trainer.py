@@ -31,10 +31,13 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from rise_jax import chat
 from rise_jax import files
 from rise_jax import sharding as sharding_lib
+from rise_jax.models import load_model
+from rise_jax.models.hf_io import save_hf_checkpoint
 from rise_jax.train import checkpoint as checkpoint_lib
 from rise_jax.train import data as data_lib
 from rise_jax.train import loss as loss_lib
@@ -403,7 +406,6 @@ def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: boo
                         max_length=t.max_length, packing=t.packing, buckets_per_octave=t.buckets_per_octave)
   total = len(steps)
   if model is None:
-    from rise_jax.models import load_model
     model = load_model(cfg.model, mesh=mesh, on_indivisible=cfg.mesh.on_indivisible, seed=cfg.seed)
   # An id past the embedding table gathers garbage (NaN on GPU): refused here, not as "loss is nan at step 1".
   chat.check_vocab(tokenizer, model.config)
@@ -481,7 +483,6 @@ def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: boo
   trained = trainer.model(state)
   hf_dir = None
   if export_hf:
-    from rise_jax.models.hf_io import save_hf_checkpoint
     hf_dir = out_dir / "hf"
     save_hf_checkpoint(trained, hf_dir, tokenizer=tokenizer, overwrite=True)  # ChatTokenizer.hf has the template
   stopped_at = start if stopped_early else (done if stop_now else None)
@@ -538,7 +539,6 @@ def _examples(cfg, records, tokenizer, out_dir: pathlib.Path):
 
 
 def _progress(total: int, start: int):
-  from tqdm.auto import tqdm
   return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
               dynamic_ncols=True)
 
