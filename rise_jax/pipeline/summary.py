@@ -100,6 +100,19 @@ def compute_markdown(rows: Sequence[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+# summary.md sections the terminal leaves out: ~5 rows per turn pair and comparison, read in the file instead.
+FILE_ONLY_SECTIONS = ("SCoRe's metrics, paired differences",)
+
+
+def terminal_markdown(md: str) -> str:
+  """summary.md as the command prints it: every section but FILE_ONLY_SECTIONS (named at the end)."""
+  head, *sections = md.split("\n## ")
+  kept = [s for s in sections if not s.startswith(FILE_ONLY_SECTIONS)]
+  left_out = [s.split("\n", 1)[0] for s in sections if s.startswith(FILE_ONLY_SECTIONS)]
+  out = "\n## ".join([head, *kept])
+  return out + "".join(f"\n({name}: summary.md)\n" for name in left_out)
+
+
 def write_summary(config, root: pathlib.Path, stages: Sequence[Any]) -> dict[str, Any]:
   """summary.md / summary.json / accuracy_vs_turn.png at the top of the run directory; returns the summary."""
   from rise_jax.rise import report
@@ -125,6 +138,6 @@ def write_summary(config, root: pathlib.Path, stages: Sequence[Any]) -> dict[str
   md = (root / "summary.md").read_text() if rows else f"# {config.name}: RISE\n"
   md = md.rstrip("\n") + "\n\n" + compute_markdown(compute)
   atomic_write_text(root / "summary.md", md)
-  summary["table_md"] = md
+  summary["table_md"] = terminal_markdown(md)
   summary["plots"] = [str(p) for name, p in written.items() if name.endswith(".png")]
   return summary
