@@ -10,6 +10,11 @@ has its own token count, `max_new_tokens`, stops and capacity, and between chunk
 out and prefills queued requests into the free slots, so the slots stay full (a static batch decodes until its
 longest row finishes: on GSM8K-length replies ~40% of its decode slots produce a token).
 
+Roles. `Engine` (here) holds the weights, the pool and the jitted device programs (`paged.py`: prefill with
+first-token sampling, multi-step decode chunks) and checks requests; `EngineStream` (`scheduler.py`) is one open
+queue and owns its state: queued requests, prefilled ones waiting for slots, the slots, the finished; `KVBlocks`
+(`blocks.py`) accounts the pool's blocks per request and sample over a reference-counted `BlockTable`.
+
 Memory. Keys and values live in a pool of `block_size`-token blocks (`paged.PagedPool`); a slot reads its
 conversation through its row of the block table. A request's prompt is prefilled once into blocks its n samples
 share (host reference counts free them with the last sample); only the partly filled last prompt block is copied
