@@ -162,11 +162,18 @@ def first_tokens(model, hidden: jax.Array, rows: jax.Array, key_data: jax.Array,
   """Sample j's first token from its prompt's last hidden state hidden[rows[j]], drawn at conversation index
   `position[j]` (the prompt length) with `select`'s key rule: (tokens, logprobs, sampling_logprobs, finish
   codes); a sample whose first token finishes it never takes a decode slot."""
-  keys = select.token_keys(jax.random.wrap_key_data(key_data), position)
-  logits = model.unembed(jnp.take(hidden, rows, axis=0))
-  token, logprob, sampling_logprob = select.select_tokens(logits, keys, temperature, top_k, top_p, vocab_limit)
-  finish = finish_code(token, jnp.ones_like(token), position, stop_ids, max_new, capacity)
-  return token, logprob, sampling_logprob, finish
+  return sample_step(model, jnp.take(hidden, rows, axis=0), jax.random.wrap_key_data(key_data), position,
+                     jnp.ones_like(position), temperature, top_k, top_p, stop_ids, max_new, capacity, vocab_limit)
+
+
+def sample_step(model, hidden, keys, position, count, temperature, top_k, top_p, stop_ids, max_new, capacity,
+                vocab_limit: int | None):
+  """The one sampling step of prefill and decode: each row's next token from its final hidden state, drawn at
+  conversation index `position` with `select`'s key rule (its `count`-th sampled token): (tokens, raw logprobs,
+  sampling logprobs, finish codes)."""
+  token, logprob, sampling_logprob = select.select_tokens(model.unembed(hidden), select.token_keys(keys, position),
+                                                          temperature, top_k, top_p, vocab_limit)
+  return token, logprob, sampling_logprob, finish_code(token, count, position, stop_ids, max_new, capacity)
 
 
 def copy_blocks(pool: PagedPool, src: jax.Array, dst: jax.Array) -> PagedPool:
@@ -249,12 +256,11 @@ def decode_chunk(model, pool: PagedPool, slots: SlotBatch, chunk_steps: int, spa
     hidden, pool = paged_decode_hidden(model, layers, carry.pool, carry.last_token, carry.length, running,
                                        slots.block_table, span_blocks)
     position = carry.length + 1  # the new token's index in its conversation
-    token, logprob, sampling_logprob = select.select_tokens(
-        model.unembed(hidden), select.token_keys(keys, position), slots.temperature, slots.top_k, slots.top_p,
-        vocab_limit)
     count = carry.generated + 1
-    finish = jnp.where(running, finish_code(token, count, position, slots.stop_ids, slots.max_new,
-                                                 slots.capacity), carry.finish)
+    token, logprob, sampling_logprob, code = sample_step(
+        model, hidden, keys, position, count, slots.temperature, slots.top_k, slots.top_p, slots.stop_ids,
+        slots.max_new, slots.capacity, vocab_limit)
+    finish = jnp.where(running, code, carry.finish)
     at = lambda buf, value: buf.at[:, carry.step].set(jnp.where(running, value, buf[:, carry.step]))
     out = carry.out.replace(tokens=at(carry.out.tokens, token), logprobs=at(carry.out.logprobs, logprob),
                             sampling_logprobs=at(carry.out.sampling_logprobs, sampling_logprob),
