@@ -148,17 +148,19 @@ class Engine:
     self._stream: EngineStream | None = None
     self.stats: collections.Counter = collections.Counter()
     merge = lambda p: nnx.merge(self.graphdef, p)
-    self._prefill_jit = jax.jit(self._prefill_and_sample, donate_argnums=(1,))
+    self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1,))
+    self._first_jit = jax.jit(self._first_tokens)
     self._chunk_jit = jax.jit(
         lambda p, pool, slots, span: self._pin_pool(paged.decode_chunk(merge(p), pool, slots, self.chunk_steps,
                                                                        span, self.vocab_limit)),
         static_argnums=(3,), donate_argnums=(1,))
 
-  def _prefill_and_sample(self, params, pool, ids, lengths, block_ids, context_table, cached, *first_token_args):
-    """One dispatch per refill: prefill the prompts into the pool, then sample every sample's first token."""
-    model = nnx.merge(self.graphdef, params)
-    pool, hidden = paged.prefill(model, pool, ids, lengths, block_ids, context_table, cached)
-    return self._pin_pool((pool, paged.first_tokens(model, hidden, *first_token_args, self.vocab_limit)))
+  def _prefill(self, params, pool, ids, lengths, block_ids, context_table, cached):
+    return self._pin_pool(paged.prefill(nnx.merge(self.graphdef, params), pool, ids, lengths, block_ids,
+                                        context_table, cached))
+
+  def _first_tokens(self, params, hidden, *first_token_args):
+    return paged.first_tokens(nnx.merge(self.graphdef, params), hidden, *first_token_args, self.vocab_limit)
 
   # -- layout ------------------------------------------------------------------------------------------------
 
@@ -191,7 +193,7 @@ class Engine:
 
   def compile_counts(self) -> dict[str, int]:
     """Entries in each jitted function's compilation cache (bounded by the buckets in the module docstring)."""
-    jits = dict(prefill=self._prefill_jit, chunk=self._chunk_jit)
+    jits = dict(prefill=self._prefill_jit, first_tokens=self._first_jit, chunk=self._chunk_jit)
     return {name: f._cache_size() for name, f in jits.items()}
 
   @property
@@ -258,10 +260,12 @@ class Engine:
     index[:len(samples)] = samples
     return np.asarray(jax.random.key_data(select.row_keys(seed, uid_ints, index)))
 
-  def prefill_call(self, *arrays) -> tuple[np.ndarray, ...]:
-    """One prefill dispatch (`paged.prefill` + `paged.first_tokens`) on host arrays; its first-token outputs."""
-    self._pool, outputs = self._prefill_jit(self._params, self._pool, *self._rows(arrays))
-    return jax.device_get(outputs)
+  def prefill_call(self, prefill_arrays, first_token_arrays) -> tuple[np.ndarray, ...]:
+    """`paged.prefill` then `paged.first_tokens` on host arrays; the first-token outputs. Two programs, not one:
+    prefill shapes are (width, context) buckets and first-token shapes sample-count buckets, so each compiles per
+    bucket of its own instead of once per combination."""
+    self._pool, hidden = self._prefill_jit(self._params, self._pool, *self._rows(prefill_arrays))
+    return jax.device_get(self._first_jit(self._params, hidden, *self._rows(first_token_arrays)))
 
   def chunk_call(self, batch: paged.SlotBatch, span_blocks: int) -> paged.ChunkOutput:
     """One decode chunk (`paged.decode_chunk`) on a host slot batch; its outputs on the host."""

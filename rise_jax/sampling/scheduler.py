@@ -222,7 +222,7 @@ class EngineStream:
     from its `context` blocks), then sample every sample's first token."""
     engine, kv = self.engine, self.engine.kv
     block_size = engine.block_size
-    rows = pow4_at_least(len(batch))
+    rows = self._prefill_rows(width, context)
     ids = np.zeros((rows, width), np.int32)
     lengths = np.zeros(rows, np.int32)
     block_ids = np.full((rows, width // block_size), paged.TRASH_BLOCK, np.int32)
@@ -238,8 +238,8 @@ class EngineStream:
       block_ids[r, :len(fresh)] = fresh
       registered += to_register
     samples = [(r, g, j) for r, g in enumerate(batch) for j in range(g.request.n)]
-    outputs = engine.prefill_call(ids, lengths, block_ids, context_table, cached_lengths,
-                                  *self._first_token_inputs(samples, rows))
+    outputs = engine.prefill_call((ids, lengths, block_ids, context_table, cached_lengths),
+                                  self._first_token_inputs(samples, rows))
     # Registered after the batch's lookups: no prompt of a call reads blocks that the same call writes.
     for block, digest in registered:
       kv.table.register(block, digest)
@@ -250,6 +250,15 @@ class EngineStream:
     engine.stats["peak_blocks"] = max(engine.stats["peak_blocks"], engine.blocks_in_use)
     for s, (_, group, j) in enumerate(samples):
       group.first[j] = tuple(x[s].item() for x in outputs)  # token, logprob, sampling logprob, finish code
+
+  def _prefill_rows(self, width: int, context: int) -> int:
+    """A prefill call's rows: the most (a power of 4) whose padded tokens fit `prefill_tokens`, whatever the batch
+    holds, so a (width, context) bucket is one program (padding rows cost compute, not compiles)."""
+    tokens = width + context * self.engine.block_size
+    rows = 1
+    while rows * 4 * tokens <= self.engine.prefill_tokens:
+      rows *= 4
+    return rows
 
   def _first_token_inputs(self, samples: list[tuple[int, Group, int]], rows: int) -> tuple[np.ndarray, ...]:
     """`paged.first_tokens`' per-sample inputs, padded to a bucket (>= the prefill rows: one bucket for n=1)."""
