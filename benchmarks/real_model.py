@@ -9,7 +9,10 @@ Rows:
   example is ~450 of them), B greedy continuations of exactly `--new` tokens. rise_jax's engine (its prefix cache
   shares the worked example's blocks between prompts, as in every RISE run) against `transformers.generate` on
   the same left-padded batch. tokens/s counts generated tokens.
-- prefill: one forward of the same B prompts (no cache), rise_jax against torch: the cost of the prompt alone.
+- prefill: one forward of the same B prompts (no cache), rise_jax against torch: the cost of the prompt alone;
+  also split into the layer stack (`model.hidden` vs `ref.model`) and the unembedding (vs `lm_head`).
+- matmul: the three SwiGLU matmuls of one layer at the prefill's token count (B x 512 rows), jitted jax against
+  torch: whether XLA:CPU's dot itself is the prefill gap.
 - training step: one optimiser step (forward, backward, AdamW) on B x 512-token rows, rise_jax's Trainer against
   torch eager (`loss.backward()`, `torch.optim.AdamW`), float32 both.
 First calls (compiles) are reported apart from the medians.
@@ -107,13 +110,52 @@ def main(argv=None) -> int:
         with torch.no_grad():
           ref(torch.as_tensor(padded), attention_mask=torch.as_tensor(mask))
 
+      hidden = jax.jit(lambda m, x, a: m.hidden(x, attention_mask=a))
+      unembed = jax.jit(lambda m, h: m.unembed(h))
+      h = hidden(model, x, a)
+      th = torch.as_tensor(np.asarray(h))
+
+      def their_layers():
+        with torch.no_grad():
+          ref.model(torch.as_tensor(padded), attention_mask=torch.as_tensor(mask))
+
+      def their_unembed():
+        with torch.no_grad():
+          ref.lm_head(th)
+
       fns = {"rise_jax": lambda: jax.block_until_ready(forward(model, x, a)),
-             "rise_jax_unrolled": lambda: jax.block_until_ready(forward(unrolled, x, a)), "torch": theirs}
+             "rise_jax_unrolled": lambda: jax.block_until_ready(forward(unrolled, x, a)), "torch": theirs,
+             "rise_jax_layers": lambda: jax.block_until_ready(hidden(model, x, a)), "torch_layers": their_layers,
+             "rise_jax_unembed": lambda: jax.block_until_ready(unembed(model, h)), "torch_unembed": their_unembed}
       first = {k: _first(f) for k, f in fns.items()}
       med = interleaved(fns, args.reps)
       print(json.dumps({"part": "prefill", "batch": batch, "tokens": int(mask.sum()), "first_call_s": first,
                         "median_s": med, "rise_jax_vs_torch": med["torch"] / med["rise_jax"],
-                        "unrolled_vs_torch": med["torch"] / med["rise_jax_unrolled"]}), flush=True)
+                        "unrolled_vs_torch": med["torch"] / med["rise_jax_unrolled"],
+                        "layers_vs_torch": med["torch_layers"] / med["rise_jax_layers"],
+                        "unembed_vs_torch": med["torch_unembed"] / med["rise_jax_unembed"]}), flush=True)
+    if "matmul" in parts:
+      c = model.config
+      rng = np.random.default_rng(0)
+      xs = rng.standard_normal((batch * 512, c.hidden_size), np.float32)
+      w_in = [rng.standard_normal((c.hidden_size, c.intermediate_size), np.float32) * 0.02 for _ in range(2)]
+      w_out = rng.standard_normal((c.intermediate_size, c.hidden_size), np.float32) * 0.02
+      mlp = jax.jit(lambda x, g, u, d: ((x @ g) + (x @ u)) @ d)
+      j_args = [jnp.asarray(v) for v in (xs, *w_in, w_out)]
+      t_args = [torch.as_tensor(v) for v in (xs, *w_in, w_out)]
+
+      def their_mlp():
+        with torch.no_grad():
+          x_, g, u, d = t_args
+          ((x_ @ g) + (x_ @ u)) @ d
+
+      fns = {"jax": lambda: jax.block_until_ready(mlp(*j_args)), "torch": their_mlp}
+      first = {k: _first(f) for k, f in fns.items()}
+      med = interleaved(fns, max(args.reps, 5))
+      flops = 2 * xs.shape[0] * c.hidden_size * c.intermediate_size * 3
+      print(json.dumps({"part": "matmul", "rows": xs.shape[0], "median_s": med,
+                        "gflops": {k: flops / v / 1e9 for k, v in med.items()},
+                        "jax_vs_torch": med["torch"] / med["jax"]}), flush=True)
   if "train" in parts:
     _train_rows(args, model, ref, tok, ids_all, jax, jnp, torch, sharding)
   return 0

@@ -86,7 +86,7 @@ def intermediate_evals(run_dir: pathlib.Path) -> None:
         continue
       print(f"[toy_seeds] {run_dir.name}: evaluating {stage.name} after the run", flush=True)
       out.mkdir(parents=True, exist_ok=True)
-      stages.evaluate(res, stage, out, limit=None)
+      stages.evaluate_stage(res, stage, out, limit=None)
 
 
 def history_dropped_eval(run_dir: pathlib.Path) -> dict:

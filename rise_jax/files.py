@@ -69,8 +69,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, allow_nan: bool = True) -> None:
+  """The one JSON writer: indented, keys in the order the code built them (a report's reading order), atomic.
+  `allow_nan=False` refuses NaN (metrics use null for "no data")."""
+  atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=allow_nan) + "\n")
 
 
 class CorruptFileError(RunDirError):

@@ -276,9 +276,12 @@ def test_run_summary_writes_scores_differences_from_the_run_directory(tmp_path):
     report.write_report(metrics.compute_metrics(_turn_logs(rows), num_bootstrap=100), tmp_path / stage.name,
                         plots=False)
     (tmp_path / stage.name / "DONE").write_text(json.dumps({"seconds": 1.0}))
-  out = summary.write_summary(config, tmp_path, stages)
+  out = summary.write_run_summary(config, tmp_path, stages)
   d = out["score_differences"]
   assert d["iter_1 RISE - iter_1 single-turn control"]["delta_i_to_c"][0]["diff"] == pytest.approx(
       _flip_rates(RISE)["delta_i_to_c"] - _flip_rates(CONTROL)["delta_i_to_c"])
   assert d["iter_1 RISE - iter_0 (base + boost)"]["delta_c_to_i"][0]["diff"] == pytest.approx(-0.25)
-  assert "## SCoRe's metrics, paired differences" in out["table_md"]
+  assert "## SCoRe's metrics, paired differences" in (tmp_path / "summary.md").read_text()
+  # The terminal gets the rest of summary.md and where that section is (it runs to ~5 rows per turn pair).
+  assert "## SCoRe's metrics, paired differences" not in out["table_md"] and "## Table 1" in out["table_md"]
+  assert "(SCoRe's metrics, paired differences (paired bootstrap over shared problems): summary.md)" in out["table_md"]

@@ -75,7 +75,7 @@ def evaluate_config(cfg, *, out_dir=None, policy=None, problems: Sequence[Any] |
     files.atomic_write_json(out / rundir.CONFIG_FILE, config_lib.to_dict(cfg))
     if policy is None:  # loaded on the sampling mesh: an evaluation never trains it
       policy = res.learner(res.model(None, mesh="sample"), "learner")
-    return evaluate(res, policy, out, problems, model=model or model_description(cfg), progress=progress).metrics
+    return evaluate_policy(res, policy, out, problems, model=model or model_description(cfg), progress=progress).metrics
 
 
 def model_description(cfg) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def model_description(cfg) -> dict[str, Any]:
           "hf_path": m.hf_path, "dtype": m.dtype}
 
 
-def evaluate(resources: Resources, policy, out_dir: pathlib.Path, problems: Sequence[Any], *, model: Any,
+def evaluate_policy(resources: Resources, policy, out_dir: pathlib.Path, problems: Sequence[Any], *, model: Any,
              name: str | None = None, limit: int | None = None, what: str = "evaluation",
              progress: bool = True, stage=None) -> Evaluation:
   """Run Algorithm 2 with `policy` on `problems` into `out_dir`; the metrics are also written.

@@ -58,6 +58,6 @@ def run(config, *, log: Callable[[str], None] = print,
       log(f"[rise_jax.run] {stage.name}: done in {info['seconds']:.1f} s")
       if stop and stop.stage == stage.name and stop.units is None:
         raise StopRequested(f"debug.stop_after={config.debug.stop_after}: stopped after {stage.name}")
-    summary = summary_lib.write_summary(config, run_dir.root, plan(config))
+    summary = summary_lib.write_run_summary(config, run_dir.root, plan(config))
   summary["wall_s_this_invocation"] = time.perf_counter() - start
   return summary

@@ -31,7 +31,7 @@ from rise_jax.train import data as train_data
 
 def run_stage(res: Resources, stage: Stage, run_dir, *, limit: int | None) -> dict[str, Any]:
   """Run one stage; returns what its DONE marker records. `limit`: stop after that many units."""
-  body = {"boost_data": boost_data, "collect": collect, "train": train, "eval": evaluate}[stage.kind]
+  body = {"boost_data": boost_data, "collect": collect, "train": train, "eval": evaluate_stage}[stage.kind]
   out_dir = run_dir.stage_dir(stage.name)
   out_dir.mkdir(parents=True, exist_ok=True)
   return body(res, stage, out_dir, limit=limit)
@@ -215,7 +215,7 @@ def _train_result(result) -> dict[str, Any]:
           "examples_kept": result.encode_report.kept, "examples_total": result.encode_report.total}
 
 
-def evaluate(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | None) -> dict[str, Any]:
+def evaluate_stage(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | None) -> dict[str, Any]:
   """Algorithm 2 on the stage's model, through the one evaluation stage `rise_jax.evaluate` runs too."""
   c, t = res.config, stage.iteration
   source = plan_lib.model_stage(c, t, stage.control)
@@ -223,7 +223,7 @@ def evaluate(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int 
   if t > 0 and not stage.control:
     name = f"rise@iter_{t}"
   learner = res.learner(res.model(source), name)
-  run = evaluation.evaluate(res, learner, out_dir, res.eval_problems(), model=name, name=name, limit=limit,
+  run = evaluation.evaluate_policy(res, learner, out_dir, res.eval_problems(), model=name, name=name, limit=limit,
                             what=stage.name, stage=stage)
   metrics = run.metrics
   logged = sum(c["decode_tokens"] for c in metrics.get("compute", {}).values())  # earlier invocations' too

@@ -9,11 +9,10 @@ any time; `rise_jax.run` rewrites it at the end of every invocation.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any, Sequence
 
-from rise_jax.files import atomic_write_text, read_json
+from rise_jax.files import atomic_write_json, atomic_write_text, read_json
 from rise_jax.pipeline import rundir
 
 
@@ -113,7 +112,7 @@ def terminal_markdown(md: str) -> str:
   return out + "".join(f"\n({name}: summary.md)\n" for name in left_out)
 
 
-def write_summary(config, root: pathlib.Path, stages: Sequence[Any]) -> dict[str, Any]:
+def write_run_summary(config, root: pathlib.Path, stages: Sequence[Any]) -> dict[str, Any]:
   """summary.md / summary.json / accuracy_vs_turn.png at the top of the run directory; returns the summary."""
   from rise_jax.rise import report
   root = pathlib.Path(root)
@@ -134,7 +133,7 @@ def write_summary(config, root: pathlib.Path, stages: Sequence[Any]) -> dict[str
   summary = _load(root / "summary.json") if rows else {}
   summary["compute"] = compute
   summary["headline"] = headline(config)
-  atomic_write_text(root / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+  atomic_write_json(root / "summary.json", summary)
   md = (root / "summary.md").read_text() if rows else f"# {config.name}: RISE\n"
   md = md.rstrip("\n") + "\n\n" + compute_markdown(compute)
   atomic_write_text(root / "summary.md", md)

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from rise_jax import chat
 from rise_jax import files
-from rise_jax.files import atomic_write_bytes, atomic_write_text
+from rise_jax.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from rise_jax.rise.algorithm import weight_table
 from rise_jax.rise.conversion import SFT_SCHEMA, Conversion, ConversionOptions
 
@@ -116,8 +116,8 @@ def write_dataset(conversion: Conversion, out_dir: pathlib.Path, *, options: Con
       **(extra or {}),
   }
   manifest = {k: summary[k] for k in ("schema", "version", "num_records", "sha256", "options")}
-  atomic_write_text(out_dir / "data" / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-  atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+  atomic_write_json(out_dir / "data" / "manifest.json", manifest)
+  atomic_write_json(out_dir / "summary.json", summary)
   atomic_write_text(out_dir / "summary.md", summary_markdown(summary))
   weight_histogram(weights, out_dir / "weights_hist.png",
                    f"iteration {options.iteration}: {len(records)} examples")

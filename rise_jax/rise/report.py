@@ -11,24 +11,18 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
 from rise_jax.config import TIE_BREAKS
-from rise_jax.files import atomic_write_bytes
+from rise_jax.files import atomic_write_bytes, atomic_write_json
 from rise_jax.rise import metrics as metrics_lib
 from rise_jax.rise.algorithm import reward_range
 from rise_jax.rollout import log as rollout_log
 from rise_jax.tasks import get_task
 
 _PLOT_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
-
-
-def write_json(path: str | os.PathLike, obj: Any):
-  """Atomically write `obj` as indented JSON (NaN refused: metrics use null for "no data")."""
-  atomic_write_bytes(pathlib.Path(path), (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
 
 
 def _save_figure(fig, path: pathlib.Path):
@@ -305,7 +299,7 @@ def write_report(m: Mapping[str, Any], out_dir: str | os.PathLike, *, title: str
   transitions.png into out_dir; returns name -> path of what was written."""
   out = pathlib.Path(out_dir)
   written = {"metrics.json": out / "metrics.json"}
-  write_json(written["metrics.json"], m)
+  atomic_write_json(written["metrics.json"], m, allow_nan=False)
   figures = []
   if plots:
     if m.get("per_turn_accuracy"):
@@ -424,7 +418,7 @@ def write_summary(per_iteration_metrics: Mapping[str, Mapping[str, Any]], out_di
       "score_differences": score_differences,
   }
   written = {"summary.json": out / "summary.json", "summary.md": out / "summary.md"}
-  write_json(written["summary.json"], summary)
+  atomic_write_json(written["summary.json"], summary, allow_nan=False)
   lines = [f"# {title}", "", "Values in %, 95% bootstrap intervals over problems.", "", "## Table 1", ""]
   lines += _table1(rows)
   if any(m.get("per_turn_accuracy") for m in rows.values()):
