@@ -176,6 +176,7 @@ def toy() -> ml_collections.ConfigDict:
   c.sampling.max_cache_length = 256      # the turn-5 prompt of 20-token attempts (210 tokens) + 20 new (docs/toy.md)
   c.sampling.batch_size = 2000           # episodes in flight: the whole test set queued at once
   c.sampling.slots = 512                 # 20-token replies: wide chunks amortise the per-chunk host work on a CPU
+  c.sampling.chunk_steps = 16           # most of a 20-token reply in one chunk: half the chunk programs of 8 (cold start)
   c.collect.turns = 2
   c.collect.samples_per_turn = 1
   c.collect.improvement = "self"
