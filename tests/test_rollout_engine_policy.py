@@ -151,6 +151,7 @@ def test_engine_policy_logs_what_the_reference_logs(tmp_path, toy_tokenizer, mod
   1e-4; one engine queue holds every turn of every problem. Turn 2 prefills only what follows the cached turn-1
   prompt and chosen reply; the windowed turn 3 reads at least the instruction's blocks from the cache."""
   model, engine = model_and_engine
+  engine.forget_prefix_cache()  # turn 1 prefills whole, whatever an earlier test left cached
   counting = _CountingEngine(engine)
   sampling = TurnSampling(temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=6)
   protocol = Protocol.sequential(3, samples=(1, 3, 2), select="best_reward", window=2, sampling=sampling,
