@@ -198,7 +198,8 @@ def test_rows_leave_the_batch_and_per_turn_policies_and_sampling(tmp_path):
   protocol = Protocol.sequential(2, samples=(1, 2), select="best_reward", oracle=True, sampling=(SAMPLING, hot),
                                  grader="robust")
   _, records = _run(tmp_path, [A, B], [first, last], protocol)
-  assert [r["problem_id"] for r in records] == [A.id, B.id]  # A's record is flushed as soon as it stops
+  _, logged, _ = rollout_log.read_rollouts(tmp_path / "log.jsonl")
+  assert [r["problem_id"] for r in logged] == [A.id, B.id]  # A's record is flushed as soon as it stops
   assert [(r.key, r.turn, r.n) for r in first.requests] == [(A.id, 1, 1), (B.id, 1, 1)]
   assert [(r.key, r.turn, r.n) for r in last.requests] == [(B.id, 2, 2)]
   turn2 = records[1]["turns"][1]
