@@ -7,12 +7,27 @@ cache, slot packing and copy-on-write must reproduce. It shares only the engine'
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rise_jax.sampling import select
 from rise_jax.sampling.requests import Request, SampleResult
+
+
+def _pow2(x: int) -> int:
+  return 1 << max(0, int(x - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("vocab_limit",))
+def _step(model, ids, length, keys, temperature, top_k, top_p, vocab_limit):
+  """Every row's next token from the full forward over its whole (right-padded) sequence."""
+  mask = jnp.arange(ids.shape[1])[None, :] < length[:, None]
+  logits = model(ids, attention_mask=mask)
+  last = jnp.take_along_axis(logits, (length - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+  return select.select_tokens(last, select.token_keys(keys, length), temperature, top_k, top_p, vocab_limit)
 
 
 def generate(model, requests: list[Request], seed: int = 0, *, capacity: int | None = None,
@@ -24,24 +39,23 @@ def generate(model, requests: list[Request], seed: int = 0, *, capacity: int | N
   """
   rows = [(i, j) for i, r in enumerate(requests) for j in range(r.n)]
   capacity = capacity or max(len(r.prompt) + r.max_new_tokens for r in requests)
-  width = min(capacity, max(len(r.prompt) + r.max_new_tokens for r in requests))
-  ids = np.zeros((len(rows), width), np.int32)
-  length = np.array([len(requests[i].prompt) for i, _ in rows], np.int32)
+  # Rows and width padded to powers of two so that calls share compiles: padded rows are never read, padded
+  # columns sit after every real token (causal attention never reaches back to them).
+  padded, width = _pow2(len(rows)), _pow2(min(capacity, max(len(r.prompt) + r.max_new_tokens for r in requests)))
+  ids = np.zeros((padded, width), np.int32)
+  length = np.ones(padded, np.int32)
   for row, (i, _) in enumerate(rows):
+    length[row] = len(requests[i].prompt)
     ids[row, :length[row]] = requests[i].prompt
-  keys = select.row_keys(seed, np.array([select.uid_to_int(requests[i].uid) for i, _ in rows]),
-                         np.array([j for _, j in rows]))
-  param = lambda name, dtype: jnp.asarray([getattr(requests[i], name) for i, _ in rows], dtype)
-  temperature, top_k, top_p = param("temperature", jnp.float32), param("top_k", jnp.int32), param("top_p", jnp.float32)
-  forward = jax.jit(lambda m, x, mask: m(x, attention_mask=mask))
+  fill = lambda values, dtype: np.asarray(list(values) + [0] * (padded - len(rows)), dtype)
+  keys = select.row_keys(seed, fill((select.uid_to_int(requests[i].uid) for i, _ in rows), np.uint32),
+                         fill((j for _, j in rows), np.uint32))
+  param = lambda name, dtype: fill((getattr(requests[i], name) for i, _ in rows), dtype)
+  temperature, top_k, top_p = param("temperature", np.float32), param("top_k", np.int32), param("top_p", np.float32)
   out = [dict(tokens=[], logprobs=[], sampling_logprobs=[], finish=None) for _ in rows]
   while any(o["finish"] is None for o in out):
-    mask = np.arange(width)[None, :] < length[:, None]
-    logits = forward(model, jnp.asarray(ids), jnp.asarray(mask))
-    last = jnp.take_along_axis(logits, jnp.asarray(length - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-    token, logprob, sampling_logprob = select.select_tokens(last, select.token_keys(keys, jnp.asarray(length)),
-                                                            temperature, top_k, top_p, vocab_limit)
-    token, logprob, sampling_logprob = map(np.asarray, (token, logprob, sampling_logprob))
+    token, logprob, sampling_logprob = map(np.asarray, _step(model, ids, length, keys, temperature, top_k, top_p,
+                                                             vocab_limit))
     for row, (i, _) in enumerate(rows):
       o, r = out[row], requests[i]
       if o["finish"] is not None:

@@ -322,7 +322,7 @@ def test_prefix_property_and_span_start(tokenizers_by_template, name):
     prompt = chat.render(tok, dialog, add_generation_prompt=True).ids
     full = chat.render(tok, dialog + [{"role": "assistant", "content": reply}])
     assert full.ids[:len(prompt)] == prompt
-    # The reply's span starts where the prompt ends and runs to the end: what the sampler generates is the span.
+    # The reply's span starts where the prompt ends and runs to the end: what the engine generates is the span.
     assert full.assistant_spans[-1] == (len(dialog), len(prompt), len(full.ids))
     assert full.ids[-1] == tok.eos_token_ids[0]
     assert chat.continuation_ids(tok, dialog, dialog + [{"role": "assistant", "content": reply},

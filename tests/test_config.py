@@ -35,7 +35,6 @@ def test_locked_config_rejects_a_typo():
     ("mesh.train", (2, -1, -1), "mesh.train"),
     ("train.micro_batch", 7, "train.micro_batch"),
     ("collect.tau", 0.0, "collect.tau"),
-    ("sampling.engine", "vllm", "sampling.engine: 'vllm' is not one of"),
     ("sampling.block_size", 12, "sampling.block_size: must be a power of two"),
     ("sampling.block_size", 0, "sampling.block_size: must be a power of two"),
     ("sampling.slots", 0, "sampling.slots"),
@@ -151,9 +150,9 @@ def test_boost_validation_needs_a_dev_split_before_any_work():
     config_lib.validate(c)
 
 
-def test_a_paged_pool_must_hold_one_request_at_the_cache_length():
+def test_the_pool_must_hold_one_request_at_the_cache_length():
   c = _fresh()
-  c.sampling.engine, c.sampling.max_cache_length, c.sampling.block_size = "paged", 64, 16
+  c.sampling.max_cache_length, c.sampling.block_size = 64, 16
   c.sampling.max_new_tokens = 16
   for ok in (0, 4, 100):
     c.sampling.num_blocks = ok
@@ -161,8 +160,6 @@ def test_a_paged_pool_must_hold_one_request_at_the_cache_length():
   c.sampling.num_blocks = 3  # was refused only mid-run, by the engine, at the first long request
   with pytest.raises(ValueError, match=r"sampling\.num_blocks: 3 blocks cannot hold one request .* use >= 4"):
     config_lib.validate(c)
-  c.sampling.engine = "static"  # the static sampler has no pool
-  config_lib.validate(c)
 
 
 @pytest.mark.parametrize("override, needle", [

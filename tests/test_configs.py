@@ -2,7 +2,7 @@
 
 Divisibility is checked on the real module built abstractly (`nnx.eval_shape`) against a
 `jax.sharding.AbstractMesh` of the documented shape, for every parameter under the training and sampling rules
-and for the sampler's KV cache; the memory estimate is re-derived here by hand for one config.
+and for the engine's KV pool; the memory estimate is re-derived here by hand for one config.
 """
 
 import importlib.util
@@ -96,17 +96,17 @@ def test_memory_estimate_by_hand_llama2_on_v4_32():
   assert est.num_params == n
   assert est.params == pytest.approx(4 * n / 16, rel=1e-3)  # norms (4096) divide 16: no replication
   assert est.optimizer == pytest.approx(2 * est.params)
-  # KV cache: 32 prompts x 5 samples, 4096 slots, 32 layers, 32 kv heads x 128, k and v, bfloat16; rows over the
-  # 4 data replicas, heads over 4 tensor shards.
-  kv = 2 * 32 * (32 * 5) * 4096 * 32 * 128 * 2 / (4 * 4)
+  # KV pool: k and v, 32 layers, the config's 8,192 blocks of 16 tokens, 32 kv heads x 128 over 4 tensor shards,
+  # bfloat16; whole on every data replica (any slot reads any block).
+  kv = 2 * 32 * 8192 * 16 * (32 / 4) * 128 * 2
   assert est.kv_cache == pytest.approx(kv)
   assert est.sample_params == pytest.approx(2 * (n - 4096 * 65) / 4 + 2 * 4096 * 65, rel=1e-3)
 
 
-def test_paged_engine_budgets_its_pool_not_the_batch():
+def test_the_engine_budgets_its_pool_not_the_batch():
   c = load("gsm8k_llama2_distill").get_config()
   with c.unlocked():
-    c.sampling.engine = "paged"
+    c.sampling.num_blocks = 0
   # The default pool holds all 64 slots at 4096 tokens: 2 x 32 layers x (64 x 256 + 2) blocks x 8 kv heads a
   # tensor shard x 16 x 128 x bf16 = 32 GiB a chip, more than a v4 chip has.
   with pytest.raises(ValueError, match="exceeds 85% of 32.0 GiB"):

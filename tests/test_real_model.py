@@ -3,7 +3,7 @@
 What a researcher asks first — "does it run my checkpoint, exactly?" — on a real pretrained chat model with a
 byte-level BPE vocabulary, a ChatML template rise_jax does not ship, and tied embeddings:
 - bfloat16 logits as close to transformers' float32 as transformers' own bfloat16 is (float32 is tests/test_gguf.py);
-- greedy generation token-identical to `transformers.generate` on real GSM8K and MATH prompts, for every generator;
+- greedy generation through the engine token-identical to `transformers.generate` on real GSM8K and MATH prompts;
 - the checkpoint's own template: RISE episodes render to `apply_chat_template`'s ids, and the loss mask is the reply;
 - one training step's weighted loss equal to transformers' cross-entropy with the same masks and weights;
 - the trained model's HF export reloads in transformers with equal logits, and in rise_jax with the same template;
@@ -100,24 +100,18 @@ def greedy_reference(smollm2_torch, tok, shared_dir):
   return out
 
 
-def test_greedy_sampler_equals_transformers_generate(model, tok, greedy_reference):
-  from rise_jax.sampling import Sampler, SamplingParams
-  sampler = Sampler(model, tok, max_cache_length=512)
-  prompts = [list(p) for p in greedy_reference]
-  outs = sampler.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0))
-  for prompt, out in zip(prompts, outs):
-    assert list(out[0].token_ids) == greedy_reference[tuple(prompt)], tok.decode(prompt[-30:])
-
-
 def test_greedy_engine_equals_transformers_generate(model, tok, greedy_reference):
-  from rise_jax.sampling import Engine
-  from rise_jax.sampling.engine import Request
+  """Through the engine's default stop ids (the tokenizer's end-of-turn token and generation_config.json's)."""
+  from rise_jax.sampling.engine import Engine
+  from rise_jax.sampling.requests import Request, default_stop_ids
   engine = Engine(model, slots=4, max_seq_len=512)
   prompts = [list(p) for p in greedy_reference]
-  outs = engine.run([Request(p, uid=i, max_new_tokens=NEW_TOKENS, temperature=0.0, stop_ids=tok.eos_token_ids)
+  stops = default_stop_ids(model.config, tok)
+  outs = engine.run([Request(p, uid=i, max_new_tokens=NEW_TOKENS, temperature=0.0, stop_ids=stops)
                      for i, p in enumerate(prompts)])
   for prompt, out in zip(prompts, outs):
     assert list(out[0].token_ids) == greedy_reference[tuple(prompt)], tok.decode(prompt[-30:])
+  assert outs[-1][0].finish_reason == "stop"  # the short answer ends on its <|im_end|>
 
 
 def _episode(question: str, attempts: list[str], system: str | None, prompt_set: str = "paper"):

@@ -1,10 +1,11 @@
-"""`EnginePolicy`: the continuous-batching engine behind the runner's `Policy` protocol draws what `SamplerPolicy`
-draws (same rendering, random streams, stop ids and reply text), a whole turn in one engine queue whatever each
-request's `n`, or every turn of every episode in one queue when the runner streams; `sampling.engine = "paged"`
-builds it; boost validation swaps each checkpoint's weights into it.
+"""`EnginePolicy`: the continuous-batching engine behind the runner's `Policy` protocol draws what an independent
+reference draws for the same rendered prompts, random streams (`sample_uid`), stop ids and reply text, with every
+turn of every episode in one engine queue whatever each request's `n`; the sampling config builds it; boost
+validation swaps each checkpoint's weights into it.
 
-The reference is `SamplerPolicy` over the static `Sampler` (a different cache layout, batching and continuation
-path), on a one-layer toy-vocabulary model with the toy tokenizer (103 ids; the model's 128 are cut to them).
+The reference is tests/reference_generator.py (the whole sequence re-run at every step, no cache, no batching
+across turns) behind a small policy written here, on a one-layer toy-vocabulary model with the toy tokenizer
+(103 ids; the model's 128 are cut to them).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import types
 import pytest
 
 from rise_jax.rollout import log as rollout_log
-from rise_jax.rollout.policies import EnginePolicy, Request, SamplerPolicy, TurnSampling, sample_uid
+from rise_jax.rollout.policies import (Completion, EnginePolicy, InstantStream, Request, Sample, TurnSampling,
+                                       sample_uid)
 from rise_jax.rollout.runner import Protocol, run_episodes
 from rise_jax.tasks import graders
 from rise_jax.tasks.base import Problem
@@ -27,6 +29,8 @@ PROBLEMS = [Problem(id=f"toy/test/{i}", question=q, reference=r)
 # Stop ids beyond EOS so that short sampled replies end both ways ("stop" and "length"): EOS, 7 characters (the
 # engine takes at most 8 stop ids).
 STOPS = (2, *(7 + ord(c) - 32 for c in "0123456"))
+BLOCK = 4     # small blocks: a reply of a few tokens fills whole blocks of the prefix cache
+CAPACITY = 512
 
 
 class _GraderTask:
@@ -65,8 +69,38 @@ class _CountingEngine:
     return Counted()
 
 
-class _TurnByTurnEnginePolicy(EnginePolicy):
-  open_stream = None  # no stream: the runner steps its episodes turn by turn, one engine queue per turn
+class _ReferenceGeneratorPolicy:
+  """tests/reference_generator.py as a runner policy: each request rendered by the tokenizer's template, drawn
+  on its `sample_uid` stream, the text its ids decoded without a final stop token; one generate call per batch."""
+
+  name = "learner"
+
+  def __init__(self, model, tokenizer, stop_ids, vocab_limit):
+    self.model, self.tokenizer, self.stop_ids, self.vocab_limit = model, tokenizer, tuple(stop_ids), vocab_limit
+
+  def sample(self, requests, sampling, seed):
+    from rise_jax.sampling.requests import Request as GenerateRequest
+    from tests.reference_generator import generate
+    prompts = [list(self.tokenizer.render(list(r.messages), add_generation_prompt=True).ids) for r in requests]
+    outs = generate(self.model, [
+        GenerateRequest(p, uid=sample_uid(r.key, r.turn, r.round, r.stream), n=r.n,
+                        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                        top_k=sampling.top_k, top_p=sampling.top_p, stop_ids=self.stop_ids)
+        for p, r in zip(prompts, requests)], seed, capacity=CAPACITY, vocab_limit=self.vocab_limit)
+    return [Completion(samples=tuple(self._sample(s) for s in row), history_tokens=len(p), prefill_tokens=len(p))
+            for p, row in zip(prompts, outs)]
+
+  def _sample(self, s) -> Sample:
+    ids = tuple(int(t) for t in s.token_ids)
+    text = self.tokenizer.decode(list(ids[:-1] if s.finish_reason == "stop" else ids))
+    return Sample(text=text, finish_reason=s.finish_reason, num_tokens=len(ids), token_ids=ids,
+                  logprob_sum=s.logprob_sum)
+
+  def release(self, keys):
+    del keys
+
+  def open_stream(self, seed):
+    return InstantStream(self, seed)
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +111,15 @@ def toy_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pair(toy_tokenizer):
-  """(Sampler, Engine) over one tiny model, the engine cut to the tokenizer's vocabulary as the sampler is."""
+def model_and_engine(toy_tokenizer):
+  """A tiny model and an engine on it, cut to the tokenizer's vocabulary."""
   from rise_jax.models.build import build_model
-  from rise_jax.sampling import Engine, Sampler
-  from rise_jax.sampling.sampler import vocab_limit
+  from rise_jax.sampling.engine import Engine
+  from rise_jax.sampling.requests import vocab_limit
   model = build_model(TINY, seed=1)
-  assert vocab_limit(toy_tokenizer, model.config) == toy_tokenizer.vocab_size < model.config.vocab_size
-  sampler = Sampler(model, toy_tokenizer, max_cache_length=512)
-  engine = Engine(model, slots=4, max_seq_len=512, block_size=16, chunk_steps=4,
-                  vocab_limit=vocab_limit(toy_tokenizer, model.config))
-  return sampler, engine
+  limit = vocab_limit(toy_tokenizer, model.config)
+  assert limit == toy_tokenizer.vocab_size < model.config.vocab_size
+  return model, Engine(model, slots=4, max_seq_len=CAPACITY, block_size=BLOCK, chunk_steps=4, vocab_limit=limit)
 
 
 def _episodes(tmp_path, name, policy, protocol):
@@ -97,56 +129,60 @@ def _episodes(tmp_path, name, policy, protocol):
                batch_size=len(PROBLEMS), progress=False)
   _, records, torn = rollout_log.read_rollouts(path)
   assert torn == 0 and len(records) == len(PROBLEMS)
-  return records
+  return sorted(records, key=lambda r: r["problem_id"])  # episodes are logged as they end
 
 
-def _split_logprobs(records):
-  """(records with every candidate's logprob_sum and every turn's prefill_tokens removed, the logprob sums)."""
+def _split(records):
+  """(records without each turn's prefill_tokens and each candidate's logprob_sum, the prefill tokens, the sums)."""
   records = json.loads(json.dumps(records))
-  sums = []
+  prefill, sums = [], []
   for record in records:
+    prefill.append([turn.pop("prefill_tokens") for turn in record["turns"]])
     for turn in record["turns"]:
-      del turn["prefill_tokens"]   # the sampler continues its cache; the engine's cache is not here yet
       for cand in turn["candidates"]:
         sums.append(cand.pop("logprob_sum"))
-  return records, sums
+  return records, prefill, sums
 
 
-@pytest.mark.parametrize("temperature,stops,streamed", [(1.0, STOPS, True), (0.0, None, False)],
-                         ids=["sampled-streamed", "greedy-turn_by_turn"])
-def test_engine_policy_logs_what_the_sampler_policy_logs(tmp_path, toy_tokenizer, pair, temperature, stops,
-                                                         streamed):
+@pytest.mark.parametrize("temperature,stops", [(1.0, STOPS), (0.0, None)], ids=["sampled", "greedy"])
+def test_engine_policy_logs_what_the_reference_logs(tmp_path, toy_tokenizer, model_and_engine, temperature, stops):
   """Three turns with 1, 3, 2 samples, best-reward selection and a window of 2, for three problems: the logs
   agree on every field (texts, ids, rewards, chosen, finish reasons, histories), log-probability sums within
-  1e-4; turn by turn, each turn is one engine queue holding every problem's request; streamed, one queue holds
-  every turn of every problem."""
-  sampler, engine = pair
+  1e-4; one engine queue holds every turn of every problem. Turn 2 prefills only what follows the cached turn-1
+  prompt and chosen reply; the windowed turn 3 reads at least the instruction's blocks from the cache."""
+  model, engine = model_and_engine
+  engine.forget_prefix_cache()  # turn 1 prefills whole, whatever an earlier test left cached
   counting = _CountingEngine(engine)
   sampling = TurnSampling(temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=6)
   protocol = Protocol.sequential(3, samples=(1, 3, 2), select="best_reward", window=2, sampling=sampling,
                                  grader="robust", seed=5)
-  want = _episodes(tmp_path, "sampler", SamplerPolicy(sampler, toy_tokenizer, stop_token_ids=stops), protocol)
-  policy_class = EnginePolicy if streamed else _TurnByTurnEnginePolicy
-  got = _episodes(tmp_path, "engine", policy_class(counting, toy_tokenizer, stop_token_ids=stops), protocol)
-  by_id = lambda records: sorted(records, key=lambda r: r["problem_id"])  # a stream logs episodes as they end
-  (want, want_sums), (got, got_sums) = _split_logprobs(by_id(want)), _split_logprobs(by_id(got))
+  reference = _ReferenceGeneratorPolicy(model, toy_tokenizer, stops or toy_tokenizer.eos_token_ids,
+                                        engine.vocab_limit)
+  want, want_prefill, want_sums = _split(_episodes(tmp_path, "reference", reference, protocol))
+  got, got_prefill, got_sums = _split(_episodes(tmp_path, "engine", EnginePolicy(counting, toy_tokenizer,
+                                                                               stop_token_ids=stops), protocol))
   assert got == want
   assert got_sums == pytest.approx(want_sums, abs=1e-4)
-  if streamed:
-    assert len(counting.calls) == 1 and sorted(counting.calls[0]) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
-  else:
-    assert counting.calls == [[1, 1, 1], [3, 3, 3], [2, 2, 2]]
+  assert len(counting.calls) == 1 and sorted(counting.calls[0]) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
   turns = [t for r in got for t in r["turns"]]
   assert any(t["window_applied"] for t in turns)
   reasons = {c["finish_reason"] for t in turns for c in t["candidates"]}
   assert reasons == ({"stop", "length"} if stops else {"length"})
+  for record, prefill, ref_prefill in zip(got, got_prefill, want_prefill, strict=True):
+    (h1, h2, h3), t1 = [t["history_tokens"] for t in record["turns"]], record["turns"][0]
+    assert ref_prefill == [h1, h2, h3]
+    # The chosen sample's pool held its prompt and all of its reply but the last token; full blocks are cached.
+    chosen = len(t1["candidates"][t1["chosen"]]["token_ids"])
+    assert prefill[:2] == [h1, h2 - min((h1 + chosen - 1) // BLOCK, (h2 - 1) // BLOCK) * BLOCK]
+    assert record["turns"][2]["window_applied"] and prefill[2] <= h3 - min(h1 // BLOCK, (h3 - 1) // BLOCK) * BLOCK
 
 
-def test_requests_with_different_n_come_back_in_order_from_one_engine_call(toy_tokenizer, pair):
+def test_requests_with_different_n_come_back_in_order_from_one_engine_call(toy_tokenizer, model_and_engine):
   """Nine requests (three problems x three resample rounds, n in a Latin square) in one engine call: each comes
-  back in its place with its `n` samples, the samples the sampler draws for that request's stream."""
-  from rise_jax.sampling import SamplingParams
-  sampler, engine = pair
+  back in its place with its `n` samples, the samples the reference draws for that request's stream."""
+  from rise_jax.sampling.requests import Request as GenerateRequest
+  from tests.reference_generator import generate
+  model, engine = model_and_engine
   counting = _CountingEngine(engine)
   policy = EnginePolicy(counting, toy_tokenizer, stop_token_ids=STOPS)
   messages = get_prompt_set("toy").initial_messages
@@ -156,32 +192,32 @@ def test_requests_with_different_n_come_back_in_order_from_one_engine_call(toy_t
   got = policy.sample(requests, TurnSampling(temperature=1.0, max_new_tokens=6), seed=11)
   assert counting.calls == [[2, 1, 3, 1, 3, 2, 3, 2, 1]]
   assert [len(c.samples) for c in got] == [2, 1, 3, 1, 3, 2, 3, 2, 1]
-  # The reference: the sampler, one call per n (it renders the messages itself), each request on its stream.
-  want = [None] * len(requests)
-  for n in (1, 2, 3):
-    rows = [k for k, r in enumerate(requests) if r.n == n]
-    outs = sampler.generate([list(requests[k].messages) for k in rows],
-                            SamplingParams(max_new_tokens=6, n=n, stop_token_ids=STOPS), seed=11,
-                            prompt_ids=[sample_uid(requests[k].key, 2, requests[k].round, "sequential") for k in rows])
-    for k, out in zip(rows, outs):
-      want[k] = out
+  prompts = [toy_tokenizer.render(list(r.messages), add_generation_prompt=True).ids for r in requests]
+  want = generate(model, [GenerateRequest(p, uid=sample_uid(r.key, 2, r.round, "sequential"), n=r.n,
+                                          max_new_tokens=6, temperature=1.0, stop_ids=STOPS)
+                          for p, r in zip(prompts, requests)], 11, capacity=CAPACITY, vocab_limit=engine.vocab_limit)
   results_in_order = [r for _, r in sorted(counting.results, key=lambda d: d[0])]  # tags: (index, prompt tokens)
-  for completion, results, reference in zip(got, results_in_order, want):
+  for completion, results, reference, prompt in zip(got, results_in_order, want, prompts, strict=True):
     assert [s.token_ids for s in completion.samples] == [tuple(w.token_ids) for w in reference]
-    assert [s.text for s in completion.samples] == [w.text for w in reference]
+    assert [s.text for s in completion.samples] == [
+        toy_tokenizer.decode(w.token_ids[:-1] if w.finish_reason == "stop" else w.token_ids) for w in reference]
+    assert [s.logprob_sum for s in completion.samples] == pytest.approx([w.logprob_sum for w in reference],
+                                                                        abs=1e-4)
     # The prompt's tokens are prefilled except those the engine read from its prefix cache.
-    assert completion.history_tokens == reference[0].prompt_tokens
-    assert completion.prefill_tokens == reference[0].prompt_tokens - min(r.cached_tokens for r in results)
+    assert completion.history_tokens == len(prompt)
+    assert completion.prefill_tokens == len(prompt) - min(r.cached_tokens for r in results)
 
 
-def test_default_stop_ids_are_the_samplers(toy_tokenizer, pair):
-  sampler, engine = pair
-  assert EnginePolicy(engine, toy_tokenizer).stop_ids == sampler._default_stop_ids == (2,)
+def test_default_stop_ids_are_the_tokenizers_end_of_turn(toy_tokenizer, model_and_engine):
+  _, engine = model_and_engine
+  assert EnginePolicy(engine, toy_tokenizer).stop_ids == tuple(toy_tokenizer.eos_token_ids) == (2,)
   assert EnginePolicy(engine, toy_tokenizer, stop_token_ids=[6, 2, 6]).stop_ids == (6, 2)
+  with pytest.raises(ValueError, match="at most 8"):
+    EnginePolicy(engine, toy_tokenizer, stop_token_ids=range(10, 19))
 
 
-def test_paged_sampling_builds_an_engine_policy(tmp_path, monkeypatch):
-  import rise_jax.sampling
+def test_the_sampling_config_builds_an_engine_policy(tmp_path, monkeypatch):
+  import rise_jax.sampling.engine
   from rise_jax.config import finalize
   from rise_jax.models.configs import get_preset
   from rise_jax.pipeline import recipes
@@ -193,9 +229,9 @@ def test_paged_sampling_builds_an_engine_policy(tmp_path, monkeypatch):
     built.update(options)
     return types.SimpleNamespace(config=model.config)
 
-  monkeypatch.setattr(rise_jax.sampling, "Engine", fake_engine)
+  monkeypatch.setattr(rise_jax.sampling.engine, "Engine", fake_engine)
   c = recipes.toy_smoke()
-  c.output_dir, c.sampling.engine, c.sampling.on_overflow = str(tmp_path), "paged", "report"
+  c.output_dir, c.sampling.on_overflow = str(tmp_path), "report"
   c.sampling.slots, c.sampling.block_size, c.sampling.chunk_steps, c.sampling.num_blocks = 12, 32, 3, 50
   res = Resources(finalize(c), tmp_path)
   policy = res.learner(types.SimpleNamespace(config=get_preset("toy-llama").config), name="learner@1")
@@ -226,11 +262,11 @@ def test_a_model_teacher_loads_with_the_learners_options(tmp_path, monkeypatch, 
 
 
 def test_boost_validation_swaps_weights_into_one_learner():
-  """The learner is built once and each later checkpoint's weights are swapped in (`update_params`, which both
-  model policies have), so no validation scores a stale model and none recompiles."""
+  """The learner is built once and each later checkpoint's weights are swapped in (`update_params`, which the
+  engine policy has), so no validation scores a stale model and none recompiles."""
   from rise_jax.config import finalize
   from rise_jax.pipeline import recipes, stages
-  from rise_jax.rollout.policies import ScriptedPolicy, SamplerPolicy
+  from rise_jax.rollout.policies import ScriptedPolicy
 
   built, models = [], []  # models the learner was built with; models it answers with (the last)
 
@@ -247,4 +283,4 @@ def test_boost_validation_swaps_weights_into_one_learner():
   score = stages._dev_accuracy(res)
   assert [score("bad"), score("good"), score("bad")] == [0.0, 1.0, 0.0]
   assert built == ["bad"]
-  assert callable(EnginePolicy.update_params) and callable(SamplerPolicy.update_params)
+  assert callable(EnginePolicy.update_params)

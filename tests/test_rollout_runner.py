@@ -1,7 +1,7 @@
 """The episode runner against scripted policies whose outputs are known: every record is checked against a
-hand-built expected log (selection, oracle stops, feedback, degenerate resampling, windows, resume). Every test
-runs under both drivers: turn by turn, and streamed (the scripted policy given an `open_stream`, as the engine
-has), which must write the same records.
+hand-built expected log (selection, oracle stops, feedback, degenerate resampling, windows, resume). The runner
+streams: each request goes to its turn's policy stream the moment its episode needs it, and records are logged
+as episodes finish, so tests compare records by problem id.
 
 The prompt set and problems here are written inside the test, so expected messages are spelled out by hand; the
 rewards are the toy grader's paper mode (unparsable -1, wrong 0, right 1), worked out by hand below.
@@ -11,13 +11,14 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 
 from rise_jax.tasks import graders
 from rise_jax.rise import metrics
 from rise_jax.rollout import log as rollout_log
 from rise_jax.rollout.degenerate import degenerate_reason, is_degenerate
-from rise_jax.rollout.policies import InstantStream, ScriptedPolicy, TurnSampling
+from rise_jax.rollout.policies import ScriptedPolicy, TurnSampling
 from rise_jax.rollout.runner import Protocol, run_episodes
 from rise_jax.tasks.base import Problem
 
@@ -51,14 +52,6 @@ B = Problem(id="toy/test/1", question="2+3", reference="2+3=5")
 LOOP = "ha " * 151          # one word 151 times: degenerate
 LONG = "x" * 301            # one 301-character token: degenerate
 SAMPLING = TurnSampling(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=50)
-
-
-@pytest.fixture(autouse=True, params=["turn_by_turn", "streamed"])
-def driver(request, monkeypatch):
-  """Streamed: every ScriptedPolicy offers a stream, so the runner submits each request as its episode needs it."""
-  if request.param == "streamed":
-    monkeypatch.setattr(ScriptedPolicy, "open_stream", lambda self, seed: InstantStream(self, seed), raising=False)
-  return request.param
 
 
 def _table_policy(table, name="learner"):
@@ -101,7 +94,7 @@ def test_degenerate_rule_matches_reference_thresholds():
   assert not is_degenerate("")
 
 
-def test_best_reward_selection_oracle_and_resampling_equal_hand_built_log(tmp_path, driver):
+def test_best_reward_selection_oracle_and_resampling_equal_hand_built_log(tmp_path):
   table = {
       # A, turn 1: unparsable (-1), wrong (0), wrong (0) -> best is the FIRST of the tied zeros, index 1.
       (A.id, 1, 0): ["oops", "=8", "=9"],
@@ -162,11 +155,9 @@ def test_best_reward_selection_oracle_and_resampling_equal_hand_built_log(tmp_pa
       (B.id, 2, 1, 1, ({"role": "assistant", "content": "=1"}, {"role": "user", "content": fb_b})),
       (B.id, 2, 2, 1, ({"role": "assistant", "content": "=1"}, {"role": "user", "content": fb_b})),
   ]
-  if driver == "streamed":  # each episode asks as soon as it can: A's turn 2 before B's resampling
-    by_problem = lambda requests: sorted(requests, key=lambda r: r[0])  # stable: each problem's own order kept
-    assert by_problem(seen) == by_problem(expected_requests) and seen != expected_requests
-  else:
-    assert seen == expected_requests
+  # Each episode asks as soon as it can: A's turn 2 before B's resampling.
+  by_problem = lambda requests: sorted(requests, key=lambda r: r[0])  # stable: each problem's own order kept
+  assert by_problem(seen) == by_problem(expected_requests) and seen != expected_requests
   assert policy.released == [A.id, B.id]
 
 
@@ -207,7 +198,8 @@ def test_rows_leave_the_batch_and_per_turn_policies_and_sampling(tmp_path):
   protocol = Protocol.sequential(2, samples=(1, 2), select="best_reward", oracle=True, sampling=(SAMPLING, hot),
                                  grader="robust")
   _, records = _run(tmp_path, [A, B], [first, last], protocol)
-  assert [r["problem_id"] for r in records] == [A.id, B.id]  # A's record is flushed as soon as it stops
+  _, logged, _ = rollout_log.read_rollouts(tmp_path / "log.jsonl")
+  assert [r["problem_id"] for r in logged] == [A.id, B.id]  # A's record is flushed as soon as it stops
   assert [(r.key, r.turn, r.n) for r in first.requests] == [(A.id, 1, 1), (B.id, 1, 1)]
   assert [(r.key, r.turn, r.n) for r in last.requests] == [(B.id, 2, 2)]
   turn2 = records[1]["turns"][1]
@@ -312,35 +304,39 @@ def _toy_ids(*parts):
   return ids
 
 
-class _FakeConversation:
-  def __init__(self, token_ids, cached):
-    self.token_ids, self.cached = tuple(token_ids), cached
+class _SpyEngine:
+  """An engine double recording what `EnginePolicy` submits: the c-th request's sample j answers
+  `answer(c, j)` (its ids end with </s>, each token's log-prob -0.5), with `cached(prompt)` of its prompt's
+  tokens reported as read from the prefix cache."""
 
+  config = None  # the policy takes its stop ids from the tokenizer
 
-class _FakeSamplerOutput:
-  def __init__(self, tokenizer, prompt, text):
-    self.token_ids = tokenizer.encode(text) + [TOY_SPECIALS["</s>"]]
-    self.text = text
-    self.logprobs = [-0.5] * len(self.token_ids)
-    self.finish_reason = "stop"
-    # As the real sampler: the conversation holds prompt + reply, all but the last reply token cached.
-    self.conversation = _FakeConversation(list(prompt) + self.token_ids, len(prompt) + len(self.token_ids) - 1)
+  def __init__(self, tokenizer, answer=lambda call, j: f"={call}{j}", cached=lambda prompt: 0):
+    self.tokenizer, self.answer, self.cached = tokenizer, answer, cached
+    self.submitted = []  # (seed, engine request)
 
+  def stream(self, seed=0):
+    from rise_jax.sampling.requests import SampleResult
+    spy, done = self, []
 
-class _SpySampler:
-  """Records what the policy hands the sampler; sample j of call c answers `answer(c, j)`."""
+    class _Stream:
+      busy = property(lambda _: bool(done))
 
-  def __init__(self, tokenizer, answer=lambda call, j: f"={call}{j}"):
-    self.tokenizer = tokenizer
-    self.answer = answer
-    self.calls = []
-    self.histories = []
+      def submit(self, request, tag):
+        spy.submitted.append((seed, request))
+        results = []
+        for j in range(request.n):
+          ids = spy.tokenizer.encode(spy.answer(len(spy.submitted), j)) + [TOY_SPECIALS["</s>"]]
+          results.append(SampleResult(ids, np.full(len(ids), -0.5, np.float32), np.zeros(len(ids), np.float32),
+                                      "stop", len(request.prompt), spy.cached(request.prompt)))
+        done.append((tag, results))
 
-  def generate(self, prompts, params, seed=0, prompt_ids=None, history=None):
-    self.calls.append((prompts, params, seed, prompt_ids))
-    self.histories.append(history)
-    return [[_FakeSamplerOutput(self.tokenizer, p, self.answer(len(self.calls), j)) for j in range(params.n)]
-            for p in prompts]
+      def step(self):
+        out = list(done)
+        done.clear()
+        return out
+
+    return _Stream()
 
 
 @pytest.fixture(scope="module")
@@ -350,12 +346,12 @@ def toy_tokenizer(tmp_path_factory):
   return chat.load_tokenizer(build_toy_tokenizer(tmp_path_factory.mktemp("tok") / "toy"), chat_template="toy")
 
 
-def test_window_seen_by_the_sampler_on_rendered_ids(tmp_path, toy_tokenizer):
+def test_window_seen_by_the_engine_on_rendered_ids(tmp_path, toy_tokenizer):
+  from rise_jax.rollout.policies import EnginePolicy, sample_uid
   from rise_jax.tasks.prompts import get_prompt_set
-  from rise_jax.rollout.policies import SamplerPolicy, sample_uid
 
-  spy = _SpySampler(toy_tokenizer)
-  policy = SamplerPolicy(spy, toy_tokenizer)
+  spy = _SpyEngine(toy_tokenizer)
+  policy = EnginePolicy(spy, toy_tokenizer)
   prompts = get_prompt_set("toy")
   header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")
   protocol = Protocol.sequential(4, window=3, sampling=SAMPLING, grader="robust", seed=3)
@@ -373,53 +369,43 @@ def test_window_seen_by_the_sampler_on_rendered_ids(tmp_path, toy_tokenizer):
               _toy_ids(*head, *pair("=10"), "<|assistant|>"),
               _toy_ids(*head, *pair("=10"), *pair("=20"), "<|assistant|>"),
               _toy_ids(*head, *pair("=20"), *pair("=30"), "<|assistant|>")]
-  assert [call[0] for call in spy.calls] == [[ids] for ids in expected]
-  assert [call[3] for call in spy.calls] == [[sample_uid(A.id, t, 0, "sequential")] for t in range(1, 5)]
-  assert all(call[2] == 3 for call in spy.calls)
+  submitted = [request for _, request in spy.submitted]
+  assert [list(r.prompt) for r in submitted] == expected
+  assert [r.uid for r in submitted] == [sample_uid(A.id, t, 0, "sequential") for t in range(1, 5)]
+  assert all(seed == 3 for seed, _ in spy.submitted)
+  assert all(r.stop_ids == (TOY_SPECIALS["</s>"],) and r.n == 1 for r in submitted)  # the default stop
+  assert [(r.max_new_tokens, r.temperature, r.top_p, r.top_k) for r in submitted] == [(50, 1.0, 1.0, 0)] * 4
   _, (record,), _ = rollout_log.read_rollouts(tmp_path / "w.jsonl")
   assert [t["window_applied"] for t in record["turns"]] == [False, False, False, True]
   assert [t["history_tokens"] for t in record["turns"]] == [len(ids) for ids in expected]
   cand = record["turns"][0]["candidates"][0]
   assert cand["token_ids"] == _toy_ids("=10", "</s>") and cand["num_tokens"] == 4 and cand["logprob_sum"] == -2.0
+  assert cand["text"] == "=10" and cand["finish_reason"] == "stop"  # the stop token is not text
 
 
-def test_sampler_policy_continues_the_chosen_candidates_cache(tmp_path, toy_tokenizer):
+def test_the_next_turn_extends_the_chosen_candidates_ids(tmp_path, toy_tokenizer):
+  """The engine policy holds no conversation state: turn 2's prompt holds turn 1's prompt and the chosen
+  sample's ids (its </s> included) verbatim, so the engine's content-addressed prefix cache continues that
+  conversation, and the log's prefill_tokens are the history less what the engine read from its cache."""
+  from rise_jax.rollout.policies import EnginePolicy
   from rise_jax.tasks.prompts import get_prompt_set
-  from rise_jax.rollout.policies import SamplerPolicy
 
-  # Call 1 (turn 1): samples "=8", "=7" (right), "=7"; best_reward continues sample 1 into turn 2 (no oracle).
-  spy = _SpySampler(toy_tokenizer, answer=lambda call, j: ["=8", "=7", "=7"][j] if call == 1 else f"={j}")
-  policy = SamplerPolicy(spy, toy_tokenizer)
+  # Request 1 (turn 1): samples "=8", "=7" (right), "=7"; best_reward continues sample 1 into turn 2 (no oracle).
+  spy = _SpyEngine(toy_tokenizer, answer=lambda call, j: ["=8", "=7", "=7"][j] if call == 1 else f"={j}",
+                   cached=lambda prompt: len(prompt) // 3)
   header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")
   protocol = Protocol.sequential(2, samples=3, select="best_reward", sampling=SAMPLING, grader="robust")
-  run_episodes([A], policy, protocol, tmp_path / "c.jsonl", task=_GraderTask(), prompts=get_prompt_set("toy"),
-               header=header, progress=False)
-  assert spy.histories[0] == [None]
-  (turn1_prompt,), (turn2_prompt,) = spy.calls[0][0], spy.calls[1][0]
-  (held,) = spy.histories[1]
-  # The continued conversation is sample 1's (its reply is in the new prompt), and only the tokens after its
-  # cached part are prefilled.
-  assert held.token_ids == tuple(turn1_prompt + _toy_ids("=7", "</s>"))
-  assert turn2_prompt[:len(held.token_ids)] == list(held.token_ids)
+  run_episodes([A], EnginePolicy(spy, toy_tokenizer), protocol, tmp_path / "c.jsonl", task=_GraderTask(),
+               prompts=get_prompt_set("toy"), header=header, progress=False)
+  turn1_prompt, turn2_prompt = (list(r.prompt) for _, r in spy.submitted)
+  chosen = turn1_prompt + _toy_ids("=7", "</s>")
+  assert turn2_prompt[:len(chosen)] == chosen and len(turn2_prompt) > len(chosen)
   _, (record,), _ = rollout_log.read_rollouts(tmp_path / "c.jsonl")
   t1, t2 = record["turns"]
-  assert t1["chosen"] == 1 and t1["prefill_tokens"] == t1["history_tokens"] == len(turn1_prompt)
+  assert t1["chosen"] == 1 and t1["history_tokens"] == len(turn1_prompt)
   assert t2["history_tokens"] == len(turn2_prompt)
-  assert t2["prefill_tokens"] == len(turn2_prompt) - held.cached
-  assert policy._held == {}  # the finished row's caches were released
-
-
-def test_sampler_policy_without_cache_reuse_prefills_everything(tmp_path, toy_tokenizer):
-  from rise_jax.tasks.prompts import get_prompt_set
-  from rise_jax.rollout.policies import SamplerPolicy
-
-  spy = _SpySampler(toy_tokenizer)
-  header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")
-  run_episodes([A], SamplerPolicy(spy, toy_tokenizer, reuse_cache=False), Protocol.sequential(3, sampling=SAMPLING),
-               tmp_path / "n.jsonl", task=_GraderTask(), prompts=get_prompt_set("toy"), header=header, progress=False)
-  assert spy.histories == [[None]] * 3
-  _, (record,), _ = rollout_log.read_rollouts(tmp_path / "n.jsonl")
-  assert all(t["prefill_tokens"] == t["history_tokens"] for t in record["turns"])
+  assert [t["prefill_tokens"] for t in record["turns"]] == [len(p) - len(p) // 3 for p in (turn1_prompt,
+                                                                                             turn2_prompt)]
 
 
 def test_collection_with_window_one_and_the_reference_teacher(tmp_path):

@@ -312,17 +312,25 @@ def test_help_exits_zero():
 
 
 def test_loop_learner_honours_sampling_on_overflow(tmp_path, monkeypatch):
-  """The loop's learner is built with `sampling.on_overflow` (it once got the sampler's default, "raise")."""
-  import rise_jax.sampling
+  """The loop's learner is built with `sampling.on_overflow` (it once got the generator's default, "raise")."""
+  import types
+
+  import rise_jax.sampling.engine
   from rise_jax.config import finalize
+  from rise_jax.models.configs import get_preset
   from rise_jax.pipeline.resources import Resources
 
   built = {}
-  monkeypatch.setattr(rise_jax.sampling, "Sampler", lambda model, tokenizer, **options: built.update(options))
+
+  def fake_engine(model, **options):
+    built.update(options)
+    return types.SimpleNamespace(config=model.config)
+
+  monkeypatch.setattr(rise_jax.sampling.engine, "Engine", fake_engine)
   c = recipes.toy_smoke()
   c.output_dir, c.sampling.on_overflow = str(tmp_path), "report"
-  Resources(finalize(c), tmp_path).learner(model=None, name="learner")
-  assert built["on_overflow"] == "report" and built["max_cache_length"] == c.sampling.max_cache_length
+  Resources(finalize(c), tmp_path).learner(types.SimpleNamespace(config=get_preset("toy-llama").config), name="learner")
+  assert built["on_overflow"] == "report" and built["max_seq_len"] == c.sampling.max_cache_length
 
 
 def test_output_dir_spelling_and_moves_do_not_change_the_run(tmp_path, monkeypatch):

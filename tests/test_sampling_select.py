@@ -18,7 +18,7 @@ LOGITS = np.log(WEIGHTS)[PERM]
 
 
 def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-  """Independent float64 re-derivation of the SamplingParams semantics."""
+  """Independent float64 re-derivation of the token selection rules (rise_jax.sampling.requests)."""
   if temperature == 0:
     out = np.zeros_like(logits)
     out[np.argmax(logits)] = 1
