@@ -217,3 +217,22 @@ def test_a_local_path_whose_first_component_exists_is_checked(tmp_path, monkeypa
     config_lib.validate(c)
   (tmp_path / "models" / "llama").mkdir()
   config_lib.validate(c)
+
+
+def test_a_retired_field_at_the_value_the_code_now_means_resumes_any_other_is_refused(tmp_path):
+  """A directory written when `sampling.engine` existed: "paged" is what every run does now, so its results
+  resume; "static" named a removed generator, so resuming would mix its samples with the engine's."""
+  import json
+  from rise_jax.pipeline import recipes, rundir
+  config = config_lib.finalize(recipes.toy_smoke())
+  saved = config_lib.to_dict(config)
+  (tmp_path / "iter_0").mkdir()
+  (tmp_path / "iter_0" / "rollouts.jsonl").write_text("{}\n")  # results exist: a differing config is refused
+  for engine, resumes in (("paged", True), ("static", False)):
+    saved["sampling"]["engine"] = engine
+    (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps(saved))
+    if resumes:
+      assert rundir.check_config(tmp_path, config) is not None
+    else:
+      with pytest.raises(rundir.ConfigMismatch, match="sampling.engine"):
+        rundir.check_config(tmp_path, config)

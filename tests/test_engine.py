@@ -318,7 +318,7 @@ def test_the_prefix_cache_evicts_instead_of_refusing(models):
   reqs = requests(PROMPTS, range(4), max_new_tokens=9, temperature=1.0, n=2)
   for seed in range(3):
     assert_same(engine.run(reqs, seed=seed), generate(models["llama"], reqs, seed=seed))
-  assert engine._blocks.stats["evicted"] > 0 and engine.stats["cached_tokens"] > 0
+  assert engine.kv.table.stats["evicted"] > 0 and engine.stats["cached_tokens"] > 0
   assert engine.blocks_in_use == 0 and engine.blocks_cached <= 23
 
 

@@ -217,7 +217,7 @@ def test_default_stop_ids_are_the_tokenizers_end_of_turn(toy_tokenizer, model_an
 
 
 def test_the_sampling_config_builds_an_engine_policy(tmp_path, monkeypatch):
-  import rise_jax.sampling.engine
+  import rise_jax.pipeline.resources
   from rise_jax.config import finalize
   from rise_jax.models.configs import get_preset
   from rise_jax.pipeline import recipes
@@ -229,7 +229,7 @@ def test_the_sampling_config_builds_an_engine_policy(tmp_path, monkeypatch):
     built.update(options)
     return types.SimpleNamespace(config=model.config)
 
-  monkeypatch.setattr(rise_jax.sampling.engine, "Engine", fake_engine)
+  monkeypatch.setattr(rise_jax.pipeline.resources, "Engine", fake_engine)  # where learner looks it up
   c = recipes.toy_smoke()
   c.output_dir, c.sampling.on_overflow = str(tmp_path), "report"
   c.sampling.slots, c.sampling.block_size, c.sampling.chunk_steps, c.sampling.num_blocks = 12, 32, 3, 50

@@ -315,7 +315,7 @@ def test_loop_learner_honours_sampling_on_overflow(tmp_path, monkeypatch):
   """The loop's learner is built with `sampling.on_overflow` (it once got the generator's default, "raise")."""
   import types
 
-  import rise_jax.sampling.engine
+  import rise_jax.pipeline.resources
   from rise_jax.config import finalize
   from rise_jax.models.configs import get_preset
   from rise_jax.pipeline.resources import Resources
@@ -326,7 +326,7 @@ def test_loop_learner_honours_sampling_on_overflow(tmp_path, monkeypatch):
     built.update(options)
     return types.SimpleNamespace(config=model.config)
 
-  monkeypatch.setattr(rise_jax.sampling.engine, "Engine", fake_engine)
+  monkeypatch.setattr(rise_jax.pipeline.resources, "Engine", fake_engine)  # where learner looks it up
   c = recipes.toy_smoke()
   c.output_dir, c.sampling.on_overflow = str(tmp_path), "report"
   Resources(finalize(c), tmp_path).learner(types.SimpleNamespace(config=get_preset("toy-llama").config), name="learner")
