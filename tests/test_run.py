@@ -379,6 +379,7 @@ def test_a_run_initialises_distributed_and_validates_once(tmp_path, monkeypatch)
     return validate(cfg, **kwargs)
 
   monkeypatch.setattr(trainer, "initialize_distributed", counted_init)
+  monkeypatch.setattr(loop, "initialize_distributed", counted_init)  # the loop's own name for it
   monkeypatch.setattr(config_lib, "validate", counted_validate)
   cfg = _smoke_config(tmp_path, **{"rise.boost_validate_every": None, "rise.boost_stop_accuracy": None,
                                    "debug.stop_after": "iter_0/train:done"})
