@@ -403,6 +403,18 @@ NOT_HONOURED = {
 }
 
 
+def tokenizer_args(config: ml_collections.ConfigDict, build_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+  """The tokenizer a config means, as `chat.resolve_tokenizer`'s arguments: tokenizer.path; else the checkpoint's
+  own (model.source = "hf"); else, for the toy task with a build_dir, the toy tokenizer built there. Anything else
+  has no tokenizer: an error naming the field."""
+  checkpoint = config.model.hf_path if config.model.source == "hf" else None
+  toy_dir = build_dir if config.task.name == "toy" else None
+  _check(config.tokenizer.path is not None or checkpoint is not None or toy_dir is not None, "tokenizer.path",
+         "required (a preset model on a non-toy task has no tokenizer)")
+  return {"path": config.tokenizer.path, "checkpoint": checkpoint, "toy_dir": toy_dir,
+          "chat_template": config.tokenizer.chat_template}
+
+
 def check_command(config: ml_collections.ConfigDict, command: str) -> ml_collections.ConfigDict:
   """Refuse a field `command` would silently ignore (`NOT_HONOURED`): a value other than the default is an
   error naming the field. Returns the config for chaining."""
@@ -477,9 +489,14 @@ def _typed_override(field: str, value: Any, where: str) -> Any:
 
 
 def for_iteration(config: ml_collections.ConfigDict, iteration: int) -> ml_collections.ConfigDict:
-  """The config RISE iteration T runs with: `config` with its rise.iteration_overrides for T applied (a copy;
-  the tree stays locked, so a misspelt field is an error naming it)."""
-  overrides = parse_overrides(config.rise.iteration_overrides, config.rise.iterations).get(iteration)
+  """The config iteration T runs with (a copy when anything changes; the tree stays locked, so a misspelt field
+  is an error naming it): for T >= 1 `config` with its rise.iteration_overrides for T applied; for T = 0, the
+  boost, train.lr and train.epochs replaced by rise.boost_lr and rise.boost_epochs where those are set."""
+  if iteration == 0:
+    overrides = [(f"train.{name}", config.rise[f"boost_{name}"]) for name in ("lr", "epochs")
+                 if config.rise[f"boost_{name}"] is not None]
+  else:
+    overrides = parse_overrides(config.rise.iteration_overrides, config.rise.iterations).get(iteration)
   if not overrides:
     return config
   out = config.copy_and_resolve_references()
@@ -520,7 +537,20 @@ def identity(d: dict[str, Any]) -> dict[str, Any]:
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
   """Stable hash of the fields that change results (`identity`)."""
+  return dict_hash(identity(to_dict(config)))
+
+
+def config_hashes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`config_hash`, then the hashes the same config had while each `RETIRED` field was still a field (written
+  into logs begun then, which therefore resume)."""
   d = identity(to_dict(config))
+  legacy = [{**d, section: {**d[section], name: value}} for (section, name), value in RETIRED.items()
+            if isinstance(d.get(section), dict) and name not in d[section]]
+  return (dict_hash(d), *(dict_hash(x) for x in legacy))
+
+
+def dict_hash(d: dict[str, Any]) -> str:
+  """The 16-hex-digit config hash of a (part of a) config dict: a run's, or one stage's fields'."""
   return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

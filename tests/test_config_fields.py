@@ -6,7 +6,8 @@ ignore but a user could expect it to follow is refused with an error naming it (
 to a section (`co = config.collect`), `section["field"]`, `getattr(section, "field")`, and parameters named
 `<section>_config` / `<section>_cfg`; a command reads what the modules it imports (function-level imports too)
 read. `config.py` itself is left out (validation is not use), except `for_iteration`, which applies
-`rise.iteration_overrides` for the stages that call it.
+`rise.iteration_overrides` (for the boost `rise.boost_lr` / `rise.boost_epochs`) for the stages that call it, and
+`tokenizer_args`, which says which tokenizer a config means.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from rise_jax import config as config_lib
 
 COMMANDS = {"run": "rise_jax.run", "evaluate": "rise_jax.evaluate", "train": "rise_jax.train.__main__"}
 # Applied by config.py itself, for the modules that call the function named.
-APPLIED_BY_CONFIG = {"rise.iteration_overrides": "for_iteration"}
+APPLIED_BY_CONFIG = {"rise.iteration_overrides": "for_iteration", "rise.boost_lr": "for_iteration",
+                     "rise.boost_epochs": "for_iteration", "tokenizer.path": "tokenizer_args",
+                     "tokenizer.chat_template": "tokenizer_args"}
 
 
 def _leaves(node, prefix=""):

@@ -10,7 +10,7 @@ from scipy import special
 from rise_jax.chat import load_tokenizer
 from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
 from rise_jax.models import load_hf_checkpoint
-from rise_jax.rollout.policies import EnginePolicy, Request, TurnSampling, sample_uid
+from rise_jax.rollout.policies import EnginePolicy, TurnRequest, TurnSampling, sample_uid
 from rise_jax.sampling import requests as sampling_requests
 from rise_jax.sampling.engine import Engine
 from tests.fixtures_models import save_tiny_llama
@@ -35,8 +35,8 @@ def first_turn(question):
   return [{"role": "user", "content": question}]
 
 
-def turn_requests(n: int) -> list[Request]:
-  return [Request(key=f"q{i}", messages=tuple(first_turn(q)), n=n, turn=1) for i, q in enumerate(QUESTIONS)]
+def turn_requests(n: int) -> list[TurnRequest]:
+  return [TurnRequest(key=f"q{i}", messages=tuple(first_turn(q)), n=n, turn=1) for i, q in enumerate(QUESTIONS)]
 
 
 def reference(model, tokenizer, reqs, sampling: TurnSampling, seed: int, stop_ids, vocab_limit=None):

@@ -328,3 +328,36 @@ def test_changed_config_is_refused_before_anything_is_written(tmp_path):
     cfg.sampling.temperature = 1.0
     with pytest.raises(files.RunDirLocked, match="is in use by another run"):
       evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)
+
+
+@pytest.mark.parametrize("engine, resumes", [("paged", True), ("static", False)])
+def test_a_log_begun_while_a_retired_field_existed_resumes_only_at_the_value_the_code_now_means(
+    tmp_path, engine, resumes):
+  """Logs written while `sampling.engine` was a field carry a hash that included it; "paged" is what every run
+  does now, so such a log resumes, while one hashed with "static" (a removed generator) stays refused."""
+  import hashlib
+  from rise_jax import config as config_lib
+  from rise_jax import evaluate
+  from rise_jax.rollout.policies import ScriptedPolicy
+
+  cfg = _eval_toy_config(tmp_path)
+  cfg.task.test_size, cfg.eval.turns, cfg.eval.parallel_k = 3, 1, 1
+  learner = ScriptedPolicy(lambda request, j: "=0", name="scripted")
+  evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)
+  run = tmp_path / "run"
+  # The hash as the code of that time wrote it: sha256 of the identity fields with the field still in.
+  saved = json.loads((run / "config.json").read_text())
+  saved = {k: v for k, v in saved.items() if k not in config_lib.NOT_IDENTITY}
+  saved["sampling"]["engine"] = engine
+  old = hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:16]
+  log = run / "rollouts.jsonl"
+  header, *records = log.read_text().splitlines()
+  header = json.loads(header) | {"config_hash": old}
+  log.write_text("\n".join([json.dumps(header), *records[:1]]) + "\n")  # one problem logged, two to go
+  if resumes:
+    evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)
+    got_header, got, _ = rollout_log.read_rollouts(log)
+    assert got_header["config_hash"] == old and len(got) == 3
+  else:
+    with pytest.raises(rollout_log.RolloutLogError, match="config_hash"):
+      evaluate.evaluate(cfg, policy=learner, model="scripted", progress=False)

@@ -16,7 +16,7 @@ import types
 import pytest
 
 from rise_jax.rollout import log as rollout_log
-from rise_jax.rollout.policies import (Completion, EnginePolicy, InstantStream, Request, Sample, TurnSampling,
+from rise_jax.rollout.policies import (Completion, EnginePolicy, InstantStream, Sample, TurnRequest, TurnSampling,
                                        sample_uid)
 from rise_jax.rollout.runner import Protocol, run_episodes
 from rise_jax.tasks import graders
@@ -187,7 +187,7 @@ def test_requests_with_different_n_come_back_in_order_from_one_engine_call(toy_t
   policy = EnginePolicy(counting, toy_tokenizer, stop_token_ids=STOPS)
   messages = get_prompt_set("toy").initial_messages
   ns = [(2, 1, 3), (1, 3, 2), (3, 2, 1)]  # ns[round - 1][problem]
-  requests = [Request(key=p.id, messages=tuple(messages(p.question)), n=ns[r - 1][i], turn=2, round=r,
+  requests = [TurnRequest(key=p.id, messages=tuple(messages(p.question)), n=ns[r - 1][i], turn=2, round=r,
                       stream="sequential") for r in (1, 2, 3) for i, p in enumerate(PROBLEMS)]
   got = policy.sample(requests, TurnSampling(temperature=1.0, max_new_tokens=6), seed=11)
   assert counting.calls == [[2, 1, 3, 1, 3, 2, 3, 2, 1]]

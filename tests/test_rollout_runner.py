@@ -390,7 +390,7 @@ def test_the_next_turn_extends_the_chosen_candidates_ids(tmp_path, toy_tokenizer
   from rise_jax.rollout.policies import EnginePolicy
   from rise_jax.tasks.prompts import get_prompt_set
 
-  # Request 1 (turn 1): samples "=8", "=7" (right), "=7"; best_reward continues sample 1 into turn 2 (no oracle).
+  # TurnRequest 1 (turn 1): samples "=8", "=7" (right), "=7"; best_reward continues sample 1 into turn 2 (no oracle).
   spy = _SpyEngine(toy_tokenizer, answer=lambda call, j: ["=8", "=7", "=7"][j] if call == 1 else f"={j}",
                    cached=lambda prompt: len(prompt) // 3)
   header = rollout_log.make_header("cfg", "spy", versions={}, git_commit="abc")

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from rise_jax.rollout.teacher import ChatCompletionsClient, OpenAIChatPolicy, TeacherError
-from rise_jax.rollout.policies import Request, TurnSampling
+from rise_jax.rollout.policies import TurnRequest, TurnSampling
 
 
 class _Server:
@@ -124,7 +124,7 @@ def test_client_error_is_not_retried_and_retries_are_bounded(tmp_path):
 def test_policy_sends_one_request_per_sample_and_logs_usage(tmp_path):
   with _Server(lambda q, i: f"{q[::-1]}") as server:
     policy = OpenAIChatPolicy(_client(server.url, tmp_path), max_concurrency=4)
-    requests = [Request(key=f"p{i}", messages=tuple(MESSAGES[:2] + [{"role": "user", "content": f"q{i}"}]),
+    requests = [TurnRequest(key=f"p{i}", messages=tuple(MESSAGES[:2] + [{"role": "user", "content": f"q{i}"}]),
                         n=1 + i % 2, turn=2) for i in range(5)]
     out = policy.sample(requests, TurnSampling(temperature=0.5, max_new_tokens=32), seed=0)
     assert [[s.text for s in c.samples] for c in out] == [[f"{i}q"] * (1 + i % 2) for i in range(5)]

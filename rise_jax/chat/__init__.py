@@ -3,7 +3,7 @@
 The engine's policy, the trainer and the evaluator all render through here, so training and sampling contexts cannot
 drift. Public API: load_tokenizer, ChatTokenizer, check_vocab, render, RenderedChat, train_arrays,
 truncate_history, window, continuation_ids, register_template, get_template, build_toy_tokenizer (the toy
-task's char-level vocabulary), tokenizer_from_config (the one resolution rule: tokenizer.path, model.hf_path, toy).
+task's char-level vocabulary), resolve_tokenizer (the one resolution rule: a path, a checkpoint's own, the toy's).
 """
 
 from rise_jax.chat.rendering import (RenderedChat, SpanAlignmentError, TruncationError, continuation_ids, render,
@@ -13,12 +13,12 @@ from rise_jax.chat.templates import (ChatTemplateError, TemplateSpec, get_templa
                                      shipped_templates)
 from rise_jax.chat.tokenizer import ChatTokenizer, TokenizerLoadError, check_vocab, load_tokenizer
 from rise_jax.chat.toy_tokenizer import build_toy_tokenizer
-from rise_jax.chat.from_config import tokenizer_from_config, tokenizer_path
+from rise_jax.chat.resolve import resolve_tokenizer, tokenizer_source
 
 __all__ = [
     "ChatTemplateError", "ChatTokenizer", "RenderedChat", "SpanAlignmentError", "TemplateSpec",
     "TokenizerLoadError", "TruncationError", "build_toy_tokenizer", "check_vocab", "continuation_ids",
-    "get_template", "load_tokenizer", "register_template", "render", "rendered_length", "shipped_templates",
-    "tokenizer_from_config", "tokenizer_path", "train_arrays", "trained_message_indices", "truncate_history",
+    "get_template", "load_tokenizer", "register_template", "render", "rendered_length", "resolve_tokenizer",
+    "shipped_templates", "tokenizer_source", "train_arrays", "trained_message_indices", "truncate_history",
     "window",
 ]

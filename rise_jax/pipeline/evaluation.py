@@ -75,7 +75,8 @@ def evaluate_config(cfg, *, out_dir=None, policy=None, problems: Sequence[Any] |
     files.atomic_write_json(out / rundir.CONFIG_FILE, config_lib.to_dict(cfg))
     if policy is None:  # loaded on the sampling mesh: an evaluation never trains it
       policy = res.learner(res.model(None, mesh="sample"), "learner")
-    return evaluate_policy(res, policy, out, problems, model=model or model_description(cfg), progress=progress).metrics
+    return evaluate_policy(res, policy, out, problems, model=model or model_description(cfg),
+                           progress=progress).metrics
 
 
 def model_description(cfg) -> dict[str, Any]:
@@ -85,8 +86,8 @@ def model_description(cfg) -> dict[str, Any]:
 
 
 def evaluate_policy(resources: Resources, policy, out_dir: pathlib.Path, problems: Sequence[Any], *, model: Any,
-             name: str | None = None, limit: int | None = None, what: str = "evaluation",
-             progress: bool = True, stage=None) -> Evaluation:
+                    name: str | None = None, limit: int | None = None, what: str = "evaluation",
+                    progress: bool = True, stage=None) -> Evaluation:
   """Run Algorithm 2 with `policy` on `problems` into `out_dir`; the metrics are also written.
 
   model: how the log headers name the model; name: the metrics' and report's model name (Table 1 row), if any;

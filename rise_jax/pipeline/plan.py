@@ -166,9 +166,3 @@ def stage_fields(config, stage: Stage) -> dict[str, Any]:
     todo += input_stages(config, s)
   return {f: leaves[f] for f in sorted(names)}
 
-
-def fields_hash(fields: dict[str, Any]) -> str:
-  """A stage's config hash: what its rollout logs carry, so a change to another stage's fields resumes them."""
-  import hashlib
-  import json
-  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

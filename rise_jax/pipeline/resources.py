@@ -43,7 +43,7 @@ class Resources:
     self.root = pathlib.Path(root)
     self.task = task_from_config(config.task)
     self.prompts = get_prompt_set(config.task.prompt_set)
-    self.config_hash = config_lib.config_hash(config)
+    self.config_hash, *self._legacy_hashes = config_lib.config_hashes(config)
     self._tokenizer = None
     self._model_key: Any = ()
     self._model = None
@@ -72,7 +72,7 @@ class Resources:
   @property
   def tokenizer(self):
     if self._tokenizer is None:
-      self._tokenizer = chat.tokenizer_from_config(self.config, self.root)
+      self._tokenizer = chat.resolve_tokenizer(**config_lib.tokenizer_args(self.config, self.root))
     return self._tokenizer
 
   def mesh(self, kind: str):
@@ -140,7 +140,7 @@ class Resources:
   def header(self, model: Any, stage=None) -> dict[str, Any]:
     """A rollout log's header: how it names the model, and the config hash of the fields `stage` depends on
     (`plan.stage_fields`: a change to other fields resumes the log; no stage: the whole config's)."""
-    digest = self.config_hash if stage is None else plan_lib.fields_hash(plan_lib.stage_fields(self.config, stage))
+    digest = self.config_hash if stage is None else config_lib.dict_hash(plan_lib.stage_fields(self.config, stage))
     return rollout_log.make_header(digest, model)
 
   def episodes(self, problems, policies, protocol, log_path: pathlib.Path, header, *, limit: int | None = None,
@@ -148,8 +148,10 @@ class Resources:
     """`run_episodes` over `problems` (the first `limit` of them when the `debug.stop_after` hook asks, then
     StopRequested)."""
     todo = problems if limit is None else problems[:limit]
-    if _logged_hash(log_path) == self.config_hash:  # begun before logs carried their stage's hash: resume it
-      header = {**header, "config_hash": self.config_hash}
+    logged = _logged_hash(log_path)
+    # Begun before logs carried their stage's hash, or before a RETIRED field went: resume it under its own.
+    if logged is not None and logged in (self.config_hash, *self._legacy_hashes):
+      header = {**header, "config_hash": logged}
     summary = runner.run_episodes(todo, policies, protocol, log_path, task=self.task,
                                   prompts=self.prompts_for(protocol),
                                   batch_size=self.config.sampling.batch_size, header=header, desc=desc,

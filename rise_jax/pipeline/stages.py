@@ -12,7 +12,6 @@ import pathlib
 import time
 from typing import Any
 
-import ml_collections
 
 from rise_jax import config as config_lib
 from rise_jax import train as train_lib
@@ -25,7 +24,7 @@ from rise_jax.rise import conversion as conversion_lib
 from rise_jax.rise import dataset as dataset_lib
 from rise_jax.rise import metrics
 from rise_jax.rollout import log as rollout_log
-from rise_jax.rollout.policies import Request
+from rise_jax.rollout.policies import TurnRequest
 from rise_jax.train import data as train_data
 
 
@@ -154,7 +153,7 @@ def train(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int | N
     records += train_data.read_records(data_dir / dataset_lib.DATA_FILE)
   model = res.load_model(init)  # train() leaves it untouched and returns the trained model
   res.forget_model()
-  train_config = _train_config(config_lib.for_iteration(c, t) if t else c, boost=(t == 0))
+  train_config = config_lib.for_iteration(c, t)  # the boost's (t = 0) with its rise.boost_lr / boost_epochs
   validation = None
   if t == 0 and c.rise.boost_validate_every is not None:
     validation = train_lib.Validation(every=c.rise.boost_validate_every, score=_dev_accuracy(res),
@@ -175,7 +174,7 @@ def _dev_accuracy(res: Resources):
   m1@t1 of the dev split), from a fixed seed so a resumed run scores a checkpoint the same."""
   c = res.config
   problems = res.task.load("dev")  # non-empty: validate() requires task.dev_size > 0 for boost validation
-  requests = [Request(key=p.id, messages=tuple(res.prompts.initial_messages(p.question)), n=1, turn=1,
+  requests = [TurnRequest(key=p.id, messages=tuple(res.prompts.initial_messages(p.question)), n=1, turn=1,
                       stream="boost_validation") for p in problems]
   holder: dict[str, Any] = {}
 
@@ -190,18 +189,6 @@ def _dev_accuracy(res: Resources):
     return sum(res.task.grade(done.samples[0].text, p.reference, c.task.grader)
                for done, p in zip(completions, problems)) / len(problems)
   return score
-
-
-def _train_config(config, *, boost: bool):
-  """The config the trainer sees: boost overrides applied."""
-  c = config_lib.to_dict(config)
-  out = ml_collections.ConfigDict(c)
-  if boost:
-    if config.rise.boost_lr is not None:
-      out.train.lr = config.rise.boost_lr
-    if config.rise.boost_epochs is not None:
-      out.train.epochs = config.rise.boost_epochs
-  return out
 
 
 def _train_result(result) -> dict[str, Any]:
@@ -224,7 +211,7 @@ def evaluate_stage(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit
     name = f"rise@iter_{t}"
   learner = res.learner(res.model(source), name)
   run = evaluation.evaluate_policy(res, learner, out_dir, res.eval_problems(), model=name, name=name, limit=limit,
-                            what=stage.name, stage=stage)
+                                   what=stage.name, stage=stage)
   metrics = run.metrics
   logged = sum(c["decode_tokens"] for c in metrics.get("compute", {}).values())  # earlier invocations' too
   return {"model": name, "num_problems": metrics.get("num_problems"), "eval_seconds_this_run": run.seconds,

@@ -1,7 +1,7 @@
 """Policies: whatever answers a turn of a RISE episode, behind one small protocol.
 
 The episode runner (`rise_jax.rollout.runner`) opens a policy's stream (`open_stream(seed) -> PolicyStream`),
-submits a `Request` (n responses wanted for one conversation) the moment an episode needs one, and collects each
+submits a `TurnRequest` (n responses wanted for one conversation) the moment an episode needs one, and collects each
 `Completion` as it finishes. These kinds implement it:
 - `EnginePolicy`: the learner (or a teacher checkpoint) through the continuous-batching engine
   (`rise_jax.sampling.engine`): one queue across turns and episodes, any mix of `n`, a previous turn's cache
@@ -42,7 +42,7 @@ class TurnSampling:
 
 
 @dataclasses.dataclass(frozen=True)
-class Request:
+class TurnRequest:
   """`n` responses wanted for one conversation at one turn.
 
   key: stable id of the conversation (the problem id); with `turn` and `round` it names the random stream.
@@ -70,7 +70,7 @@ class Sample:
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-  """A policy's answer to one `Request`.
+  """A policy's answer to one `TurnRequest`.
 
   history_tokens: length of the rendered prompt; prefill_tokens: how many of those were actually run through the
   model this time (fewer when a cached conversation was continued; None when unknown, e.g. an HTTP teacher).
@@ -84,7 +84,7 @@ class Completion:
 class Policy(Protocol):
   name: str   # logged as turns[t].policy, e.g. "learner@iter_1", "teacher:gpt-3.5-turbo"
 
-  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+  def sample(self, requests: Sequence[TurnRequest], sampling: TurnSampling, seed: int) -> list[Completion]:
     """One `Completion` per request, in order, each with exactly `request.n` samples."""
 
   def release(self, keys: Sequence[str]) -> None:
@@ -98,7 +98,7 @@ class Policy(Protocol):
 class PolicyStream(Protocol):
   """A policy's open queue: `submit` any time, `step` to advance and collect what finished."""
 
-  def submit(self, request: Request, sampling: TurnSampling, tag: Any) -> None:
+  def submit(self, request: TurnRequest, sampling: TurnSampling, tag: Any) -> None:
     """Queue `request`; its `Completion` comes back from a later `step` with `tag`."""
 
   def step(self) -> list[tuple[Any, Completion]]:
@@ -117,9 +117,9 @@ class InstantStream:
   def __init__(self, policy, seed: int):
     self.policy = policy
     self.seed = seed
-    self._queued: list[tuple[Request, TurnSampling, Any]] = []
+    self._queued: list[tuple[TurnRequest, TurnSampling, Any]] = []
 
-  def submit(self, request: Request, sampling: TurnSampling, tag: Any) -> None:
+  def submit(self, request: TurnRequest, sampling: TurnSampling, tag: Any) -> None:
     self._queued.append((request, sampling, tag))
 
   def step(self) -> list[tuple[Any, Completion]]:
@@ -150,14 +150,14 @@ class ScriptedPolicy:
   "Tokens" are whitespace-separated words (history and response lengths), and `token_ids` is None.
   """
 
-  def __init__(self, respond: Callable[[Request, int], str], name: str = "scripted", finish_reason: str = "stop"):
+  def __init__(self, respond: Callable[[TurnRequest, int], str], name: str = "scripted", finish_reason: str = "stop"):
     self.name = name
     self._respond = respond
     self._finish_reason = finish_reason
-    self.requests: list[Request] = []
+    self.requests: list[TurnRequest] = []
     self.released: list[str] = []
 
-  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+  def sample(self, requests: Sequence[TurnRequest], sampling: TurnSampling, seed: int) -> list[Completion]:
     del sampling, seed  # a script is deterministic by construction
     out = []
     for request in requests:
@@ -187,7 +187,7 @@ class ReferencePolicy:
     self.name = name
     self._references = references
 
-  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+  def sample(self, requests: Sequence[TurnRequest], sampling: TurnSampling, seed: int) -> list[Completion]:
     del sampling, seed  # the reference is fixed
     out = []
     for request in requests:
@@ -233,7 +233,7 @@ class EnginePolicy:
     """Tokens one conversation may hold when an overflow raises (None: "report" decodes until full)."""
     return self.engine.capacity if self.engine.on_overflow == "raise" else None
 
-  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+  def sample(self, requests: Sequence[TurnRequest], sampling: TurnSampling, seed: int) -> list[Completion]:
     stream = _EngineQueue(self, self.engine.stream(seed))
     for i, request in enumerate(requests):
       stream.submit(request, sampling, tag=i)
@@ -256,13 +256,13 @@ class EnginePolicy:
 
 
 class _EngineQueue:
-  """`EnginePolicy`'s stream: a runner `Request` rendered to token ids and submitted to an `EngineStream`."""
+  """`EnginePolicy`'s stream: a runner `TurnRequest` rendered to token ids and submitted to an `EngineStream`."""
 
   def __init__(self, policy: EnginePolicy, stream):
     self.policy = policy
     self.stream = stream
 
-  def submit(self, request: Request, sampling: TurnSampling, tag: Any) -> None:
+  def submit(self, request: TurnRequest, sampling: TurnSampling, tag: Any) -> None:
     ids = list(chat.render(self.policy.tokenizer, list(request.messages), add_generation_prompt=True).ids)
     self.stream.submit(sampling_requests.Request(ids, uid=sample_uid(request.key, request.turn, request.round, request.stream),
                                      n=request.n, max_new_tokens=sampling.max_new_tokens,

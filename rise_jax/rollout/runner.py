@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 from rise_jax import chat
 from rise_jax.rollout import log as rollout_log
 from rise_jax.rollout.degenerate import degenerate_reason
-from rise_jax.rollout.policies import Completion, Policy, Request, Sample
+from rise_jax.rollout.policies import Completion, Policy, Sample, TurnRequest
 from rise_jax.rollout.protocol import Protocol
 
 @dataclasses.dataclass
@@ -145,7 +145,7 @@ def _run_streamed(problems, policies, protocol: Protocol, task, prompts, summary
   waiting = iter(problems)
   live: dict[str, _Episode] = {}
 
-  def submit(episode: _Episode, request: Request) -> None:
+  def submit(episode: _Episode, request: TurnRequest) -> None:
     streams[id(policies[request.turn - 1])].submit(request, protocol.sampling[request.turn - 1],
                                                      tag=(episode, request))
 
@@ -215,18 +215,18 @@ def check_capacity(problems: Sequence[Any], protocol: Protocol, prompts, tokeniz
         f"{len(needs)} problems cannot fit); {fix}")
 
 
-def _begin_turn(episode: _Episode, protocol: Protocol) -> Request:
+def _begin_turn(episode: _Episode, protocol: Protocol) -> TurnRequest:
   """Start the episode's next turn: its request, over the history as the protocol's window shows it."""
   episode.t += 1
   t = episode.t
   episode.view = chat.window(episode.messages, protocol.window) if protocol.window else list(episode.messages)
   episode.first, episode.candidates, episode.tokens, episode.redo = None, [], (0, 0), []
-  return Request(key=episode.problem.id, messages=tuple(episode.view), n=protocol.samples_per_turn[t - 1], turn=t,
+  return TurnRequest(key=episode.problem.id, messages=tuple(episode.view), n=protocol.samples_per_turn[t - 1], turn=t,
                  stream=protocol.kind)
 
 
-def _absorb(episode: _Episode, request: Request, completion: Completion, protocol: Protocol,
-            summary: RunSummary) -> Request | None:
+def _absorb(episode: _Episode, request: TurnRequest, completion: Completion, protocol: Protocol,
+            summary: RunSummary) -> TurnRequest | None:
   """Take the completion of the turn's request (round 0) or of a resampling round. Returns the next round's
   request while degenerate samples remain and rounds are left (up to `max_resample_rounds`), else None: the
   turn is sampled."""
@@ -262,7 +262,7 @@ def _end_turn(episode: _Episode, policy: Policy, protocol: Protocol, task, promp
   return False
 
 
-def _check_completion(policy: Policy, request: Request, completion: Completion) -> None:
+def _check_completion(policy: Policy, request: TurnRequest, completion: Completion) -> None:
   if len(completion.samples) != request.n:
     raise RuntimeError(f"policy {policy.name!r} gave {len(completion.samples)} samples for {request.key!r} "
                        f"turn {request.turn}, {request.n} requested")

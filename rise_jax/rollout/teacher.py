@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Sequence
 
-from rise_jax.rollout.policies import Completion, InstantStream, Request, Sample, TurnSampling
+from rise_jax.rollout.policies import Completion, InstantStream, Sample, TurnRequest, TurnSampling
 from rise_jax.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class OpenAIChatPolicy:
     self.name = name or f"teacher:{client.model}"
     self.max_concurrency = max_concurrency
 
-  def sample(self, requests: Sequence[Request], sampling: TurnSampling, seed: int) -> list[Completion]:
+  def sample(self, requests: Sequence[TurnRequest], sampling: TurnSampling, seed: int) -> list[Completion]:
     del seed  # endpoints do not promise seeded sampling; the cache makes reruns reproducible instead
     jobs = [(i, j) for i, request in enumerate(requests) for j in range(request.n)]
 

@@ -202,7 +202,7 @@ class EngineStream:
       takes = min(group.request.n, free_slots, by_blocks)
       new_width = max(width, pow2_at_least(prompt_len - cached * block_size, block_size))
       new_context = max(context, pow2_at_least(cached) if cached else 0)
-      too_wide = pow4_at_least(len(batch) + 1) * (new_width + new_context * block_size) > engine.prefill_tokens
+      too_wide = len(batch) + 1 > self._prefill_rows(new_width, new_context)  # the call's one row rule
       if takes < 1 or (batch and too_wide):
         kv.drop_lookup(group)
         break

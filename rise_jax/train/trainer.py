@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from rise_jax import chat
+from rise_jax import config as config_lib
 from rise_jax import files
 from rise_jax import sharding as sharding_lib
 from rise_jax.models import load_model
@@ -396,7 +397,7 @@ def _train(cfg, records, out_dir: pathlib.Path, model, tokenizer, export_hf: boo
     check_resume_settings(latest[1].get("settings"), settings, f"{(out_dir / 'ckpt').absolute()}/{latest[0]}")
   out_dir.mkdir(parents=True, exist_ok=True)
   if tokenizer is None:
-    tokenizer = chat.tokenizer_from_config(cfg)  # the one rule; no toy build here: the RISE loop passes its own
+    tokenizer = chat.resolve_tokenizer(**config_lib.tokenizer_args(cfg))  # no toy build: the loop passes its own
   examples, report = _examples(cfg, records, tokenizer, out_dir)
 
   mesh = sharding_lib.make_mesh(cfg.mesh.train)
