@@ -122,6 +122,19 @@ def test_sampled_equals_the_reference_with_stops_and_shared_prompts(engines, mod
   assert sum(row[0].token_ids != row[1].token_ids for row in got) >= 3  # samples j draw different streams
 
 
+def test_long_conversations_attend_through_quarter_octave_spans_like_the_reference(tmp_path):
+  """Past FINE_SPAN_TOKENS a chunk's attention span is the next quarter octave above its longest slot (640, 768,
+  1,024 tokens here), not the next power of two: every key up to each row's position is still read."""
+  path = save_tiny_llama(tmp_path / "long", seed=3, num_key_value_heads=2, max_position_embeddings=2048)
+  model = load_hf_checkpoint(path)
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(3, 256, n).tolist() for n in (530, 600, 700, 890)]
+  reqs = requests(prompts, range(4), max_new_tokens=40, temperature=1.0, n=2)
+  engine = Engine(model, slots=2, block_size=16, chunk_steps=8, max_seq_len=1024)  # one prompt at a time
+  assert_same(engine.run(reqs, seed=2), generate(model, reqs, seed=2))
+  assert engine.compile_counts()["chunk"] >= 3  # spans 640, 768, 1,024 (powers of two: 1,024 x <= 2 row buckets)
+
+
 def test_logprobs_equal_the_training_forward(engines, models):
   """`logprobs` are the full forward's float64 log-softmax at the sampled tokens; at T=1 without filters the
   distribution a token was drawn from is that one too, so `sampling_logprobs` equal them."""

@@ -30,8 +30,9 @@ Overflow raises (`on_overflow="raise"`) or decodes to `cache_full` ("report"), n
 
 Shapes (compiles are bounded and counted by `compile_counts()`). A decode chunk runs the occupied slots packed
 into the smallest of CHUNK_ROW_BUCKETS row buckets (slots, slots / 2, slots / 4, slots / 8) that holds them, with
-the attention span bucketed to a power of two of blocks, at least MIN_SPAN_TOKENS: <= CHUNK_ROW_BUCKETS x
-(log2(max_blocks) + 1) chunk programs. A prefill batch is (rows, width) with rows a power of 4 (1, 4, 16, 64,
+the attention span bucketed by `scheduler.span_bucket` (powers of two of blocks from MIN_SPAN_TOKENS, quarter
+octaves past FINE_SPAN_TOKENS): <= CHUNK_ROW_BUCKETS x (log2(max_blocks) + 1 + 3 x octaves past FINE_SPAN_TOKENS)
+chunk programs. A prefill batch is (rows, width) with rows a power of 4 (1, 4, 16, 64,
 ...) and width a power of two >= the block size, rows x width <= prefill_tokens; its first-token sampling is
 padded to a power of 4 >= max(16, rows) samples (one bucket per row bucket when n = 1): with n = 1, <= 4 x
 (widths met) prefill programs for 64 slots.

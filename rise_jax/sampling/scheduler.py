@@ -16,12 +16,24 @@ from rise_jax.sampling.requests import STOP_SLOTS, Request, SampleResult
 
 MIN_FIRST_TOKENS = 16   # smallest first-token batch bucket (a power of 4)
 MIN_SPAN_TOKENS = 64    # smallest attention-span bucket (fewer chunk compiles for short conversations)
+FINE_SPAN_TOKENS = 512  # spans longer than this come in quarter octaves: there attention is most of a step
 CHUNK_ROW_BUCKETS = 4   # decode chunks run slots, slots / 2, slots / 4 or slots / 8 rows (the occupied ones)
 
 
 def pow2_at_least(x: int, floor: int = 1) -> int:
   """The smallest power of two >= x and >= floor (the engine's shape buckets)."""
   return max(floor, 1 << max(0, (max(x, 1) - 1).bit_length()))
+
+
+def span_bucket(blocks: int, block_size: int, max_blocks: int) -> int:
+  """The attention span (in blocks) a chunk whose longest slot needs `blocks` runs at: a power of two of blocks,
+  at least MIN_SPAN_TOKENS; past FINE_SPAN_TOKENS the next quarter octave (1.25, 1.5, 1.75 or 2 x a power of
+  two), since every slot of the chunk attends over the span and attention there costs about its length."""
+  p = pow2_at_least(blocks, MIN_SPAN_TOKENS // block_size)
+  if p * block_size > FINE_SPAN_TOKENS:
+    step = p // 8
+    p = -(-blocks // step) * step
+  return min(p, max_blocks)
 
 
 def pow4_at_least(x: int, floor: int = 1) -> int:
@@ -336,11 +348,10 @@ class EngineStream:
         top_p=column([r.top_p for r in requests], np.float32), copy_src=copy_src, copy_dst=copy_dst)
 
   def _span_blocks(self) -> int:
-    """The attention span bucket: a power of two of blocks covering every active slot through this chunk."""
+    """The attention span bucket (`span_bucket`) covering every active slot through this chunk."""
     engine = self.engine
     longest = max(slot.length for slot in self._slots if slot is not None) + engine.chunk_steps
-    return min(pow2_at_least(-(-longest // engine.block_size), MIN_SPAN_TOKENS // engine.block_size),
-               engine.max_blocks)
+    return span_bucket(-(-longest // engine.block_size), engine.block_size, engine.max_blocks)
 
   def _run_chunk(self, copies: list[tuple[int, int]]) -> None:
     engine = self.engine
