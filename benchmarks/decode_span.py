@@ -1,7 +1,9 @@
-"""One engine decode chunk at a long context, at the attention spans a chunk may run: what a span bucket costs.
+"""One engine decode chunk at a long context, at the attention spans a chunk may run, the span read whole or in
+pieces: what a span bucket and the CPU's pieced attention cost.
 
     python benchmarks/decode_span.py --context 1100 --spans 2048,1280
     python benchmarks/decode_span.py --context 800 --spans 1024,896
+    python benchmarks/decode_span.py --context 600 --spans 640
 
 Why. Every slot of a decode chunk attends over the chunk's span (the bucket above its longest slot), and on the
 project's real-model shape attention is most of a step past ~512 tokens. RISE turns after a failed attempt hold
@@ -9,8 +11,10 @@ project's real-model shape attention is most of a step past ~512 tokens. RISE tu
 doubles the work of the one above it (`scheduler.span_bucket`'s quarter octave: 1,280).
 
 What: `paged.decode_chunk` (8 steps) of SmolLM2-135M's shape (30 layers, hidden 576, 9 / 3 heads, vocabulary
-49,152; random weights, float32) with every slot at --context tokens, once per span, jitted once each and timed
---reps times interleaved. Reported: ms per decode step per span and each one's ratio to the first.
+49,152; random weights, float32) with every slot at --context tokens, per span read whole and (spans of
+`paged.PIECED_SPAN_TOKENS` or more, as the engine does on CPU) in `paged.PIECE_TOKENS` pieces; each variant jitted
+once and timed --reps times interleaved. Reported: ms per decode step and each one's speed against the first
+span read whole (the engine before quarter octaves and pieces).
 """
 
 from __future__ import annotations
@@ -65,28 +69,31 @@ def main():
   pool = paged.init_pool(SMOLLM2, num_blocks, BLOCK, jnp.float32)
   batch = slot_batch(args.slots, args.context, max_blocks, num_blocks)
 
-  @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(1,))
-  def chunk(state, pool, batch, span):
-    return paged.decode_chunk(nnx.merge(graphdef, state), pool, batch, STEPS, span, None)
+  @functools.partial(jax.jit, static_argnums=(3, 4), donate_argnums=(1,))
+  def chunk(state, pool, batch, span, pieced):
+    return paged.decode_chunk(nnx.merge(graphdef, state), pool, batch, STEPS, span, None, pieced)
 
-  for span in spans:  # compile each
-    pool, out = chunk(state, pool, batch, span)
+  variants = [(span, pieced) for span in spans
+              for pieced in (False, True) if not pieced or span * BLOCK >= paged.PIECED_SPAN_TOKENS]
+  for variant in variants:  # compile each
+    pool, out = chunk(state, pool, batch, *variant)
     jax.block_until_ready(out)
-  times = {span: [] for span in spans}
+  times = {variant: [] for variant in variants}
   for _ in range(args.reps):
-    for span in spans:
+    for variant in variants:
       start = time.perf_counter()
-      pool, out = chunk(state, pool, batch, span)
+      pool, out = chunk(state, pool, batch, *variant)
       jax.block_until_ready(out)
-      times[span].append((time.perf_counter() - start) / STEPS)
-  base = statistics.median(times[spans[0]])
+      times[variant].append((time.perf_counter() - start) / STEPS)
+  base = statistics.median(times[variants[0]])
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; SmolLM2-135M shape, {args.slots} slots at "
         f"{args.context} tokens, chunks of {STEPS} steps")
-  for span in spans:
-    t = statistics.median(times[span])
-    runs = ", ".join(f"{x * 1e3:.0f}" for x in times[span])
-    print(f"span {span * BLOCK:>5} tokens: {t * 1e3:7.1f} ms/step (runs {runs}), "
-          f"{base / t:.2f}x the {spans[0] * BLOCK}-token span's speed")
+  for span, pieced in variants:
+    t = statistics.median(times[span, pieced])
+    runs = ", ".join(f"{x * 1e3:.0f}" for x in times[span, pieced])
+    how = f"in {paged.PIECE_TOKENS}-token pieces" if pieced else "whole"
+    print(f"span {span * BLOCK:>5} tokens {how:>20}: {t * 1e3:7.1f} ms/step (runs {runs}), "
+          f"{base / t:.2f}x the {spans[0] * BLOCK}-token span whole")
 
 
 if __name__ == "__main__":

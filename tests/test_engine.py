@@ -19,7 +19,7 @@ from scipy import special
 from rise_jax.models import load_hf_checkpoint
 from rise_jax.sampling.engine import CHUNK_ROW_BUCKETS, Engine
 from rise_jax.sampling.requests import Request
-from tests.fixtures_models import save_tiny_llama, torch_model
+from tests.fixtures_models import save_tiny_llama, save_tiny_mistral, torch_model
 from tests.reference_generator import generate
 
 # Ragged prompts (ids < 256, the tiny vocabulary): lengths 3, 11, 6, 19.
@@ -122,10 +122,12 @@ def test_sampled_equals_the_reference_with_stops_and_shared_prompts(engines, mod
   assert sum(row[0].token_ids != row[1].token_ids for row in got) >= 3  # samples j draw different streams
 
 
-def test_long_conversations_attend_through_quarter_octave_spans_like_the_reference(tmp_path):
+@pytest.mark.parametrize("save", [save_tiny_llama, save_tiny_mistral])
+def test_long_conversations_attend_through_quarter_octave_spans_in_pieces_like_the_reference(tmp_path, save):
   """Past FINE_SPAN_TOKENS a chunk's attention span is the next quarter octave above its longest slot (640, 768,
-  1,024 tokens here), not the next power of two: every key up to each row's position is still read."""
-  path = save_tiny_llama(tmp_path / "long", seed=3, num_key_value_heads=2, max_position_embeddings=2048)
+  1,024 tokens here), not the next power of two, and on CPU it is read in PIECE_TOKENS pieces (with a Mistral
+  window most pieces see no key): every key up to each row's position, and only those, is still read."""
+  path = save(tmp_path / "long", seed=3, num_key_value_heads=2, max_position_embeddings=2048)
   model = load_hf_checkpoint(path)
   rng = np.random.default_rng(4)
   prompts = [rng.integers(3, 256, n).tolist() for n in (530, 600, 700, 890)]

@@ -129,6 +129,39 @@ def decode_attention(q, keys, values, visible):
   return out.reshape(b, heads, d)
 
 
+def online_softmax_init(q, kv_heads: int):
+  """The running (max, normaliser, weighted values) of `decode_attention` taken over keys piece by piece."""
+  b, heads, d = q.shape
+  shape = (b, kv_heads, heads // kv_heads)
+  return (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros((*shape, d), jnp.float32))
+
+
+def online_softmax_step(state, q, keys, values, visible):
+  """`state` after one more piece of keys and values ([b, kv_heads, t, d]; visible [b, t]): the softmax's
+  running max rescales what came before, so the pieces' combination is the softmax over all of them."""
+  running_max, norm, acc = state
+  b, heads, d = q.shape
+  kv_heads = keys.shape[1]
+  q = q.reshape(b, kv_heads, heads // kv_heads, d).astype(jnp.float32)
+  scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None].astype(jnp.float32), axis=-1) * d ** -0.5
+  scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
+  new_max = jnp.maximum(running_max, scores.max(-1))
+  shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # nothing seen yet: every weight is exp(-inf) = 0
+  weights = jnp.exp(scores - shift[..., None])
+  rescale = jnp.exp(running_max - shift)
+  acc = acc * rescale[..., None] + jnp.sum(weights[..., None] * values[:, :, None].astype(jnp.float32), axis=-2)
+  return new_max, norm * rescale + weights.sum(-1), acc
+
+
+def online_softmax_result(state):
+  """The attended values [b, heads, d] (zeros for a row that saw no key, as `decode_attention`)."""
+  _, norm, acc = state
+  out = jnp.where(norm[..., None] > 0, acc / jnp.where(norm > 0, norm, 1.0)[..., None], 0.0)
+  b, kv_heads, groups, d = out.shape
+  return out.reshape(b, kv_heads * groups, d)
+
+
 def cudnn_attention(q, k, v, q_pos, k_pos, mask, window=None):
   """cuDNN flash attention through `jax.nn.dot_product_attention` (GPU), full-sequence calls only.
 

@@ -151,9 +151,10 @@ class Engine:
     merge = lambda p: nnx.merge(self.graphdef, p)
     self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1,))
     self._first_jit = jax.jit(self._first_tokens)
+    pieced = self.mesh.devices.flat[0].platform == "cpu"  # long spans in pieces: CPU caches (paged.py)
     self._chunk_jit = jax.jit(
         lambda p, pool, slots, span: self._pin_pool(paged.decode_chunk(merge(p), pool, slots, self.chunk_steps,
-                                                                       span, self.vocab_limit)),
+                                                                       span, self.vocab_limit, pieced)),
         static_argnums=(3,), donate_argnums=(1,))
 
   def _prefill(self, params, pool, ids, lengths, block_ids, context_table, cached):

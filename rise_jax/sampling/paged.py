@@ -13,6 +13,8 @@ allocated: idle slots and padding write there, and no live table points at it be
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,11 @@ from rise_jax.models.transformer import KVCache, init_cache
 from rise_jax.sampling import select
 
 TRASH_BLOCK = 0
+# On CPU a span of PIECED_SPAN_TOKENS or more is attended PIECE_TOKENS at a time with an online softmax: the whole
+# gathered span read at once outgrows the caches (SmolLM2's shape, 64 slots, `benchmarks/decode_span.py`: 1.16x a
+# step at 512 tokens, 1.28x at 1,024, 2.15x at 2,048). Shorter spans (the toy's) stay whole. Off on accelerators,
+# where each piece is more kernel launches.
+PIECED_SPAN_TOKENS, PIECE_TOKENS = 512, 128
 RUNNING, STOP, LENGTH, CACHE_FULL = 0, 1, 2, 3
 FINISH_REASONS = {STOP: "stop", LENGTH: "length", CACHE_FULL: "cache_full"}
 
@@ -182,12 +189,35 @@ def copy_blocks(pool: PagedPool, src: jax.Array, dst: jax.Array) -> PagedPool:
   return PagedPool(k=tuple(map(copy, pool.k)), v=tuple(map(copy, pool.v)))
 
 
+def _pieced_attention(q, k_pool, v_pool, table, visible, piece: int):
+  """`attention.decode_attention` over the blocks `table` [slots, span] names, gathered `piece` blocks at a time
+  and combined with an online softmax (one piece: the whole span gathered at once, the plain decode attention)."""
+  slots, span = table.shape
+  kv_heads, block_size, d = k_pool.shape[1:]
+  # [slots, piece, kv_heads, block_size, d] -> the contiguous decode cache's [slots, kv_heads, tokens, d]
+  gather = lambda p, t: jnp.swapaxes(p[t], 1, 2).reshape(slots, kv_heads, t.shape[1] * block_size, d)
+  if piece == span:
+    return attention_lib.decode_attention(q, gather(k_pool, table), gather(v_pool, table), visible)
+  pieces = span // piece
+  tables = jnp.swapaxes(table.reshape(slots, pieces, piece), 0, 1)
+  masks = jnp.swapaxes(visible.reshape(slots, pieces, piece * block_size), 0, 1)
+
+  def step(state, xs):
+    t, mask = xs
+    return attention_lib.online_softmax_step(state, q, gather(k_pool, t), gather(v_pool, t), mask), None
+
+  state, _ = jax.lax.scan(step, attention_lib.online_softmax_init(q, kv_heads), (tables, masks))
+  return attention_lib.online_softmax_result(state)
+
+
 def paged_decode_hidden(model, layers, pool: PagedPool, tokens: jax.Array, length: jax.Array, active: jax.Array,
-                        block_table: jax.Array, span_blocks: int) -> tuple[jax.Array, PagedPool]:
+                        block_table: jax.Array, span_blocks: int, pieced: bool = False
+                        ) -> tuple[jax.Array, PagedPool]:
   """Feed tokens[s] at position length[s] for active slots, attending through each slot's block table.
 
   Only the first `span_blocks` table entries are read (a static bucket covering every active slot's length);
   keys past a slot's position are masked, so the blocks there (unallocated: TRASH_BLOCK) are never attended.
+  `pieced` (the engine sets it on CPU): a span of PIECED_SPAN_TOKENS or more is read PIECE_TOKENS at a time.
   Inactive slots write into TRASH_BLOCK. Returns the final normed hidden states [slots, d] and the pool.
   """
   c = model.config
@@ -202,15 +232,16 @@ def paged_decode_hidden(model, layers, pool: PagedPool, tokens: jax.Array, lengt
   visible = key_index <= length[:, None]
   if c.sliding_window is not None:
     visible &= length[:, None] - key_index < c.sliding_window
-  # [slots, span, kv_heads, block_size, d] -> the contiguous decode cache's [slots, kv_heads, span x block_size, d]
-  gathered = lambda p: jnp.swapaxes(p[table], 1, 2).reshape(slots, p.shape[1], span_blocks * block_size, p.shape[3])
+  piece = span_blocks
+  if pieced and span_blocks * block_size >= PIECED_SPAN_TOKENS:
+    piece = math.gcd(span_blocks, max(1, PIECE_TOKENS // block_size))
 
   def attend(q, k, v, layer_pool):
     k_pool, v_pool = layer_pool
     k_pool = k_pool.at[write_block, :, write_offset].set(k.astype(k_pool.dtype))
     v_pool = v_pool.at[write_block, :, write_offset].set(v.astype(v_pool.dtype))
-    # XLA:CPU materialises the gather (its reduce fusions take no gather), once per layer and step.
-    out = attention_lib.decode_attention(q, gathered(k_pool), gathered(v_pool), visible)
+    # XLA:CPU materialises the gather (its reduce fusions take no gather), once per layer, step and piece.
+    out = _pieced_attention(q, k_pool, v_pool, table, visible, piece)
     return out, (k_pool, v_pool)
 
   hidden, kv = decode_lib.decode_layers(model, tokens, length, layers, list(zip(pool.k, pool.v)), attend)
@@ -230,7 +261,7 @@ class _ChunkCarry:
 
 
 def decode_chunk(model, pool: PagedPool, slots: SlotBatch, chunk_steps: int, span_blocks: int,
-                 vocab_limit: int | None) -> tuple[PagedPool, ChunkOutput]:
+                 vocab_limit: int | None, pieced: bool = False) -> tuple[PagedPool, ChunkOutput]:
   """Up to `chunk_steps` decode steps for every active slot, each row with its own count, stops and capacity.
 
   Step: feed each running slot's last token at its own position, sample the next (key = (seed, uid, sample,
@@ -254,7 +285,7 @@ def decode_chunk(model, pool: PagedPool, slots: SlotBatch, chunk_steps: int, spa
   def body(carry: _ChunkCarry):
     running = ~carry.done
     hidden, pool = paged_decode_hidden(model, layers, carry.pool, carry.last_token, carry.length, running,
-                                       slots.block_table, span_blocks)
+                                       slots.block_table, span_blocks, pieced)
     position = carry.length + 1  # the new token's index in its conversation
     count = carry.generated + 1
     token, logprob, sampling_logprob, code = sample_step(
