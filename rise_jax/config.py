@@ -493,8 +493,8 @@ def for_iteration(config: ml_collections.ConfigDict, iteration: int) -> ml_colle
   is an error naming it): for T >= 1 `config` with its rise.iteration_overrides for T applied; for T = 0, the
   boost, train.lr and train.epochs replaced by rise.boost_lr and rise.boost_epochs where those are set."""
   if iteration == 0:
-    overrides = [(f"train.{name}", config.rise[f"boost_{name}"]) for name in ("lr", "epochs")
-                 if config.rise[f"boost_{name}"] is not None]
+    boost = (("train.lr", config.rise.boost_lr), ("train.epochs", config.rise.boost_epochs))
+    overrides = [(field, value) for field, value in boost if value is not None]
   else:
     overrides = parse_overrides(config.rise.iteration_overrides, config.rise.iterations).get(iteration)
   if not overrides:

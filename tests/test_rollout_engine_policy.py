@@ -188,7 +188,7 @@ def test_requests_with_different_n_come_back_in_order_from_one_engine_call(toy_t
   messages = get_prompt_set("toy").initial_messages
   ns = [(2, 1, 3), (1, 3, 2), (3, 2, 1)]  # ns[round - 1][problem]
   requests = [TurnRequest(key=p.id, messages=tuple(messages(p.question)), n=ns[r - 1][i], turn=2, round=r,
-                      stream="sequential") for r in (1, 2, 3) for i, p in enumerate(PROBLEMS)]
+                          stream="sequential") for r in (1, 2, 3) for i, p in enumerate(PROBLEMS)]
   got = policy.sample(requests, TurnSampling(temperature=1.0, max_new_tokens=6), seed=11)
   assert counting.calls == [[2, 1, 3, 1, 3, 2, 3, 2, 1]]
   assert [len(c.samples) for c in got] == [2, 1, 3, 1, 3, 2, 3, 2, 1]

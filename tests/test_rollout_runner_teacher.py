@@ -125,7 +125,7 @@ def test_policy_sends_one_request_per_sample_and_logs_usage(tmp_path):
   with _Server(lambda q, i: f"{q[::-1]}") as server:
     policy = OpenAIChatPolicy(_client(server.url, tmp_path), max_concurrency=4)
     requests = [TurnRequest(key=f"p{i}", messages=tuple(MESSAGES[:2] + [{"role": "user", "content": f"q{i}"}]),
-                        n=1 + i % 2, turn=2) for i in range(5)]
+                            n=1 + i % 2, turn=2) for i in range(5)]
     out = policy.sample(requests, TurnSampling(temperature=0.5, max_new_tokens=32), seed=0)
     assert [[s.text for s in c.samples] for c in out] == [[f"{i}q"] * (1 + i % 2) for i in range(5)]
     assert all(s.token_ids is None and s.num_tokens == 5 for c in out for s in c.samples)

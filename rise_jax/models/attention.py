@@ -116,17 +116,11 @@ def decode_attention(q, keys, values, visible):
   """One query per row: q [b, heads, d]; keys, values [b, kv_heads, t, d] (the contiguous decode cache, or a paged
   pool's gathered blocks); visible [b, t]. Returns float32 [b, heads, d] (zeros for a row that sees no key).
 
-  A multiply-and-reduce, not a batched dot: with one query per row a dot runs thousands of [groups x d] @
-  [d x t] products, 2-3x slower on CPU than streaming the cache once (toy model, 2,048 rows, 320 slots)."""
-  b, heads, d = q.shape
-  kv_heads = keys.shape[1]
-  q = q.reshape(b, kv_heads, heads // kv_heads, d).astype(jnp.float32)
-  scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None].astype(jnp.float32), axis=-1)  # [b, kv, g, t]
-  scores = jnp.where(visible[:, None, None, :], scores * d ** -0.5, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=3)
-  probs = jnp.where(visible.any(-1)[:, None, None, None], probs, 0.0)
-  out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=-2)
-  return out.reshape(b, heads, d)
+  The online softmax below over one piece (the paged engine reads long spans in several). A multiply-and-reduce,
+  not a batched dot: with one query per row a dot runs thousands of [groups x d] @ [d x t] products, 2-3x slower on
+  CPU than streaming the cache once (toy model, 2,048 rows, 320 slots)."""
+  state = online_softmax_init(q, keys.shape[1])
+  return online_softmax_result(online_softmax_step(state, q, keys, values, visible))
 
 
 def online_softmax_init(q, kv_heads: int):

@@ -175,7 +175,7 @@ def _dev_accuracy(res: Resources):
   c = res.config
   problems = res.task.load("dev")  # non-empty: validate() requires task.dev_size > 0 for boost validation
   requests = [TurnRequest(key=p.id, messages=tuple(res.prompts.initial_messages(p.question)), n=1, turn=1,
-                      stream="boost_validation") for p in problems]
+                          stream="boost_validation") for p in problems]
   holder: dict[str, Any] = {}
 
   def score(model) -> float:

@@ -264,10 +264,11 @@ class _EngineQueue:
 
   def submit(self, request: TurnRequest, sampling: TurnSampling, tag: Any) -> None:
     ids = list(chat.render(self.policy.tokenizer, list(request.messages), add_generation_prompt=True).ids)
-    self.stream.submit(sampling_requests.Request(ids, uid=sample_uid(request.key, request.turn, request.round, request.stream),
-                                     n=request.n, max_new_tokens=sampling.max_new_tokens,
-                                     temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                                     stop_ids=self.policy.stop_ids), tag=(tag, len(ids)))
+    uid = sample_uid(request.key, request.turn, request.round, request.stream)
+    self.stream.submit(sampling_requests.Request(ids, uid=uid, n=request.n, max_new_tokens=sampling.max_new_tokens,
+                                                 temperature=sampling.temperature, top_k=sampling.top_k,
+                                                 top_p=sampling.top_p, stop_ids=self.policy.stop_ids),
+                       tag=(tag, len(ids)))
 
   def step(self) -> list[tuple[Any, Completion]]:
     out = []

@@ -221,8 +221,8 @@ def _begin_turn(episode: _Episode, protocol: Protocol) -> TurnRequest:
   t = episode.t
   episode.view = chat.window(episode.messages, protocol.window) if protocol.window else list(episode.messages)
   episode.first, episode.candidates, episode.tokens, episode.redo = None, [], (0, 0), []
-  return TurnRequest(key=episode.problem.id, messages=tuple(episode.view), n=protocol.samples_per_turn[t - 1], turn=t,
-                 stream=protocol.kind)
+  return TurnRequest(key=episode.problem.id, messages=tuple(episode.view), n=protocol.samples_per_turn[t - 1],
+                     turn=t, stream=protocol.kind)
 
 
 def _absorb(episode: _Episode, request: TurnRequest, completion: Completion, protocol: Protocol,
