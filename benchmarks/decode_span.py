@@ -46,7 +46,7 @@ def slot_batch(slots: int, context: int, max_blocks: int, num_blocks: int) -> pa
       block_table=jnp.asarray(table.reshape(slots, max_blocks), jnp.int32), length=full(jnp.int32, context),
       last_token=full(jnp.int32, 5), generated=full(jnp.int32), active=full(bool, True),
       max_new=full(jnp.int32, 10**6), capacity=full(jnp.int32, max_blocks * BLOCK),
-      key_data=jnp.zeros((slots, 2), jnp.uint32), temperature=full(jnp.float32, 1.0), top_k=full(jnp.int32),
+      key_ids=jnp.zeros((slots, 3), jnp.uint32), temperature=full(jnp.float32, 1.0), top_k=full(jnp.int32),
       top_p=full(jnp.float32, 1.0), stop_ids=jnp.full((slots, 4), -1, jnp.int32),
       copy_src=jnp.zeros((4,), jnp.int32), copy_dst=jnp.zeros((4,), jnp.int32))
 

@@ -96,6 +96,7 @@ def toy_eval_args(checkpoint: str, tokenizer: str, out: str) -> list[str]:
           f"--config.model.hf_path={checkpoint}", f"--config.tokenizer.path={tokenizer}",
           "--config.task.test_size=2000", "--config.sampling.batch_size=2000", "--config.sampling.max_new_tokens=20",
           "--config.sampling.max_cache_length=256", "--config.eval.window=2", "--config.sampling.slots=512",
+          "--config.sampling.num_blocks=20000", "--config.sampling.chunk_steps=16",
           f"--config.output_dir={out}"]
 
 

@@ -175,6 +175,21 @@ def test_slots_are_refilled_under_mixed_lengths(engines, models):
   assert engine.blocks_in_use == 0  # every block returned
 
 
+def test_a_long_prompt_in_the_queue_does_not_split_the_short_ones_calls(models):
+  """64 prompts of 5 tokens with a 100-token one 11th in the queue: the short ones share one call of width 8
+  (block size 4; the long one, waiting, is passed over instead of padding them to 128 or ending their call), the
+  long one gets its own, and every request equals the reference."""
+  engine = Engine(models["llama"], slots=80, max_seq_len=128, block_size=4, prefill_tokens=512, prefix_cache=False)
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(3, 256, 5).tolist() for _ in range(64)]
+  prompts.insert(10, rng.integers(3, 256, 100).tolist())
+  reqs = [Request(p, uid=i, max_new_tokens=3, temperature=1.0) for i, p in enumerate(prompts)]
+  outs = engine.run(reqs, seed=5)
+  assert_same(outs, generate(models["llama"], reqs, seed=5, capacity=128))
+  assert engine.stats["prefill_calls"] == 2
+  assert engine.stats["prefill_padded_tokens"] == 64 * 8 + 4 * 128  # 64 rows of 8, 4 rows of 128
+
+
 def test_prompt_blocks_are_shared_once_and_equal_copies(models):
   """Best-of-8 on a 37-token prompt (9 full blocks of 4 + 1 partial): the prompt's blocks are held once, each
   sample holds its own tokens plus the copied partial block, and the samples equal the reference's (which

@@ -1,11 +1,13 @@
-"""The model's one-token decode path: the layer math of `Transformer.hidden` around a caller's KV layout.
+"""The model's cached forward around a caller's KV layout: the layer math of `Transformer.hidden`, attention the caller's.
 
-    layers = decode.layer_weights(model)                   # once per decode chunk, outside the step loop
-    hidden, kv = decode.decode_layers(model, tokens, positions, layers, kv, attend)   # each step
+    layers = decode.layer_weights(model)                   # once per call, outside any step loop
+    hidden, kv = decode.cached_layers(model, ids, positions, layers, kv, attend)      # new tokens [b, l]
+    hidden, kv = decode.decode_layers(model, tokens, positions, layers, kv, attend)   # one token per row
 
 Each layer runs `transformer.attention_inputs` and `transformer.layer_output` — the blocks the training forward
-runs — around a one-query attention (`attention.decode_attention`). What differs from `hidden(..., cache=...)`
-is only the data layout, chosen from CPU measurements:
+runs — around the caller's `attend`, which stores the new keys and values where its cache keeps them and attends
+over the cache (the engine's paged prefill and decode, `sampling.paged`). What differs from
+`hidden(..., cache=...)` is only the data layout, chosen from CPU measurements:
   * the contract cache [layers, batch, slots, kv_heads, head_dim] (docs/contracts.md §5) made every step slice
     each layer's cache out, scatter into it, write it back and transpose it for the attention (3M model, batch
     32, 128 slots: 41 ms/step against 6.6 with per-layer arrays). The engine's pool (`sampling.paged`) holds one
@@ -34,20 +36,33 @@ def layer_weights(model) -> list[dict[str, jax.Array]]:
   return [{name: value[i] for name, value in stacked.items()} for i in range(model.config.num_layers)]
 
 
-def decode_layers(model, tokens: jax.Array, positions: jax.Array, layers: list[dict[str, jax.Array]], kv: list,
+def cached_layers(model, ids: jax.Array, positions: jax.Array, layers: list[dict[str, jax.Array]], kv: list,
                   attend) -> tuple[jax.Array, list]:
-  """The one-token layer stack (the engine's paged decode, `sampling.paged`).
+  """The layer stack over new tokens ids [b, l] at positions [b, l] (the engine's paged prefill and decode).
 
-  `tokens[b]` sits at `positions[b]`; `attend(q, k, v, kv[i])` -> (attended [b, heads, d], new kv[i]) writes the
-  new key/value (k, v [b, kv_heads, d], rotated) into layer i's cache and attends over it. Returns the final
-  normed hidden states [b, d] (float32) and the per-layer caches.
+  `attend(q, k, v, kv[i])` -> (attended [b, l, heads, d], new kv[i]) stores the new keys and values (k, v
+  [b, l, kv_heads, d], rotated) in layer i's cache and attends the queries q [b, l, heads, d] over it. Returns
+  the final normed hidden states [b, l, d] (float32) and the per-layer caches.
   """
   c = model.config
   inv_freq = rope_inv_freq(c)
-  x = jnp.take(model.embedder[...], tokens, axis=0).astype(model.dtype)[:, None]  # [b, 1, d]
+  x = jnp.take(model.embedder[...], ids, axis=0).astype(model.dtype)  # [b, l, d]
   kv = list(kv)
   for i, w in enumerate(layers):
-    q, k, v = attention_inputs(x, w, positions[:, None], inv_freq, c.rms_norm_eps, model.dtype)
-    attended, kv[i] = attend(q[:, 0], k[:, 0], v[:, 0], kv[i])
-    x = layer_output(x, attended[:, None].astype(model.dtype), w, c.rms_norm_eps, model.dtype)
-  return rms_norm(x[:, 0], model.final_norm[...], c.rms_norm_eps, jnp.float32), kv
+    q, k, v = attention_inputs(x, w, positions, inv_freq, c.rms_norm_eps, model.dtype)
+    attended, kv[i] = attend(q, k, v, kv[i])
+    x = layer_output(x, attended.astype(model.dtype), w, c.rms_norm_eps, model.dtype)
+  return rms_norm(x, model.final_norm[...], c.rms_norm_eps, jnp.float32), kv
+
+
+def decode_layers(model, tokens: jax.Array, positions: jax.Array, layers: list[dict[str, jax.Array]], kv: list,
+                  attend) -> tuple[jax.Array, list]:
+  """`cached_layers` for one token per row: `tokens[b]` at `positions[b]`; `attend(q [b, heads, d], k, v
+  [b, kv_heads, d], kv[i])` -> (attended [b, heads, d], new kv[i]). Returns hidden states [b, d] (float32)."""
+
+  def one_query(q, k, v, layer_kv):
+    attended, layer_kv = attend(q[:, 0], k[:, 0], v[:, 0], layer_kv)
+    return attended[:, None], layer_kv
+
+  hidden, kv = cached_layers(model, tokens[:, None], positions[:, None], layers, kv, one_query)
+  return hidden[:, 0], kv

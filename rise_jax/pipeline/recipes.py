@@ -177,6 +177,10 @@ def toy() -> ml_collections.ConfigDict:
   c.sampling.batch_size = 2000           # episodes in flight: the whole test set queued at once
   c.sampling.slots = 512                 # 20-token replies: wide chunks amortise the per-chunk host work on a CPU
   c.sampling.chunk_steps = 16           # most of a 20-token reply in one chunk: half the chunk programs of 8 (cold start)
+  # The 512 slots at full length (8,194 blocks) plus a prefix cache for the 2,000 conversations in flight (~5 blocks
+  # each): with the default pool alone the cache evicts a conversation's last prompt before its next turn, and
+  # an evaluation prefilled 2.2x the tokens (benchmarks/generator_vs_commit.py, toy_eval). 330 MB of KV.
+  c.sampling.num_blocks = 20_000
   c.collect.turns = 2
   c.collect.samples_per_turn = 1
   c.collect.improvement = "self"

@@ -32,10 +32,11 @@ Shapes (compiles are bounded and counted by `compile_counts()`). A decode chunk 
 into the smallest of CHUNK_ROW_BUCKETS row buckets (slots, slots / 2, slots / 4, slots / 8) that holds them, with
 the attention span bucketed by `scheduler.span_bucket` (powers of two of blocks from MIN_SPAN_TOKENS, quarter
 octaves past FINE_SPAN_TOKENS): <= CHUNK_ROW_BUCKETS x (log2(max_blocks) + 1 + 3 x octaves past FINE_SPAN_TOKENS)
-chunk programs. A prefill batch is (rows, width) with rows a power of 4 (1, 4, 16, 64,
-...) and width a power of two >= the block size, rows x width <= prefill_tokens; its first-token sampling is
-padded to a power of 4 >= max(16, rows) samples (one bucket per row bucket when n = 1): with n = 1, <= 4 x
-(widths met) prefill programs for 64 slots.
+chunk programs. A prefill call is a (width, context) bucket: tail width a power of two >= the block size, cached
+prefix a power of two of blocks (0 without one), at the most rows (a power of 4) with rows x width <=
+prefill_tokens and rows x (context + width) <= scheduler.PREFILL_KEYS x prefill_tokens, so one program per bucket
+met; the scheduler fills a call with the oldest queued request and the queued ones of its bucket. Its first-token
+sampling is padded to a power of 4 >= max(16, rows) samples (one bucket per row bucket when n = 1).
 
 Mesh: rows over data and fsdp, kv heads over tensor; the pool's blocks are replicated over data
 (any slot may read any block), so each step's new keys and values reach every data shard.
@@ -63,7 +64,6 @@ from rise_jax import sharding as sharding_lib
 from rise_jax.config import ON_OVERFLOW
 from rise_jax.sampling import blocks as blocks_lib
 from rise_jax.sampling import paged
-from rise_jax.sampling import select
 from rise_jax.sampling.requests import Request, SampleResult
 from rise_jax.sampling.scheduler import CHUNK_ROW_BUCKETS, MIN_SPAN_TOKENS, EngineStream
 
@@ -252,15 +252,6 @@ class Engine:
     return self._stream
 
   # -- device calls (the scheduler's) ------------------------------------------------------------------------
-
-  def key_data(self, seed: int, uids: list, samples: list[int], m: int) -> np.ndarray:
-    """The raw [m, 2] keys of samples (seed, uid, j) padded to m (one program per first-token bucket), made
-    elementwise (`select.row_keys`), so a sample's key does not depend on the batch it was prefilled in."""
-    uid_ints = np.zeros(m, np.uint32)
-    index = np.zeros(m, np.uint32)
-    uid_ints[:len(uids)] = [select.uid_to_int(u) for u in uids]
-    index[:len(samples)] = samples
-    return np.asarray(jax.random.key_data(select.row_keys(seed, uid_ints, index)))
 
   def prefill_call(self, prefill_arrays, first_token_arrays) -> tuple[np.ndarray, ...]:
     """`paged.prefill` then `paged.first_tokens` on host arrays; the first-token outputs. Two programs, not one:

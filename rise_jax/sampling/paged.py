@@ -21,7 +21,6 @@ import jax.numpy as jnp
 
 from rise_jax.models import attention as attention_lib
 from rise_jax.models import decode as decode_lib
-from rise_jax.models.transformer import KVCache, init_cache
 from rise_jax.sampling import select
 
 TRASH_BLOCK = 0
@@ -58,7 +57,7 @@ class SlotBatch:
   active: jax.Array        # bool
   max_new: jax.Array       # int32
   capacity: jax.Array      # int32: most tokens (prompt + reply) the row may hold
-  key_data: jax.Array      # [slots, 2] uint32: raw (seed, uid, sample) keys (`select.row_keys`)
+  key_ids: jax.Array       # [slots, 3] uint32: (seed, uid, sample), the row's key (`select.row_keys`)
   temperature: jax.Array   # float32
   top_k: jax.Array         # int32
   top_p: jax.Array         # float32
@@ -84,29 +83,45 @@ def init_pool(config, num_blocks: int, block_size: int, dtype) -> PagedPool:
   return PagedPool(k=zeros(), v=zeros())
 
 
-def _rollback(cache: KVCache, keep: jax.Array) -> KVCache:
-  """Keep each row's first `keep[row]` tokens; later slots become empty (position -1)."""
-  slots = jnp.arange(cache.positions.shape[1], dtype=jnp.int32)[None, :]
-  return cache.replace(positions=jnp.where(slots < keep[:, None], cache.positions, -1),
-                       end_index=keep.astype(jnp.int32))
+def prefill(model, pool: PagedPool, ids: jax.Array, lengths: jax.Array, block_ids: jax.Array,
+            context_table: jax.Array, cached: jax.Array) -> tuple[PagedPool, jax.Array]:
+  """Prefill right-padded prompt tails ids [rows, width] (width a multiple of the block size) after each row's
+  `cached[r]` tokens (a multiple of the block size) already in the pool's blocks context_table[r] [rows,
+  context_blocks; 0 blocks: no row has a cached prefix], and store the tails' keys and values: block j of row r's
+  tail goes to block_ids[r, j] (TRASH_BLOCK for blocks past the prompt).
 
-
-def _extend(model, cache: KVCache, ids: jax.Array, lengths: jax.Array, keep: jax.Array,
-            last_hidden: jax.Array) -> tuple[KVCache, jax.Array]:
-  """Roll each row back to `keep` tokens, then append its first `lengths[row]` ids (right-padded chunk).
-
-  Returns the cache and the final hidden state of each row's last appended token ([batch, d]; rows that append
-  nothing keep `last_hidden`). The padded tail of a chunk is written as empty slots and overwritten by the
-  next write, so the cache stays hole-free. Requires keep + ids.shape[1] <= cache length for every row.
+  Each layer writes the tail's keys and values into their blocks, then attends the tail's queries over the row's
+  blocks (cached prefix, then tail) read from the pool through its block table. Returns the pool and
+  each row's last hidden state [rows, d] (float32), which samples every sample's first token.
   """
-  cache = _rollback(cache, keep)
-  width = ids.shape[1]
+  c = model.config
+  rows, width = ids.shape
+  block_size = pool.k[0].shape[2]
   offsets = jnp.arange(width, dtype=jnp.int32)[None, :]
-  mask = offsets < lengths[:, None]
-  hidden, cache = model.hidden(ids, positions=keep[:, None] + offsets, attention_mask=mask, cache=cache)
-  cache = cache.replace(end_index=(keep + lengths).astype(jnp.int32))
+  positions = jnp.where(offsets < lengths[:, None], cached[:, None] + offsets, -1)  # -1: padding, never attended
+  context = context_table.shape[1] * block_size
+  key_index = jnp.arange(context, dtype=jnp.int32)[None, :]
+  key_positions = jnp.concatenate([jnp.where(key_index < cached[:, None], key_index, -1), positions], axis=1)
+  flat_ids = block_ids.reshape(-1)
+  table = jnp.concatenate([context_table, block_ids], axis=1)  # the row's blocks: cached prefix, then its tail
+  # [rows, width, kv_heads, d] -> [rows * width / block_size, kv_heads, block_size, d] (the pool's blocks)
+  as_blocks = lambda x: jnp.swapaxes(x.reshape(rows * (width // block_size), block_size, *x.shape[2:]), 1, 2)
+  # the row's blocks [rows, blocks, kv_heads, block_size, d] -> [rows, context + width, kv_heads, d]
+  as_tokens = lambda p: jnp.swapaxes(p[table], 2, 3).reshape(rows, context + width, c.num_kv_heads, c.head_dim)
+
+  def attend(q, k, v, layer_pool):
+    # Written first, then read back with the prefix: a read of the pool before the in-place write made XLA copy
+    # the whole pool (CPU, toy model: ~8x a prefill call with a cached prefix).
+    k_pool = layer_pool[0].at[flat_ids].set(as_blocks(k.astype(layer_pool[0].dtype)))
+    v_pool = layer_pool[1].at[flat_ids].set(as_blocks(v.astype(layer_pool[1].dtype)))
+    out = attention_lib.xla_attention(q, as_tokens(k_pool).astype(q.dtype), as_tokens(v_pool).astype(q.dtype),
+                                      positions, key_positions, window=c.sliding_window)
+    return out, (k_pool, v_pool)
+
+  hidden, kv = decode_lib.cached_layers(model, ids, jnp.maximum(positions, 0), decode_lib.layer_weights(model),
+                                        list(zip(pool.k, pool.v)), attend)
   last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-  return cache, jnp.where((lengths > 0)[:, None], last.astype(last_hidden.dtype), last_hidden)
+  return PagedPool(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv)), last
 
 
 def finish_code(token: jax.Array, count: jax.Array, position: jax.Array, stop_ids: jax.Array, max_new: jax.Array,
@@ -119,58 +134,18 @@ def finish_code(token: jax.Array, count: jax.Array, position: jax.Array, stop_id
                                          jnp.where(position + 1 >= capacity, CACHE_FULL, RUNNING)))
 
 
-def prefill(model, pool: PagedPool, ids: jax.Array, lengths: jax.Array, block_ids: jax.Array,
-            context_table: jax.Array, cached: jax.Array) -> tuple[PagedPool, jax.Array]:
-  """Prefill right-padded prompt tails ids [rows, width] (width a multiple of the block size) after each row's
-  `cached[r]` tokens (a multiple of the block size) already in the pool's blocks context_table[r] [rows,
-  context_blocks; 0 blocks: no row has a cached prefix], and store the tails' keys and values: block j of row r's
-  tail goes to block_ids[r, j] (TRASH_BLOCK for blocks past the prompt).
-
-  The forward is the model's own cached one (`_extend`); returns the
-  pool and each row's last hidden state [rows, d] (float32), which samples every sample's first token.
-  """
-  rows, width = ids.shape
-  if context_table.shape[1]:
-    cache = _context_cache(model.config, pool, context_table, cached, width)
-  else:
-    cache = init_cache(model.config, rows, width, pool.k[0].dtype)
-  cache, hidden = _extend(model, cache, ids, lengths, cached,
-                              jnp.zeros((rows, model.config.hidden_size), jnp.float32))
-  if context_table.shape[1]:  # the tail's slots, cached[r] .. cached[r] + width
-    slots = (cached[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :])[None, :, :, None, None]
-    cache = cache.replace(k=jnp.take_along_axis(cache.k, slots, axis=2), v=jnp.take_along_axis(cache.v, slots, axis=2))
-  block_size = pool.k[0].shape[2]
-  flat_ids = block_ids.reshape(-1)
-  # [rows, width, kv_heads, d] -> [blocks, kv_heads, block_size, d]
-  as_blocks = lambda x: jnp.swapaxes(x.reshape(rows * (width // block_size), block_size, *x.shape[2:]), 1, 2)
-  k = tuple(p.at[flat_ids].set(as_blocks(cache.k[i])) for i, p in enumerate(pool.k))
-  v = tuple(p.at[flat_ids].set(as_blocks(cache.v[i])) for i, p in enumerate(pool.v))
-  return PagedPool(k=k, v=v), hidden
-
-
-def _context_cache(config, pool: PagedPool, context_table: jax.Array, cached: jax.Array, width: int) -> KVCache:
-  """A contiguous cache of context + width slots holding each row's cached prefix, read from its blocks."""
-  rows, context_blocks = context_table.shape
-  block_size = pool.k[0].shape[2]
-  context = context_blocks * block_size
-
-  def gather(p):  # [blocks, kv_heads, block_size, d] -> [rows, context + width, kv_heads, d]
-    g = jnp.swapaxes(p[context_table], 2, 3).reshape(rows, context, config.num_kv_heads, config.head_dim)
-    return jnp.pad(g, ((0, 0), (0, width), (0, 0), (0, 0)))
-
-  slots = jnp.arange(context + width, dtype=jnp.int32)[None, :]
-  return KVCache(k=jnp.stack([gather(p) for p in pool.k]), v=jnp.stack([gather(p) for p in pool.v]),
-                 positions=jnp.where(slots < cached[:, None], slots, -1), end_index=cached.astype(jnp.int32))
-
-
-def first_tokens(model, hidden: jax.Array, rows: jax.Array, key_data: jax.Array, position: jax.Array,
+def first_tokens(model, hidden: jax.Array, rows: jax.Array, key_ids: jax.Array, position: jax.Array,
                  temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, stop_ids: jax.Array,
                  max_new: jax.Array, capacity: jax.Array, vocab_limit: int | None):
   """Sample j's first token from its prompt's last hidden state hidden[rows[j]], drawn at conversation index
   `position[j]` (the prompt length) with `select`'s key rule: (tokens, logprobs, sampling_logprobs, finish
   codes); a sample whose first token finishes it never takes a decode slot."""
-  return sample_step(model, jnp.take(hidden, rows, axis=0), jax.random.wrap_key_data(key_data), position,
+  return sample_step(model, jnp.take(hidden, rows, axis=0), _keys(key_ids), position,
                      jnp.ones_like(position), temperature, top_k, top_p, stop_ids, max_new, capacity, vocab_limit)
+
+
+def _keys(key_ids: jax.Array) -> jax.Array:
+  return select.row_keys(key_ids[:, 0], key_ids[:, 1], key_ids[:, 2])
 
 
 def sample_step(model, hidden, keys, position, count, temperature, top_k, top_p, stop_ids, max_new, capacity,
@@ -269,7 +244,7 @@ def decode_chunk(model, pool: PagedPool, slots: SlotBatch, chunk_steps: int, spa
   """
   pool = copy_blocks(pool, slots.copy_src, slots.copy_dst)
   layers = decode_lib.layer_weights(model)
-  keys = jax.random.wrap_key_data(slots.key_data)
+  keys = _keys(slots.key_ids)
   n = slots.length.shape[0]
   out = ChunkOutput(tokens=jnp.zeros((n, chunk_steps), jnp.int32),
                     logprobs=jnp.zeros((n, chunk_steps), jnp.float32),

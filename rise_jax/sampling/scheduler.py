@@ -12,12 +12,15 @@ from typing import Any
 import numpy as np
 
 from rise_jax.sampling import paged
+from rise_jax.sampling import select
 from rise_jax.sampling.requests import STOP_SLOTS, Request, SampleResult
 
 MIN_FIRST_TOKENS = 16   # smallest first-token batch bucket (a power of 4)
 MIN_SPAN_TOKENS = 64    # smallest attention-span bucket (fewer chunk compiles for short conversations)
 FINE_SPAN_TOKENS = 512  # spans longer than this come in quarter octaves: there attention is most of a step
 CHUNK_ROW_BUCKETS = 4   # decode chunks run slots, slots / 2, slots / 4 or slots / 8 rows (the occupied ones)
+PREFILL_LOOKAHEAD = 4   # a prefill call looks this many x its rows past requests of other buckets
+PREFILL_KEYS = 4        # a prefill call's keys (cached prefix + tail) may be this many x its tail tokens
 
 
 def pow2_at_least(x: int, floor: int = 1) -> int:
@@ -50,7 +53,7 @@ class Group:
   prompt: list[int]
   results: list                             # sample j's SampleResult once it finished, else None
   pending: int                              # samples without a result yet
-  key_data: np.ndarray | None = None        # [n, 2] uint32 row keys of its samples (made at its prefill)
+  uid_int: int = 0                          # `select.uid_to_int` of the request's uid (its keys' second id)
   waiting: collections.deque = dataclasses.field(default_factory=collections.deque)  # sample indices
   first: dict = dataclasses.field(default_factory=dict)   # sample -> (token, logprob, sampling_logprob, code)
   digests: list[bytes] = dataclasses.field(default_factory=list)  # chain digests of the full prompt blocks
@@ -118,7 +121,8 @@ class EngineStream:
     """Queue `request` (checked now: overflow raises here, as in `run`); `tag` comes back with its samples."""
     engine = self._open()
     prompt = engine.check(tag, request)
-    group = Group(tag, request, prompt, [None] * request.n, request.n, waiting=collections.deque(range(request.n)))
+    group = Group(tag, request, prompt, [None] * request.n, request.n, select.uid_to_int(request.uid),
+                  waiting=collections.deque(range(request.n)))
     if len(prompt) >= engine.capacity:  # not even one reply token fits (report mode)
       empty = SampleResult([], np.zeros(0, np.float32), np.zeros(0, np.float32), "cache_full", len(prompt))
       for j in range(request.n):
@@ -195,15 +199,21 @@ class EngineStream:
     return copies
 
   def _prefill_some(self, free_slots: int) -> bool:
-    """Prefill queued requests (FIFO) while their prompts and the samples `free_slots` can take fit the free
-    blocks; False when not even the next request's prompt and one sample fit now."""
+    """Prefill the oldest queued request with the queued requests that fit its (width, context) bucket, looking
+    PREFILL_LOOKAHEAD x the call's rows into the queue, while their prompts and the samples `free_slots` can take
+    fit the free blocks; False when not even the oldest request's prompt and one sample fit now.
+
+    Requests of a call share its bucket (tail width and cached-prefix length, powers of two), so a short tail
+    behind a long one waits for a call of its own size instead of being padded to it; the oldest request always
+    goes first, so none waits forever. Samples do not depend on which call prefills them (the key rule)."""
     engine, kv = self.engine, self.engine.kv
     block_size = engine.block_size
     taken = 0
     batch: list[Group] = []
-    width = context = 0
-    while self._queue and free_slots > 0:
-      group = self._queue[0]
+    passed: list[Group] = []  # looked at, another bucket's: back to the queue's front in their order
+    width = context = rows = 0
+    while self._queue and free_slots > 0 and len(batch) < max(rows, 1) and len(passed) < PREFILL_LOOKAHEAD * max(rows, 1):
+      group = self._queue.popleft()
       prompt_len = len(group.prompt)
       group.cached_blocks = kv.cached_prefix(group)
       cached = len(group.cached_blocks)
@@ -212,15 +222,23 @@ class EngineStream:
       free_blocks = kv.table.available - taken
       by_blocks = (free_blocks - prompt_blocks) // own if own else free_slots
       takes = min(group.request.n, free_slots, by_blocks)
-      new_width = max(width, pow2_at_least(prompt_len - cached * block_size, block_size))
-      new_context = max(context, pow2_at_least(cached) if cached else 0)
-      too_wide = len(batch) + 1 > self._prefill_rows(new_width, new_context)  # the call's one row rule
-      if takes < 1 or (batch and too_wide):
+      group_width = pow2_at_least(prompt_len - cached * block_size, block_size)
+      group_context = pow2_at_least(cached) if cached else 0
+      if takes < 1:  # the free blocks are short: wait for running rows to return some
         kv.drop_lookup(group)
+        self._queue.appendleft(group)
         break
-      batch.append(self._queue.popleft())
-      width, context, free_slots = new_width, new_context, free_slots - takes
+      if not batch:
+        width, context = group_width, group_context
+        rows = self._prefill_rows(width, context)
+      elif group_width > width or group_context > context:
+        kv.drop_lookup(group)
+        passed.append(group)
+        continue
+      batch.append(group)
+      free_slots -= takes
       taken += prompt_blocks + takes * own
+    self._queue.extendleft(reversed(passed))
     if not batch:
       return False
     self._prefill(batch, width, context)
@@ -257,6 +275,7 @@ class EngineStream:
       kv.table.register(block, digest)
     engine.stats["prefill_calls"] += 1
     engine.stats["prefill_tokens"] += int(lengths.sum())
+    engine.stats["prefill_padded_tokens"] += ids.size
     engine.stats["cached_tokens"] += int(cached_lengths.sum())
     # The prompts' blocks are held here even when every sample ends at its first token (never admitted to a slot).
     engine.stats["peak_blocks"] = max(engine.stats["peak_blocks"], engine.blocks_in_use)
@@ -264,11 +283,13 @@ class EngineStream:
       group.first[j] = tuple(x[s].item() for x in outputs)  # token, logprob, sampling logprob, finish code
 
   def _prefill_rows(self, width: int, context: int) -> int:
-    """A prefill call's rows: the most (a power of 4) whose padded tokens fit `prefill_tokens`, whatever the batch
-    holds, so a (width, context) bucket is one program (padding rows cost compute, not compiles)."""
-    tokens = width + context * self.engine.block_size
+    """A prefill call's rows: the most (a power of 4) whose padded tail tokens fit `prefill_tokens` and whose keys
+    (cached prefix and tail) fit PREFILL_KEYS x that, whatever the batch holds, so a (width, context) bucket is one
+    program (padding rows cost compute, not compiles). A cached prefix token costs a key, not a forward."""
+    budget = self.engine.prefill_tokens
+    keys = width + context * self.engine.block_size
     rows = 1
-    while rows * 4 * tokens <= self.engine.prefill_tokens:
+    while rows * 4 * width <= budget and rows * 4 * keys <= PREFILL_KEYS * budget:
       rows *= 4
     return rows
 
@@ -276,15 +297,12 @@ class EngineStream:
     """`paged.first_tokens`' per-sample inputs, padded to a bucket (>= the prefill rows: one bucket for n=1)."""
     m = pow4_at_least(len(samples), max(MIN_FIRST_TOKENS, rows))
     column = lambda values, dtype: np.asarray(list(values) + [0] * (m - len(samples)), dtype)
-    key_data = self.engine.key_data(self.seed, [g.request.uid for _, g, _ in samples], [j for _, _, j in samples], m)
-    for s, (_, g, j) in enumerate(samples):
-      if g.key_data is None:
-        g.key_data = np.zeros((g.request.n, 2), np.uint32)
-      g.key_data[j] = key_data[s]
+    key_ids = select.key_ids(self.seed, column((g.uid_int for _, g, _ in samples), np.uint32),
+                             column((j for _, _, j in samples), np.uint32))
     stop_ids = np.full((m, STOP_SLOTS), -1, np.int32)
     for s, (_, g, _) in enumerate(samples):
       stop_ids[s, :len(g.request.stop_ids)] = g.request.stop_ids
-    return (column((r for r, _, _ in samples), np.int32), key_data,
+    return (column((r for r, _, _ in samples), np.int32), key_ids,
             column((len(g.prompt) for _, g, _ in samples), np.int32),
             column((g.request.temperature for _, g, _ in samples), np.float32),
             column((g.request.top_k for _, g, _ in samples), np.int32),
@@ -330,14 +348,13 @@ class EngineStream:
       blocks = slot.group.shared_blocks + slot.own_blocks
       table[s, :len(blocks)] = blocks
       stop_ids[s, :len(slot.group.request.stop_ids)] = slot.group.request.stop_ids
-    key_data = np.zeros((rows, 2), np.uint32)
-    if n:
-      key_data[:n] = [slot.group.key_data[slot.sample] for slot in occupied]
+    key_ids = select.key_ids(self.seed, column([slot.group.uid_int for slot in occupied], np.uint32),
+                             column([slot.sample for slot in occupied], np.uint32))
     copy_src, copy_dst = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
     for i, (src, dst) in enumerate(copies):  # at most one per slot admitted since the last chunk
       copy_src[i], copy_dst[i] = src, dst
     return paged.SlotBatch(
-        block_table=table, active=np.arange(rows) < n, key_data=key_data, stop_ids=stop_ids,
+        block_table=table, active=np.arange(rows) < n, key_ids=key_ids, stop_ids=stop_ids,
         length=column([slot.length for slot in occupied], np.int32),
         last_token=column([slot.last_token for slot in occupied], np.int32),
         generated=column([len(slot.tokens) for slot in occupied], np.int32),

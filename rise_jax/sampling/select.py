@@ -130,15 +130,22 @@ def uid_to_int(uid) -> int:
   return int.from_bytes(hashlib.sha256(str(uid).encode()).digest()[:4], "little")
 
 
-@jax.jit
-def _row_keys(seed: jax.Array, uids: jax.Array, sample_index: jax.Array) -> jax.Array:
-  per_uid = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), uids)
-  return jax.vmap(jax.random.fold_in)(per_uid, sample_index)
+def row_keys(seed, uids, sample_index) -> jax.Array:
+  """[rows] keys for (seed, uid, j): the stream of sample j of prompt uid, independent of the batch around it.
+  Elementwise in uint32 seeds (one per row or one for all), `uid_to_int` uids and sample indices, so the engine's
+  programs make them on the device from `key_ids` columns."""
+  uids, sample_index = jnp.asarray(uids, jnp.uint32), jnp.asarray(sample_index, jnp.uint32)
+  seed = seed % (1 << 32) if isinstance(seed, int) else seed
+  seed = jnp.broadcast_to(jnp.asarray(seed, jnp.uint32), uids.shape)
+  one = lambda s, u, j: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), u), j)
+  return jax.vmap(one)(seed, uids, sample_index)
 
 
-def row_keys(seed: int, uids: np.ndarray, sample_index: np.ndarray) -> jax.Array:
-  """[rows] keys for (seed, uid, j): the stream of sample j of prompt uid, independent of the batch around it."""
-  return _row_keys(np.uint32(seed % (1 << 32)), np.asarray(uids, np.uint32), np.asarray(sample_index, np.uint32))
+def key_ids(seed: int, uid_ints, samples) -> np.ndarray:
+  """[rows, 3] uint32 (seed, uid, sample) columns, what `row_keys` makes a row's key from."""
+  out = np.zeros((len(uid_ints), 3), np.uint32)
+  out[:, 0], out[:, 1], out[:, 2] = seed % (1 << 32), uid_ints, samples
+  return out
 
 
 def token_keys(keys: jax.Array, token_index: jax.Array) -> jax.Array:
