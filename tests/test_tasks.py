@@ -224,6 +224,7 @@ def test_toy_repair_fixes_a_wrong_product_and_the_sum_that_follows():
   assert task.repair("25+3*4", "3*4=13,25+13=38", "") == "3*4=12,25+12=37"
   assert task.repair("25+3*4", "3*4=13,25+13=37", "") == "3*4=12,25+12=37"  # a right sum of a wrong product
   assert task.repair("25+7*8", "7*9=63,25+63=88", "") == "7*8=56,25+56=81"  # wrong factors
+  assert task.repair("25+3*4", "2*6=12,25+12=38", "") == "3*4=12,25+12=37"  # wrong factors, the right product
 
 
 def test_toy_repair_of_a_wrong_attempt_is_graded_right():
