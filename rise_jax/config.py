@@ -28,7 +28,7 @@ placeholder = config_dict.placeholder
 MODEL_SOURCES = ("preset", "hf")
 DTYPES = ("float32", "bfloat16")
 IMPROVEMENTS = ("self", "teacher")
-TEACHER_KINDS = ("model", "openai", "reference")
+TEACHER_KINDS = ("model", "openai", "reference", "repair")
 CRITERIA = ("all", "better", "best", "success")
 WEIGHTINGS = ("exp", "uniform")
 ESTIMATORS = ("sample_mean", "token_mean", "self_normalised")
@@ -106,7 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.collect.improvement_samples = 16     # N at the improvement turn (self-distillation best-of-N)
   c.collect.teacher = ml_collections.ConfigDict()
   c.collect.teacher.kind = "model"       # model (through the engine) | openai (chat-completions endpoint) |
-                                         # reference (the task's reference solutions: distillation from ground truth)
+                                         # reference (the task's reference solutions: distillation from ground truth) |
+                                         # repair (the task's correction of the failed attempt: its right steps kept)
   c.collect.teacher.path = placeholder(str)
   c.collect.teacher.base_url = placeholder(str)
   c.collect.teacher.model = placeholder(str)
@@ -169,6 +170,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rise.init_from = "base"              # base | previous
   c.rise.data = "current"                # current | accumulated
   c.rise.single_turn_control = False     # also train the history-stripped control on the same data
+  c.rise.mix_single_turn = False         # RISE also trains the control's history-stripped records of its episodes
   c.rise.evaluate = "all"                # all: every iteration's model (and control) | final: the base/boost and the
                                          # last iteration's only (intermediate models can be evaluated later)
   c.rise.boost_lr = placeholder(float)   # boost stage learning rate; None = train.lr (RISE loop)
@@ -318,6 +320,11 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _check(co.improvement_samples >= 1, "collect.improvement_samples", "must be >= 1")
   _one_of(config, "collect.improvement", IMPROVEMENTS)
   _one_of(config, "collect.teacher.kind", TEACHER_KINDS)
+  if co.teacher.kind == "repair":
+    from rise_jax.tasks import TASKS, base  # local: the registry imports the task code
+    _check(TASKS[config.task.name].repair is not base.Task.repair, "collect.teacher.kind",
+           f"'repair' needs a task that corrects an attempt (Task.repair); task {config.task.name!r} has none "
+           "(use 'reference')")
   _check(_finite(co.teacher.temperature) and co.teacher.temperature >= 0, "collect.teacher.temperature",
          f"must be finite and >= 0 (0 = greedy), got {co.teacher.temperature}")
   if co.improvement == "teacher":
@@ -370,6 +377,8 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _one_of(config, "rise.init_from", INIT_FROM)
   _one_of(config, "rise.data", RISE_DATA)
   _one_of(config, "rise.evaluate", RISE_EVALUATE)
+  _check(not (r.mix_single_turn and co.single_turn), "rise.mix_single_turn",
+         "collect.single_turn already strips RISE's records: mixing would add each one twice")
   _check(r.boost_lr is None or (_finite(r.boost_lr) and r.boost_lr > 0), "rise.boost_lr",
          f"must be None or finite and > 0, got {r.boost_lr}")
   _check(r.boost_epochs is None or r.boost_epochs >= 1, "rise.boost_epochs", "must be None or >= 1")

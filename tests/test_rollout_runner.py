@@ -431,6 +431,28 @@ def test_collection_with_window_one_and_the_reference_teacher(tmp_path):
     teacher.sample([type(learner.requests[0])(key="toy/test/9", messages=tuple(head), n=1, turn=1)], SAMPLING, 0)
 
 
+def test_the_repair_teacher_corrects_the_attempt_it_sees_and_falls_back_to_the_reference(tmp_path):
+  # The toy's repair at the improvement turn: a right product is kept as written and the sum fixed; an attempt of
+  # no known shape, or one the window hides, gets the reference solution, counted.
+  from rise_jax.rollout.policies import RepairPolicy
+  from rise_jax.tasks import get_task
+  toy = get_task("toy", test_size=20, dev_size=5)
+  reference = "3*4=12,25+12=37"
+  problems = [Problem(id=f"toy/train/{i}", question="25+3*4", reference=reference) for i in range(2)]
+  attempts = {"toy/train/0": "4*3=12,25+12=38", "toy/train/1": "oops"}
+  learner = ScriptedPolicy(lambda request, j: attempts[request.key])
+  for window, texts, fallbacks in [(None, ["4*3=12,25+12=37", reference], 1), (1, [reference, reference], 2)]:
+    teacher = RepairPolicy({p.id: p.reference for p in problems},
+                           lambda key, attempt: toy.repair("25+3*4", attempt, reference))
+    protocol = Protocol.sequential(2, samples=(1, 2), select="best_reward", oracle=True, window=window,
+                                   sampling=SAMPLING, grader="robust")
+    _, records = _run(tmp_path, problems, [learner, teacher], protocol, name=f"w{window}.jsonl")
+    assert [r["turns"][1]["policy"] for r in records] == ["teacher:repair"] * 2
+    assert [[c["text"] for c in r["turns"][1]["candidates"]] for r in records] == [[t, t] for t in texts]
+    assert [[c["reward"] for c in r["turns"][1]["candidates"]] for r in records] == [[1.0, 1.0]] * 2
+    assert (teacher.requests, teacher.fallbacks) == (2, fallbacks)
+
+
 def test_collection_without_oracle_keeps_a_right_answer_after_the_failure_message(tmp_path):
   # collect.oracle=False (algorithm.collection_protocol): a right first answer is followed by the failure message, as
   # at test time without an oracle, and best-of-N at turn 2 yields a record that keeps the right answer after it.

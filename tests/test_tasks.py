@@ -210,6 +210,56 @@ def test_toy_problems_answers_and_answer_space():
       {a + b * c for a in range(10) for b in range(1, 4) for c in range(1, 4)})
 
 
+def test_toy_repair_keeps_a_right_product_and_fixes_the_sum():
+  task = get_task("toy", test_size=20, dev_size=5)
+  assert task.repair("25+3*4", "3*4=12,25+12=38", "") == "3*4=12,25+12=37"
+  assert task.repair("25+3*4", "4*3=12,25+12=36", "") == "4*3=12,25+12=37"  # the product step kept as written
+  assert task.repair("25+3*4", " 03*4=12,25+12=36\n", "") == "03*4=12,25+12=37"
+  assert task.repair("25+3*4", "3*4=12,52+12=64", "") == "3*4=12,25+12=37"  # a wrong addend is a wrong sum
+  assert task.repair("25+3*4", "3*4=12,25+12=37", "") == "3*4=12,25+12=37"  # nothing wrong: kept
+
+
+def test_toy_repair_fixes_a_wrong_product_and_the_sum_that_follows():
+  task = get_task("toy", test_size=20, dev_size=5)
+  assert task.repair("25+3*4", "3*4=13,25+13=38", "") == "3*4=12,25+12=37"
+  assert task.repair("25+3*4", "3*4=13,25+13=37", "") == "3*4=12,25+12=37"  # a right sum of a wrong product
+  assert task.repair("25+7*8", "7*9=63,25+63=88", "") == "7*8=56,25+56=81"  # wrong factors
+  assert task.repair("25+3*4", "2*6=12,25+12=38", "") == "3*4=12,25+12=37"  # wrong factors, the right product
+
+
+def test_toy_repair_of_a_wrong_attempt_is_graded_right():
+  task = get_task("toy", test_size=500, dev_size=50)
+  rng, wrong = random.Random(0), 0
+  for p in rng.sample(task.load("train"), 300):
+    a, b, c = p.meta["a"], p.meta["b"], p.meta["c"]
+    for _ in range(5):
+      x, y = (b, c) if rng.random() < 0.5 else (rng.randint(1, 9), rng.randint(1, 9))
+      product = abs(x * y + rng.choice([0, 0, -1, 1, rng.randint(-20, 20)]))
+      addend = rng.choice([a, a, rng.randint(0, 99)])
+      attempt = f"{x}*{y}={product},{addend}+{product}={abs(addend + product + rng.choice([0, 1, -10]))}"
+      if task.grade(attempt, p.reference, "paper") == 1.0:
+        continue
+      wrong += 1
+      fixed = task.repair(p.question, attempt, p.reference)
+      assert task.grade(fixed, p.reference, "paper") == 1.0, (p.question, attempt, fixed)
+      if sorted((x, y)) == sorted((b, c)) and abs(product) == b * c:
+        assert fixed.split(",")[0] == attempt.split(",")[0], (p.question, attempt, fixed)
+      else:
+        assert fixed == p.reference, (p.question, attempt, fixed)
+  assert wrong > 1000
+
+
+@pytest.mark.parametrize("attempt", ["", "37", "=37", "3*4=12", "3*4=12,25+12=", "3*4=12;25+12=37",
+                                     "3*4=12,25+12=37,1+1=2", "x*4=12,25+12=37", "3*4=" + "1" * 5000 + ",25+1=2"])
+def test_toy_repair_gives_up_on_an_attempt_not_of_its_shape(attempt):
+  assert get_task("toy", test_size=20, dev_size=5).repair("25+3*4", attempt, "3*4=12,25+12=37") is None
+
+
+def test_only_the_toy_task_repairs():
+  for name in ("gsm8k", "math"):
+    assert get_task(name, dev_size=0).repair("What is 2+2?", "2+2=5. \\boxed{5}", "#### 4") is None
+
+
 def test_toy_tokenizer_ids_roundtrip_and_chat_template(tmp_path):
   import transformers
 

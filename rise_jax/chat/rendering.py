@@ -146,6 +146,13 @@ def _attempt_pairs(messages: Sequence[Message]) -> tuple[int, int, bool]:
   return head, len(tail) // 2, len(tail) % 2 == 1
 
 
+def last_attempt(messages: Sequence[Message]) -> str | None:
+  """The latest attempt that feedback followed, after the RISE head; None when there is none (turn 1, or a
+  history window of 1)."""
+  head, pairs, _ = _attempt_pairs(messages)
+  return messages[head + 2 * pairs - 2]["content"] if pairs else None
+
+
 def window(messages: Sequence[Message], W: int | None) -> list[Message]:
   """RISE's inference-time sliding history window (contracts §2).
 

@@ -106,7 +106,7 @@ KIND_FIELDS = {
     "boost_train": ("train", "sampling", "rise.boost_lr", "rise.boost_epochs", "rise.boost_validate_every",
                     "rise.boost_stop_accuracy"),
     "collect": ("sampling", "collect", "rise.iteration_overrides", "rise.fresh_problems",
-                "rise.single_turn_control"),
+                "rise.single_turn_control", "rise.mix_single_turn"),
     "train": ("train", "rise.iteration_overrides", "rise.init_from", "rise.data"),
     "eval": ("sampling", "eval", "collect.max_resample_rounds"),
 }

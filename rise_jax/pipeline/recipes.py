@@ -287,6 +287,13 @@ def _set(**fields):
   return apply
 
 
+def _iteration_1_teacher(kind: str) -> tuple[str, ...]:
+  """The toy's per-iteration settings with iteration 1 distilled from teacher `kind` over a window of 2."""
+  swap = {"1:collect.teacher.kind='reference'": f"1:collect.teacher.kind='{kind}'",
+          "1:collect.window=1": "1:collect.window=2"}
+  return tuple(swap.get(o, o) for o in toy().rise.iteration_overrides)
+
+
 # Each paper ablation as named variants of the toy experiment (`--config=configs/ablation_<name>.py:<variant>`);
 # the same fields apply to a real-scale config from the command line (docs/configs.md).
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -317,6 +324,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     },
     "grader": {k: _set(**{"task.grader": k}) for k in ("paper", "robust")},
     "clip": {"off": _set(), "on": _set(**{"train.max_grad_norm": 1.0})},
+    # Iteration 1's window is 2 in all four: the toy's window 1 hides the attempt the repair teacher corrects.
+    "variants": {
+        name: _set(**{"rise.iteration_overrides": _iteration_1_teacher(kind), "rise.mix_single_turn": mix})
+        for name, kind, mix in (("base", "reference", False), ("repair", "repair", False),
+                                ("mix", "reference", True), ("repair_mix", "repair", True))},
 }
 
 

@@ -27,6 +27,7 @@ from rise_jax.rollout import log as rollout_log
 from rise_jax.rollout import runner
 from rise_jax.rollout.policies import EnginePolicy
 from rise_jax.rollout.policies import ReferencePolicy
+from rise_jax.rollout.policies import RepairPolicy
 from rise_jax.rollout.teacher import OpenAIChatPolicy
 from rise_jax.sampling import requests
 from rise_jax.sampling.engine import Engine
@@ -126,11 +127,17 @@ class Resources:
     return EnginePolicy(engine, self.tokenizer, name=name)
 
   def teacher(self, config, problems):
-    """The improvement policy of distillation (config: the iteration's): the task's reference solutions, a
-    checkpoint through the engine, or an OpenAI-compatible API."""
+    """The improvement policy of distillation (config: the iteration's): the task's reference solutions, its
+    corrections of the failed attempts (the reference where it has none), a checkpoint through the engine, or an
+    OpenAI-compatible API."""
     t = config.collect.teacher
-    if t.kind == "reference":
-      return ReferencePolicy({p.id: self.task.solution(p) for p in problems})
+    if t.kind in ("reference", "repair"):
+      references = {p.id: self.task.solution(p) for p in problems}
+      if t.kind == "reference":
+        return ReferencePolicy(references)
+      by_id = {p.id: p for p in problems}
+      return RepairPolicy(references, lambda key, attempt: self.task.repair(by_id[key].question, attempt,
+                                                                            by_id[key].reference))
     if t.kind == "model":
       model = models.load_model(config.model, mesh=self.mesh("train"), on_indivisible=config.mesh.on_indivisible,
                                 path=t.path)

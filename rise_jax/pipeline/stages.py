@@ -8,10 +8,10 @@ train stage that made it (`<stage>/hf`); the base model is the config's `model` 
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import time
 from typing import Any
-
 
 from rise_jax import config as config_lib
 from rise_jax import train as train_lib
@@ -24,8 +24,11 @@ from rise_jax.rise import conversion as conversion_lib
 from rise_jax.rise import dataset as dataset_lib
 from rise_jax.rise import metrics
 from rise_jax.rollout import log as rollout_log
+from rise_jax.rollout.policies import RepairPolicy
 from rise_jax.rollout.policies import TurnRequest
 from rise_jax.train import data as train_data
+
+log = logging.getLogger(__name__)
 
 
 def run_stage(res: Resources, stage: Stage, run_dir, *, limit: int | None) -> dict[str, Any]:
@@ -79,26 +82,38 @@ def collect(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int |
   run = res.episodes(problems, policies, algorithm.collection_protocol(c), out_dir / "rollouts.jsonl",
                      res.header(name, stage), limit=limit, what=stage.name, desc=f"collect iter {t}")
   seconds = time.perf_counter() - t0
-  log = _log_accounting(out_dir / "rollouts.jsonl", problems)
-  info = _build(res, c, log["records"], out_dir, t)
-  return {"episodes": len(log["records"]), "torn_lines": log["torn"], "tokens": log["accounting"],
-          "decode_tokens": log["accounting"]["decode_tokens"], "decode_tokens_this_run": run.decode_tokens,
+  if isinstance(improver, RepairPolicy):
+    info = {"repair_requests_this_run": improver.requests, "repair_fallbacks_this_run": improver.fallbacks}
+    log.info("%s: the repair teacher gave the reference solution for %d of %d requests (no repairable attempt)",
+             stage.name, improver.fallbacks, improver.requests)
+  else:
+    info = {}
+  rollouts = _log_accounting(out_dir / "rollouts.jsonl", problems)
+  info.update(_build(res, c, rollouts["records"], out_dir, t))
+  return {"episodes": len(rollouts["records"]), "torn_lines": rollouts["torn"], "tokens": rollouts["accounting"],
+          "decode_tokens": rollouts["accounting"]["decode_tokens"], "decode_tokens_this_run": run.decode_tokens,
           "sampling_seconds_this_run": seconds, "tokens_per_s": run.tokens_per_s, **info}
 
 
 def _build(res: Resources, c, records, out_dir: pathlib.Path, iteration: int) -> dict[str, Any]:
-  """Write D_T under out_dir/ and, for the single-turn control, its history-stripped twin under control/
-  (c: the iteration's config)."""
+  """Write D_T under out_dir/ (with rise.mix_single_turn, followed by the control's records) and, for the
+  single-turn control, its history-stripped twin under control/ (c: the iteration's config)."""
   questions = {r["problem_id"]: r["question"] for r in records}
   initial = lambda pid: res.prompts.initial_messages(questions[pid])  # noqa: E731
+  convert = lambda options: conversion_lib.convert_rollouts(  # noqa: E731
+      records, initial, options, source=str(out_dir / "rollouts.jsonl"))
   reward_values = algorithm.reward_range(c.task.name, c.task.grader)
   out = {}
   variants = [("", False)] + ([("control", True)] if c.rise.single_turn_control else [])
   for sub, single in variants:
     options = conversion_lib.ConversionOptions.from_config(c, iteration=iteration, single_turn=single or None)
-    conversion = conversion_lib.convert_rollouts(records, initial, options, source=str(out_dir / "rollouts.jsonl"))
+    conversion = convert(options)
+    if not sub and c.rise.mix_single_turn:
+      stripped = conversion_lib.ConversionOptions.from_config(c, iteration=iteration, single_turn=True)
+      conversion = conversion_lib.concatenate(conversion, convert(stripped))
     summary = dataset_lib.write_dataset(conversion, out_dir / sub if sub else out_dir, options=options,
-                                        reward_values=reward_values, tokenizer=res.tokenizer)
+                                        reward_values=reward_values, tokenizer=res.tokenizer,
+                                        extra={"mix_single_turn": bool(not sub and c.rise.mix_single_turn)})
     out[f"{sub or 'rise'}_records"] = summary["num_records"]
     out[f"{sub or 'rise'}_token_drift"] = (summary["token_drift"] or {}).get("fraction")
   return out

@@ -193,5 +193,18 @@ def convert_rollouts(records: Iterable[Mapping[str, Any]],
   return Conversion(records=out, sampled_ids=ids, stats=stats)
 
 
+def concatenate(first: Conversion, second: Conversion) -> Conversion:
+  """`first`'s records followed by `second`'s, both converted from the same episodes (rise.mix_single_turn: RISE's
+  records, then the control's): example counts add up, episode and action counts are `first`'s."""
+  a, b = first.stats, second.stats
+  add = lambda x, y: {k: x.get(k, 0) + y.get(k, 0) for k in dict.fromkeys([*x, *y])}  # noqa: E731
+  stats = dataclasses.replace(a, examples=a.examples + b.examples,
+                              kept_per_criterion=add(a.kept_per_criterion, b.kept_per_criterion),
+                              examples_per_reward=add(a.examples_per_reward, b.examples_per_reward),
+                              examples_per_turn=add(a.examples_per_turn, b.examples_per_turn))
+  return Conversion(records=first.records + second.records, sampled_ids=first.sampled_ids + second.sampled_ids,
+                    stats=stats)
+
+
 def reward_counter(records: Iterable[Mapping[str, Any]]) -> collections.Counter:
   return collections.Counter(float(r["meta"]["reward"]) for r in records)

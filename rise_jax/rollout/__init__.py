@@ -3,10 +3,10 @@ runs it over problems with one policy per turn (the learner through the engine, 
 one record per episode to the rollout log (`rise_jax.rollout/2`, docs/contracts.md §3). Importing it imports no JAX.
 """
 
-from rise_jax.rollout.policies import (Completion, EnginePolicy, InstantStream, Policy, ReferencePolicy, Sample,
-                                       ScriptedPolicy, TurnRequest, TurnSampling, sample_uid)
+from rise_jax.rollout.policies import (Completion, EnginePolicy, InstantStream, Policy, ReferencePolicy,
+                                       RepairPolicy, Sample, ScriptedPolicy, TurnRequest, TurnSampling, sample_uid)
 from rise_jax.rollout.protocol import Protocol
 from rise_jax.rollout.runner import RunSummary, run_episodes
 
-__all__ = ["Completion", "EnginePolicy", "InstantStream", "Policy", "Protocol", "ReferencePolicy", "RunSummary",
-           "Sample", "ScriptedPolicy", "TurnRequest", "TurnSampling", "run_episodes", "sample_uid"]
+__all__ = ["Completion", "EnginePolicy", "InstantStream", "Policy", "Protocol", "ReferencePolicy", "RepairPolicy",
+           "RunSummary", "Sample", "ScriptedPolicy", "TurnRequest", "TurnSampling", "run_episodes", "sample_uid"]

@@ -6,10 +6,11 @@ submits a `TurnRequest` (n responses wanted for one conversation) the moment an 
 - `EnginePolicy`: the learner (or a teacher checkpoint) through the continuous-batching engine
   (`rise_jax.sampling.engine`): one queue across turns and episodes, any mix of `n`, a previous turn's cache
   reused through the engine's prefix cache;
-- `ReferencePolicy`: the task's reference solutions as the teacher;
+- `ReferencePolicy`: the task's reference solutions as the teacher; `RepairPolicy`: the task's correction of the
+  failed attempt (`Task.repair`), the reference where it has none;
 - `rise_jax.rollout.teacher.OpenAIChatPolicy`: a chat-completions endpoint (GPT-3.5 in the paper);
 - `ScriptedPolicy`: a function from request to text, for tests and for replaying known answers.
-The last three answer a batch at once (`sample`); their stream (`InstantStream`) answers everything submitted
+The others answer a batch at once (`sample`); their stream (`InstantStream`) answers everything submitted
 since the last step in one `sample` call per sampling setting.
 
 Randomness: a request's stream (the protocol kind), key (the problem id), turn and resample round name its random
@@ -187,13 +188,17 @@ class ReferencePolicy:
     self.name = name
     self._references = references
 
+  def reply(self, request: TurnRequest) -> str:
+    """The text of every sample of `request`."""
+    if request.key not in self._references:
+      raise KeyError(f"{self.name}: no reference solution for problem {request.key!r}")
+    return self._references[request.key]
+
   def sample(self, requests: Sequence[TurnRequest], sampling: TurnSampling, seed: int) -> list[Completion]:
     del sampling, seed  # the reference is fixed
     out = []
     for request in requests:
-      if request.key not in self._references:
-        raise KeyError(f"{self.name}: no reference solution for problem {request.key!r}")
-      text = self._references[request.key]
+      text = self.reply(request)
       history_tokens = sum(len(m["content"].split()) for m in request.messages)
       sample = Sample(text=text, finish_reason="stop", num_tokens=len(text.split()))
       out.append(Completion(samples=(sample,) * request.n, history_tokens=history_tokens, prefill_tokens=0))
@@ -204,6 +209,27 @@ class ReferencePolicy:
 
   def open_stream(self, seed: int) -> InstantStream:
     return InstantStream(self, seed)
+
+
+class RepairPolicy(ReferencePolicy):
+  """A correction of the failed attempt as the teacher: `repair(key, attempt)` (the task's `Task.repair`) keeps
+  the latest attempt's right steps and fixes its first wrong one. Where it gives None, or the request shows no
+  attempt (turn 1, a window of 1), the reply is the reference solution, counted in `fallbacks` (of `requests`).
+  Deterministic and instant like `ReferencePolicy`, whose shape it shares."""
+
+  def __init__(self, references: dict[str, str], repair: Callable[[str, str], str | None],
+               name: str = "teacher:repair"):
+    super().__init__(references, name=name)
+    self._repair = repair
+    self.requests = 0
+    self.fallbacks = 0
+
+  def reply(self, request: TurnRequest) -> str:
+    attempt = chat.last_attempt(request.messages)
+    repaired = None if attempt is None else self._repair(request.key, attempt)
+    self.requests += 1
+    self.fallbacks += repaired is None
+    return super().reply(request) if repaired is None else repaired
 
 
 class EnginePolicy:

@@ -154,6 +154,13 @@ class Task:
     reference solutions and the reference teacher put in the assistant turn); the reference itself by default."""
     return problem.reference
 
+  def repair(self, question: str, attempt: str, reference: str) -> str | None:
+    """A correction of a failed `attempt` that keeps its right steps, fixes the first wrong one and recomputes what
+    follows (the `repair` teacher's reply); None: this task cannot repair it (the teacher then gives the reference
+    solution). The base task has no exact repair; a task that has one overrides this."""
+    del question, attempt, reference
+    return None
+
   # -- grading -------------------------------------------------------------------------------------------
   @property
   def grader(self):

@@ -4,9 +4,10 @@ Problem "25+3*4", worked answer "3*4=12,25+12=37"; the answer is the integer aft
 a in [0, max_addend], b and c in [1, max_factor] (defaults 99 and 9: 8,100 distinct problems, answers 1..180,
 an answer space of 180 values, so a uniform guesser scores 1/180 per attempt). Wrong answers of a model are
 mostly near misses (a times-table slip, a dropped carry), and every step stays visible, so a retry can reread
-the failed attempt and check it step by step. The whole problem space is enumerated and permuted with `seed`;
-test takes the first `test_size` problems, the rest is the train source, from which dev is carved with a fixed
-seed like any task's. Splits are disjoint by construction and asserted.
+the failed attempt and check it step by step (`ToyTask.repair` does so exactly, for the `repair` teacher). The
+whole problem space is enumerated and permuted with `seed`; test takes the first `test_size` problems, the rest is
+the train source, from which dev is carved with a fixed seed like any task's. Splits are disjoint by construction
+and asserted.
 
 The task's tokenizer is char-level (`rise_jax.chat.toy_tokenizer`) with the specials of the `toy` chat template.
 """
@@ -15,9 +16,13 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 
 from rise_jax.tasks import base
 
+_QUESTION = re.compile(r"(\d+)\+(\d+)\*(\d+)")
+# Digits bounded: int() of a match is cheap, however long a degenerate attempt is.
+_ATTEMPT = re.compile(r"\s*((\d{1,9})\*(\d{1,9})=(\d{1,9})),\d{1,9}\+\d{1,9}=\d{1,9}\s*")
 
 
 def worked_answer(a: int, b: int, c: int) -> str:
@@ -50,6 +55,20 @@ class ToyTask(base.Task):
     """How many distinct answers the problems have (the chance level of a uniform guesser is 1 / this)."""
     products = {b * c for b in range(1, self.max_factor + 1) for c in range(1, self.max_factor + 1)}
     return len({a + p for a in range(self.max_addend + 1) for p in products})
+
+  def repair(self, question: str, attempt: str, reference: str) -> str | None:
+    """The attempt `b*c=P,a+P=S` corrected step by step: a wrong product (or wrong factors) is rewritten with the
+    sum that follows from it; a right product is kept as written (either factor order) and only the sum is fixed.
+    None for an attempt not of that shape."""
+    del reference  # the question holds the operands
+    q, m = _QUESTION.fullmatch(question.strip()), _ATTEMPT.fullmatch(attempt)
+    if q is None or m is None:
+      return None
+    a, b, c = (int(x) for x in q.groups())
+    x, y, product = (int(v) for v in m.groups()[1:])
+    if sorted((x, y)) != sorted((b, c)) or product != b * c:
+      return worked_answer(a, b, c)
+    return f"{m.group(1)},{a}+{product}={a + product}"
 
   def _load_source_split(self, split: str) -> list[base.Problem]:
     triples = self._space[:self._num_test] if split == "test" else self._space[self._num_test:]
