@@ -2,6 +2,7 @@
 
     python experiments/ablations.py criteria               # runs/toy_criteria_<variant>/, table to runs/
     python experiments/ablations.py weighting --seed 1
+    python experiments/ablations.py variants --split dev   # tuning: the dev split, never test
 
 Each variant is one `python -m rise_jax.run` (resumable); the table has one row per variant and model (the
 boosted model is shared by construction: same seed, same boost) with m1@t1, mk@t1, m1@tk, p1@tk, pk@t1 and the two
@@ -26,12 +27,14 @@ def main():
   parser.add_argument("ablation", choices=sorted(recipes.ABLATIONS))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="runs")
+  parser.add_argument("--split", choices=("test", "dev"), default="test", help="the split every model is evaluated on")
   args = parser.parse_args()
   rows = []
   for variant in recipes.ABLATIONS[args.ablation]:
-    out = (REPO / args.out / f"toy_{args.ablation}_{variant}_seed{args.seed}").resolve()
+    suffix = "" if args.split == "test" else f"_{args.split}"
+    out = (REPO / args.out / f"toy_{args.ablation}_{variant}_seed{args.seed}{suffix}").resolve()
     cmd = [sys.executable, "-m", "rise_jax.run", f"--config=configs/ablation_{args.ablation}.py:{variant}",
-           f"--config.seed={args.seed}", f"--config.output_dir={out}"]
+           f"--config.seed={args.seed}", f"--config.eval.split={args.split}", f"--config.output_dir={out}"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
     config = json.loads((out / "config.json").read_text())
@@ -44,9 +47,9 @@ def main():
                   + [f"{100 * (m[names[3]] - m[names[0]]):+.1f}", f"{100 * (m[names[2]] - m[names[1]]):+.1f}"])
   header = ["variant", "model", *names, "p1@tk - m1@t1", "m1@tk - mk@t1"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-  text = f"Ablation `{args.ablation}`, seed {args.seed} (% of the test problems)\n\n" + "\n".join(lines)
+  text = f"Ablation `{args.ablation}`, seed {args.seed} (% of the {args.split} problems)\n\n" + "\n".join(lines)
   print(text)
-  (REPO / args.out / f"ablation_{args.ablation}_seed{args.seed}.md").write_text(text + "\n")
+  (REPO / args.out / f"ablation_{args.ablation}_seed{args.seed}{suffix}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from rise_jax.tasks import TASKS
+from rise_jax.tasks import base as task_base
 from rise_jax.tasks.graders import MODES as GRADERS
 
 placeholder = config_dict.placeholder
@@ -217,7 +219,6 @@ def _get(config, field: str):
 
 def _check_names(config) -> None:
   """Names that must exist in a registry (preset, task) and local task files that must exist."""
-  from rise_jax.tasks import TASKS, base  # local: the registries import the task and model code
   if config.model.source == "preset":
     from rise_jax.models.configs import PRESETS
     _one_of(config, "model.preset", sorted(PRESETS))
@@ -231,7 +232,7 @@ def _check_names(config) -> None:
   if config.task.name != "toy":  # the toy task enumerates its problems and reads no source
     for field in ("train_source", "test_source"):
       source = config.task[field]
-      _check(source is None or not base.is_local(source) or os.path.isfile(source), f"task.{field}",
+      _check(source is None or not task_base.is_local(source) or os.path.isfile(source), f"task.{field}",
              f"{source!r} is not a file (a local .jsonl, or a hub id 'owner/name[:config]')")
 
 
@@ -321,8 +322,7 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
   _one_of(config, "collect.improvement", IMPROVEMENTS)
   _one_of(config, "collect.teacher.kind", TEACHER_KINDS)
   if co.teacher.kind == "repair":
-    from rise_jax.tasks import TASKS, base  # local: the registry imports the task code
-    _check(TASKS[config.task.name].repair is not base.Task.repair, "collect.teacher.kind",
+    _check(TASKS[config.task.name].repair is not task_base.Task.repair, "collect.teacher.kind",
            f"'repair' needs a task that corrects an attempt (Task.repair); task {config.task.name!r} has none "
            "(use 'reference')")
   _check(_finite(co.teacher.temperature) and co.teacher.temperature >= 0, "collect.teacher.temperature",
