@@ -73,10 +73,12 @@ def test_paper_config_end_to_end(case, tmp_path, shared_dir, llama2_tokenizer_mo
   for stage in STAGES:
     assert (out / stage / "DONE").is_file(), stage
 
-  # Real rows, in file order: problem i of a split is line i of its file (the dev rows are carved out of train).
+  # Real rows: problem i of a split is line i of its file (the dev rows are carved out of train). Records come in
+  # the order episodes finish (contracts §3), so they are matched by id.
   test = _rows(shared_dir / "data" / test_rows, TEST_SIZE)
   question = "question" if case == "gsm8k" else "problem"
-  evaluated = _records(out / "iter_1/eval/rollouts.jsonl")
+  index = lambda record: int(record["problem_id"].rsplit("/", 1)[1])  # noqa: E731
+  evaluated = sorted(_records(out / "iter_1/eval/rollouts.jsonl"), key=index)
   assert [r["question"] for r in evaluated] == [row[question] for row in test]
 
   # Best-of-N at the improvement turn, the paper's retry message, SentencePiece's own decoding of every sample.
