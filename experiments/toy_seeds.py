@@ -62,6 +62,26 @@ class _DropHistory:
   def release(self, keys):
     self.inner.release(keys)
 
+  def open_stream(self, seed):
+    return _DropHistoryStream(self.inner.open_stream(seed))
+
+
+class _DropHistoryStream:
+  """The inner policy's stream, submitted the opening messages only (the runner drives every policy by stream)."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def submit(self, request, sampling, tag):
+    self.inner.submit(dataclasses.replace(request, messages=tuple(request.messages[:3])), sampling, tag)
+
+  def step(self):
+    return self.inner.step()
+
+  @property
+  def busy(self):
+    return self.inner.busy
+
 
 def _resources(run_dir: pathlib.Path):
   """The run's config (from its config.json) and the pipeline's resources over its directory."""

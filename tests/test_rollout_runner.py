@@ -453,6 +453,24 @@ def test_the_repair_teacher_corrects_the_attempt_it_sees_and_falls_back_to_the_r
     assert (teacher.requests, teacher.fallbacks) == (2, fallbacks)
 
 
+def test_the_repair_teacher_passes_over_a_retry_it_cannot_repair_for_the_attempt_before_it(tmp_path):
+  # Turn 1 is a repairable slip, turn 2 unparsable (a boosted model cannot yet write a retry): the teacher repairs
+  # turn 1's attempt instead of giving the reference.
+  from rise_jax.rollout.policies import RepairPolicy
+  from rise_jax.tasks import get_task
+  toy = get_task("toy", test_size=20, dev_size=5)
+  reference = "3*4=12,25+12=37"
+  problems = [Problem(id="toy/train/0", question="25+3*4", reference=reference)]
+  learner = ScriptedPolicy(lambda request, j: {1: "4*3=12,25+12=38", 2: "=7=="}[request.turn])
+  teacher = RepairPolicy({p.id: p.reference for p in problems},
+                         lambda key, attempt: toy.repair("25+3*4", attempt, reference))
+  protocol = Protocol.sequential(3, samples=(1, 1, 1), select="best_reward", oracle=True, window=None,
+                                 sampling=SAMPLING, grader="robust")
+  _, records = _run(tmp_path, problems, [learner, learner, teacher], protocol)
+  assert [c["text"] for c in records[0]["turns"][2]["candidates"]] == ["4*3=12,25+12=37"]
+  assert (teacher.requests, teacher.fallbacks) == (1, 0)
+
+
 def test_collection_without_oracle_keeps_a_right_answer_after_the_failure_message(tmp_path):
   # collect.oracle=False (algorithm.collection_protocol): a right first answer is followed by the failure message, as
   # at test time without an oracle, and best-of-N at turn 2 yields a record that keeps the right answer after it.

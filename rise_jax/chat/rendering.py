@@ -146,11 +146,11 @@ def _attempt_pairs(messages: Sequence[Message]) -> tuple[int, int, bool]:
   return head, len(tail) // 2, len(tail) % 2 == 1
 
 
-def last_attempt(messages: Sequence[Message]) -> str | None:
-  """The latest attempt that feedback followed, after the RISE head; None when there is none (turn 1, or a
-  history window of 1)."""
+def attempts(messages: Sequence[Message]) -> list[str]:
+  """The attempts that feedback followed, after the RISE head, oldest first (none at turn 1, or under a history
+  window of 1)."""
   head, pairs, _ = _attempt_pairs(messages)
-  return messages[head + 2 * pairs - 2]["content"] if pairs else None
+  return [messages[head + 2 * i]["content"] for i in range(pairs)]
 
 
 def window(messages: Sequence[Message], W: int | None) -> list[Message]:

@@ -288,9 +288,9 @@ def _set(**fields):
 
 
 def _iteration_1_teacher(kind: str) -> tuple[str, ...]:
-  """The toy's per-iteration settings with iteration 1 distilled from teacher `kind` over a window of 2."""
+  """The toy's per-iteration settings with iteration 1 distilled from teacher `kind` over the whole history."""
   swap = {"1:collect.teacher.kind='reference'": f"1:collect.teacher.kind='{kind}'",
-          "1:collect.window=1": "1:collect.window=2"}
+          "1:collect.window=1": "1:collect.window=None"}
   return tuple(swap.get(o, o) for o in toy().rise.iteration_overrides)
 
 
@@ -324,7 +324,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     },
     "grader": {k: _set(**{"task.grader": k}) for k in ("paper", "robust")},
     "clip": {"off": _set(), "on": _set(**{"train.max_grad_norm": 1.0})},
-    # Iteration 1's window is 2 in all four: the toy's window 1 hides the attempt the repair teacher corrects.
+    # Iteration 1 sees the whole history in all four: the toy's window 1 hides the attempts the repair teacher
+    # corrects, and a window of 2 shows only the latest, which the boosted model cannot yet write (unparsable).
     "variants": {
         name: _set(**{"rise.iteration_overrides": _iteration_1_teacher(kind), "rise.mix_single_turn": mix})
         for name, kind, mix in (("base", "reference", False), ("repair", "repair", False),

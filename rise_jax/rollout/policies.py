@@ -212,10 +212,11 @@ class ReferencePolicy:
 
 
 class RepairPolicy(ReferencePolicy):
-  """A correction of the failed attempt as the teacher: `repair(key, attempt)` (the task's `Task.repair`) keeps
-  the latest attempt's right steps and fixes its first wrong one. Where it gives None, or the request shows no
-  attempt (turn 1, a window of 1), the reply is the reference solution, counted in `fallbacks` (of `requests`).
-  Deterministic and instant like `ReferencePolicy`, whose shape it shares."""
+  """A correction of a failed attempt as the teacher: `repair(key, attempt)` (the task's `Task.repair`) keeps the
+  attempt's right steps and fixes its first wrong one, tried on the attempts the request shows, latest first (a
+  retry the model could not yet write, e.g. unparsable, is passed over for the one before it). Where none can be
+  repaired, or there is no attempt (turn 1, a window of 1), the reply is the reference solution, counted in
+  `fallbacks` (of `requests`). Deterministic and instant like `ReferencePolicy`, whose shape it shares."""
 
   def __init__(self, references: dict[str, str], repair: Callable[[str, str], str | None],
                name: str = "teacher:repair"):
@@ -225,8 +226,8 @@ class RepairPolicy(ReferencePolicy):
     self.fallbacks = 0
 
   def reply(self, request: TurnRequest) -> str:
-    attempt = chat.last_attempt(request.messages)
-    repaired = None if attempt is None else self._repair(request.key, attempt)
+    repaired = next((r for r in (self._repair(request.key, a) for a in reversed(chat.attempts(request.messages)))
+                     if r is not None), None)
     self.requests += 1
     self.fallbacks += repaired is None
     return super().reply(request) if repaired is None else repaired
