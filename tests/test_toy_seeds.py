@@ -109,3 +109,23 @@ def test_table_from_run_directories(toy_seeds, tmp_path):
   boost_row = next(line for line in text.splitlines() if line.startswith("| boost |") and "Δ" not in line
                    and line.count("±") == len(toy_seeds.SCORE))
   assert boost_row.endswith("| 0.3 ± 0.6 |")
+
+
+def test_the_history_dropped_policy_streams_the_opening_messages_only(toy_seeds, tmp_path):
+  """The sanity check's policy runs under the stream-only runner and shows the inner policy the opening messages
+  (instruction, example answer, question) at every turn, so it samples as parallel sampling does."""
+  from rise_jax.rollout import log as rollout_log
+  from rise_jax.rollout.policies import ScriptedPolicy, TurnSampling
+  from rise_jax.rollout.runner import Protocol, run_episodes
+  from rise_jax.tasks import get_task
+  from rise_jax.tasks.prompts import get_prompt_set
+  task = get_task("toy", test_size=20, dev_size=5)
+  prompts = get_prompt_set("toy")
+  seen = []
+  inner = ScriptedPolicy(lambda request, j: seen.append(len(request.messages)) or "1*1=1,0+1=2", name="inner")
+  protocol = Protocol.sequential(3, select="first", sampling=TurnSampling(temperature=1.0, max_new_tokens=8),
+                                 grader="robust")
+  problems = task.load("test")[:2]
+  run_episodes(problems, toy_seeds._DropHistory(inner), protocol, tmp_path / "log.jsonl", task=task,
+               prompts=prompts, header=rollout_log.make_header("h", "m"), progress=False)
+  assert seen == [3] * 6
