@@ -111,7 +111,7 @@ def prefill(model, pool: PagedPool, ids: jax.Array, lengths: jax.Array, block_id
 
   def attend(q, k, v, layer_pool):
     # Written first, then read back with the prefix: a read of the pool before the in-place write made XLA copy
-    # the whole pool (CPU, toy model: ~8x a prefill call with a cached prefix).
+    # the whole pool (CPU, toy model: ~8x a prefill call with a cached prefix; docs/benchmarks.md).
     k_pool = layer_pool[0].at[flat_ids].set(as_blocks(k.astype(layer_pool[0].dtype)))
     v_pool = layer_pool[1].at[flat_ids].set(as_blocks(v.astype(layer_pool[1].dtype)))
     out = attention_lib.xla_attention(q, as_tokens(k_pool).astype(q.dtype), as_tokens(v_pool).astype(q.dtype),

@@ -211,8 +211,9 @@ class EngineStream:
     taken = 0
     batch: list[Group] = []
     passed: list[Group] = []  # looked at, another bucket's: back to the queue's front in their order
-    width = context = rows = 0
-    while self._queue and free_slots > 0 and len(batch) < max(rows, 1) and len(passed) < PREFILL_LOOKAHEAD * max(rows, 1):
+    width = context = 0
+    rows = 1  # the call's rows, set by its first request's bucket
+    while self._queue and free_slots > 0 and len(batch) < rows and len(passed) < PREFILL_LOOKAHEAD * rows:
       group = self._queue.popleft()
       prompt_len = len(group.prompt)
       group.cached_blocks = kv.cached_prefix(group)
