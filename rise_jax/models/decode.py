@@ -1,4 +1,4 @@
-"""The model's cached forward around a caller's KV layout: the layer math of `Transformer.hidden`, attention the caller's.
+"""The model's cached forward over a caller's KV layout: `Transformer.hidden`'s layer math, attention the caller's.
 
     layers = decode.layer_weights(model)                   # once per call, outside any step loop
     hidden, kv = decode.cached_layers(model, ids, positions, layers, kv, attend)      # new tokens [b, l]
