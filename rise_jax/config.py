@@ -21,6 +21,7 @@ from ml_collections import config_dict
 from rise_jax.tasks import TASKS
 from rise_jax.tasks import base as task_base
 from rise_jax.tasks.graders import MODES as GRADERS
+from rise_jax.tasks.toy import FORMS as TOY_FORMS
 
 placeholder = config_dict.placeholder
 
@@ -87,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.dev_size = 200                  # carved from train with a fixed seed, for tuning
   c.task.prompt_set = "paper"
   c.task.grader = "paper"                # paper | robust
+  c.task.toy_form = "a+b*c"              # the toy task's problems: a+b*c | a*b+c*d (docs/toy_task.md)
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0
@@ -223,6 +225,9 @@ def _check_names(config) -> None:
     from rise_jax.models.configs import PRESETS
     _one_of(config, "model.preset", sorted(PRESETS))
   _one_of(config, "task.name", sorted(TASKS))
+  _one_of(config, "task.toy_form", TOY_FORMS)
+  _check(config.task.name == "toy" or config.task.toy_form == TOY_FORMS[0], "task.toy_form",
+         f"is an option of the toy task; task {config.task.name!r} has no forms")
   from rise_jax.chat.templates import shipped_templates
   template = config.tokenizer.chat_template
   _check(template in ("auto", *shipped_templates()) or (str(template).endswith(".jinja") and os.path.isfile(
@@ -533,12 +538,16 @@ NOT_IDENTITY = ("debug", "output_dir")
 # Removed fields, with the value that meant what the code does now: a saved config holding that value resumes; any
 # other value is a differing field (the results were made by a path the code no longer has).
 RETIRED = {("sampling", "engine"): "paged"}
+# Fields added later, with the value that means what the code did before them: at that value a field is not part
+# of the identity, so a run saved before it existed resumes, and its stages' hashes stay the same.
+ADDED = {("task", "toy_form"): "a+b*c"}
 
 
 def identity(d: dict[str, Any]) -> dict[str, Any]:
-  """A config dict without the fields that do not change results (`NOT_IDENTITY`, `RETIRED` at their value)."""
+  """A config dict without the fields that do not change results (`NOT_IDENTITY`, `RETIRED` and `ADDED` at their
+  value)."""
   out = {k: v for k, v in d.items() if k not in NOT_IDENTITY}
-  for (section, name), value in RETIRED.items():
+  for (section, name), value in {**RETIRED, **ADDED}.items():
     if isinstance(out.get(section), dict) and out[section].get(name) == value:
       out[section] = {k: v for k, v in out[section].items() if k != name}
   return out

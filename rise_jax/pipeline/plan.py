@@ -155,7 +155,7 @@ def input_stages(config, stage: Stage) -> list[Stage]:
 def stage_fields(config, stage: Stage) -> dict[str, Any]:
   """{dotted field: value} of every config field that could change `stage`'s outputs, through its inputs too
   (a stage trained on data collected under collect.tau = 0.4 depends on it), as its DONE marker records them."""
-  leaves = config_lib.leaves(config_lib.to_dict(config))
+  leaves = config_lib.leaves(config_lib.identity(config_lib.to_dict(config)))
   todo, seen, names = [stage], set(), set()
   while todo:
     s = todo.pop()

@@ -18,7 +18,7 @@ TASKS: dict[str, type[Task]] = {"gsm8k": GSM8KTask, "math": MATHTask, "toy": Toy
 
 def get_task(name: str, **kwargs: Any) -> Task:
   """A task by name. kwargs: dev_size, dev_seed, train_size, test_size; gsm8k/math: train_source,
-  test_source (local jsonl or hub "owner/name[:config,...]"); toy: seed, max_addend, max_factor."""
+  test_source (local jsonl or hub "owner/name[:config,...]"); toy: seed, form, max_addend, max_factor."""
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
   return TASKS[name](**kwargs)
@@ -29,7 +29,9 @@ def task_from_config(task_config) -> Task:
   kwargs: dict[str, Any] = {"dev_size": task_config.dev_size, "train_size": task_config.train_size}
   if task_config.test_size is not None or task_config.name != "toy":
     kwargs["test_size"] = task_config.test_size
-  if task_config.name != "toy":
+  if task_config.name == "toy":
+    kwargs["form"] = task_config.toy_form
+  else:
     kwargs.update(train_source=task_config.train_source, test_source=task_config.test_source)
   return get_task(task_config.name, **kwargs)
 

@@ -9,6 +9,10 @@ whole problem space is enumerated and permuted with `seed`; test takes the first
 the train source, from which dev is carved with a fixed seed like any task's. Splits are disjoint by construction
 and asserted.
 
+Form `a*b+c*d` (`form`): the harder variant, three steps, "7*8+6*9" -> "7*8=56,6*9=54,56+54=110"; every operand
+in [1, max_factor] (9: 6,561 problems, answers 2..162). Its two products are independent, so a repair keeps a
+right product the attempt wrote and fixes the other one.
+
 The task's tokenizer is char-level (`rise_jax.chat.toy_tokenizer`) with the specials of the `toy` chat template.
 """
 
@@ -20,61 +24,89 @@ import re
 
 from rise_jax.tasks import base
 
-_QUESTION = re.compile(r"(\d+)\+(\d+)\*(\d+)")
+FORMS = ("a+b*c", "a*b+c*d")
+_QUESTION = {"a+b*c": re.compile(r"(\d+)\+(\d+)\*(\d+)"), "a*b+c*d": re.compile(r"(\d+)\*(\d+)\+(\d+)\*(\d+)")}
 # Digits bounded: int() of a match is cheap, however long a degenerate attempt is.
-_ATTEMPT = re.compile(r"\s*((\d{1,9})\*(\d{1,9})=(\d{1,9})),\d{1,9}\+\d{1,9}=\d{1,9}\s*")
+_N = r"\d{1,9}"
+_PRODUCT = rf"(({_N})\*({_N})=({_N}))"
+_ATTEMPT = {"a+b*c": re.compile(rf"\s*{_PRODUCT},{_N}\+{_N}={_N}\s*"),
+            "a*b+c*d": re.compile(rf"\s*{_PRODUCT},{_PRODUCT},{_N}\+{_N}={_N}\s*")}
 
 
-def worked_answer(a: int, b: int, c: int) -> str:
-  """The reference scratchpad: the product first (precedence), then the sum."""
-  return f"{b}*{c}={b * c},{a}+{b * c}={a + b * c}"
+def worked_answer(a: int, b: int, c: int, d: int | None = None) -> str:
+  """The reference scratchpad: the products first (precedence), then the sum; `a+b*c` for three operands,
+  `a*b+c*d` for four."""
+  if d is None:
+    return f"{b}*{c}={b * c},{a}+{b * c}={a + b * c}"
+  return f"{a}*{b}={a * b},{c}*{d}={c * d},{a * b}+{c * d}={a * b + c * d}"
+
+
+def _kept_product(step: re.Match, group: int, x: int, y: int) -> str:
+  """The attempt's product step `group` as written when its factors are x and y (either order) and its value
+  right, else the step recomputed."""
+  f, g, value = (int(step.group(group + i)) for i in (1, 2, 3))
+  return step.group(group) if sorted((f, g)) == sorted((x, y)) and value == x * y else f"{x}*{y}={x * y}"
 
 
 class ToyTask(base.Task):
   name = "toy"
 
-  def __init__(self, *, seed: int = 0, max_addend: int = 99, max_factor: int = 9, test_size: int | None = 2000,
-               **kwargs):
+  def __init__(self, *, seed: int = 0, form: str = "a+b*c", max_addend: int = 99, max_factor: int = 9,
+               test_size: int | None = 2000, **kwargs):
     super().__init__(test_size=test_size, **kwargs)
+    if form not in FORMS:
+      raise ValueError(f"toy task: unknown form {form!r}; known: {FORMS}")
     if max_addend < 0 or max_factor < 1:
       raise ValueError(f"toy task needs max_addend >= 0 and max_factor >= 1, got {max_addend}, {max_factor}")
     self.seed = seed
+    self.form = form
     self.max_addend = max_addend
     self.max_factor = max_factor
-    self._space = list(itertools.product(range(max_addend + 1), range(1, max_factor + 1),
-                                         range(1, max_factor + 1)))
+    factors = range(1, max_factor + 1)
+    if form == "a+b*c":
+      self._space = list(itertools.product(range(max_addend + 1), factors, factors))
+    else:
+      self._space = list(itertools.product(factors, factors, factors, factors))
     random.Random(seed).shuffle(self._space)
     num_test = len(self._space) if test_size is None else test_size
     needed = num_test + self.dev_size + 1
     if needed > len(self._space):
       raise ValueError(f"toy task: test_size {num_test} + dev_size {self.dev_size} + at least one training "
-                       f"problem exceed the {len(self._space)} distinct problems; raise max_addend")
+                       f"problem exceed the {len(self._space)} distinct problems; raise "
+                       f"{'max_addend' if form == 'a+b*c' else 'max_factor'}")
     self._num_test = num_test
 
   def answer_space_size(self) -> int:
     """How many distinct answers the problems have (the chance level of a uniform guesser is 1 / this)."""
     products = {b * c for b in range(1, self.max_factor + 1) for c in range(1, self.max_factor + 1)}
-    return len({a + p for a in range(self.max_addend + 1) for p in products})
+    addends = range(self.max_addend + 1) if self.form == "a+b*c" else products
+    return len({a + p for a in addends for p in products})
 
   def repair(self, question: str, attempt: str, reference: str) -> str | None:
-    """The attempt `b*c=P,a+P=S` corrected step by step: a wrong product (or wrong factors) is rewritten with the
-    sum that follows from it; a right product is kept as written (either factor order) and only the sum is fixed.
-    None for an attempt not of that shape."""
+    """The attempt corrected step by step: a product step with the question's factors (either order) and the
+    right value is kept as written, a wrong one is recomputed, and the sum is recomputed from the products
+    (`a+b*c`: `b*c=P,a+P=S`; `a*b+c*d`: `a*b=P,c*d=Q,P+Q=S`). None for an attempt not of the form's shape."""
     del reference  # the question holds the operands
-    q, m = _QUESTION.fullmatch(question.strip()), _ATTEMPT.fullmatch(attempt)
+    q, m = _QUESTION[self.form].fullmatch(question.strip()), _ATTEMPT[self.form].fullmatch(attempt)
     if q is None or m is None:
       return None
-    a, b, c = (int(x) for x in q.groups())
-    x, y, product = (int(v) for v in m.groups()[1:])
-    if sorted((x, y)) != sorted((b, c)) or product != b * c:
-      return worked_answer(a, b, c)
-    return f"{m.group(1)},{a}+{product}={a + product}"
+    ops = [int(x) for x in q.groups()]
+    if self.form == "a+b*c":
+      a, b, c = ops
+      step = _kept_product(m, 1, b, c)
+      return f"{step},{a}+{b * c}={a + b * c}"
+    a, b, c, d = ops
+    return f"{_kept_product(m, 1, a, b)},{_kept_product(m, 5, c, d)},{a * b}+{c * d}={a * b + c * d}"
 
   def _load_source_split(self, split: str) -> list[base.Problem]:
     triples = self._space[:self._num_test] if split == "test" else self._space[self._num_test:]
-    return [base.Problem(id=f"toy/{split}/{i}", question=f"{a}+{b}*{c}", reference=worked_answer(a, b, c),
-                         meta={"a": a, "b": b, "c": c})
-            for i, (a, b, c) in enumerate(triples)]
+    if self.form == "a+b*c":
+      return [base.Problem(id=f"toy/{split}/{i}", question=f"{a}+{b}*{c}", reference=worked_answer(a, b, c),
+                           meta={"a": a, "b": b, "c": c})
+              for i, (a, b, c) in enumerate(triples)]
+    return [base.Problem(id=f"toy/{split}/{i}", question=f"{a}*{b}+{c}*{d}", reference=worked_answer(a, b, c, d),
+                         meta={"a": a, "b": b, "c": c, "d": d})
+            for i, (a, b, c, d) in enumerate(triples)]
 
   def load(self, split: str) -> list[base.Problem]:
     problems = super().load(split)
