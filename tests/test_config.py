@@ -236,3 +236,36 @@ def test_a_retired_field_at_the_value_the_code_now_means_resumes_any_other_is_re
     else:
       with pytest.raises(rundir.ConfigMismatch, match="sampling.engine"):
         rundir.check_config(tmp_path, config)
+
+
+def test_a_field_added_later_resumes_a_directory_saved_before_it_at_the_value_that_meant_the_old_code(tmp_path):
+  """`task.toy_form` did not exist before the a*b+c*d form: a directory saved then holds a+b*c problems, so it
+  resumes under the default, keeps its stages' hashes, and is refused under the other form."""
+  import json
+  from rise_jax.pipeline import plan, recipes, rundir
+  config = config_lib.finalize(recipes.toy_smoke())
+  saved = config_lib.to_dict(config)
+  del saved["task"]["toy_form"]
+  (tmp_path / "iter_0").mkdir()
+  (tmp_path / "iter_0" / "rollouts.jsonl").write_text("{}\n")
+  (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps(saved))
+  assert rundir.check_config(tmp_path, config) is not None
+  stage = plan.stage_named("iter_1/collect")
+  assert "task.toy_form" not in plan.stage_fields(config, stage)
+  harder = recipes.toy_smoke()
+  harder.task.toy_form = "a*b+c*d"
+  harder = config_lib.finalize(harder)
+  assert plan.stage_fields(harder, stage)["task.toy_form"] == "a*b+c*d"
+  with pytest.raises(rundir.ConfigMismatch, match="task.toy_form"):
+    rundir.check_config(tmp_path, harder)
+
+
+def test_toy_form_is_refused_unless_known_and_for_the_toy_task():
+  c = config_lib.base_config()
+  c.task.toy_form = "a*b*c"
+  with pytest.raises(ValueError, match=r"task\.toy_form: 'a\*b\*c' is not one of"):
+    config_lib.validate(c)
+  c = config_lib.base_config()
+  c.task.name, c.task.toy_form = "gsm8k", "a*b+c*d"
+  with pytest.raises(ValueError, match=r"task\.toy_form: is an option of the toy task"):
+    config_lib.validate(c)

@@ -1,5 +1,6 @@
 """Tasks, prompt sets and the toy tokenizer: loading, errors, splits, and the reference's exact prompt strings."""
 
+import itertools
 import json
 import random
 
@@ -247,6 +248,63 @@ def test_toy_repair_of_a_wrong_attempt_is_graded_right():
       else:
         assert fixed == p.reference, (p.question, attempt, fixed)
   assert wrong > 1000
+
+
+def test_toy_two_products_problems_splits_and_answer_space():
+  task = get_task("toy", form="a*b+c*d", test_size=2000, dev_size=200)
+  splits = {s: task.load(s) for s in ("train", "dev", "test")}
+  assert {s: len(v) for s, v in splits.items()} == {"train": 4361, "dev": 200, "test": 2000}
+  questions = [p.question for v in splits.values() for p in v]
+  # Train, dev and test partition the whole space 1..9 ^ 4, each problem once.
+  assert len(set(questions)) == len(questions) == 6561
+  assert set(questions) == {f"{a}*{b}+{c}*{d}" for a, b, c, d in itertools.product(range(1, 10), repeat=4)}
+  for p in splits["test"][:200]:
+    (a, b), (c, d) = (map(int, t.split("*")) for t in p.question.split("+"))
+    assert task.reference_answer(p.reference) == str(a * b + c * d)
+    assert task.grade(p.reference, p.reference, "paper") == 1.0
+    assert len(p.question) <= 7 and len(p.reference) <= 23
+  answers = {a * b + c * d for a, b, c, d in itertools.product(range(1, 10), repeat=4)}
+  assert task.answer_space_size() == len(answers) == 132
+
+
+def test_toy_two_products_repair_keeps_each_right_product():
+  task = get_task("toy", form="a*b+c*d", test_size=20, dev_size=5)
+  assert task.repair("7*8+6*9", "7*8=56,6*9=45,56+45=101", "") == "7*8=56,6*9=54,56+54=110"
+  assert task.repair("7*8+6*9", "7*8=54,6*9=54,54+54=108", "") == "7*8=56,6*9=54,56+54=110"
+  assert task.repair("7*8+6*9", "8*7=56,9*6=54,56+54=111", "") == "8*7=56,9*6=54,56+54=110"  # kept as written
+  assert task.repair("7*8+6*9", "6*9=54,7*8=56,54+56=110", "") == "7*8=56,6*9=54,56+54=110"  # steps out of order
+  assert task.repair("7*8+6*9", "7*8=56,6*9=54,56+54=110", "") == "7*8=56,6*9=54,56+54=110"
+  assert task.repair("7*8+6*9", "7*8=56,56+54=110", "") is None  # the one-product shape
+  assert get_task("toy", test_size=20, dev_size=5).repair("25+3*4", "3*4=12,1*1=1,12+1=13", "") is None
+
+
+def test_toy_two_products_repair_of_a_wrong_attempt_is_graded_right():
+  task = get_task("toy", form="a*b+c*d", test_size=500, dev_size=50)
+  rng, wrong = random.Random(1), 0
+  for p in rng.sample(task.load("train"), 300):
+    ops = [p.meta[k] for k in "abcd"]
+    for _ in range(5):
+      steps, values = [], []
+      for x, y in (ops[:2], ops[2:]):
+        f, g = (x, y) if rng.random() < 0.6 else (rng.randint(1, 9), rng.randint(1, 9))
+        values.append(abs(f * g + rng.choice([0, 0, -1, 1, rng.randint(-20, 20)])))
+        steps.append((f, g, values[-1]))
+      total = abs(sum(values) + rng.choice([0, 1, -10]))
+      attempt = ",".join(f"{f}*{g}={v}" for f, g, v in steps) + f",{values[0]}+{values[1]}={total}"
+      if task.grade(attempt, p.reference, "paper") == 1.0:
+        continue
+      wrong += 1
+      fixed = task.repair(p.question, attempt, p.reference)
+      assert task.grade(fixed, p.reference, "paper") == 1.0, (p.question, attempt, fixed)
+      for i, ((f, g, v), (x, y)) in enumerate(zip(steps, (ops[:2], ops[2:]))):
+        right = sorted((f, g)) == sorted((x, y)) and v == x * y
+        assert fixed.split(",")[i] == (f"{f}*{g}={v}" if right else f"{x}*{y}={x * y}"), (attempt, fixed)
+  assert wrong > 1000
+
+
+def test_toy_form_is_checked():
+  with pytest.raises(ValueError, match="unknown form"):
+    get_task("toy", form="a*b*c", test_size=20, dev_size=5)
 
 
 @pytest.mark.parametrize("attempt", ["", "37", "=37", "3*4=12", "3*4=12,25+12=", "3*4=12;25+12=37",
