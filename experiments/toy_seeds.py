@@ -1,7 +1,9 @@
-"""Run the embedded default experiment (configs/toy.py) over several seeds and write its results table.
+"""Run a toy experiment (default: the embedded one, configs/toy.py) over several seeds and write its results table.
 
     python experiments/toy_seeds.py                      # seeds 0 1 2 -> runs/toy_seed<S>/, table into docs/toy.md
     python experiments/toy_seeds.py --seeds 0 --no-docs  # one seed, table printed only
+    python experiments/toy_seeds.py --config configs/toy_two_products.py:mix --seeds 0 1 2 3 4 --final-only
+                                       # -> runs/toy_two_products_mix_seed<S>/, its own table in docs/toy.md
 
 Each seed is one `python -m rise_jax.run` (so a seed that was interrupted resumes). The run evaluates the boost and
 the last iteration (`rise.evaluate="final"`, inside the time budget); this script then evaluates the intermediate
@@ -10,7 +12,9 @@ such a run is parallel sampling in disguise and must reproduce the parallel numb
 table reports mean +- sd over seeds of m1@t1, m5@t1, m1@t5, p1@t5, p5@t1, the conditional accuracies and SCoRe's
 turn-1 -> turn-2 metrics (no oracle), the uniform guesser's chance p1@t5, and the sanity check; then per-seed paired
 differences (RISE - control, RISE - boost, m1@t5 - m5@t1 within RISE) with their mean and a 95% t-interval over
-seeds (Student's t, n - 1 degrees of freedom).
+seeds (Student's t, n - 1 degrees of freedom); within each RISE iteration also the retry against a fresh sample after a
+wrong first turn, and RISE's m1@t5 against its control's m5@t1 (which is the better use of 5 samples).
+`--final-only` skips the intermediate evaluations (the last iteration and the boost are evaluated by the run).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- toy_seeds:begin -->", "<!-- toy_seeds:end -->"
+DEFAULT_CONFIG = "configs/toy.py"
 MODELS = [("iter_0/eval", "boost"),
           ("iter_1/eval", "RISE iteration 1 (distillation: reference solutions)"),
           ("iter_1/control/eval", "single-turn control 1"),
@@ -38,11 +42,28 @@ METRICS = ["m1@t1", "m5@t1", "m1@t5", "p1@t5", "p5@t1"]
 SCORE = {"acc_t1": "acc t1", "acc_t2": "acc t2", "delta_t1_t2": "Δ(t1, t2)", "delta_i_to_c": "Δi→c(t1, t2)",
          "delta_c_to_i": "Δc→i(t1, t2)"}
 SCORE_DIFFERENCES = ["acc_t2", "delta_t1_t2", "delta_i_to_c", "delta_c_to_i"]  # acc_t1 is m1@t1, in METRICS
+# Within RISE T: the retry after a wrong turn 1 against a fresh first-turn sample on the same problems; and, paired
+# with its control, RISE's five sequential turns against the control's five parallel samples.
+RETRY = "t2 right given t1 wrong − fresh sample"
+FIVE_SAMPLES = "m1@t5 (RISE) − m5@t1 (control)"
 
 
-def run_seed(seed: int, out: pathlib.Path, extra: list[str]) -> float:
+def run_name(config: str) -> str:
+  """The runs' name: the config file's stem, with its variant (`configs/toy_two_products.py:mix` ->
+  toy_two_products_mix); the seeds run in <out>/<name>_seed<S>."""
+  path, _, variant = config.partition(":")
+  return pathlib.Path(path).stem + (f"_{variant}" if variant else "")
+
+
+def markers(config: str) -> tuple[str, str]:
+  """The docs/toy.md markers around a config's table (the default experiment's are the plain ones)."""
+  tag = "toy_seeds" if config == DEFAULT_CONFIG else f"toy_seeds:{run_name(config)}"
+  return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+
+
+def run_seed(seed: int, out: pathlib.Path, extra: list[str], config: str = DEFAULT_CONFIG) -> float:
   start = time.perf_counter()
-  cmd = [sys.executable, "-m", "rise_jax.run", "--config=configs/toy.py", f"--config.seed={seed}",
+  cmd = [sys.executable, "-m", "rise_jax.run", f"--config={config}", f"--config.seed={seed}",
          f"--config.output_dir={out}", *extra]
   print("$", " ".join(cmd), flush=True)
   subprocess.run(cmd, cwd=REPO, check=True)
@@ -133,6 +154,19 @@ def history_dropped_eval(run_dir: pathlib.Path) -> dict:
   return m
 
 
+def chance_row(run_dir: pathlib.Path) -> str:
+  """The uniform guesser over the run's task's N answers (exact): 1/N per attempt; over 5 turns with an oracle
+  and no repeated guess 5/N; 5 independent parallel guesses 1 - (1 - 1/N)^5."""
+  import ml_collections
+
+  from rise_jax.tasks import task_from_config
+  config = json.loads((run_dir / "config.json").read_text())
+  n = task_from_config(ml_collections.ConfigDict(config["task"])).answer_space_size()
+  one, five, parallel = 1 / n, 5 / n, 1 - (1 - 1 / n) ** 5
+  cells = [one, one, one, five, parallel, five - one, 0.0]
+  return f"| uniform guesser over the {n} answers (exact) | " + " | ".join(f"{100 * v:.1f}" for v in cells) + " |"
+
+
 def _stage_seconds(run_dir: pathlib.Path) -> float:
   return sum(json.loads(p.read_text()).get("seconds", 0.0) for p in run_dir.rglob("DONE"))
 
@@ -147,10 +181,11 @@ def _ms(values) -> str:
 
 
 def metric_value(m: dict, name: str) -> float | None:
-  """A top-level metric, or a SCoRe metric of turn pair 1 -> 2; None where the metrics have none (an oracle
-  log, or a metrics.json written before SCoRe's metrics were reported)."""
+  """A top-level metric, or a conditional or SCoRe metric of turn pair 1 -> 2; None where the metrics have none
+  (an oracle log, or a metrics.json written before SCoRe's metrics were reported)."""
   if name not in SCORE:
-    return m.get(name)
+    value = m.get(name)
+    return value[0] if isinstance(value, list) else value
   score = m.get("score") or {}
   return score[name][0] if score.get("available") else None
 
@@ -192,6 +227,11 @@ def paired_over_seeds(load: dict, seeds: list[int], stages: list[str]) -> list[d
         rows += [row(label, name, {s: diff(stage, other, s, name, name) for s in seeds})
                  for name in METRICS + SCORE_DIFFERENCES]
     rows.append(row(f"RISE {t}", "m1@t5 − m5@t1", {s: diff(stage, stage, s, "m1@t5", "m5@t1") for s in seeds}))
+    rows.append(row(f"RISE {t}", RETRY, {s: diff(stage, stage, s, "acc_given_wrong", "fresh_acc_given_wrong")
+                                         for s in seeds}))
+    if others[0][0] in stages:
+      rows.append(row(f"RISE {t} − control {t}", FIVE_SAMPLES,
+                      {s: diff(stage, others[0][0], s, "m1@t5", "m5@t1") for s in seeds}))
   return rows
 
 
@@ -227,7 +267,7 @@ def table(runs: dict[int, pathlib.Path], walls: dict[int, float], sanity_seeds=N
     cells.append(_ms([load[s, stage]["p1@t5"] - load[s, stage]["m1@t1"] for s in seeds]))
     cells.append(_ms([load[s, stage]["m1@t5"] - load[s, stage]["m5@t1"] for s in seeds]))
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  lines += ["| uniform guesser over the 180 answers (exact) | 0.6 | 0.6 | 0.6 | 2.8 | 2.8 | 2.2 | 0.0 |", "",
+  lines += [chance_row(runs[seeds[0]]), "",
             "Turn-to-turn behaviour without oracle (turn 1 -> turn 2; mean ± sd over seeds, %):", "",
             "| model | acc. at t2 given t1 wrong | fresh sample on the same problems | acc. at t2 given t1 right "
             "| answer repeats previous turn |", "|---|---|---|---|---|"]
@@ -259,28 +299,34 @@ def table(runs: dict[int, pathlib.Path], walls: dict[int, float], sanity_seeds=N
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default=DEFAULT_CONFIG, help="the toy config (path[:variant]) every seed runs")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--out", default="runs", help="parent directory of the runs/toy_seed<S> directories")
+  parser.add_argument("--out", default="runs", help="parent directory of the <name>_seed<S> run directories")
   parser.add_argument("--no-docs", action="store_true", help="print the table without editing docs/toy.md")
+  parser.add_argument("--final-only", action="store_true",
+                      help="skip the intermediate iterations' evaluations (the run evaluates the boost and the last)")
   parser.add_argument("--sanity-seeds", type=int, nargs="*", default=None,
                       help="seeds whose boosted model gets the history-dropped check (default: all)")
   parser.add_argument("overrides", nargs="*", help="extra --config.* overrides passed to every run")
   args = parser.parse_args()
+  name = run_name(args.config)
   runs, walls = {}, {}
   for seed in args.seeds:
-    runs[seed] = (REPO / args.out / f"toy_seed{seed}").resolve()
-    walls[seed] = run_seed(seed, runs[seed], args.overrides)
-    intermediate_evals(runs[seed])
+    runs[seed] = (REPO / args.out / f"{name}_seed{seed}").resolve()
+    walls[seed] = run_seed(seed, runs[seed], args.overrides, args.config)
+    if not args.final_only:
+      intermediate_evals(runs[seed])
   text = table(runs, walls, args.sanity_seeds)
   print(text)
-  (REPO / args.out / "toy_seeds.md").write_text(text + "\n")
+  (REPO / args.out / f"{name}_seeds.md").write_text(text + "\n")
   if not args.no_docs:
+    begin, end = markers(args.config)
     doc = REPO / "docs" / "toy.md"
     body = doc.read_text()
-    if BEGIN in body:
-      body = body[:body.index(BEGIN)] + BEGIN + "\n" + text + "\n" + END + body[body.index(END) + len(END):]
+    if begin in body:
+      body = body[:body.index(begin)] + begin + "\n" + text + "\n" + end + body[body.index(end) + len(end):]
     else:
-      body += f"\n{BEGIN}\n{text}\n{END}\n"
+      body += f"\n{begin}\n{text}\n{end}\n"
     doc.write_text(body)
 
 

@@ -8,6 +8,9 @@ import statistics
 
 import pytest
 
+from rise_jax import config as config_lib
+from rise_jax.pipeline import recipes
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEEDS = [0, 1, 2]
 T_975_DF2 = 4.302652729911275  # Student's t quantile 0.975 with 2 degrees of freedom (printed tables: 4.303)
@@ -96,6 +99,7 @@ def test_table_from_run_directories(toy_seeds, tmp_path):
   for s in SEEDS:
     runs[s] = tmp_path / f"toy_seed{s}"
     (runs[s] / "iter_0/train").mkdir(parents=True)
+    (runs[s] / "config.json").write_text(json.dumps({"task": config_lib.to_dict(recipes.toy())["task"]}))
     (runs[s] / "iter_0/train/DONE").write_text(json.dumps({"seconds": 10.0, "stopped_early_at": 100 + s}))
     for stage in ("iter_0/eval", "iter_1/eval", "iter_1/control/eval"):
       (runs[s] / stage).mkdir(parents=True)
@@ -109,6 +113,27 @@ def test_table_from_run_directories(toy_seeds, tmp_path):
   boost_row = next(line for line in text.splitlines() if line.startswith("| boost |") and "Δ" not in line
                    and line.count("±") == len(toy_seeds.SCORE))
   assert boost_row.endswith("| 0.3 ± 0.6 |")
+  # The default toy's 180 answers: 1/180 per attempt, 5/180 over five distinct guesses, 1 - (179/180)^5 parallel.
+  assert "| uniform guesser over the 180 answers (exact) | 0.6 | 0.6 | 0.6 | 2.8 | 2.7 | 2.2 | 0.0 |" in text
+
+
+def test_retry_and_five_samples_rows_are_paired_within_each_seed(toy_seeds):
+  load, boost, rise, control = _load()
+  for s in SEEDS:  # per seed: the retry after a wrong turn 1, and a fresh sample on the same problems
+    rise[s]["acc_given_wrong"], rise[s]["fresh_acc_given_wrong"] = [0.30 + 0.05 * s, 0.9], [0.25, 0.1]
+  rows = toy_seeds.paired_over_seeds(load, SEEDS, ["iter_0/eval", "iter_1/eval", "iter_1/control/eval"])
+  by = {(r["comparison"], r["metric"]): r for r in rows}
+  assert list(by["RISE 1", toy_seeds.RETRY]["per_seed"].values()) == pytest.approx([0.05, 0.10, 0.15])
+  # RISE's m1@t5 (base + 0.02) against the control's m5@t1 (its base + 0.05), seed by seed.
+  want = [0.72 - 0.85, 0.77 - 0.83, 0.73 - 0.88]
+  assert list(by["RISE 1 − control 1", toy_seeds.FIVE_SAMPLES]["per_seed"].values()) == pytest.approx(want)
+
+
+def test_run_names_and_docs_markers_follow_the_config(toy_seeds):
+  assert toy_seeds.run_name("configs/toy.py") == "toy"
+  assert toy_seeds.run_name("configs/toy_two_products.py:mix") == "toy_two_products_mix"
+  assert toy_seeds.markers("configs/toy.py") == ("<!-- toy_seeds:begin -->", "<!-- toy_seeds:end -->")
+  assert toy_seeds.markers("configs/toy_two_products.py:mix")[0] == "<!-- toy_seeds:toy_two_products_mix:begin -->"
 
 
 def test_the_history_dropped_policy_streams_the_opening_messages_only(toy_seeds, tmp_path):
