@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.prompt_set = "paper"
   c.task.grader = "paper"                # paper | robust
   c.task.toy_form = "a+b*c"              # the toy task's problems: a+b*c | a*b+c*d (docs/toy_task.md)
+  c.task.toy_max_factor = 9              # the toy task's factors are 1..toy_max_factor
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0
@@ -226,8 +227,11 @@ def _check_names(config) -> None:
     _one_of(config, "model.preset", sorted(PRESETS))
   _one_of(config, "task.name", sorted(TASKS))
   _one_of(config, "task.toy_form", TOY_FORMS)
-  _check(config.task.name == "toy" or config.task.toy_form == TOY_FORMS[0], "task.toy_form",
-         f"is an option of the toy task; task {config.task.name!r} has no forms")
+  for field, default in (("toy_form", TOY_FORMS[0]), ("toy_max_factor", 9)):
+    _check(config.task.name == "toy" or config.task[field] == default, f"task.{field}",
+           f"is an option of the toy task; task {config.task.name!r} has none")
+  _check(isinstance(config.task.toy_max_factor, int) and config.task.toy_max_factor >= 1, "task.toy_max_factor",
+         f"must be an integer >= 1, got {config.task.toy_max_factor!r}")
   from rise_jax.chat.templates import shipped_templates
   template = config.tokenizer.chat_template
   _check(template in ("auto", *shipped_templates()) or (str(template).endswith(".jinja") and os.path.isfile(
@@ -540,7 +544,7 @@ NOT_IDENTITY = ("debug", "output_dir")
 RETIRED = {("sampling", "engine"): "paged"}
 # Fields added later, with the value that means what the code did before them: at that value a field is not part
 # of the identity, so a run saved before it existed resumes, and its stages' hashes stay the same.
-ADDED = {("task", "toy_form"): "a+b*c"}
+ADDED = {("task", "toy_form"): "a+b*c", ("task", "toy_max_factor"): 9}
 
 
 def identity(d: dict[str, Any]) -> dict[str, Any]:

@@ -269,3 +269,11 @@ def test_toy_form_is_refused_unless_known_and_for_the_toy_task():
   c.task.name, c.task.toy_form = "gsm8k", "a*b+c*d"
   with pytest.raises(ValueError, match=r"task\.toy_form: is an option of the toy task"):
     config_lib.validate(c)
+  c = config_lib.base_config()
+  c.task.name, c.task.toy_max_factor = "gsm8k", 12
+  with pytest.raises(ValueError, match=r"task\.toy_max_factor: is an option of the toy task"):
+    config_lib.validate(c)
+  c = config_lib.base_config()
+  c.task.toy_max_factor = 0
+  with pytest.raises(ValueError, match=r"task\.toy_max_factor: must be an integer >= 1"):
+    config_lib.validate(c)

@@ -30,7 +30,7 @@ def task_from_config(task_config) -> Task:
   if task_config.test_size is not None or task_config.name != "toy":
     kwargs["test_size"] = task_config.test_size
   if task_config.name == "toy":
-    kwargs["form"] = task_config.toy_form
+    kwargs.update(form=task_config.toy_form, max_factor=task_config.toy_max_factor)
   else:
     kwargs.update(train_source=task_config.train_source, test_source=task_config.test_source)
   return get_task(task_config.name, **kwargs)
