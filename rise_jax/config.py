@@ -32,6 +32,7 @@ MODEL_SOURCES = ("preset", "hf")
 DTYPES = ("float32", "bfloat16")
 IMPROVEMENTS = ("self", "teacher")
 TEACHER_KINDS = ("model", "openai", "reference", "repair")
+TEACHER_PROMPTS = ("conversation", "repair")
 CRITERIA = ("all", "better", "best", "success")
 WEIGHTINGS = ("exp", "uniform")
 ESTIMATORS = ("sample_mean", "token_mean", "self_normalised")
@@ -118,6 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.collect.teacher.model = placeholder(str)
   c.collect.teacher.max_tokens = 1000
   c.collect.teacher.temperature = 1.0
+  c.collect.teacher.prompt = "conversation"  # conversation (the learner's, as is) | repair (the prompt set's
+                                             # repair template: the problem and the latest failed attempt)
   c.collect.criteria = "all"
   c.collect.weighting = "exp"            # exp: w = exp(r / tau); uniform: w = 1 (plain SFT)
   c.collect.tau = 0.4
@@ -274,6 +277,25 @@ def _check_mesh(config, num_devices: int) -> None:
       _check(False, f"mesh.{name}", str(e))
 
 
+def _check_teacher_prompt(config) -> None:
+  """A repair-prompted teacher: a model or HTTP one (the other kinds read no prompt), and a prompt set with a
+  repair template."""
+  _one_of(config, "collect.teacher.prompt", TEACHER_PROMPTS)
+  t = config.collect.teacher
+  if t.prompt != "repair":
+    return
+  _check(t.kind in ("model", "openai"), "collect.teacher.prompt",
+         f"'repair' prompts a 'model' or 'openai' teacher; kind {t.kind!r} reads no prompt ('repair' is the task's "
+         "own correction, 'reference' its worked answer)")
+  from rise_jax.tasks.prompts import get_prompt_set
+  try:
+    prompts = get_prompt_set(config.task.prompt_set)
+  except (OSError, ValueError) as e:
+    _check(False, "task.prompt_set", str(e))
+  _check(prompts.repair_template is not None, "collect.teacher.prompt",
+         f"'repair' needs a repair template, and task.prompt_set {config.task.prompt_set!r} has none")
+
+
 def validate(config: ml_collections.ConfigDict, *, require_training: bool = False,
              num_devices: int | None = None, _per_iteration: bool = True) -> ml_collections.ConfigDict:
   """Check every enum, range, registry name and local task file; raise ValueError naming the field. With
@@ -336,6 +358,7 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
            "(use 'reference')")
   _check(_finite(co.teacher.temperature) and co.teacher.temperature >= 0, "collect.teacher.temperature",
          f"must be finite and >= 0 (0 = greedy), got {co.teacher.temperature}")
+  _check_teacher_prompt(config)
   if co.improvement == "teacher":
     if co.teacher.kind == "model":
       _check(co.teacher.path is not None, "collect.teacher.path", "required for a model teacher")

@@ -1,9 +1,11 @@
-"""Two options of Algorithm 1's data: the repairing teacher (`collect.teacher.kind = "repair"`, built by
-`Resources.teacher`) and RISE's training set with the control's history-stripped records mixed in
-(`rise.mix_single_turn`, written by the collect stage's `_build`), checked against the control's own dataset built
-from the same episodes."""
+"""Options of Algorithm 1's data: the repairing teacher (`collect.teacher.kind = "repair"`, built by
+`Resources.teacher`), a model or HTTP teacher asked to repair the failed attempt (`collect.teacher.prompt =
+"repair"`: its wiring and its refusals; its episodes in tests/test_rollout_runner_teacher.py) and RISE's
+training set with the control's history-stripped records mixed in (`rise.mix_single_turn`, written by the
+collect stage's `_build`), checked against the control's own dataset built from the same episodes."""
 
 import json
+import pathlib
 import types
 
 import pytest
@@ -12,8 +14,9 @@ from rise_jax import config as config_lib
 from rise_jax.pipeline import recipes, stages
 from rise_jax.pipeline.resources import Resources
 from rise_jax.rise import conversion
-from rise_jax.rollout.policies import RepairPolicy, TurnRequest, TurnSampling
-from rise_jax.tasks.prompts import get_prompt_set
+from rise_jax.rollout.policies import RepairPolicy, RepairPromptPolicy, TurnRequest, TurnSampling
+from rise_jax.rollout.teacher import OpenAIChatPolicy
+from rise_jax.tasks.prompts import PROMPT_DIR, get_prompt_set
 
 PROMPTS = get_prompt_set("toy")
 
@@ -133,4 +136,74 @@ def test_validate_refuses_a_repair_teacher_set_for_one_iteration_of_gsm8k():
   c = recipes.smollm2_rise()
   c.rise.iteration_overrides = ("1:collect.improvement='teacher'", "1:collect.teacher.kind='repair'")
   with pytest.raises(ValueError, match=r"collect\.teacher\.kind: 'repair'.*\(iteration 1"):
+    config_lib.validate(c)
+
+
+def _openai_teacher(c, **teacher):
+  c.collect.improvement, c.collect.teacher.kind = "teacher", "openai"
+  c.collect.teacher.base_url, c.collect.teacher.model = "http://127.0.0.1:9/v1", "teacher-7b"
+  for field, value in teacher.items():
+    c.collect.teacher[field] = value
+  return c
+
+
+def test_resources_wraps_a_repair_prompted_teacher_and_the_collect_stage_counts_it(tmp_path):
+  c = _openai_teacher(recipes.toy_smoke(), prompt="repair")
+  c.output_dir, c.task.prompt_set = str(tmp_path), "paper"
+  res = Resources(config_lib.finalize(c), tmp_path)
+  problems = res.task.load("train")
+  teacher = res.teacher(res.config, problems)
+  assert isinstance(teacher, RepairPromptPolicy) and isinstance(teacher.inner, OpenAIChatPolicy)
+  assert teacher.name == "teacher:teacher-7b+repair_prompt"
+  p = problems[1]
+  history = get_prompt_set("paper").initial_messages(p.question) + [
+      {"role": "assistant", "content": "first =1"}, {"role": "user", "content": "no"},
+      {"role": "assistant", "content": "second =2"}, {"role": "user", "content": "no"}]
+  [message] = teacher.prompted(TurnRequest(key=p.id, messages=tuple(history), n=1, turn=3)).messages
+  content = message["content"]
+  assert p.question in content and "second =2" in content and "first =1" not in content
+  assert stages._repair_counts(teacher, "iter_1/collect") == {"repair_requests_this_run": 1,
+                                                             "repair_fallbacks_this_run": 0}
+  c.collect.teacher.prompt = "conversation"
+  assert isinstance(Resources(config_lib.finalize(c), tmp_path).teacher(c, problems), OpenAIChatPolicy)
+
+
+def test_validate_refuses_every_wrong_repair_prompt_combination(tmp_path):
+  c = _openai_teacher(config_lib.base_config(), prompt="repair")
+  c.task.name = "gsm8k"
+  config_lib.validate(c)  # an HTTP teacher on the paper set
+  c.collect.teacher.prompt = "attempt"
+  with pytest.raises(ValueError, match=r"config field collect\.teacher\.prompt: 'attempt' is not one of"):
+    config_lib.validate(c)
+  c.collect.teacher.prompt = "repair"
+  for kind, task in (("reference", "gsm8k"), ("repair", "toy")):
+    c.collect.teacher.kind, c.task.name = kind, task
+    with pytest.raises(ValueError, match=rf"config field collect\.teacher\.prompt: 'repair' .* kind '{kind}'"):
+      config_lib.validate(c)
+  c.collect.teacher.kind, c.task.name = "model", "gsm8k"
+  c.collect.teacher.path = str(tmp_path)
+  config_lib.validate(c)
+  for prompt_set in ("toy", _prompt_file(tmp_path)):
+    c.task.prompt_set = prompt_set
+    with pytest.raises(ValueError, match=r"config field collect\.teacher\.prompt: .*task\.prompt_set "
+                                         rf"'{prompt_set}' has none"):
+      config_lib.validate(c)
+  c.task.prompt_set = str(tmp_path / "missing.json")
+  with pytest.raises(ValueError, match=r"config field task\.prompt_set"):
+    config_lib.validate(c)
+
+
+def _prompt_file(tmp_path) -> str:
+  """A math prompt set without a repair template."""
+  spec = json.loads((pathlib.Path(PROMPT_DIR) / "paper.json").read_text(encoding="utf-8"))
+  del spec["repair"]
+  path = tmp_path / "no_repair.json"
+  path.write_text(json.dumps(spec))
+  return str(path)
+
+
+def test_validate_refuses_a_repair_prompt_set_for_one_iteration_of_the_toy():
+  c = recipes.toy()  # iteration 1's teacher gives the reference: no prompt to repair with
+  c.rise.iteration_overrides += ("1:collect.teacher.prompt='repair'",)
+  with pytest.raises(ValueError, match=r"collect\.teacher\.prompt: 'repair'.*kind 'reference'.*\(iteration 1"):
     config_lib.validate(c)

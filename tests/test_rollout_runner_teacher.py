@@ -1,17 +1,20 @@
 """The HTTP teacher: a real OpenAI-compatible server on 127.0.0.1 (started here, bounded, stops by itself).
 
 It checks the wire format (what a chat-completions server receives), retries on a 500, a 4xx failing at once,
-the on-disk cache avoiding repeat calls, and the teacher serving the last turn of a runner episode.
+the on-disk cache avoiding repeat calls, and the teacher serving the last turn of a runner episode, as is or
+asked to repair the latest failed attempt (`RepairPromptPolicy`, `collect.teacher.prompt = "repair"`).
 """
 
 import http.server
 import json
+import pathlib
 import threading
+import types
 
 import pytest
 
 from rise_jax.rollout.teacher import ChatCompletionsClient, OpenAIChatPolicy, TeacherError
-from rise_jax.rollout.policies import TurnRequest, TurnSampling
+from rise_jax.rollout.policies import RepairPromptPolicy, ScriptedPolicy, TurnRequest, TurnSampling
 
 
 class _Server:
@@ -176,3 +179,112 @@ def test_teacher_serves_the_last_turn_of_an_episode(tmp_path):
     assert last["policy"] == "teacher:teacher-7b" and last["sampling"]["temperature"] == 0.3
     assert [(c["token_ids"], c["num_tokens"], c["reward"]) for c in last["candidates"]] == [(None, 5, 1.0)] * 2
     assert last["history_tokens"] == 11 and r["stop"] == "oracle_success"
+
+
+# -- the teacher asked to repair the latest failed attempt -----------------------------------------------------
+PAPER_JSON = pathlib.Path(__file__).resolve().parents[1] / "rise_jax" / "tasks" / "prompts" / "paper.json"
+
+
+def _toy_episodes_setup():
+  from rise_jax.tasks import get_task
+  from rise_jax.tasks.prompts import get_prompt_set
+  task = get_task("toy", test_size=3, dev_size=0)
+  return task, task.load("test"), get_prompt_set("paper")
+
+
+def _wrong_learner():
+  """A learner whose attempts differ per problem and turn, all wrong (no toy answer is negative)."""
+  return ScriptedPolicy(lambda request, j: f"{request.key} try {request.turn}: =-{request.turn}",
+                        name="learner@iter_0")
+
+
+def _repair_message(question, attempt):
+  """The paper set's repair template filled in from the JSON file itself."""
+  template = json.loads(PAPER_JSON.read_text(encoding="utf-8"))["repair"]
+  return template.replace("{question}", question).replace("{attempt}", attempt)
+
+
+def _run(tmp_path, problems, policies, protocol, task, prompts, name="a.jsonl"):
+  from rise_jax.rollout import log as rollout_log
+  from rise_jax.rollout.runner import run_episodes
+  header = rollout_log.make_header("cfg", "learner", versions={}, git_commit="abc")
+  run_episodes(problems, policies, protocol, tmp_path / name, task=task, prompts=prompts, header=header,
+               progress=False)
+  return rollout_log.read_rollouts(tmp_path / name)[1]
+
+
+def _chosen(turn):
+  return turn["candidates"][turn["chosen"]]["text"]
+
+
+@pytest.mark.timeout(60)
+def test_a_repair_prompted_teacher_sees_the_problem_and_the_latest_attempt_and_is_the_target(tmp_path):
+  from rise_jax.pipeline import recipes, stages
+  from rise_jax.rollout.runner import Protocol
+  task, problems, prompts = _toy_episodes_setup()
+  learner = _wrong_learner()
+  inner = ScriptedPolicy(lambda request, j: f"{by_id[request.key].reference} ({j})", name="teacher:scripted")
+  by_id = {p.id: p for p in problems}
+  teacher = RepairPromptPolicy(inner, prompts.repair, {p.id: p.question for p in problems})
+  protocol = Protocol.sequential(3, samples=(1, 1, 2), oracle=True, grader="robust", prompt_set="paper")
+  records = _run(tmp_path, problems, [learner, learner, teacher], protocol, task, prompts)
+  assert teacher.name == "teacher:scripted+repair_prompt" and (teacher.requests, teacher.fallbacks) == (3, 0)
+  seen = {r.key: r for r in inner.requests}
+  c = recipes.toy()
+  c.rise.single_turn_control = False
+  stages._build(types.SimpleNamespace(prompts=prompts, tokenizer=None), c, records, tmp_path / "out", 1)
+  data = [json.loads(line) for line in (tmp_path / "out" / "data" / "sft.jsonl").read_text().splitlines()]
+  for r in records:
+    latest = _chosen(r["turns"][1])  # the learner's second (latest) failed attempt, as logged
+    assert latest.startswith(f"{r['problem_id']} try 2") and _chosen(r["turns"][0]) != latest
+    request = seen[r["problem_id"]]
+    assert request.turn == 3 and request.round == 0 and request.stream == "sequential" and request.n == 2
+    assert request.messages == ({"role": "user", "content": _repair_message(r["question"], latest)},)
+    assert r["question"] in request.messages[0]["content"] and latest in request.messages[0]["content"]
+    last = r["turns"][2]
+    assert last["policy"] == "teacher:scripted+repair_prompt"
+    assert [c_["text"] for c_ in last["candidates"]] == [f"{r['reference']} (0)", f"{r['reference']} (1)"]
+    # The training record: the learner's own conversation, then the teacher's reply as the target.
+    [record] = [d for d in data if d["id"] == f"{r['problem_id']}#iter1#t3"]
+    assert record["messages"][-1] == {"role": "assistant", "content": _chosen(last), "train": True}
+    assert record["messages"][2]["content"].endswith(r["question"])
+    assert [m["content"] for m in record["messages"][3:-1:2]] == [_chosen(r["turns"][0]), latest]
+
+
+@pytest.mark.timeout(60)
+def test_an_http_teacher_is_sent_the_repair_prompt(tmp_path):
+  from rise_jax.rollout.runner import Protocol
+  task, problems, prompts = _toy_episodes_setup()
+  answers = {}
+  with _Server(lambda q, i: answers.get(q, "no repair prompt")) as server:
+    teacher = RepairPromptPolicy(OpenAIChatPolicy(_client(server.url, tmp_path), max_concurrency=2),
+                                 prompts.repair, {p.id: p.question for p in problems})
+    protocol = Protocol.sequential(2, samples=(1, 1), oracle=True, grader="robust", prompt_set="paper")
+    learner = _wrong_learner()
+    # The learner's attempts are known before the run (a script): the prompts the server must see.
+    for p in problems:
+      answers[_repair_message(p.question, f"{p.id} try 1: =-1")] = p.reference
+    records = _run(tmp_path, problems, [learner, teacher], protocol, task, prompts)
+    sent = [r["body"]["messages"] for r in server.received]
+    assert sorted(m[0]["content"] for m in sent) == sorted(answers) and all(len(m) == 1 for m in sent)
+    assert all(m[0]["role"] == "user" for m in sent)
+  for r in records:
+    assert _chosen(r["turns"][0]) == f"{r['problem_id']} try 1: =-1"
+    assert r["turns"][1]["candidates"][0]["text"] == r["reference"] and r["turns"][1]["candidates"][0]["reward"] == 1.0
+
+
+@pytest.mark.timeout(60)
+def test_a_repair_prompted_teacher_shown_no_attempt_gets_the_conversation_counted_as_a_fallback(tmp_path):
+  from rise_jax.rollout.runner import Protocol
+  task, problems, prompts = _toy_episodes_setup()
+  inner = ScriptedPolicy(lambda request, j: "=-5", name="teacher:scripted")
+  teacher = RepairPromptPolicy(inner, prompts.repair, {p.id: p.question for p in problems})
+  # A window of 1 hides every attempt from the second turn; a first turn has none.
+  windowed = Protocol.sequential(2, window=1, grader="robust", prompt_set="paper")
+  _run(tmp_path, problems, [_wrong_learner(), teacher], windowed, task, prompts)
+  assert (teacher.requests, teacher.fallbacks) == (3, 3)
+  assert [r.messages for r in inner.requests] == [tuple(prompts.initial_messages(p.question)) for p in problems]
+  _run(tmp_path, problems[:1], teacher, Protocol.sequential(1, grader="robust", prompt_set="paper"), task, prompts,
+       name="b.jsonl")
+  assert (teacher.requests, teacher.fallbacks) == (4, 4)
+  assert inner.requests[-1].messages == tuple(prompts.initial_messages(problems[0].question))

@@ -94,6 +94,38 @@ def test_a_prompt_set_is_data(tmp_path):
     get_prompt_set("nope")
 
 
+def test_a_repair_template_holds_the_question_and_the_attempt(tmp_path):
+  spec = {"name": "terse", "description": "d", "source": "s", "instruction": "i", "example_answer": "e",
+          "problem": "Q: {question}", "feedback": "No. Q: {question}"}
+  path = tmp_path / "terse.json"
+  path.write_text(json.dumps(spec))
+  assert load_prompt_set(str(path)).repair_template is None  # optional
+  with pytest.raises(ValueError, match="prompt set 'terse' has no repair template"):
+    load_prompt_set(str(path)).repair("1+1", "=3")
+  path.write_text(json.dumps(dict(spec, repair="Fix {attempt} of {question}, answer \\boxed{x}")))
+  # Both fields substituted once, braces elsewhere kept: neither text is read as a template.
+  assert load_prompt_set(str(path)).repair("{attempt}+1", "=3 {question}") == (
+      "Fix =3 {question} of {attempt}+1, answer \\boxed{x}")
+  for template, missing in (("Fix {attempt}", r"\{question\}"), ("Q: {question}", r"\{attempt\}"),
+                            ("Fix it", r"\{question\} and \{attempt\}")):
+    path.write_text(json.dumps(dict(spec, repair=template)))
+    with pytest.raises(ValueError, match=rf"terse\.json: field 'repair' must contain {missing}$"):
+      load_prompt_set(str(path))
+  path.write_text(json.dumps(dict(spec, repair=["{question}", "{attempt}"])))
+  with pytest.raises(ValueError, match=r"terse\.json: field 'repair' is not a string"):
+    load_prompt_set(str(path))
+
+
+@pytest.mark.parametrize("name", ["paper", "brief", "self_refine"])
+def test_the_math_prompt_sets_ask_a_repair_for_the_instructions_answer_format(name):
+  ps = get_prompt_set(name)
+  text = ps.repair("What is 6*7?", "6*7=48. \\boxed{48}")
+  assert "What is 6*7?" in text and "6*7=48. \\boxed{48}" in text
+  assert text.endswith("present your final answer as \\boxed{Your Answer}.")
+  assert "\\boxed{Your Answer}" in ps.instruction
+  assert get_prompt_set("toy").repair_template is None
+
+
 # ----------------------------------------------------------------------------------------------- jsonl loading
 def test_jsonl_errors_name_file_line_and_field(tmp_path):
   path = tmp_path / "gsm.jsonl"

@@ -28,6 +28,8 @@ from rise_jax.rollout import runner
 from rise_jax.rollout.policies import EnginePolicy
 from rise_jax.rollout.policies import ReferencePolicy
 from rise_jax.rollout.policies import RepairPolicy
+from rise_jax.rollout.policies import RepairPromptPolicy
+from rise_jax.rollout.teacher import ChatCompletionsClient
 from rise_jax.rollout.teacher import OpenAIChatPolicy
 from rise_jax.sampling import requests
 from rise_jax.sampling.engine import Engine
@@ -129,7 +131,15 @@ class Resources:
   def teacher(self, config, problems):
     """The improvement policy of distillation (config: the iteration's): the task's reference solutions, its
     corrections of the failed attempts (the reference where it has none), a checkpoint through the engine, or an
-    OpenAI-compatible API."""
+    OpenAI-compatible API; the last two asked to repair the latest failed attempt under
+    `collect.teacher.prompt = "repair"`."""
+    policy = self._teacher(config, problems)
+    if config.collect.teacher.prompt != "repair":
+      return policy
+    prompts = get_prompt_set(config.task.prompt_set)
+    return RepairPromptPolicy(policy, prompts.repair, {p.id: p.question for p in problems})
+
+  def _teacher(self, config, problems):
     t = config.collect.teacher
     if t.kind in ("reference", "repair"):
       references = {p.id: self.task.solution(p) for p in problems}
@@ -142,7 +152,7 @@ class Resources:
       model = models.load_model(config.model, mesh=self.mesh("train"), on_indivisible=config.mesh.on_indivisible,
                                 path=t.path)
       return self.learner(model, name=f"teacher:{pathlib.Path(t.path).name}")
-    return OpenAIChatPolicy(base_url=t.base_url, model=t.model, cache_dir=self.root / "teacher_cache")
+    return OpenAIChatPolicy(ChatCompletionsClient(t.base_url, t.model, cache_dir=self.root / "teacher_cache"))
 
   def header(self, model: Any, stage=None) -> dict[str, Any]:
     """A rollout log's header: how it names the model, and the config hash of the fields `stage` depends on

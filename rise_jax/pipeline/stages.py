@@ -25,6 +25,7 @@ from rise_jax.rise import dataset as dataset_lib
 from rise_jax.rise import metrics
 from rise_jax.rollout import log as rollout_log
 from rise_jax.rollout.policies import RepairPolicy
+from rise_jax.rollout.policies import RepairPromptPolicy
 from rise_jax.rollout.policies import TurnRequest
 from rise_jax.train import data as train_data
 
@@ -82,17 +83,25 @@ def collect(res: Resources, stage: Stage, out_dir: pathlib.Path, *, limit: int |
   run = res.episodes(problems, policies, algorithm.collection_protocol(c), out_dir / "rollouts.jsonl",
                      res.header(name, stage), limit=limit, what=stage.name, desc=f"collect iter {t}")
   seconds = time.perf_counter() - t0
-  if isinstance(improver, RepairPolicy):
-    info = {"repair_requests_this_run": improver.requests, "repair_fallbacks_this_run": improver.fallbacks}
-    log.info("%s: the repair teacher gave the reference solution for %d of %d requests (no repairable attempt)",
-             stage.name, improver.fallbacks, improver.requests)
-  else:
-    info = {}
+  info = _repair_counts(improver, stage.name)
   rollouts = _log_accounting(out_dir / "rollouts.jsonl", problems)
   info.update(_build(res, c, rollouts["records"], out_dir, t))
   return {"episodes": len(rollouts["records"]), "torn_lines": rollouts["torn"], "tokens": rollouts["accounting"],
           "decode_tokens": rollouts["accounting"]["decode_tokens"], "decode_tokens_this_run": run.decode_tokens,
           "sampling_seconds_this_run": seconds, "tokens_per_s": run.tokens_per_s, **info}
+
+
+def _repair_counts(improver, stage_name: str) -> dict[str, int]:
+  """The collect DONE's count of a repairing teacher's requests and of those it answered without a repair."""
+  if isinstance(improver, RepairPolicy):
+    fallback = "gave the reference solution (no repairable attempt)"
+  elif isinstance(improver, RepairPromptPolicy):
+    fallback = "was shown the conversation (no attempt to repair)"
+  else:
+    return {}
+  log.info("%s: the repair teacher %s for %d of %d requests", stage_name, fallback, improver.fallbacks,
+           improver.requests)
+  return {"repair_requests_this_run": improver.requests, "repair_fallbacks_this_run": improver.fallbacks}
 
 
 def _build(res: Resources, c, records, out_dir: pathlib.Path, iteration: int) -> dict[str, Any]:

@@ -4,9 +4,11 @@ one record per episode to the rollout log (`rise_jax.rollout/2`, docs/contracts.
 """
 
 from rise_jax.rollout.policies import (Completion, EnginePolicy, InstantStream, Policy, ReferencePolicy,
-                                       RepairPolicy, Sample, ScriptedPolicy, TurnRequest, TurnSampling, sample_uid)
+                                       RepairPolicy, RepairPromptPolicy, Sample, ScriptedPolicy, TurnRequest,
+                                       TurnSampling, sample_uid)
 from rise_jax.rollout.protocol import Protocol
 from rise_jax.rollout.runner import RunSummary, run_episodes
 
 __all__ = ["Completion", "EnginePolicy", "InstantStream", "Policy", "Protocol", "ReferencePolicy", "RepairPolicy",
-           "RunSummary", "Sample", "ScriptedPolicy", "TurnRequest", "TurnSampling", "run_episodes", "sample_uid"]
+           "RepairPromptPolicy", "RunSummary", "Sample", "ScriptedPolicy", "TurnRequest", "TurnSampling",
+           "run_episodes", "sample_uid"]

@@ -9,7 +9,9 @@ submits a `TurnRequest` (n responses wanted for one conversation) the moment an 
 - `ReferencePolicy`: the task's reference solutions as the teacher; `RepairPolicy`: the task's correction of the
   failed attempt (`Task.repair`), the reference where it has none;
 - `rise_jax.rollout.teacher.OpenAIChatPolicy`: a chat-completions endpoint (GPT-3.5 in the paper);
-- `ScriptedPolicy`: a function from request to text, for tests and for replaying known answers.
+- `ScriptedPolicy`: a function from request to text, for tests and for replaying known answers;
+- `RepairPromptPolicy`: wraps a model or HTTP teacher so that it is asked to repair the latest failed attempt
+  (the prompt set's repair template) instead of answering the learner's conversation.
 The others answer a batch at once (`sample`); their stream (`InstantStream`) answers everything submitted
 since the last step in one `sample` call per sampling setting.
 
@@ -231,6 +233,64 @@ class RepairPolicy(ReferencePolicy):
     self.requests += 1
     self.fallbacks += repaired is None
     return super().reply(request) if repaired is None else repaired
+
+
+class RepairPromptPolicy:
+  """A teacher (`inner`: a checkpoint or an HTTP endpoint) asked to repair the latest failed attempt.
+
+  Each request's messages become one user turn, `repair(question, attempt)` (the prompt set's `PromptSet.repair`)
+  of the problem (`questions`: problem id -> question) and the last of `chat.attempts(request.messages)`; key,
+  turn, round and stream are kept, so random streams and an HTTP teacher's cache stay per problem and draw.
+  A request that shows no attempt (turn 1, a window of 1) goes to `inner` unchanged, counted in `fallbacks` (of
+  `requests`).
+  """
+
+  def __init__(self, inner, repair: Callable[[str, str], str], questions: dict[str, str]):
+    self.inner = inner
+    self.name = f"{inner.name}+repair_prompt"
+    self._repair = repair
+    self._questions = questions
+    self.requests = 0
+    self.fallbacks = 0
+
+  def prompted(self, request: TurnRequest) -> TurnRequest:
+    """`request` as `inner` receives it (counted)."""
+    tried = chat.attempts(request.messages)
+    self.requests += 1
+    self.fallbacks += not tried
+    if not tried:
+      return request
+    if request.key not in self._questions:
+      raise KeyError(f"{self.name}: no question for problem {request.key!r}")
+    content = self._repair(self._questions[request.key], tried[-1])
+    return dataclasses.replace(request, messages=({"role": "user", "content": content},))
+
+  def sample(self, requests: Sequence[TurnRequest], sampling: TurnSampling, seed: int) -> list[Completion]:
+    return self.inner.sample([self.prompted(r) for r in requests], sampling, seed)
+
+  def release(self, keys: Sequence[str]) -> None:
+    self.inner.release(keys)
+
+  def open_stream(self, seed: int) -> _RepairPromptStream:
+    return _RepairPromptStream(self, self.inner.open_stream(seed))
+
+
+class _RepairPromptStream:
+  """`RepairPromptPolicy`'s stream: the inner policy's, submitted the repair prompt."""
+
+  def __init__(self, policy: RepairPromptPolicy, inner):
+    self.policy = policy
+    self.inner = inner
+
+  def submit(self, request: TurnRequest, sampling: TurnSampling, tag: Any) -> None:
+    self.inner.submit(self.policy.prompted(request), sampling, tag)
+
+  def step(self) -> list[tuple[Any, Completion]]:
+    return self.inner.step()
+
+  @property
+  def busy(self) -> bool:
+    return self.inner.busy
 
 
 class EnginePolicy:
