@@ -567,17 +567,30 @@ NOT_IDENTITY = ("debug", "output_dir")
 RETIRED = {("sampling", "engine"): "paged"}
 # Fields added later, with the value that means what the code did before them: at that value a field is not part
 # of the identity, so a run saved before it existed resumes, and its stages' hashes stay the same.
-ADDED = {("task", "toy_form"): "a+b*c", ("task", "toy_max_factor"): 9}
+ADDED = {"task.toy_form": "a+b*c", "task.toy_max_factor": 9, "collect.teacher.prompt": "conversation"}
 
 
 def identity(d: dict[str, Any]) -> dict[str, Any]:
   """A config dict without the fields that do not change results (`NOT_IDENTITY`, `RETIRED` and `ADDED` at their
   value)."""
   out = {k: v for k, v in d.items() if k not in NOT_IDENTITY}
-  for (section, name), value in {**RETIRED, **ADDED}.items():
+  for (section, name), value in RETIRED.items():
     if isinstance(out.get(section), dict) and out[section].get(name) == value:
       out[section] = {k: v for k, v in out[section].items() if k != name}
+  for dotted, value in ADDED.items():
+    *parents, name = dotted.split(".")
+    out = _without(out, parents, name, value)
   return out
+
+
+def _without(d: dict[str, Any], parents: list[str], name: str, value: Any) -> dict[str, Any]:
+  """d with d[parents...][name] removed where it equals value (copies along the path only)."""
+  if not parents:
+    return {k: v for k, v in d.items() if k != name} if name in d and d[name] == value else d
+  head, *rest = parents
+  if not isinstance(d.get(head), dict):
+    return d
+  return {**d, head: _without(d[head], rest, name, value)}
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

@@ -250,8 +250,11 @@ def test_a_field_added_later_resumes_a_directory_saved_before_it_at_the_value_th
   (tmp_path / "iter_0" / "rollouts.jsonl").write_text("{}\n")
   (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps(saved))
   assert rundir.check_config(tmp_path, config) is not None
+  del saved["collect"]["teacher"]["prompt"]  # added later too, one level deeper
+  (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps(saved))
+  assert rundir.check_config(tmp_path, config) is not None
   stage = plan.stage_named("iter_1/collect")
-  assert "task.toy_form" not in plan.stage_fields(config, stage)
+  assert not {"task.toy_form", "collect.teacher.prompt"} & set(plan.stage_fields(config, stage))
   harder = recipes.toy_smoke()
   harder.task.toy_form = "a*b+c*d"
   harder = config_lib.finalize(harder)
