@@ -154,3 +154,17 @@ def test_micro_batch_must_split_over_data_and_fsdp():
     c.train.global_batch = 64
   with pytest.raises(ValueError, match="train.micro_batch 8 is not divisible"):
     capacity.check(c, capacity.TPU_V4_32)
+
+
+def test_two_products_variants_change_exactly_their_fields():
+  base = config_lib.to_dict(recipes.toy_two_products())
+  assert base["task"]["toy_form"] == "a*b+c*d" and base["task"]["toy_max_factor"] == 12
+  for variant, modifier in recipes.TWO_PRODUCTS_VARIANTS.items():
+    c = recipes.toy_two_products(variant)
+    changed = set(config_lib.diff_fields(base, config_lib.to_dict(c))) - {"name", "output_dir"}
+    assert changed == set(modifier.fields), (variant, changed)
+    assert c.output_dir == "runs/toy_two_products" + ("" if variant == "recipe" else f"_{variant}")
+  filtered = config_lib.for_iteration(config_lib.finalize(recipes.toy_two_products("success")), 2)
+  assert filtered.collect.criteria == "success" and filtered.collect.oracle is False
+  with pytest.raises(ValueError, match="unknown variant"):
+    recipes.toy_two_products("nope")

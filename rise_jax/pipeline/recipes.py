@@ -372,4 +372,15 @@ def toy_ablation(ablation: str, variant: str) -> ml_collections.ConfigDict:
   return _overrides_within_iterations(c)
 
 
-TWO_PRODUCTS_VARIANTS = {"recipe": _set(), "mix": _set(**{"rise.mix_single_turn": True})}
+def _self_distillation_filtered() -> tuple[str, ...]:
+  """The toy's per-iteration settings with iterations 2 and 3 keeping only correct turn-2 answers (criteria
+  success), so that neither a wrong retry nor an abandoned right answer is trained on."""
+  return toy().rise.iteration_overrides + ("2:collect.criteria='success'", "3:collect.criteria='success'")
+
+
+TWO_PRODUCTS_VARIANTS = {
+    "recipe": _set(),
+    "mix": _set(**{"rise.mix_single_turn": True}),
+    "success": _set(**{"rise.iteration_overrides": _self_distillation_filtered()}),
+    "success_mix": _set(**{"rise.iteration_overrides": _self_distillation_filtered(), "rise.mix_single_turn": True}),
+}
