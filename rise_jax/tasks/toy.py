@@ -99,14 +99,14 @@ class ToyTask(base.Task):
     return f"{_kept_product(m, 1, a, b)},{_kept_product(m, 5, c, d)},{a * b}+{c * d}={a * b + c * d}"
 
   def _load_source_split(self, split: str) -> list[base.Problem]:
-    triples = self._space[:self._num_test] if split == "test" else self._space[self._num_test:]
+    operands = self._space[:self._num_test] if split == "test" else self._space[self._num_test:]
     if self.form == "a+b*c":
       return [base.Problem(id=f"toy/{split}/{i}", question=f"{a}+{b}*{c}", reference=worked_answer(a, b, c),
                            meta={"a": a, "b": b, "c": c})
-              for i, (a, b, c) in enumerate(triples)]
+              for i, (a, b, c) in enumerate(operands)]
     return [base.Problem(id=f"toy/{split}/{i}", question=f"{a}*{b}+{c}*{d}", reference=worked_answer(a, b, c, d),
                          meta={"a": a, "b": b, "c": c, "d": d})
-            for i, (a, b, c, d) in enumerate(triples)]
+            for i, (a, b, c, d) in enumerate(operands)]
 
   def load(self, split: str) -> list[base.Problem]:
     problems = super().load(split)
