@@ -230,8 +230,8 @@ def _check_names(config) -> None:
     _one_of(config, "model.preset", sorted(PRESETS))
   _one_of(config, "task.name", sorted(TASKS))
   _one_of(config, "task.toy_form", TOY_FORMS)
-  for field, default in (("toy_form", TOY_FORMS[0]), ("toy_max_factor", 9)):
-    _check(config.task.name == "toy" or config.task[field] == default, f"task.{field}",
+  for field in ("task.toy_form", "task.toy_max_factor"):
+    _check(config.task.name == "toy" or _get(config, field) == ADDED[field], field,
            f"is an option of the toy task; task {config.task.name!r} has none")
   _check(isinstance(config.task.toy_max_factor, int) and config.task.toy_max_factor >= 1, "task.toy_max_factor",
          f"must be an integer >= 1, got {config.task.toy_max_factor!r}")
@@ -564,7 +564,7 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 NOT_IDENTITY = ("debug", "output_dir")
 # Removed fields, with the value that meant what the code does now: a saved config holding that value resumes; any
 # other value is a differing field (the results were made by a path the code no longer has).
-RETIRED = {("sampling", "engine"): "paged"}
+RETIRED = {"sampling.engine": "paged"}
 # Fields added later, with the value that means what the code did before them: at that value a field is not part
 # of the identity, so a run saved before it existed resumes, and its stages' hashes stay the same.
 ADDED = {"task.toy_form": "a+b*c", "task.toy_max_factor": 9, "collect.teacher.prompt": "conversation"}
@@ -574,10 +574,7 @@ def identity(d: dict[str, Any]) -> dict[str, Any]:
   """A config dict without the fields that do not change results (`NOT_IDENTITY`, `RETIRED` and `ADDED` at their
   value)."""
   out = {k: v for k, v in d.items() if k not in NOT_IDENTITY}
-  for (section, name), value in RETIRED.items():
-    if isinstance(out.get(section), dict) and out[section].get(name) == value:
-      out[section] = {k: v for k, v in out[section].items() if k != name}
-  for dotted, value in ADDED.items():
+  for dotted, value in {**RETIRED, **ADDED}.items():
     *parents, name = dotted.split(".")
     out = _without(out, parents, name, value)
   return out
@@ -593,6 +590,17 @@ def _without(d: dict[str, Any], parents: list[str], name: str, value: Any) -> di
   return {**d, head: _without(d[head], rest, name, value)}
 
 
+def _with(d: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+  """d with d[path...] set to value where its parent section exists and the field does not (else d itself)."""
+  head, *rest = path
+  if not rest:
+    return d if head in d else {**d, head: value}
+  if not isinstance(d.get(head), dict):
+    return d
+  inner = _with(d[head], rest, value)
+  return d if inner is d[head] else {**d, head: inner}
+
+
 def config_hash(config: ml_collections.ConfigDict) -> str:
   """Stable hash of the fields that change results (`identity`)."""
   return dict_hash(identity(to_dict(config)))
@@ -602,9 +610,8 @@ def config_hashes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """`config_hash`, then the hashes the same config had while each `RETIRED` field was still a field (written
   into logs begun then, which therefore resume)."""
   d = identity(to_dict(config))
-  legacy = [{**d, section: {**d[section], name: value}} for (section, name), value in RETIRED.items()
-            if isinstance(d.get(section), dict) and name not in d[section]]
-  return (dict_hash(d), *(dict_hash(x) for x in legacy))
+  legacy = [_with(d, dotted.split("."), value) for dotted, value in RETIRED.items()]
+  return (dict_hash(d), *(dict_hash(x) for x in legacy if x is not d))
 
 
 def dict_hash(d: dict[str, Any]) -> str:
