@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.dev_size = 200                  # carved from train with a fixed seed, for tuning
   c.task.prompt_set = "paper"
   c.task.grader = "paper"                # paper | robust
-  c.task.toy_form = "a+b*c"              # the toy task's problems: a+b*c | a*b+c*d (docs/toy_task.md)
+  c.task.toy_form = "a+b*c"              # the toy task's problems: a+b*c | a*b+c*d | a*b+c*d/columns
   c.task.toy_max_factor = 9              # the toy task's factors are 1..toy_max_factor
 
   c.sampling = ml_collections.ConfigDict()

@@ -400,3 +400,41 @@ def test_gsm8k_solution_is_graded_right_by_both_graders_on_every_training_proble
     assert "<<" not in text and "####" not in text
   assert task.grade(problems[0].reference, problems[0].reference, "paper") == -1.0
   assert task.solution(problems[0]).endswith("clips altogether in April and May.\nThe answer is \\boxed{72}.")
+
+
+def test_toy_column_sum_is_the_grade_school_addition_of_the_products():
+  task = get_task("toy", form="a*b+c*d/columns", max_factor=12, test_size=2000, dev_size=200)
+  plain = get_task("toy", form="a*b+c*d", max_factor=12, test_size=2000, dev_size=200)
+  assert [p.question for p in task.load("test")] == [p.question for p in plain.load("test")]  # the same problems
+  for p in task.load("train")[:3000] + task.load("test"):
+    (a, b), (c, d) = (map(int, t.split("*")) for t in p.question.split("+"))
+    x, y = a * b, c * d
+    first, second, *columns, total = p.reference.split(",")
+    assert (first, second, total) == (f"{a}*{b}={x}", f"{c}*{d}={y}", f"{x}+{y}={x + y}")
+    # Column i adds the i-th digits from the right (0 past a number's end) and the carry out of column i-1.
+    width = max(len(str(x)), len(str(y)))
+    dx, dy = str(x).zfill(width)[::-1], str(y).zfill(width)[::-1]
+    carry, written = 0, ""
+    assert len(columns) == width, p.reference
+    for i, step in enumerate(columns):
+      terms, value = step.split("=")
+      assert terms == "+".join([dx[i], dy[i], *([str(carry)] if carry else [])]), (p.reference, step)
+      assert int(value) == int(dx[i]) + int(dy[i]) + carry
+      written = str(int(value) % 10) + written
+      carry = int(value) // 10
+    assert int((str(carry) if carry else "") + written) == x + y
+    assert task.grade(p.reference, p.reference, "paper") == 1.0
+    assert task.reference_answer(p.reference) == str(x + y)
+  assert max(len(p.reference) for p in task.load("train")) <= 52
+  assert task.answer_space_size() == plain.answer_space_size() == 239
+
+
+def test_toy_column_sum_repair_keeps_right_products_and_rewrites_the_columns():
+  task = get_task("toy", form="a*b+c*d/columns", test_size=20, dev_size=5)
+  right = "7*8=56,6*9=54,6+4=10,5+5+1=11,56+54=110"
+  assert task.repair("7*8+6*9", "7*8=56,6*9=54,6+4=10,5+5+1=12,56+54=120", "") == right  # a column slip
+  assert task.repair("7*8+6*9", "8*7=56,6*9=45,6+5=11,5+4+1=10,56+45=101", "") == \
+      "8*7=56,6*9=54,6+4=10,5+5+1=11,56+54=110"  # a right product kept as written, the wrong one recomputed
+  assert task.repair("7*8+6*9", "7*8=56,6*9=54,56+54=111", "") is None  # the sum without its columns
+  assert get_task("toy", form="a*b+c*d", test_size=20, dev_size=5).repair(
+      "7*8+6*9", "7*8=56,6*9=54,6+4=10,5+5+1=12,56+54=120", "") is None

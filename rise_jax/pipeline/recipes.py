@@ -378,9 +378,16 @@ def _self_distillation_filtered() -> tuple[str, ...]:
   return toy().rise.iteration_overrides + ("2:collect.criteria='success'", "3:collect.criteria='success'")
 
 
+# The sum written column by column with its carries (docs/toy.md, "The sum by columns"): a worked answer is at most
+# 52 characters; the 4-turn history of 56-token attempts is ~350 tokens, + 56 new.
+_COLUMNS = {"task.toy_form": "a*b+c*d/columns", "sampling.max_new_tokens": 56, "sampling.max_cache_length": 448,
+            "train.max_length": 448}
+
 TWO_PRODUCTS_VARIANTS = {
     "recipe": _set(),
     "mix": _set(**{"rise.mix_single_turn": True}),
     "success": _set(**{"rise.iteration_overrides": _self_distillation_filtered()}),
     "success_mix": _set(**{"rise.iteration_overrides": _self_distillation_filtered(), "rise.mix_single_turn": True}),
+    "columns": _set(**_COLUMNS),
+    "columns_mix": _set(**_COLUMNS, **{"rise.mix_single_turn": True}),
 }

@@ -11,7 +11,9 @@ and asserted.
 
 Form `a*b+c*d` (`form`): the harder variant, three steps, "7*8+6*9" -> "7*8=56,6*9=54,56+54=110"; every operand
 in [1, max_factor] (9: 6,561 problems, answers 2..162). Its two products are independent, so a repair keeps a
-right product the attempt wrote and fixes the other one.
+right product the attempt wrote and fixes the other one. Form `a*b+c*d/columns`: the same problems, the sum also
+written column by column from the units with its carries, "7*8=56,6*9=54,6+4=10,5+5+1=11,56+54=110", so a wrong
+sum shows which digit went wrong.
 
 The task's tokenizer is char-level (`rise_jax.chat.toy_tokenizer`) with the specials of the `toy` chat template.
 """
@@ -24,21 +26,36 @@ import re
 
 from rise_jax.tasks import base
 
-FORMS = ("a+b*c", "a*b+c*d")
-_QUESTION = {"a+b*c": re.compile(r"(\d+)\+(\d+)\*(\d+)"), "a*b+c*d": re.compile(r"(\d+)\*(\d+)\+(\d+)\*(\d+)")}
+FORMS = ("a+b*c", "a*b+c*d", "a*b+c*d/columns")
+_TWO_PRODUCTS = re.compile(r"(\d+)\*(\d+)\+(\d+)\*(\d+)")
+_QUESTION = {"a+b*c": re.compile(r"(\d+)\+(\d+)\*(\d+)"), "a*b+c*d": _TWO_PRODUCTS,
+             "a*b+c*d/columns": _TWO_PRODUCTS}
 # Digits bounded: int() of a match is cheap, however long a degenerate attempt is.
 _N = r"\d{1,9}"
 _PRODUCT = rf"(({_N})\*({_N})=({_N}))"
+_COLUMN = rf"{_N}\+{_N}(?:\+{_N})?={_N}"
 _ATTEMPT = {"a+b*c": re.compile(rf"\s*{_PRODUCT},{_N}\+{_N}={_N}\s*"),
-            "a*b+c*d": re.compile(rf"\s*{_PRODUCT},{_PRODUCT},{_N}\+{_N}={_N}\s*")}
+            "a*b+c*d": re.compile(rf"\s*{_PRODUCT},{_PRODUCT},{_N}\+{_N}={_N}\s*"),
+            "a*b+c*d/columns": re.compile(rf"\s*{_PRODUCT},{_PRODUCT},(?:{_COLUMN},){{1,9}}{_N}\+{_N}={_N}\s*")}
 
 
-def worked_answer(a: int, b: int, c: int, d: int | None = None) -> str:
+def worked_answer(a: int, b: int, c: int, d: int | None = None, *, columns: bool = False) -> str:
   """The reference scratchpad: the products first (precedence), then the sum; `a+b*c` for three operands,
-  `a*b+c*d` for four."""
+  `a*b+c*d` for four, with `columns` the sum's column steps before it."""
   if d is None:
     return f"{b}*{c}={b * c},{a}+{b * c}={a + b * c}"
-  return f"{a}*{b}={a * b},{c}*{d}={c * d},{a * b}+{c * d}={a * b + c * d}"
+  return f"{a}*{b}={a * b},{c}*{d}={c * d},{_sum_steps(a * b, c * d, columns)}"
+
+
+def _sum_steps(p: int, q: int, columns: bool) -> str:
+  """`p+q=s`, after it with `columns` one step per column from the units: its two digits (0 past a number's
+  length), the carry when there is one, and their sum (`6+4=10,5+5+1=11,56+54=110`)."""
+  steps, carry = [], 0
+  for i in range(max(len(str(p)), len(str(q))) if columns else 0):
+    x, y = p // 10**i % 10, q // 10**i % 10
+    steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={x + y + carry}")
+    carry = (x + y + carry) // 10
+  return ",".join([*steps, f"{p}+{q}={p + q}"])
 
 
 def _kept_product(step: re.Match, group: int, x: int, y: int) -> str:
@@ -60,6 +77,7 @@ class ToyTask(base.Task):
       raise ValueError(f"toy task needs max_addend >= 0 and max_factor >= 1, got {max_addend}, {max_factor}")
     self.seed = seed
     self.form = form
+    self._columns = form == "a*b+c*d/columns"
     self.max_addend = max_addend
     self.max_factor = max_factor
     factors = range(1, max_factor + 1)
@@ -84,8 +102,9 @@ class ToyTask(base.Task):
 
   def repair(self, question: str, attempt: str, reference: str) -> str | None:
     """The attempt corrected step by step: a product step with the question's factors (either order) and the
-    right value is kept as written, a wrong one is recomputed, and the sum is recomputed from the products
-    (`a+b*c`: `b*c=P,a+P=S`; `a*b+c*d`: `a*b=P,c*d=Q,P+Q=S`). None for an attempt not of the form's shape."""
+    right value is kept as written, a wrong one is recomputed, and the sum (with its column steps) is recomputed
+    from the products (`a+b*c`: `b*c=P,a+P=S`; `a*b+c*d`: `a*b=P,c*d=Q,P+Q=S`). None for an attempt not of the
+    form's shape."""
     del reference  # the question holds the operands
     q, m = _QUESTION[self.form].fullmatch(question.strip()), _ATTEMPT[self.form].fullmatch(attempt)
     if q is None or m is None:
@@ -96,7 +115,7 @@ class ToyTask(base.Task):
       step = _kept_product(m, 1, b, c)
       return f"{step},{a}+{b * c}={a + b * c}"
     a, b, c, d = ops
-    return f"{_kept_product(m, 1, a, b)},{_kept_product(m, 5, c, d)},{a * b}+{c * d}={a * b + c * d}"
+    return f"{_kept_product(m, 1, a, b)},{_kept_product(m, 5, c, d)},{_sum_steps(a * b, c * d, self._columns)}"
 
   def _load_source_split(self, split: str) -> list[base.Problem]:
     operands = self._space[:self._num_test] if split == "test" else self._space[self._num_test:]
@@ -104,7 +123,8 @@ class ToyTask(base.Task):
       return [base.Problem(id=f"toy/{split}/{i}", question=f"{a}+{b}*{c}", reference=worked_answer(a, b, c),
                            meta={"a": a, "b": b, "c": c})
               for i, (a, b, c) in enumerate(operands)]
-    return [base.Problem(id=f"toy/{split}/{i}", question=f"{a}*{b}+{c}*{d}", reference=worked_answer(a, b, c, d),
+    return [base.Problem(id=f"toy/{split}/{i}", question=f"{a}*{b}+{c}*{d}",
+                         reference=worked_answer(a, b, c, d, columns=self._columns),
                          meta={"a": a, "b": b, "c": c, "d": d})
             for i, (a, b, c, d) in enumerate(operands)]
 
