@@ -131,6 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.collect.oracle = True                # True: an episode stops at its first success (Algorithm 1); False: the
                                          # failure message follows right answers too, as at test time without an
                                          # oracle, so the data shows a right answer kept after it (all K turns run)
+  c.collect.num_problems = placeholder(int)  # problems this iteration collects on: the first this many training
+                                         # problems (dev excluded); None = task.train_size's (per iteration)
   c.collect.window = placeholder(int)    # history the policies see: None = all (Algorithm 1); 1 = the problem only,
                                          # so attempts are independent first-turn samples (a model that cannot read
                                          # a history yet); the training records keep the whole history either way
@@ -423,6 +425,10 @@ def validate(config: ml_collections.ConfigDict, *, require_training: bool = Fals
          "validates on the dev split: needs task.dev_size > 0")
   _check(not r.fresh_problems or config.task.train_size is not None, "rise.fresh_problems",
          "needs task.train_size (the number of fresh problems per iteration)")
+  n = config.collect.num_problems
+  _check(n is None or (isinstance(n, int) and n >= 1), "collect.num_problems", f"must be None or >= 1, got {n!r}")
+  _check(n is None or not r.fresh_problems, "collect.num_problems",
+         "takes the first training problems; rise.fresh_problems gives each iteration its own slice instead")
   overrides = parse_overrides(r.iteration_overrides, r.iterations)
   for t in sorted(overrides) if _per_iteration else ():  # each iteration's own settings must be valid too
     try:
@@ -567,7 +573,8 @@ NOT_IDENTITY = ("debug", "output_dir")
 RETIRED = {"sampling.engine": "paged"}
 # Fields added later, with the value that means what the code did before them: at that value a field is not part
 # of the identity, so a run saved before it existed resumes, and its stages' hashes stay the same.
-ADDED = {"task.toy_form": "a+b*c", "task.toy_max_factor": 9, "collect.teacher.prompt": "conversation"}
+ADDED = {"task.toy_form": "a+b*c", "task.toy_max_factor": 9, "collect.teacher.prompt": "conversation",
+         "collect.num_problems": None}
 
 
 def identity(d: dict[str, Any]) -> dict[str, Any]:

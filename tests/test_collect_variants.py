@@ -207,3 +207,33 @@ def test_validate_refuses_a_repair_prompt_set_for_one_iteration_of_the_toy():
   c.rise.iteration_overrides += ("1:collect.teacher.prompt='repair'",)
   with pytest.raises(ValueError, match=r"collect\.teacher\.prompt: 'repair'.*kind 'reference'.*\(iteration 1"):
     config_lib.validate(c)
+
+
+def test_collect_num_problems_sets_each_iterations_problems_and_is_checked_before_any_stage(tmp_path):
+  from rise_jax.pipeline import plan
+  from rise_jax.tasks import get_task
+  c = recipes.toy()
+  c.task.train_size = 100
+  c.rise.iteration_overrides += ("2:collect.num_problems=300", "3:collect.num_problems=250")
+  res = Resources(config_lib.finalize(c), tmp_path)
+  every = get_task("toy", test_size=2000, dev_size=200).load("train")  # the uncapped train split, dev excluded
+  got = {t: [p.question for p in res.train_problems(t)] for t in (1, 2, 3)}
+  assert got == {1: [p.question for p in every[:100]], 2: [p.question for p in every[:300]],
+                 3: [p.question for p in every[:250]]}
+  res.preflight(plan.plan(res.config))
+  c.rise.iteration_overrides += ("3:collect.num_problems=6000",)  # the toy's default train split holds 5,900
+  with pytest.raises(ValueError, match=r"collect\.num_problems: 6000 problems for iteration 3 exceed the 5900"):
+    Resources(config_lib.finalize(c), tmp_path).preflight(plan.plan(config_lib.finalize(c)))
+  assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_collect_num_problems_is_refused_below_one_and_beside_fresh_problems():
+  c = recipes.toy()
+  c.collect.num_problems = 0
+  with pytest.raises(ValueError, match=r"config field collect\.num_problems: must be None or >= 1, got 0"):
+    config_lib.validate(c)
+  c.collect.num_problems = None
+  c.rise.fresh_problems, c.task.train_size = True, 1000
+  c.rise.iteration_overrides += ("2:collect.num_problems=500",)
+  with pytest.raises(ValueError, match=r"collect\.num_problems: takes the first.*\(iteration 2"):
+    config_lib.validate(c)

@@ -372,6 +372,13 @@ def toy_ablation(ablation: str, variant: str) -> ml_collections.ConfigDict:
   return _overrides_within_iterations(c)
 
 
+def _self_distillation_on(num_problems: int) -> tuple[str, ...]:
+  """The toy's per-iteration settings with the two no-oracle iterations (2 and 3) collecting on the first
+  num_problems training problems: more records that show a right answer kept, with iteration 1 unchanged."""
+  return toy().rise.iteration_overrides + (f"2:collect.num_problems={num_problems}",
+                                           f"3:collect.num_problems={num_problems}")
+
+
 def _self_distillation_filtered() -> tuple[str, ...]:
   """The toy's per-iteration settings with iterations 2 and 3 keeping only correct turn-2 answers (criteria
   success), so that neither a wrong retry nor an abandoned right answer is trained on."""
@@ -388,6 +395,7 @@ TWO_PRODUCTS_VARIANTS = {
     "mix": _set(**{"rise.mix_single_turn": True}),
     "success": _set(**{"rise.iteration_overrides": _self_distillation_filtered()}),
     "success_mix": _set(**{"rise.iteration_overrides": _self_distillation_filtered(), "rise.mix_single_turn": True}),
+    "mix_more": _set(**{"rise.iteration_overrides": _self_distillation_on(5000), "rise.mix_single_turn": True}),
     "columns": _set(**_COLUMNS),
     "columns_mix": _set(**_COLUMNS, **{"rise.mix_single_turn": True}),
 }

@@ -64,9 +64,11 @@ class Resources:
     for split, field in needed.items():
       if not self.task.load(split):
         raise ValueError(f"config field {field}: the task's {split} split has no problems to run")
-    if c.rise.fresh_problems:
-      for t in range(1, c.rise.iterations + 1):
-        self.train_problems(t)
+    iterations = range(1, c.rise.iterations + 1)
+    counts = [config_lib.for_iteration(c, t).collect.num_problems for t in iterations]
+    if "collect" in kinds and (c.rise.fresh_problems or any(n is not None for n in counts)):
+      for t in iterations:
+        self.train_problems(t)  # a slice or a count past the training problems fails here, before any stage
     if c.rise.boost and c.rise.boost_data not in (None, "reference"):
       train_data.read_records(c.rise.boost_data)  # errors name file, line and field
 
@@ -207,9 +209,17 @@ class Resources:
     return task_from_config(uncapped).load("train")
 
   def train_problems(self, iteration: int):
-    """The problems RISE iteration T collects on: the first task.train_size training problems, or with
-    rise.fresh_problems the T-th disjoint slice of that many (iterative vs one-shot at equal data, Fig. 6c)."""
+    """The problems RISE iteration T collects on: the first task.train_size training problems, or that
+    iteration's collect.num_problems, or with rise.fresh_problems the T-th disjoint slice of task.train_size
+    problems (iterative vs one-shot at equal data, Fig. 6c)."""
     c = self.config
+    count = config_lib.for_iteration(c, iteration).collect.num_problems
+    if count is not None:
+      full = self.all_train_problems()
+      if count > len(full):
+        raise ValueError(f"config field collect.num_problems: {count} problems for iteration {iteration} exceed "
+                         f"the {len(full)} training problems")
+      return full[:count]
     if not c.rise.fresh_problems:
       return self.task.load("train")
     full = self.all_train_problems()
