@@ -372,17 +372,10 @@ def toy_ablation(ablation: str, variant: str) -> ml_collections.ConfigDict:
   return _overrides_within_iterations(c)
 
 
-def _self_distillation_on(num_problems: int) -> tuple[str, ...]:
-  """The toy's per-iteration settings with the two no-oracle iterations (2 and 3) collecting on the first
-  num_problems training problems: more records that show a right answer kept, with iteration 1 unchanged."""
-  return toy().rise.iteration_overrides + (f"2:collect.num_problems={num_problems}",
-                                           f"3:collect.num_problems={num_problems}")
-
-
-def _self_distillation_filtered() -> tuple[str, ...]:
-  """The toy's per-iteration settings with iterations 2 and 3 keeping only correct turn-2 answers (criteria
-  success), so that neither a wrong retry nor an abandoned right answer is trained on."""
-  return toy().rise.iteration_overrides + ("2:collect.criteria='success'", "3:collect.criteria='success'")
+def _self_distillation_with(setting: str) -> tuple[str, ...]:
+  """The toy's per-iteration settings with `setting` ("field=value") added to iterations 2 and 3, the two
+  self-distillation iterations without an oracle; iteration 1 unchanged."""
+  return toy().rise.iteration_overrides + (f"2:{setting}", f"3:{setting}")
 
 
 # The sum written column by column with its carries (docs/toy.md, "The sum by columns"): a worked answer is at most
@@ -390,12 +383,17 @@ def _self_distillation_filtered() -> tuple[str, ...]:
 _COLUMNS = {"task.toy_form": "a*b+c*d/columns", "sampling.max_new_tokens": 56, "sampling.max_cache_length": 448,
             "train.max_length": 448}
 
+_SUCCESS = _self_distillation_with("collect.criteria='success'")
+
 TWO_PRODUCTS_VARIANTS = {
     "recipe": _set(),
     "mix": _set(**{"rise.mix_single_turn": True}),
-    "success": _set(**{"rise.iteration_overrides": _self_distillation_filtered()}),
-    "success_mix": _set(**{"rise.iteration_overrides": _self_distillation_filtered(), "rise.mix_single_turn": True}),
-    "mix_more": _set(**{"rise.iteration_overrides": _self_distillation_on(5000), "rise.mix_single_turn": True}),
+    # Only correct turn-2 answers kept, so neither a wrong retry nor an abandoned right answer is trained on.
+    "success": _set(**{"rise.iteration_overrides": _SUCCESS}),
+    "success_mix": _set(**{"rise.iteration_overrides": _SUCCESS, "rise.mix_single_turn": True}),
+    # More records that show a right answer kept after the failure message: iterations 2-3 on 5,000 problems.
+    "mix_more": _set(**{"rise.iteration_overrides": _self_distillation_with("collect.num_problems=5000"),
+                        "rise.mix_single_turn": True}),
     "columns": _set(**_COLUMNS),
     "columns_mix": _set(**_COLUMNS, **{"rise.mix_single_turn": True}),
 }

@@ -45,6 +45,7 @@ class Resources:
     self.config = config
     self.root = pathlib.Path(root)
     self.task = task_from_config(config.task)
+    self._uncapped_task = None  # the task without task.train_size's cap (all_train_problems)
     self.prompts = get_prompt_set(config.task.prompt_set)
     self.config_hash, *self._legacy_hashes = config_lib.config_hashes(config)
     self._tokenizer = None
@@ -64,10 +65,8 @@ class Resources:
     for split, field in needed.items():
       if not self.task.load(split):
         raise ValueError(f"config field {field}: the task's {split} split has no problems to run")
-    iterations = range(1, c.rise.iterations + 1)
-    counts = [config_lib.for_iteration(c, t).collect.num_problems for t in iterations]
-    if "collect" in kinds and (c.rise.fresh_problems or any(n is not None for n in counts)):
-      for t in iterations:
+    if "collect" in kinds:
+      for t in range(1, c.rise.iterations + 1):
         self.train_problems(t)  # a slice or a count past the training problems fails here, before any stage
     if c.rise.boost and c.rise.boost_data not in (None, "reference"):
       train_data.read_records(c.rise.boost_data)  # errors name file, line and field
@@ -202,11 +201,12 @@ class Resources:
     return problems if size is None else problems[:size]
 
   def all_train_problems(self):
-    """Every training problem (dev excluded), whatever task.train_size says."""
-
-    uncapped = ml_collections.ConfigDict(config_lib.to_dict(self.config)["task"])
-    uncapped.train_size = None
-    return task_from_config(uncapped).load("train")
+    """Every training problem (dev excluded), whatever task.train_size says (the task is built and loaded once)."""
+    if self._uncapped_task is None:
+      uncapped = ml_collections.ConfigDict(config_lib.to_dict(self.config)["task"])
+      uncapped.train_size = None
+      self._uncapped_task = task_from_config(uncapped)
+    return self._uncapped_task.load("train")
 
   def train_problems(self, iteration: int):
     """The problems RISE iteration T collects on: the first task.train_size training problems, or that
